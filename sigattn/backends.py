@@ -1,0 +1,219 @@
+"""Backends behind one dispatcher.
+
+Each backend says which calls it cannot serve and why (``not_supported_reasons``). The choice comes from,
+in order: the ``use_backend`` context manager, the ``SIGATTN_BACKEND`` environment variable, or ``auto``.
+``auto`` takes the first backend of ``AUTO_ORDER`` that can serve the call; every backend computes the
+same function, so falling back never changes results (only speed, and a fall back from the GPU kernels
+is announced by a warning). A forced backend that cannot serve a call raises ``BackendNotSupportedError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from .ops.sigmoid_attn.blocked import sigmoid_attn_blocked
+from .ops.sigmoid_attn.reference import (
+    sigmoid_attn_kvcache_reference,
+    sigmoid_attn_reference,
+    sigmoid_attn_varlen_reference,
+)
+
+ENV_VAR = "SIGATTN_BACKEND"
+CallKind = Literal["dense", "varlen", "kvcache"]
+
+
+@dataclass
+class AttnCall:
+    """One validated call of a public function, in flash layout ((B, S, H, D), or (total, H, D) for varlen).
+
+    ``top_left`` aligns the causal diagonal at the top-left (SDPA) instead of the bottom-right (flash-attn).
+    ``seqlens_k`` (kvcache) is each row's number of keys after the append."""
+
+    kind: CallKind
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    scale: float
+    bias: float | Tensor | None
+    causal: bool
+    window_size: tuple[int, int]
+    alibi_slopes: Tensor | None
+    deterministic: bool
+    top_left: bool = False
+    attn_mask: Tensor | None = None
+    cu_seqlens_q: Tensor | None = None
+    cu_seqlens_k: Tensor | None = None
+    max_seqlen_q: int | None = None
+    max_seqlen_k: int | None = None
+    seqlens_k: Tensor | None = None
+    block_table: Tensor | None = None
+    options: dict = field(init=False)
+
+    def __post_init__(self):
+        self.options = dict(
+            scale=self.scale,
+            bias=self.bias,
+            causal=self.causal,
+            window_size=self.window_size,
+            top_left=self.top_left,
+        )
+
+
+class BackendNotSupportedError(ValueError):
+    """A forced backend cannot serve the call; the message lists why."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def not_supported_reasons(self, call: AttnCall) -> list[str]: ...
+
+    def __call__(self, call: AttnCall) -> Tensor: ...
+
+
+class TorchBackend:
+    """Plain PyTorch: any device, every option. ``dense`` is the (B, S, H, D) attention it builds on."""
+
+    def __init__(self, name: str, dense, description: str):
+        self.name = name
+        self.dense = dense
+        self.description = description
+
+    def not_supported_reasons(self, call: AttnCall) -> list[str]:
+        if call.q.dtype == torch.float64 and call.q.device.type == "mps":
+            return ["float64 is not supported on mps"]
+        return []
+
+    def __call__(self, call: AttnCall) -> Tensor:
+        if call.kind == "varlen":
+            return sigmoid_attn_varlen_reference(
+                call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k,
+                alibi_slopes=call.alibi_slopes, dense=self.dense, **call.options,
+            )  # fmt: skip
+        if call.kind == "kvcache":
+            return sigmoid_attn_kvcache_reference(
+                call.q, call.k, call.v, call.seqlens_k, block_table=call.block_table,
+                alibi_slopes=call.alibi_slopes, dense=self.dense, **call.options,
+            )  # fmt: skip
+        return self.dense(
+            call.q, call.k, call.v, alibi_slopes=call.alibi_slopes, attn_mask=call.attn_mask, **call.options
+        )
+
+
+def _exact(q, k, v, **options) -> Tensor:
+    return sigmoid_attn_reference(q, k, v, upcast=True, **options).to(q.dtype)
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": TorchBackend(
+        "torch", sigmoid_attn_blocked, "memory-efficient blocked PyTorch (O(S*D) memory, recomputing backward)"
+    ),
+    "reference": TorchBackend(
+        "reference", _exact, "exact reference: materialises the scores, computes in float64"
+    ),
+}
+AUTO_ORDER: list[str] = ["torch"]
+
+_forced: ContextVar[str | None] = ContextVar("sigattn_backend", default=None)
+_warned: set[tuple[str, str]] = set()
+
+
+def register_backend(backend: Backend, *, first_in_auto: bool) -> None:
+    """Add a backend (the Triton kernels register themselves this way)."""
+    BACKENDS[backend.name] = backend
+    if backend.name not in AUTO_ORDER:
+        AUTO_ORDER.insert(0 if first_in_auto else len(AUTO_ORDER), backend.name)
+
+
+def _check_name(name: str, source: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {['auto', *BACKENDS]}, got {name!r}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend asked for now: the ``use_backend`` context, else ``$SIGATTN_BACKEND``, else ``auto``."""
+    forced = _forced.get()
+    if forced is not None:
+        return forced
+    return _check_name(os.environ.get(ENV_VAR, "auto").strip() or "auto", f"${ENV_VAR}")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend (``"auto"``, ``"torch"``, ``"reference"``, ``"triton"``) inside a ``with`` block.
+
+    Overrides ``$SIGATTN_BACKEND``. Thread- and task-local."""
+    token = _forced.set(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def explain(call: AttnCall) -> dict[str, list[str]]:
+    """For every backend, why it cannot serve ``call`` (an empty list: it can)."""
+    return {name: backend.not_supported_reasons(call) for name, backend in BACKENDS.items()}
+
+
+def select_backend(call: AttnCall) -> Backend:
+    name = requested_backend()
+    if name != "auto":
+        backend = BACKENDS[name]
+        reasons = backend.not_supported_reasons(call)
+        if reasons:
+            raise BackendNotSupportedError(
+                f"backend {name!r} was requested but cannot run this {call.kind} call: " + "; ".join(reasons)
+            )
+        return backend
+    declined = {}
+    for candidate in AUTO_ORDER:
+        reasons = BACKENDS[candidate].not_supported_reasons(call)
+        if not reasons:
+            if declined and call.q.device.type == "cuda":
+                _warn_fallback(call, candidate, declined)
+            return BACKENDS[candidate]
+        declined[candidate] = reasons
+    raise BackendNotSupportedError(
+        f"no backend can run this {call.kind} call: "
+        + "; ".join(f"{n}: {', '.join(r)}" for n, r in declined.items())
+    )
+
+
+def _warn_fallback(call: AttnCall, chosen: str, declined: dict[str, list[str]]) -> None:
+    why = "; ".join(f"{n}: {', '.join(r)}" for n, r in declined.items())
+    key = (call.kind, why)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(
+            f"sigattn: {call.kind} attention on CUDA runs on the slower {chosen!r} backend ({why})",
+            stacklevel=4,
+        )
+
+
+def dispatch(call: AttnCall) -> Tensor:
+    return select_backend(call)(call)
+
+
+__all__ = [
+    "AttnCall",
+    "Backend",
+    "BackendNotSupportedError",
+    "BACKENDS",
+    "AUTO_ORDER",
+    "dispatch",
+    "explain",
+    "register_backend",
+    "requested_backend",
+    "select_backend",
+    "use_backend",
+]

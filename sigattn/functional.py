@@ -1,0 +1,336 @@
+"""The public functions: flash-attn's (batch, seqlen, heads, headdim) family and an SDPA-style function.
+
+Each validates its inputs, describes the call once (``AttnCall``) and hands it to the dispatcher, which
+picks a backend (see ``sigattn.backends``). The semantics are defined once, in
+``sigattn.ops.sigmoid_attn.reference``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import validation as check
+from .backends import AttnCall, dispatch
+from .ops.sigmoid_attn.cache import append_kv
+
+_MASK_DOC = """
+    Attention weights are ``sigmoid(scale * q_i . k_j + bias - slope * |i + Sk - Sq - j|)`` (the ALiBi
+    term only with ``alibi_slopes``) for allowed keys and exactly 0 for masked ones; a query with no
+    allowed key outputs 0. Masks are aligned to the bottom-right corner of the score matrix (flash-attn):
+    query i sits at key position ``i + Sk - Sq``. With ``causal=True`` query i sees key j iff
+    ``j <= i + Sk - Sq``; for Sq = 2, Sk = 5 (1 = allowed):
+
+        1 1 1 1 0
+        1 1 1 1 1
+
+    and for Sq = 5, Sk = 2 the first three rows see nothing and output 0:
+
+        0 0
+        0 0
+        0 0
+        1 0
+        1 1
+
+    ``window_size=(left, right)`` allows ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``; -1 leaves
+    that side unbounded, and ``causal=True`` sets right to 0.
+"""
+
+
+def _resolve_scale(scale, head_dim: int) -> float:
+    check.check_scale(scale)
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
+def _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, batch) -> tuple[int, int]:
+    num_heads = q.shape[-2]
+    check.check_bias(bias, num_heads, q)
+    window = check.check_window(window_size)
+    check.check_alibi(alibi_slopes, batch, num_heads, q)
+    check.check_flag(causal, "causal")
+    check.check_flag(deterministic, "deterministic")
+    return window
+
+
+def sigmoid_attn_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    bias: float | Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+) -> Tensor:
+    """Sigmoid attention in flash-attn's layout.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim).
+        k, v: (batch, seqlen_k, nheads_k, headdim). nheads must be a multiple of nheads_k (GQA/MQA):
+            query head h reads key/value head ``h // (nheads // nheads_k)``.
+        bias: a float; a tensor of shape (nheads,), one per head, which receives a gradient; or None
+            for ``-log(seqlen_k)``. Models should pass an explicit constant, ``-log`` of the training
+            context length, so that inference at other lengths uses the bias the model was trained with.
+        scale: the logit scale; default ``1 / sqrt(headdim)``.
+        causal: bottom-right aligned causal mask (below).
+        window_size: (left, right) sliding window (below); (-1, -1) is unbounded.
+        alibi_slopes: float32 (nheads,) or (batch, nheads); adds ``-slope * |i + Sk - Sq - j|``.
+        deterministic: require a deterministic backward (bit-identical across runs).
+    """ + _MASK_DOC + """
+    Returns:
+        (batch, seqlen_q, nheads, headdim), in the dtype of q. Inputs may be float16, bfloat16, float32
+        (float64 on the PyTorch backends) and non-contiguous.
+    """
+    for t, n in ((q, "q"), (k, "k"), (v, "v")):
+        check.check_tensor(t, n, 4, "(batch, seqlen, nheads, headdim)")
+    check.check_qkv(q, k, v, ("q", "k", "v"), ("(B, Sq, Hq, D)", "(B, Sk, Hkv, D)"))
+    window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, q.shape[0])
+    call = AttnCall(
+        "dense", q, k, v, _resolve_scale(scale, q.shape[-1]), bias, causal, window, alibi_slopes, deterministic
+    )
+    return dispatch(call)
+
+
+def sigmoid_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    bias: float | Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+) -> Tensor:
+    """Sigmoid attention over packed variable-length sequences (flash-attn's varlen layout).
+
+    Args:
+        q: (total_q, nheads, headdim), the queries of all sequences concatenated.
+        k, v: (total_k, nheads_k, headdim).
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), cumulative lengths starting at 0 and ending at
+            total_q / total_k. Sequence b holds q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] and likewise k, v.
+        max_seqlen_q, max_seqlen_k: the longest query / key length (at least the true maximum).
+        bias: as in ``sigmoid_attn_func``; None means ``-log(seqlen_k)`` of each sequence's own key length.
+        alibi_slopes: float32 (nheads,) or (batch, nheads).
+        Other options as in ``sigmoid_attn_func``; Sq and Sk in the masks are each sequence's lengths.
+
+    Every sequence is attended on its own, exactly as ``sigmoid_attn_func`` on a batch of one.
+    Checking cu_seqlens reads its values (a device synchronisation) outside CUDA-graph capture and
+    torch.compile tracing.
+
+    Returns:
+        (total_q, nheads, headdim), in the dtype of q.
+    """
+    for t, n in ((q, "q"), (k, "k"), (v, "v")):
+        check.check_tensor(t, n, 3, "(total, nheads, headdim)")
+    check.check_qkv(q, k, v, ("q", "k", "v"), ("(total_q, Hq, D)", "(total_k, Hkv, D)"), same_batch=False)
+    check.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
+    check.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same shape (batch + 1,), "
+            f"got {tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}"
+        )
+    batch = cu_seqlens_q.shape[0] - 1
+    window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, batch)
+    call = AttnCall(
+        "varlen", q, k, v, _resolve_scale(scale, q.shape[-1]), bias, causal, window, alibi_slopes, deterministic,
+        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
+    )  # fmt: skip
+    return dispatch(call)
+
+
+def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[Tensor | None, int]:
+    """Checks the cache arguments; returns cache_seqlens as a (B,) tensor (or None) and the capacity."""
+    check.check_tensor(q, "q", 4, "(batch, seqlen_q, nheads, headdim)")
+    paged = block_table is not None
+    cache_layout = "(num_blocks, page_size, nheads_k, headdim)" if paged else "(batch, seqlen_cache, nheads_k, headdim)"
+    for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+        check.check_tensor(t, n, 4, cache_layout)
+    # A paged cache's dim 0 counts pages, not batch rows: the batch is checked below.
+    check.check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"), ("(B, Sq, Hq, D)", cache_layout), same_batch=False)
+    batch = q.shape[0]
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new keys and values to append), got only one")
+    if k is not None:
+        for t, n in ((k, "k"), (v, "v")):
+            check.check_tensor(t, n, 4, "(batch, seqlen_new, nheads_k, headdim)")
+            if t.dtype != k_cache.dtype or t.device != k_cache.device:
+                raise TypeError(f"{n} must match the cache's dtype and device ({k_cache.dtype}, {k_cache.device}), "
+                                f"got {t.dtype} on {t.device}")  # fmt: skip
+            if t.shape[0] != batch or t.shape[2:] != k_cache.shape[2:]:
+                raise ValueError(f"{n} must have shape (B, seqlen_new, Hkv, D) = ({batch}, *, "
+                                 f"{k_cache.shape[2]}, {k_cache.shape[3]}), got {tuple(t.shape)}")  # fmt: skip
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (k, v, k_cache, v_cache)):
+        raise ValueError(
+            "sigmoid_attn_with_kvcache is for inference: k, v, k_cache and v_cache must not require grad "
+            "(only q may); use sigmoid_attn_func to train"
+        )
+
+    if paged:
+        if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
+            raise TypeError(f"block_table must be an int32 tensor of shape (batch, max_blocks), got "
+                            f"{block_table.dtype if isinstance(block_table, Tensor) else type(block_table).__name__}"
+                            f"{' of shape ' + str(tuple(block_table.shape)) if isinstance(block_table, Tensor) else ''}")  # fmt: skip
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table must have shape (batch, max_blocks) with batch = {batch}, "
+                             f"got {tuple(block_table.shape)}")  # fmt: skip
+        if block_table.device != q.device:
+            raise ValueError(f"block_table must be on the device of q ({q.device}), got {block_table.device}")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache must have the batch size of q ({batch}), got shape {tuple(k_cache.shape)}")
+        capacity = k_cache.shape[1]
+
+    num_new = 0 if k is None else k.shape[1]
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("cache_seqlens is required to append k and v: it says where each row's new tokens go")
+        return None, capacity
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
+    check.check_index_vector(cache_seqlens, "cache_seqlens", batch, q.device)
+    if check.values_checkable():
+        lengths = cache_seqlens.long() + num_new
+        if bool((cache_seqlens < 0).any()):
+            raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
+        if bool((lengths > capacity).any()):
+            raise ValueError(
+                f"the cache is too small: cache_seqlens + seqlen_new = {lengths.tolist()} exceeds its capacity "
+                f"of {capacity} tokens" + (" (max_blocks * page_size)" if paged else " (seqlen_cache)")
+            )
+        if paged:
+            page_size = k_cache.shape[1]
+            pages_used = (lengths + page_size - 1) // page_size  # [B]
+            used = torch.arange(block_table.shape[1], device=q.device)[None] < pages_used[:, None]
+            bad = used & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"block_table entries in use must be in [0, num_blocks = {k_cache.shape[0]}), got "
+                    f"{block_table[bad].tolist()[:8]}"
+                )
+    return cache_seqlens, capacity
+
+
+def sigmoid_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    *,
+    cache_seqlens: Tensor | int | None = None,
+    block_table: Tensor | None = None,
+    bias: float | Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+) -> Tensor:
+    """Sigmoid attention of new queries against a KV cache (decode and chunked prefill), flash-attn style.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim).
+        k_cache, v_cache: (batch, seqlen_cache, nheads_k, headdim), or with ``block_table`` a paged cache
+            (num_blocks, page_size, nheads_k, headdim).
+        k, v: optional (batch, seqlen_new, nheads_k, headdim). They are first written into the caches,
+            in place, at positions ``cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1`` of row b.
+        cache_seqlens: int or int32 (batch,): the number of tokens already in each row's cache. None means
+            every row's cache is full (seqlen_cache, or max_blocks * page_size); then k, v cannot be given.
+            It is not updated: the caller advances it.
+        block_table: int32 (batch, max_blocks): row b's position p lives in page
+            ``block_table[b, p // page_size]`` at offset ``p % page_size``. Entries past a row's last
+            page are not read.
+        bias: as in ``sigmoid_attn_func``; None means ``-log(Sk_b)`` with Sk_b = cache_seqlens[b] +
+            seqlen_new, each row's number of keys. Pass the training constant to match training.
+        Other options as in ``sigmoid_attn_func``, with Sk = Sk_b per row (so ``causal`` lets the new
+        queries see the cache and the new keys up to their own position).
+
+    Only q may require grad: this is an inference function. Checking cache_seqlens and block_table reads
+    their values outside CUDA-graph capture and torch.compile tracing.
+
+    Returns:
+        (batch, seqlen_q, nheads, headdim), in the dtype of q.
+    """
+    cache_seqlens, capacity = _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, q.shape[0])
+    if k is not None:
+        append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table)
+    num_new = 0 if k is None else k.shape[1]
+    if cache_seqlens is None:
+        seqlens_k = torch.full((q.shape[0],), capacity, dtype=torch.int32, device=q.device)
+    else:
+        seqlens_k = cache_seqlens + num_new
+    call = AttnCall(
+        "kvcache", q, k_cache, v_cache, _resolve_scale(scale, q.shape[-1]), bias, causal, window,
+        alibi_slopes, deterministic, seqlens_k=seqlens_k, block_table=block_table,
+    )  # fmt: skip
+    return dispatch(call)
+
+
+def scaled_dot_product_sigmoid_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    bias: float | Tensor | None = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Sigmoid attention with ``torch.nn.functional.scaled_dot_product_attention``'s layout and conventions.
+
+    Args:
+        query: (batch, nheads, seqlen_q, headdim).
+        key, value: (batch, nheads_k, seqlen_k, headdim); nheads_k must equal nheads unless
+            ``enable_gqa=True``, which allows nheads to be a multiple of nheads_k.
+        attn_mask: broadcastable to (batch, nheads, seqlen_q, seqlen_k). Boolean: True marks the keys a
+            query may attend to (others contribute exactly 0). Floating point: added to the logits
+            (a -inf entry makes that weight 0), and receives a gradient when it requires one.
+        is_causal: SDPA's causal mask, aligned to the top-left: query i sees key j iff j <= i.
+            Cannot be combined with attn_mask.
+        scale: default ``1 / sqrt(headdim)``.
+        bias: a float, a (nheads,) tensor, or None for ``-log(seqlen_k)``.
+
+    Weights are ``sigmoid(scale * q_i . k_j + bias (+ float mask))``; masked keys contribute 0 and a
+    query with no allowed key outputs 0 (where softmax SDPA would give NaN).
+
+    Returns:
+        (batch, nheads, seqlen_q, headdim), in the dtype of query.
+    """
+    for t, n in ((query, "query"), (key, "key"), (value, "value")):
+        check.check_tensor(t, n, 4, "(batch, nheads, seqlen, headdim)")
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    check.check_qkv(q, k, v, ("query", "key", "value"), ("(B, Hq, Sq, D)", "(B, Hkv, Sk, D)"))
+    check.check_flag(enable_gqa, "enable_gqa")
+    check.check_flag(is_causal, "is_causal")
+    if not enable_gqa and q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"query has {q.shape[2]} heads and key {k.shape[2]}: pass enable_gqa=True for grouped-query attention"
+        )
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal cannot both be set: fold the causal mask into attn_mask")
+    batch, seqlen_q, num_heads, _ = q.shape
+    check.check_attn_mask(attn_mask, (batch, num_heads, seqlen_q, k.shape[1]), query)
+    if attn_mask is not None and attn_mask.dim() < 4:
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    _check_options(q, bias, (-1, -1), None, is_causal, False, batch)
+    call = AttnCall(
+        "dense", q, k, v, _resolve_scale(scale, q.shape[-1]), bias, is_causal, (-1, -1), None, False,
+        top_left=True, attn_mask=attn_mask,
+    )  # fmt: skip
+    return dispatch(call).transpose(1, 2)

@@ -1,0 +1,227 @@
+"""Memory-efficient sigmoid attention in plain PyTorch, for the CPU and any device without a kernel.
+
+It walks (query block, key block) tiles and never holds more than one tile of scores, so memory grows
+with S * D, not S^2. The backward recomputes each tile's probabilities from q and k: sigmoid needs no
+saved row statistics (no LSE), and dS = dP * P * (1 - P) needs nothing from the forward but P itself.
+Half-precision inputs are computed in float32; float32 and float64 in their own precision.
+Semantics are exactly those of ``reference.sigmoid_attn_reference``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .reference import Bias, allowed_keys, default_bias, key_offsets
+
+# Scores held at once, in elements (16 MiB of float32): large tiles amortise the Python loop, small
+# enough that B * H * BQ * BK stays far below the S^2 the path exists to avoid.
+_TILE_BUDGET = 1 << 22
+_MIN_BLOCK, _MAX_BLOCK = 16, 1024
+
+
+def block_size(batch_heads: int) -> int:
+    """Square tile side: the largest power of two whose tile over all batch rows and heads fits the budget."""
+    side = int(math.sqrt(_TILE_BUDGET / max(batch_heads, 1)))
+    side = 1 << max(side.bit_length() - 1, 0)
+    return min(max(side, _MIN_BLOCK), _MAX_BLOCK)
+
+
+@dataclass(frozen=True)
+class _Options:
+    scale: float
+    const_bias: float | None  # a float bias; None with no bias tensor means -log(Sk_b)
+    causal: bool
+    window_size: tuple[int, int]
+    top_left: bool
+    block: int
+
+
+class _Tiles:
+    """q, k, v in head-major compute layout plus everything needed to rebuild any tile's probabilities.
+
+    Shapes: q (B, Hkv, G, Sq, D); k, v (B, Hkv, 1, Sk, D), so one K/V tile serves a whole GQA group.
+    """
+
+    def __init__(self, q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k, opts: _Options):
+        batch, seqlen_q, num_heads, head_dim = q.shape
+        seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
+        self.group = num_heads // num_kv_heads
+        self.seqlen_q, self.seqlen_k, self.num_heads = seqlen_q, seqlen_k, num_heads
+        self.opts = opts
+        self.dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        hkv, g = num_kv_heads, self.group
+        self.q = q.transpose(1, 2).to(self.dtype).reshape(batch, hkv, g, seqlen_q, head_dim)
+        self.k = k.transpose(1, 2).to(self.dtype)[:, :, None]
+        self.v = v.transpose(1, 2).to(self.dtype)[:, :, None]
+        self.seqlens_k = seqlens_k
+        lengths = (
+            seqlens_k.long()
+            if seqlens_k is not None
+            else torch.full((batch,), seqlen_k, dtype=torch.long, device=q.device)
+        )
+        if seqlens_k is not None:
+            # Cache slots past a row's length may hold anything, NaN included: they are not keys.
+            in_seq = (torch.arange(seqlen_k, device=q.device) < lengths[:, None])[:, None, None, :, None]
+            self.k, self.v = self.k.where(in_seq, 0), self.v.where(in_seq, 0)
+        self.lengths = lengths
+
+        bias_rows = torch.zeros(1, num_heads, dtype=self.dtype, device=q.device)
+        if head_bias is not None:
+            bias_rows = bias_rows + head_bias.to(self.dtype)[None]
+        elif opts.const_bias is not None:
+            bias_rows = bias_rows + opts.const_bias
+        else:
+            bias_rows = bias_rows + default_bias(lengths).to(self.dtype)[:, None]
+        self.bias = bias_rows.reshape(-1, hkv, g, 1, 1)
+
+        self.alibi = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None]
+            self.alibi = slopes.to(self.dtype).reshape(-1, hkv, g, 1, 1)
+        self.offsets = key_offsets(seqlen_q, lengths, opts.top_left).to(self.dtype)[:, None, None, None, None]
+
+        self.attn_mask = None
+        if attn_mask is not None:
+            self.attn_mask = attn_mask.expand(batch, num_heads, seqlen_q, seqlen_k)
+        self.needs_mask = (
+            opts.causal
+            or opts.window_size != (-1, -1)
+            or seqlens_k is not None
+            or (attn_mask is not None and attn_mask.dtype == torch.bool)
+        )
+
+    def mask_tile(self, rows: slice, cols: slice) -> Tensor | None | bool:
+        """Boolean (B or 1, Hkv or 1, G or 1, BQ, BK) allowed mask; None if all allowed; False if none is."""
+        if not self.needs_mask:
+            return None
+        device = self.q.device
+        mask = allowed_keys(
+            self.seqlen_q,
+            self.seqlen_k,
+            self.lengths,
+            causal=self.opts.causal,
+            window_size=self.opts.window_size,
+            top_left=self.opts.top_left,
+            rows=torch.arange(rows.start, rows.stop, device=device),
+            cols=torch.arange(cols.start, cols.stop, device=device),
+        )[:, :, None]
+        if self.attn_mask is not None and self.attn_mask.dtype == torch.bool:
+            mask = mask & self._mask_block(rows, cols)
+        if not bool(mask.any()):
+            return False
+        return None if bool(mask.all()) else mask
+
+    def _mask_block(self, rows: slice, cols: slice) -> Tensor:
+        block = self.attn_mask[:, :, rows, cols]
+        return block.reshape(block.shape[0], -1, self.group, *block.shape[2:])
+
+    def probs(self, rows: slice, cols: slice, mask: Tensor | None) -> Tensor:
+        """sigmoid(logits) of one tile, (B, Hkv, G, BQ, BK), exactly 0 where masked."""
+        logits = self.q[..., rows, :] @ self.k[..., cols, :].transpose(-1, -2)
+        logits = logits * self.opts.scale + self.bias
+        if self.alibi is not None:
+            i = torch.arange(rows.start, rows.stop, device=self.q.device, dtype=self.dtype)
+            j = torch.arange(cols.start, cols.stop, device=self.q.device, dtype=self.dtype)
+            logits = logits - self.alibi * (i[:, None] + self.offsets - j[None, :]).abs()
+        if self.attn_mask is not None and self.attn_mask.dtype != torch.bool:
+            logits = logits + self._mask_block(rows, cols).to(self.dtype)
+        p = torch.sigmoid(logits)
+        return p if mask is None else p.where(mask, 0)
+
+    def tiles(self):
+        """(rows, cols, mask) for every tile with at least one allowed key."""
+        b = self.opts.block
+        for i0 in range(0, self.seqlen_q, b):
+            rows = slice(i0, min(i0 + b, self.seqlen_q))
+            for j0 in range(0, self.seqlen_k, b):
+                cols = slice(j0, min(j0 + b, self.seqlen_k))
+                mask = self.mask_tile(rows, cols)
+                if mask is not False:
+                    yield rows, cols, mask
+
+
+class _BlockedSigmoidAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k, opts: _Options):
+        tiles = _Tiles(q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k, opts)
+        out = torch.zeros_like(tiles.q)
+        for rows, cols, mask in tiles.tiles():
+            out[..., rows, :] += tiles.probs(rows, cols, mask) @ tiles.v[..., cols, :]
+        ctx.save_for_backward(q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k)
+        ctx.opts = opts
+        batch, seqlen_q, num_heads, head_dim = q.shape
+        return out.reshape(batch, num_heads, seqlen_q, head_dim).transpose(1, 2).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k = ctx.saved_tensors
+        opts = ctx.opts
+        tiles = _Tiles(q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k, opts)
+        batch, seqlen_q, num_heads, head_dim = q.shape
+        do = grad_out.transpose(1, 2).to(tiles.dtype).reshape(tiles.q.shape)
+        dq = torch.zeros_like(tiles.q)
+        dk = torch.zeros_like(tiles.k[:, :, 0])
+        dv = torch.zeros_like(tiles.v[:, :, 0])
+        want_bias = head_bias is not None and ctx.needs_input_grad[3]
+        want_mask = attn_mask is not None and ctx.needs_input_grad[4]
+        dbias = torch.zeros(tiles.q.shape[1:3], dtype=tiles.dtype, device=q.device) if want_bias else None
+        dmask = torch.zeros_like(attn_mask, dtype=tiles.dtype) if want_mask else None
+
+        for rows, cols, mask in tiles.tiles():
+            p = tiles.probs(rows, cols, mask)  # [B, Hkv, G, BQ, BK]
+            do_i, q_i = do[..., rows, :], tiles.q[..., rows, :]
+            dv[..., cols, :] += torch.einsum("bhgij,bhgid->bhjd", p, do_i)
+            dp = do_i @ tiles.v[..., cols, :].transpose(-1, -2)
+            ds = dp * p * (1 - p)
+            if mask is not None:
+                ds = ds.where(mask, 0)
+            dq[..., rows, :] += (ds @ tiles.k[..., cols, :]) * opts.scale
+            dk[..., cols, :] += torch.einsum("bhgij,bhgid->bhjd", ds, q_i) * opts.scale
+            if dbias is not None:
+                dbias += ds.sum(dim=(0, 3, 4))
+            if dmask is not None:
+                ds_heads = ds.reshape(batch, num_heads, *ds.shape[3:])
+                reduce = [d for d in (0, 1) if attn_mask.shape[d] == 1]
+                dmask[..., rows, cols] += ds_heads.sum(dim=reduce, keepdim=True) if reduce else ds_heads
+
+        dq = dq.reshape(batch, num_heads, seqlen_q, head_dim).transpose(1, 2).to(q.dtype)
+        dk = dk.transpose(1, 2).to(k.dtype)
+        dv = dv.transpose(1, 2).to(v.dtype)
+        dbias = dbias.reshape(num_heads).to(head_bias.dtype) if dbias is not None else None
+        dmask = dmask.to(attn_mask.dtype) if dmask is not None else None
+        return dq, dk, dv, dbias, dmask, None, None, None
+
+
+def sigmoid_attn_blocked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    bias: Bias = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: Tensor | None = None,
+    seqlens_k: Tensor | None = None,
+    top_left: bool = False,
+    attn_mask: Tensor | None = None,
+    block: int | None = None,
+) -> Tensor:
+    """Same arguments and result as ``sigmoid_attn_reference(..., upcast=False)``, in O(S * D) memory.
+
+    ``block`` overrides the tile side (tests use it to force many tiles on small inputs)."""
+    batch, _, num_heads, head_dim = q.shape
+    opts = _Options(
+        scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+        const_bias=float(bias) if bias is not None and not isinstance(bias, Tensor) else None,
+        causal=causal,
+        window_size=tuple(window_size),
+        top_left=top_left,
+        block=block or block_size(batch * num_heads),
+    )
+    head_bias = bias if isinstance(bias, Tensor) else None
+    return _BlockedSigmoidAttn.apply(q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k, opts)

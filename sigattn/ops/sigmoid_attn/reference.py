@@ -1,0 +1,211 @@
+"""The specification of sigmoid attention, in plain PyTorch.
+
+Every backend computes exactly what this module computes; tests compare against it.
+It materialises the (Sq, Sk) score matrix, so it is for small inputs and tests only.
+
+Layout is flash-attn's: q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D), out (B, Sq, Hq, D).
+
+    logit[b, h, i, j] = scale * q[b, i, h] . k[b, j, h // G] + bias[b, h] - slope[b, h] * |i + off_b - j|
+    out[b, i, h]      = sum over allowed j of sigmoid(logit[b, h, i, j]) * v[b, j, h // G]
+
+with G = Hq // Hkv, off_b = Sk_b - Sq (bottom-right alignment, flash-attn) or 0 (top-left, SDPA's
+``is_causal``), and Sk_b the number of valid keys of batch row b (``seqlens_k``, default Sk). Key j is
+allowed for query i iff j < Sk_b and
+
+    off_b + i - left <= j <= off_b + i + right      (a bound of -1 is unbounded; causal sets right = 0)
+
+and, for an SDPA boolean ``attn_mask``, the mask is True. Masked keys contribute exactly 0, so a query
+with no allowed key outputs 0. A float ``attn_mask`` is added to the logits. ``bias=None`` means
+``-log(Sk_b)`` (see README.md for why).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+Bias = float | Tensor | None
+
+
+def key_offsets(seqlen_q: int, seqlens_k: Tensor, top_left: bool) -> Tensor:
+    """Per-row diagonal offset off_b: query i sits at key position i + off_b. Shape (B,) int64."""
+    if top_left:
+        return torch.zeros_like(seqlens_k)
+    return seqlens_k - seqlen_q
+
+
+def allowed_keys(
+    seqlen_q: int,
+    seqlen_k: int,
+    seqlens_k: Tensor,
+    *,
+    causal: bool,
+    window_size: tuple[int, int],
+    top_left: bool = False,
+    rows: Tensor | None = None,
+    cols: Tensor | None = None,
+) -> Tensor:
+    """Boolean (B, 1, len(rows), len(cols)) mask of the keys each query may attend to.
+
+    ``rows``/``cols`` select a block of query/key positions (default: all), so the blocked backend
+    builds the same mask tile by tile.
+    """
+    device = seqlens_k.device
+    rows = torch.arange(seqlen_q, device=device) if rows is None else rows
+    cols = torch.arange(seqlen_k, device=device) if cols is None else cols
+    seqlens_k = seqlens_k.long()
+    off = key_offsets(seqlen_q, seqlens_k, top_left)[:, None, None]  # [B, 1, 1]
+    diag = rows[None, :, None] + off  # [B, BQ, 1]: the key position aligned with each query
+    j = cols[None, None, :]  # [1, 1, BK]
+    ok = j < seqlens_k[:, None, None]
+    left, right = window_size
+    if causal:
+        right = 0
+    if left >= 0:
+        ok = ok & (j >= diag - left)
+    if right >= 0:
+        ok = ok & (j <= diag + right)
+    return ok[:, None]
+
+
+def default_bias(seqlens_k: Tensor) -> Tensor:
+    """-log(Sk_b) per batch row, (B,) float64; 0 for a row with no keys (it outputs 0 anyway)."""
+    n = seqlens_k.double()
+    return torch.where(n > 0, -torch.log(n.clamp(min=1)), torch.zeros_like(n))
+
+
+def logit_bias(bias: Bias, seqlens_k: Tensor, num_heads: int) -> Tensor:
+    """The additive bias as a (B or 1, Hq) tensor: the float, the per-head tensor or -log(Sk_b)."""
+    if bias is None:
+        return default_bias(seqlens_k)[:, None]
+    if isinstance(bias, Tensor):
+        return bias.reshape(1, num_heads)
+    return torch.tensor([[float(bias)]], dtype=torch.float64, device=seqlens_k.device)
+
+
+def alibi_distance_bias(
+    alibi_slopes: Tensor, seqlen_q: int, seqlens_k: Tensor, *, top_left: bool, rows: Tensor, cols: Tensor
+) -> Tensor:
+    """-slope * |i + off_b - j| as (B or 1, Hq, len(rows), len(cols))."""
+    off = key_offsets(seqlen_q, seqlens_k.long(), top_left)[:, None, None, None]
+    dist = (rows[None, None, :, None] + off - cols[None, None, None, :]).abs()
+    slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None]
+    return -slopes[:, :, None, None] * dist
+
+
+def sigmoid_attn_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    bias: Bias = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: Tensor | None = None,
+    seqlens_k: Tensor | None = None,
+    top_left: bool = False,
+    attn_mask: Tensor | None = None,
+    upcast: bool = True,
+) -> Tensor:
+    """Sigmoid attention by materialising the scores.
+
+    ``upcast=True`` computes in float64 and returns float64 (the truth); ``upcast=False`` computes
+    in the inputs' precision and returns their dtype (the baseline error of PyTorch in that precision).
+    ``attn_mask`` is SDPA's: (B or 1, Hq or 1, Sq, Sk), boolean (True = allowed) or float (added).
+    """
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    dtype = torch.float64 if upcast else q.dtype
+    if seqlens_k is None:
+        seqlens_k = torch.full((batch,), seqlen_k, device=q.device, dtype=torch.int64)
+    group = num_heads // num_kv_heads
+    qc, kc, vc = (t.to(dtype) for t in (q, k, v))
+    # Cache slots past a row's length may hold anything, NaN included: they are not keys at all.
+    in_seq = (torch.arange(seqlen_k, device=q.device) < seqlens_k[:, None])[:, :, None, None]
+    kc, vc = kc.where(in_seq, 0), vc.where(in_seq, 0)
+    kc = kc.repeat_interleave(group, dim=2)
+    vc = vc.repeat_interleave(group, dim=2)
+
+    logits = torch.einsum("bihd,bjhd->bhij", qc * scale, kc)  # [B, Hq, Sq, Sk]
+    logits = logits + logit_bias(bias, seqlens_k, num_heads).to(dtype)[:, :, None, None]
+    rows = torch.arange(seqlen_q, device=q.device)
+    cols = torch.arange(seqlen_k, device=q.device)
+    if alibi_slopes is not None:
+        dist_bias = alibi_distance_bias(alibi_slopes, seqlen_q, seqlens_k, top_left=top_left, rows=rows, cols=cols)
+        logits = logits + dist_bias.to(dtype)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        logits = logits + attn_mask.to(dtype)
+    allowed = allowed_keys(
+        seqlen_q, seqlen_k, seqlens_k, causal=causal, window_size=window_size, top_left=top_left
+    )
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        allowed = allowed & attn_mask
+    probs = torch.where(allowed, torch.sigmoid(logits), torch.zeros((), dtype=dtype, device=q.device))
+    out = torch.einsum("bhij,bjhd->bihd", probs, vc)
+    return out if upcast else out.to(q.dtype)
+
+
+def cu_to_lengths(cu_seqlens: Tensor) -> list[int]:
+    """Host list of sequence lengths from int32 cumulative lengths (B + 1,)."""
+    cu = cu_seqlens.tolist()
+    return [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+
+
+def sigmoid_attn_varlen_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    *,
+    alibi_slopes: Tensor | None = None,
+    dense=sigmoid_attn_reference,
+    **options,
+) -> Tensor:
+    """Packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D). Each sequence is attended
+    on its own, exactly as ``dense`` on a batch of one; so the default bias is -log(its key length).
+    ``dense`` lets the memory-efficient backend reuse this definition with its own dense function."""
+    starts_q = cu_seqlens_q.tolist()
+    starts_k = cu_seqlens_k.tolist()
+    outs = []
+    for b in range(len(starts_q) - 1):
+        qs = q[starts_q[b] : starts_q[b + 1]][None]
+        ks = k[starts_k[b] : starts_k[b + 1]][None]
+        vs = v[starts_k[b] : starts_k[b + 1]][None]
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        outs.append(dense(qs, ks, vs, alibi_slopes=slopes, **options)[0])
+    if not outs:
+        return q.new_zeros(q.shape)
+    return torch.cat(outs, dim=0)
+
+
+def gather_paged_cache(cache: Tensor, block_table: Tensor) -> Tensor:
+    """A paged cache (num_blocks, page_size, Hkv, D) read through block_table (B, max_blocks) as a
+    contiguous (B, max_blocks * page_size, Hkv, D) cache."""
+    batch, max_blocks = block_table.shape
+    # Entries past a row's last page are padding (often -1); what they read is masked out.
+    pages = cache[block_table.long().clamp(0, cache.shape[0] - 1)]  # [B, max_blocks, page_size, Hkv, D]
+    return pages.reshape(batch, max_blocks * cache.shape[1], *cache.shape[2:])
+
+
+def sigmoid_attn_kvcache_reference(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens_k: Tensor,
+    *,
+    block_table: Tensor | None = None,
+    dense=sigmoid_attn_reference,
+    **options,
+) -> Tensor:
+    """Attention of q (B, Sq, Hq, D) to the first ``seqlens_k[b]`` keys of each row's cache, bottom-right
+    aligned per row. The cache is (B, S_cache, Hkv, D), or paged (num_blocks, page_size, Hkv, D) with
+    ``block_table``."""
+    if block_table is not None:
+        k_cache = gather_paged_cache(k_cache, block_table)
+        v_cache = gather_paged_cache(v_cache, block_table)
+    return dense(q, k_cache, v_cache, seqlens_k=seqlens_k, **options)
