@@ -10,6 +10,7 @@ is announced by a warning). A forced backend that cannot serve a call raises ``B
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import warnings
 from collections.abc import Iterator
@@ -113,7 +114,46 @@ def _exact(q, k, v, **options) -> Tensor:
     return sigmoid_attn_reference(q, k, v, upcast=True, **options).to(q.dtype)
 
 
+class TritonBackend:
+    """The FlashSigmoid Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
+
+    name = "triton"
+    description = "FlashSigmoid Triton kernels (CUDA; CPU through TRITON_INTERPRET=1)"
+
+    def not_supported_reasons(self, call: AttnCall) -> list[str]:
+        if importlib.util.find_spec("triton") is None:
+            return ["triton is not installed"]
+        reasons = []
+        device = call.q.device
+        if device.type == "cpu":
+            # The interpreter is for testing the kernels: auto never picks it.
+            if os.environ.get("TRITON_INTERPRET") != "1" or requested_backend() != "triton":
+                reasons.append(
+                    "CPU tensors (the kernels run on the CPU only in Triton's interpreter: "
+                    "TRITON_INTERPRET=1 with the 'triton' backend forced)"
+                )
+        elif device.type != "cuda":
+            reasons.append(f"{device.type} tensors (the kernels run on CUDA)")
+        elif torch.cuda.get_device_capability(device) < (8, 0):
+            reasons.append(f"compute capability {torch.cuda.get_device_capability(device)} (needs 8.0 or newer)")
+        if call.q.dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"dtype {call.q.dtype} (the kernels take float16 and bfloat16)")
+        if call.q.shape[-1] > 256:
+            reasons.append(f"head dim {call.q.shape[-1]} (at most 256)")
+        if call.kind != "dense":
+            reasons.append(f"no {call.kind} kernel yet")
+        if call.attn_mask is not None:
+            reasons.append("an explicit attn_mask (the kernels support causal and sliding-window masks)")
+        return reasons
+
+    def __call__(self, call: AttnCall) -> Tensor:
+        from .ops.sigmoid_attn.flash import sigmoid_attn_flash
+
+        return sigmoid_attn_flash(call.q, call.k, call.v, alibi_slopes=call.alibi_slopes, **call.options)
+
+
 BACKENDS: dict[str, Backend] = {
+    "triton": TritonBackend(),
     "torch": TorchBackend(
         "torch", sigmoid_attn_blocked, "memory-efficient blocked PyTorch (O(S*D) memory, recomputing backward)"
     ),
@@ -121,17 +161,10 @@ BACKENDS: dict[str, Backend] = {
         "reference", _exact, "exact reference: materialises the scores, computes in float64"
     ),
 }
-AUTO_ORDER: list[str] = ["torch"]
+AUTO_ORDER: list[str] = ["triton", "torch"]
 
 _forced: ContextVar[str | None] = ContextVar("sigattn_backend", default=None)
 _warned: set[tuple[str, str]] = set()
-
-
-def register_backend(backend: Backend, *, first_in_auto: bool) -> None:
-    """Add a backend (the Triton kernels register themselves this way)."""
-    BACKENDS[backend.name] = backend
-    if backend.name not in AUTO_ORDER:
-        AUTO_ORDER.insert(0 if first_in_auto else len(AUTO_ORDER), backend.name)
 
 
 def _check_name(name: str, source: str) -> str:
@@ -212,7 +245,6 @@ __all__ = [
     "AUTO_ORDER",
     "dispatch",
     "explain",
-    "register_backend",
     "requested_backend",
     "select_backend",
     "use_backend",

@@ -16,28 +16,6 @@ from . import validation as check
 from .backends import AttnCall, dispatch
 from .ops.sigmoid_attn.cache import append_kv
 
-_MASK_DOC = """
-    Attention weights are ``sigmoid(scale * q_i . k_j + bias - slope * |i + Sk - Sq - j|)`` (the ALiBi
-    term only with ``alibi_slopes``) for allowed keys and exactly 0 for masked ones; a query with no
-    allowed key outputs 0. Masks are aligned to the bottom-right corner of the score matrix (flash-attn):
-    query i sits at key position ``i + Sk - Sq``. With ``causal=True`` query i sees key j iff
-    ``j <= i + Sk - Sq``; for Sq = 2, Sk = 5 (1 = allowed):
-
-        1 1 1 1 0
-        1 1 1 1 1
-
-    and for Sq = 5, Sk = 2 the first three rows see nothing and output 0:
-
-        0 0
-        0 0
-        0 0
-        1 0
-        1 1
-
-    ``window_size=(left, right)`` allows ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``; -1 leaves
-    that side unbounded, and ``causal=True`` sets right to 0.
-"""
-
 
 def _resolve_scale(scale, head_dim: int) -> float:
     check.check_scale(scale)
@@ -80,7 +58,27 @@ def sigmoid_attn_func(
         window_size: (left, right) sliding window (below); (-1, -1) is unbounded.
         alibi_slopes: float32 (nheads,) or (batch, nheads); adds ``-slope * |i + Sk - Sq - j|``.
         deterministic: require a deterministic backward (bit-identical across runs).
-    """ + _MASK_DOC + """
+
+    Attention weights are ``sigmoid(scale * q_i . k_j + bias - slope * |i + Sk - Sq - j|)`` (the ALiBi
+    term only with ``alibi_slopes``) for allowed keys and exactly 0 for masked ones; a query with no
+    allowed key outputs 0. Masks are aligned to the bottom-right corner of the score matrix (flash-attn):
+    query i sits at key position ``i + Sk - Sq``. With ``causal=True`` query i sees key j iff
+    ``j <= i + Sk - Sq``; for Sq = 2, Sk = 5 (1 = allowed):
+
+        1 1 1 1 0
+        1 1 1 1 1
+
+    and for Sq = 5, Sk = 2 the first three rows see nothing and output 0:
+
+        0 0
+        0 0
+        0 0
+        1 0
+        1 1
+
+    ``window_size=(left, right)`` allows ``i + Sk - Sq - left <= j <= i + Sk - Sq + right``; -1 leaves
+    that side unbounded, and ``causal=True`` sets right to 0.
+
     Returns:
         (batch, seqlen_q, nheads, headdim), in the dtype of q. Inputs may be float16, bfloat16, float32
         (float64 on the PyTorch backends) and non-contiguous.
@@ -158,7 +156,8 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
     for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
         check.check_tensor(t, n, 4, cache_layout)
     # A paged cache's dim 0 counts pages, not batch rows: the batch is checked below.
-    check.check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"), ("(B, Sq, Hq, D)", cache_layout), same_batch=False)
+    names = ("q", "k_cache", "v_cache")
+    check.check_qkv(q, k_cache, v_cache, names, ("(B, Sq, Hq, D)", cache_layout), same_batch=False)
     batch = q.shape[0]
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values to append), got only one")
@@ -181,9 +180,9 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
 
     if paged:
         if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
-            raise TypeError(f"block_table must be an int32 tensor of shape (batch, max_blocks), got "
-                            f"{block_table.dtype if isinstance(block_table, Tensor) else type(block_table).__name__}"
-                            f"{' of shape ' + str(tuple(block_table.shape)) if isinstance(block_table, Tensor) else ''}")  # fmt: skip
+            raise TypeError(
+                f"block_table must be an int32 tensor of shape (batch, max_blocks), got {check.describe(block_table)}"
+            )
         if block_table.shape[0] != batch:
             raise ValueError(f"block_table must have shape (batch, max_blocks) with batch = {batch}, "
                              f"got {tuple(block_table.shape)}")  # fmt: skip
@@ -199,6 +198,8 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is required to append k and v: it says where each row's new tokens go")
+        if paged and check.values_checkable():  # a full cache uses every page of every row
+            _check_block_table_entries(block_table, torch.full((batch,), capacity, device=q.device), k_cache)
         return None, capacity
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
@@ -213,16 +214,21 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
                 f"of {capacity} tokens" + (" (max_blocks * page_size)" if paged else " (seqlen_cache)")
             )
         if paged:
-            page_size = k_cache.shape[1]
-            pages_used = (lengths + page_size - 1) // page_size  # [B]
-            used = torch.arange(block_table.shape[1], device=q.device)[None] < pages_used[:, None]
-            bad = used & ((block_table < 0) | (block_table >= k_cache.shape[0]))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"block_table entries in use must be in [0, num_blocks = {k_cache.shape[0]}), got "
-                    f"{block_table[bad].tolist()[:8]}"
-                )
+            _check_block_table_entries(block_table, lengths, k_cache)
     return cache_seqlens, capacity
+
+
+def _check_block_table_entries(block_table: Tensor, lengths: Tensor, k_cache: Tensor) -> None:
+    """The pages holding each row's first ``lengths[b]`` positions must exist; later entries are not read."""
+    page_size = k_cache.shape[1]
+    pages_used = (lengths + page_size - 1) // page_size  # [B]
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None] < pages_used[:, None]
+    bad = used & ((block_table < 0) | (block_table >= k_cache.shape[0]))
+    if bool(bad.any()):
+        raise ValueError(
+            f"block_table entries in use must be in [0, num_blocks = {k_cache.shape[0]}), got "
+            f"{block_table[bad].tolist()[:8]}"
+        )
 
 
 def sigmoid_attn_with_kvcache(

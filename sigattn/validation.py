@@ -15,7 +15,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPE = torch.int32
 
 
-def _describe(x) -> str:
+def describe(x) -> str:
     if isinstance(x, Tensor):
         return f"a {x.dtype} tensor of shape {tuple(x.shape)} on {x.device}"
     return f"{type(x).__name__} {x!r}"
@@ -30,7 +30,7 @@ def values_checkable() -> bool:
 
 def check_tensor(x, name: str, ndim: int, layout: str) -> None:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {_describe(x)}")
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {describe(x)}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}")
 
@@ -57,7 +57,9 @@ def check_qkv(
         if t.device != q.device:
             raise ValueError(f"{n} must be on the device of {nq} ({q.device}), got {t.device}")
     if k.shape != v.shape:
-        raise ValueError(f"{nk} and {nv} must have the same shape {layouts[1]}, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"{nk} and {nv} must have the same shape {layouts[1]}, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if same_batch and q.shape[0] != k.shape[0]:
         raise ValueError(f"{nk} must have the batch size of {nq} ({q.shape[0]}), got {k.shape[0]}")
     if q.shape[-1] != k.shape[-1]:
@@ -76,7 +78,7 @@ def check_scale(scale) -> None:
     if scale is None:
         return
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a float or None, got {_describe(scale)}")
+        raise TypeError(f"scale must be a float or None, got {describe(scale)}")
 
 
 def check_bias(bias, num_heads: int, q: Tensor) -> None:
@@ -93,13 +95,13 @@ def check_bias(bias, num_heads: int, q: Tensor) -> None:
             raise ValueError(f"bias must be on the device of the query ({q.device}), got {bias.device}")
         return
     if isinstance(bias, bool) or not isinstance(bias, numbers.Real):
-        raise TypeError(f"bias must be a float, a tensor of shape (Hq,) or None, got {_describe(bias)}")
+        raise TypeError(f"bias must be a float, a tensor of shape (Hq,) or None, got {describe(bias)}")
 
 
 def check_window(window_size) -> tuple[int, int]:
     ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2
     if not ok or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size):
-        raise TypeError(f"window_size must be a pair of ints (left, right), got {_describe(window_size)}")
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {describe(window_size)}")
     left, right = (int(w) for w in window_size)
     if left < -1 or right < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1 means unbounded), got {(left, right)}")
@@ -110,7 +112,9 @@ def check_alibi(alibi_slopes, batch: int, num_heads: int, q: Tensor) -> None:
     if alibi_slopes is None:
         return
     if not isinstance(alibi_slopes, Tensor):
-        raise TypeError(f"alibi_slopes must be a float32 tensor of shape (Hq,) or (B, Hq), got {_describe(alibi_slopes)}")
+        raise TypeError(
+            f"alibi_slopes must be a float32 tensor of shape (Hq,) or (B, Hq), got {describe(alibi_slopes)}"
+        )
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
     if alibi_slopes.shape not in ((num_heads,), (batch, num_heads)):
@@ -126,13 +130,13 @@ def check_alibi(alibi_slopes, batch: int, num_heads: int, q: Tensor) -> None:
 
 def check_flag(value, name: str) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {_describe(value)}")
+        raise TypeError(f"{name} must be a bool, got {describe(value)}")
 
 
 def check_index_vector(x, name: str, length: int | None, device: torch.device) -> None:
     """A 1-D int32 tensor on ``device`` (of ``length`` entries when given)."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be an int32 tensor, got {_describe(x)}")
+        raise TypeError(f"{name} must be an int32 tensor, got {describe(x)}")
     if x.dtype != INDEX_DTYPE:
         raise TypeError(f"{name} must be int32, got {x.dtype}")
     if x.dim() != 1 or (length is not None and x.shape[0] != length):
@@ -147,7 +151,7 @@ def check_cu_seqlens(cu: Tensor, name: str, total: int, max_seqlen, max_name: st
     if cu.shape[0] < 1:
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got shape {tuple(cu.shape)}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
-        raise TypeError(f"{max_name} must be a non-negative int, got {_describe(max_seqlen)}")
+        raise TypeError(f"{max_name} must be a non-negative int, got {describe(max_seqlen)}")
     if not values_checkable():
         return
     values = cu.tolist()
@@ -166,9 +170,11 @@ def check_attn_mask(attn_mask, target: tuple[int, int, int, int], query: Tensor)
     if attn_mask is None:
         return
     if not isinstance(attn_mask, Tensor):
-        raise TypeError(f"attn_mask must be a bool or float tensor, got {_describe(attn_mask)}")
+        raise TypeError(f"attn_mask must be a bool or float tensor, got {describe(attn_mask)}")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-        raise TypeError(f"attn_mask must be bool (True = attend) or floating point (added to logits), got {attn_mask.dtype}")
+        raise TypeError(
+            f"attn_mask must be bool (True = attend) or floating point (added to logits), got {attn_mask.dtype}"
+        )
     if attn_mask.device != query.device:
         raise ValueError(f"attn_mask must be on the device of query ({query.device}), got {attn_mask.device}")
     try:

@@ -185,8 +185,11 @@ class _BlockedSigmoidAttn(torch.autograd.Function):
                 dbias += ds.sum(dim=(0, 3, 4))
             if dmask is not None:
                 ds_heads = ds.reshape(batch, num_heads, *ds.shape[3:])
-                reduce = [d for d in (0, 1) if attn_mask.shape[d] == 1]
-                dmask[..., rows, cols] += ds_heads.sum(dim=reduce, keepdim=True) if reduce else ds_heads
+                # Sum over every dim the mask broadcasts along, Sq and Sk included ((1, Sk) masks).
+                reduce = [d for d in range(4) if attn_mask.shape[d] == 1]
+                mask_rows = rows if attn_mask.shape[2] != 1 else slice(None)
+                mask_cols = cols if attn_mask.shape[3] != 1 else slice(None)
+                dmask[..., mask_rows, mask_cols] += ds_heads.sum(dim=reduce, keepdim=True) if reduce else ds_heads
 
         dq = dq.reshape(batch, num_heads, seqlen_q, head_dim).transpose(1, 2).to(q.dtype)
         dk = dk.transpose(1, 2).to(k.dtype)

@@ -135,7 +135,10 @@ def sigmoid_attn_reference(
     rows = torch.arange(seqlen_q, device=q.device)
     cols = torch.arange(seqlen_k, device=q.device)
     if alibi_slopes is not None:
-        dist_bias = alibi_distance_bias(alibi_slopes, seqlen_q, seqlens_k, top_left=top_left, rows=rows, cols=cols)
+        # The float32 slopes times the distance in float64 when upcasting: in float32 the product
+        # rounds (about 1e-7 relative), which is no longer the truth.
+        slopes = alibi_slopes.double() if upcast else alibi_slopes
+        dist_bias = alibi_distance_bias(slopes, seqlen_q, seqlens_k, top_left=top_left, rows=rows, cols=cols)
         logits = logits + dist_bias.to(dtype)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         logits = logits + attn_mask.to(dtype)

@@ -1,0 +1,83 @@
+"""Sweep tile configs of the three kernels on a GPU: python benchmarks/tune_tiles.py --json PATH.
+
+flash-attn's standard setup (16k tokens, hidden 2048, bf16) at seqlen 4096, head dims 64 and 128, causal and
+full. Each kernel's table entry is varied with the others fixed; medians from triton.testing.do_bench.
+The winners go into the tables in sigattn/ops/sigmoid_attn/flash.py, citing the JSON this writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from functools import partial
+
+import torch
+import triton
+
+from sigattn.check import versions
+from sigattn.ops.sigmoid_attn import flash
+
+CANDIDATES = {
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 4, 5),
+            (64, 32, 4, 4), (128, 64, 8, 4), (128, 32, 8, 4)],
+    "dkdv": [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3),
+             (128, 64, 8, 3), (32, 32, 4, 3)],
+    "dq": [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3), (32, 64, 4, 3),
+           (64, 64, 8, 3), (128, 32, 4, 3)],
+}  # fmt: skip
+TABLES = {"fwd": flash.FWD_CONFIGS, "dkdv": flash.BWD_DKDV_CONFIGS, "dq": flash.BWD_DQ_CONFIGS}
+
+
+def flops(batch, heads, seqlen, head_dim, causal):
+    pairs = seqlen * (seqlen + 1) / 2 if causal else seqlen * seqlen
+    return 4 * batch * heads * pairs * head_dim
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--seqlen", type=int, default=4096)
+    args = parser.parse_args()
+    rows = []
+    for head_dim, causal in [(64, False), (64, True), (128, False), (128, True)]:
+        seqlen = args.seqlen
+        batch, heads = 16384 // seqlen, 2048 // head_dim
+        shape = (batch, seqlen, heads, head_dim)
+        q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        params, _ = flash.flash_params(seqlen, scale=head_dim**-0.5, bias=None, causal=causal, window_size=(-1, -1))
+        fwd_flops = flops(batch, heads, seqlen, head_dim, causal)
+        for kernel, candidates in CANDIDATES.items():
+            table = TABLES[kernel]
+            default = table[(head_dim, causal)]
+            for cand in candidates:
+                table[(head_dim, causal)] = flash.TileConfig(*cand)
+                try:
+                    if kernel == "fwd":
+                        fn, work = partial(flash.flash_fwd, q, k, v, params), fwd_flops
+                    else:
+                        fn, work = partial(flash.flash_bwd, do, q, k, v, params), 2.5 * fwd_flops
+                    ms = triton.testing.do_bench(fn, return_mode="median")
+                    tf = work / ms * 1e-9
+                except Exception as e:  # out of shared memory or registers: record and go on
+                    ms, tf = math.nan, math.nan
+                    print(f"  {kernel} {cand}: {type(e).__name__}: {str(e)[:120]}")
+                rows.append(dict(kernel=kernel, head_dim=head_dim, causal=causal, seqlen=seqlen, config=cand, ms=ms,
+                                 tflops=tf))  # fmt: skip
+                print(f"D{head_dim} causal={causal} {kernel:5s} {cand}: {ms:.3f} ms {tf:.0f} TFLOP/s", flush=True)
+            table[(head_dim, causal)] = default
+    best = {}
+    for r in rows:
+        key = f"{r['kernel']}-D{r['head_dim']}-{'causal' if r['causal'] else 'full'}"
+        if not math.isnan(r["ms"]) and (key not in best or r["ms"] < best[key]["ms"]):
+            best[key] = r
+    print("\nbest:")
+    for key, r in best.items():
+        print(f"  {key:20s} {r['config']} {r['tflops']:.0f} TFLOP/s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": versions(), "rows": rows, "best": best}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,595 @@
+"""``sigattn bench``: speed and memory of sigmoid attention against softmax-attention baselines, on CUDA.
+
+The sweep is flash-attn's benchmark setup: batch * seqlen = 16384 tokens, hidden 2048 = heads * headdim,
+headdim 64 and 128, seqlen 512 to 16k, causal and full, bf16. Every (provider, shape, mode) is timed with
+``triton.testing.do_bench`` (median); inputs are random normal, drawn afresh for every shape and provider,
+and require grad (so ``fwd`` is a training forward). Providers (``PROVIDERS``):
+
+    sigattn       sigmoid_attn_func on the "triton" backend; skipped, with the reason, while no such
+                  backend is registered
+    sdpa-flash    softmax torch.nn.functional.scaled_dot_product_attention, FlashAttention kernel
+    sdpa-cudnn    the same on cuDNN's kernel
+    flex-sigmoid  exact sigmoid attention in FlexAttention, compiled (``flex_sigmoid_attention``)
+
+FLOPs count only the unmasked (query, key) pairs: forward ``4 * B * H * pairs * D`` with pairs = S * S
+(full) or S * (S + 1) / 2 (causal); backward 2.5 x forward; forward + backward 3.5 x.
+
+``peak_mem_mb``, in MiB (2**20 bytes): the peak of ``torch.cuda.max_memory_allocated`` during one call of
+the timed function, less what was allocated before the call (the inputs, and for ``bwd`` the forward's
+graph). It is measured in its own call, outside ``do_bench``, whose cache-flushing buffer would count.
+
+``--memory`` runs the memory check instead of the sweep: B=1, H=16, D=128, seqlen 65536, causal and full,
+forward + backward. Its rows have mode ``"fwd+bwd-memory"``, and there ``peak_mem_mb`` also leaves out
+the output and the three gradients: what remains is the attention's own working memory.
+
+``--json PATH`` writes ``{"meta": {"device", "torch", "triton", "cuda", "date", "command", "git_commit"},
+"rows": [{"provider", "mode", "batch", "heads", "seqlen", "headdim", "causal", "dtype", "ms", "tflops",
+"peak_mem_mb"}]}`` (``git_commit`` only inside a git checkout, "-dirty" when tracked files changed). A
+measurement that failed (out of memory, unsupported shape) is no row; the printed table marks it "skip"
+with the error. ``--plot PATH`` draws TFLOP/s against seqlen, one panel per (headdim, mask, mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import itertools
+import json
+import math
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .backends import BACKENDS, use_backend
+from .functional import sigmoid_attn_func
+
+TOKENS, HIDDEN = 16384, 2048
+HEADDIMS = (64, 128)
+SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
+QUICK_HEADDIMS, QUICK_SEQLENS = (128,), (1024, 4096)
+MODES = ("fwd", "bwd", "fwd+bwd")
+MEMORY_MODE = "fwd+bwd-memory"
+FLOPS_PER_FORWARD = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5, MEMORY_MODE: 3.5}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# do_bench (warmup, rep) in ms: triton's defaults, shorter for --quick.
+TIMING, QUICK_TIMING = (25, 100), (10, 40)
+
+Attn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    heads: int
+    seqlen: int
+    headdim: int
+    causal: bool
+    dtype: str  # a key of DTYPES
+
+
+def sweep_shapes(
+    headdims: Iterable[int], seqlens: Iterable[int], causals: Iterable[bool], dtype: str
+) -> list[Shape]:
+    """flash-attn's setup: TOKENS tokens per batch and HIDDEN = heads * headdim."""
+    return [
+        Shape(max(TOKENS // s, 1), HIDDEN // d, s, d, c, dtype)
+        for d in headdims
+        for c in causals
+        for s in seqlens
+    ]
+
+
+def memory_shapes(causals: Iterable[bool], dtype: str) -> list[Shape]:
+    return [Shape(1, 16, 65536, 128, c, dtype) for c in causals]
+
+
+def attention_flops(shape: Shape, mode: str) -> float:
+    s = shape.seqlen
+    pairs = s * (s + 1) // 2 if shape.causal else s * s
+    return 4 * shape.batch * shape.heads * pairs * shape.headdim * FLOPS_PER_FORWARD[mode]
+
+
+# ----------------------------------------------------------------------------------------- providers
+
+
+@dataclasses.dataclass(frozen=True)
+class Provider:
+    name: str
+    layout: str  # "bshd" (flash-attn's (B, S, H, D)) or "bhsd" (SDPA's (B, H, S, D))
+    build: Callable[[Shape], Attn]  # the attention for one shape; masks and compilation happen here, untimed
+    missing: Callable[[], str | None]  # why the provider cannot run in this installation, else None
+
+
+def _sigattn(shape: Shape) -> Attn:
+    def attn(q, k, v):
+        with use_backend("triton"):
+            return sigmoid_attn_func(q, k, v, causal=shape.causal)
+
+    return attn
+
+
+def _sigattn_missing() -> str | None:
+    if "triton" not in BACKENDS:
+        return f"no 'triton' backend is registered (sigattn.backends.BACKENDS holds {', '.join(BACKENDS)})"
+    return None
+
+
+def _sdpa(kernel: str) -> Callable[[Shape], Attn]:
+    def build(shape: Shape) -> Attn:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, kernel)
+
+        def attn(q, k, v):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=shape.causal)
+
+        return attn
+
+    return build
+
+
+def _sdpa_missing(kernel: str) -> Callable[[], str | None]:
+    def missing():
+        from torch.nn.attention import SDPBackend
+
+        return (
+            None if hasattr(SDPBackend, kernel) else f"torch {torch.__version__} has no SDPBackend.{kernel}"
+        )
+
+    return missing
+
+
+def _flex_missing() -> str | None:
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return f"torch {torch.__version__} has no FlexAttention (torch >= 2.5)"
+    return None
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def flex_sigmoid_attention(seqlen: int, causal: bool, device, *, compiled: bool = True) -> Attn:
+    """Exact sigmoid attention (bias -log(seqlen), scale 1/sqrt(D)) of (B, H, S, D) inputs in FlexAttention.
+
+    FlexAttention takes the softmax of ``score_mod(s)`` and returns ``lse = log sum_j exp(score_mod(s_j))``.
+    With ``score_mod(s) = logsigmoid(s + b)`` the softmax weights are ``sigmoid(s_j + b) / Z`` with
+    ``Z = sum_j sigmoid(s_j + b) = exp(lse)``, so ``out * exp(lse) = sum_j sigmoid(s_j + b) v_j``, masked keys
+    contributing 0. ``compiled=False`` runs FlexAttention eagerly (it materialises the scores; CPU tests).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    bias = -math.log(seqlen)
+
+    # logsigmoid (log1p inside) dominates at headdim 64: the forward ran at 64 TFLOP/s against 404 for
+    # FlexAttention with no score_mod (H100, torch 2.11, B=4, H=32, S=4096, full); 183 vs 461 at 128.
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return torch.nn.functional.logsigmoid(score + bias)
+
+    block_mask = create_block_mask(_causal, None, None, seqlen, seqlen, device=device) if causal else None
+
+    def attn(q, k, v):
+        out, lse = _flex_attention_with_lse(flex_attention, q, k, v, score_mod, block_mask)
+        return (out * lse.exp().unsqueeze(-1)).to(out.dtype)  # [B, H, S, D] * [B, H, S, 1], in float32
+
+    if not compiled:
+        return attn
+    # A fresh compilation per shape: past dynamo's recompile limit a shape would silently run eagerly.
+    torch._dynamo.reset()
+    return torch.compile(attn, fullgraph=True)
+
+
+def _flex_attention_with_lse(flex_attention, q, k, v, score_mod, block_mask) -> tuple[Tensor, Tensor]:
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9: return_lse, deprecated since
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, return_lse=True)
+    out, aux = flex_attention(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, return_aux=AuxRequest(lse=True)
+    )
+    return out, aux.lse
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.name: p
+    for p in (
+        Provider("sigattn", "bshd", _sigattn, _sigattn_missing),
+        Provider("sdpa-flash", "bhsd", _sdpa("FLASH_ATTENTION"), _sdpa_missing("FLASH_ATTENTION")),
+        Provider("sdpa-cudnn", "bhsd", _sdpa("CUDNN_ATTENTION"), _sdpa_missing("CUDNN_ATTENTION")),
+        Provider(
+            "flex-sigmoid",
+            "bhsd",
+            lambda s: flex_sigmoid_attention(s.seqlen, s.causal, "cuda"),
+            _flex_missing,
+        ),
+    )
+}
+BASELINE = "sigattn"  # ratios are its TFLOP/s over each other provider's
+
+
+# --------------------------------------------------------------------------------------- measurement
+
+
+def make_inputs(layout: str, shape: Shape, device="cuda") -> list[Tensor]:
+    b, h, s, d = shape.batch, shape.heads, shape.seqlen, shape.headdim
+    dims = (b, s, h, d) if layout == "bshd" else (b, h, s, d)
+    return [torch.randn(dims, device=device, dtype=DTYPES[shape.dtype], requires_grad=True) for _ in range(3)]
+
+
+def measure_cuda(attn: Attn, layout: str, shape: Shape, mode: str, timing=TIMING) -> tuple[float, float]:
+    """(median ms, peak MiB beyond what was allocated before) of one mode of ``attn`` on fresh inputs."""
+    from triton.testing import do_bench
+
+    q, k, v = inputs = make_inputs(layout, shape)
+    dout = torch.randn_like(q)  # the output has the shape of q
+    if mode == "fwd":
+        step = lambda: attn(q, k, v)
+    elif mode == "bwd":
+        out = attn(q, k, v)
+        step = lambda: out.backward(dout, retain_graph=True)
+    else:
+        step = lambda: attn(q, k, v).backward(dout)
+    warmup, rep = timing
+    ms = do_bench(step, warmup=warmup, rep=rep, grad_to_none=inputs, return_mode="median")
+    for t in inputs:
+        t.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    if mode == MEMORY_MODE:
+        peak -= 4 * q.numel() * q.element_size()  # the output and the three gradients
+    return ms, peak / 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    provider: str
+    shape: Shape
+    mode: str
+    error: str
+
+
+def make_row(provider: str, shape: Shape, mode: str, ms: float, peak_mib: float) -> dict:
+    return {
+        "provider": provider,
+        "mode": mode,
+        **dataclasses.asdict(shape),
+        "ms": round(ms, 5),
+        "tflops": round(attention_flops(shape, mode) / (ms * 1e-3) / 1e12, 2),
+        "peak_mem_mb": round(peak_mib, 1),
+    }
+
+
+def describe_error(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def run_sweep(
+    shapes: list[Shape],
+    providers: list[Provider],
+    modes: Iterable[str],
+    measure: Callable[[Attn, str, Shape, str], tuple[float, float]],
+    progress: Callable[[str], None] = lambda line: None,
+) -> tuple[list[dict], list[Skip]]:
+    """Measures every (shape, provider, mode); a failure becomes a Skip and the sweep goes on."""
+    rows, skips = [], []
+    for shape in shapes:
+        before = len(rows)
+        for provider in providers:
+            try:
+                attn = provider.build(shape)
+            except Exception as error:  # a provider that cannot even be set up
+                skips += [Skip(provider.name, shape, mode, describe_error(error)) for mode in modes]
+                continue
+            for mode in modes:
+                try:
+                    ms, peak = measure(attn, provider.layout, shape, mode)
+                except Exception as error:  # out of memory, an unsupported shape: record it, measure the rest
+                    skips.append(Skip(provider.name, shape, mode, describe_error(error)))
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    continue
+                rows.append(make_row(provider.name, shape, mode, ms, peak))
+        progress(
+            f"headdim {shape.headdim} {_mask(shape.causal)} seqlen {shape.seqlen}: "
+            f"{len(rows) - before} measured"
+        )
+    return rows, skips
+
+
+# ------------------------------------------------------------------------------------------- reports
+
+
+def _mask(causal: bool) -> str:
+    return "causal" if causal else "full"
+
+
+def _seqlen_label(s: int) -> str:
+    return f"{s // 1024}k" if s >= 1024 and s % 1024 == 0 else str(s)
+
+
+def format_table(
+    rows: list[dict], skips: list[Skip], providers: list[str], metric="tflops", ratios=True
+) -> str:
+    """One line per (headdim, mask, seqlen, mode): ``metric`` per provider, then sigattn's TFLOP/s over
+    each other provider's (>1: sigattn is faster). A failed measurement shows "skip[n]", n its footnote."""
+    cells: dict[tuple, dict[str, str]] = {}  # (headdim, causal, seqlen, mode) -> provider -> cell
+    values: dict[tuple, dict[str, float]] = {}
+    notes: dict[str, int] = {}  # error -> footnote number
+    for r in rows:
+        key = (r["headdim"], r["causal"], r["seqlen"], r["mode"])
+        cells.setdefault(key, {})[r["provider"]] = f"{r[metric]:.1f}"
+        values.setdefault(key, {})[r["provider"]] = r[metric]
+    for s in skips:
+        note = notes.setdefault(s.error, len(notes) + 1)
+        cells.setdefault((s.shape.headdim, s.shape.causal, s.shape.seqlen, s.mode), {})[s.provider] = (
+            f"skip[{note}]"
+        )
+    others = [p for p in providers if p != BASELINE] if ratios and BASELINE in providers else []
+    lines = [["headdim", "mask", "seqlen", "mode", *providers, *(f"vs {p}" for p in others)]]
+    for key, by_provider in cells.items():
+        ours = values.get(key, {}).get(BASELINE)
+        theirs = [values.get(key, {}).get(p) for p in others]
+        lines.append(
+            [
+                str(key[0]),
+                _mask(key[1]),
+                str(key[2]),
+                key[3],
+                *(by_provider.get(p, "-") for p in providers),
+                *(f"{ours / t:.2f}x" if ours and t else "-" for t in theirs),
+            ]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(text + [f"[{n}] {error}" for error, n in notes.items()])
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout this package runs from ("-dirty" if tracked files changed), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def module_version(name: str) -> str | None:
+    try:
+        return importlib.import_module(name).__version__
+    except ImportError:
+        return None
+
+
+def run_meta(argv: list[str]) -> dict:
+    meta = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton": module_version("triton"),
+        "cuda": torch.version.cuda,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["sigattn", *argv]),
+    }
+    commit = git_commit()
+    if commit:
+        meta["git_commit"] = commit
+    return meta
+
+
+def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+def plot(rows: list[dict], path: Path, title: str = ""):
+    """TFLOP/s against seqlen: a column per (headdim, mask), a row per mode, a line per provider."""
+    from matplotlib.figure import Figure
+
+    rows = [r for r in rows if r["mode"] in MODES]
+    columns = sorted({(r["headdim"], r["causal"]) for r in rows}, key=lambda c: (c[0], not c[1]))
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    fig = Figure(figsize=(4.2 * len(columns), 3.2 * len(modes)), layout="constrained")
+    axes = fig.subplots(len(modes), len(columns), squeeze=False)
+    for (i, mode), (j, (headdim, causal)) in itertools.product(enumerate(modes), enumerate(columns)):
+        ax = axes[i][j]
+        for p in providers:
+            points = sorted(
+                (r["seqlen"], r["tflops"])
+                for r in rows
+                if (r["provider"], r["mode"], r["headdim"], r["causal"]) == (p, mode, headdim, causal)
+            )
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=p, color=f"C{list(PROVIDERS).index(p)}")
+        seqlens = sorted({r["seqlen"] for r in rows})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seqlens, [_seqlen_label(s) for s in seqlens])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"headdim {headdim}, {_mask(causal)}, {mode}", fontsize=10)
+        ax.set_xlabel("seqlen")
+        ax.set_ylabel("TFLOP/s")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(providers))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- command
+
+
+def parse_seqlen(text: str) -> int:
+    """512, 4096, 4k (= 4096)."""
+    try:
+        value = int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a length such as 512, 4096 or 4k, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive length, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Speed and memory of sigmoid attention against softmax-attention baselines on a CUDA GPU, in "
+        f"flash-attn's setup ({TOKENS} tokens, hidden {HIDDEN}); TFLOP/s from the median of "
+        "triton.testing.do_bench. See the docstring of sigattn/benchmark.py for the JSON schema."
+    )
+    parser.add_argument(
+        "--headdim", type=int, nargs="+", metavar="D", help="head dimensions (default: 64 128)"
+    )
+    parser.add_argument(
+        "--seqlen",
+        type=parse_seqlen,
+        nargs="+",
+        metavar="S",
+        help="sequence lengths, e.g. 512 2k (default: 512 1k 2k 4k 8k 16k)",
+    )
+    parser.add_argument(
+        "--causal", action="store_true", help="causal attention only (default: causal and full)"
+    )
+    parser.add_argument("--full", action="store_true", help="full (non-causal) attention only")
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        choices=list(PROVIDERS),
+        default=list(PROVIDERS),
+        metavar="P",
+        help=f"among {', '.join(PROVIDERS)} (default: all)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        default=list(MODES),
+        metavar="M",
+        help=f"among {', '.join(MODES)} (default: all)",
+    )
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
+    parser.add_argument(
+        "--plot", type=Path, metavar="PATH", help="draw TFLOP/s vs seqlen as a PNG (matplotlib)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"headdim {QUICK_HEADDIMS[0]}, seqlen 1k and 4k, shorter timing"
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead of the sweep: peak memory of forward + backward at B=1, H=16, D=128, "
+        "seqlen 64k, beyond inputs, output and gradients",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    shapes: list[Shape]
+    modes: list[str]
+    providers: list[str]
+    timing: tuple[int, int]
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    causals = [c for c, flag in ((True, args.causal), (False, args.full)) if flag] or [True, False]
+    providers = list(dict.fromkeys(args.providers))
+    timing = QUICK_TIMING if args.quick else TIMING
+    if args.memory:
+        conflicting = [f"--{n}" for n in ("headdim", "seqlen", "quick", "plot") if getattr(args, n)]
+        conflicting += ["--modes"] if args.modes != list(MODES) else []
+        if conflicting:
+            raise ValueError(
+                f"--memory measures one fixed shape and draws no plot: drop {', '.join(conflicting)}"
+            )
+        return Plan(memory_shapes(causals, args.dtype), [MEMORY_MODE], providers, timing)
+    headdims = args.headdim or (QUICK_HEADDIMS if args.quick else HEADDIMS)
+    seqlens = args.seqlen or (QUICK_SEQLENS if args.quick else SEQLENS)
+    if bad := [d for d in headdims if HIDDEN % d]:
+        raise ValueError(f"--headdim must divide the hidden size {HIDDEN}, got {bad}")
+    modes = list(dict.fromkeys(args.modes))
+    return Plan(sweep_shapes(headdims, seqlens, causals, args.dtype), modes, providers, timing)
+
+
+def run(args: argparse.Namespace) -> int:
+    def fail(message: str, status: int) -> int:
+        print(f"sigattn bench: error: {message}", file=sys.stderr)
+        return status
+
+    try:
+        plan = make_plan(args)
+    except ValueError as error:
+        return fail(str(error), 2)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        return fail("--plot needs matplotlib: pip install 'sigattn[bench]'", 2)
+    if not torch.cuda.is_available():
+        return fail(
+            f"the benchmark needs a CUDA GPU, and torch {torch.__version__} sees none "
+            "(torch.cuda.is_available() is False)",
+            1,
+        )
+    if importlib.util.find_spec("triton") is None:
+        return fail("the benchmark times with triton.testing.do_bench: pip install 'sigattn[triton]'", 1)
+
+    providers = []
+    for name in plan.providers:
+        reason = PROVIDERS[name].missing()
+        if reason:
+            print(f"skipping provider {name}: {reason}")
+        else:
+            providers.append(PROVIDERS[name])
+    meta = run_meta(getattr(args, "argv", sys.argv[1:]))
+    title = f"{meta['device']}, {args.dtype}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}"
+    if args.memory:
+        print(
+            f"{title}\nPeak MiB of forward + backward beyond inputs, output and gradients; B=1, H=16, D=128"
+        )
+    else:
+        print(
+            f"{title}\nTFLOP/s (median of triton.testing.do_bench), {TOKENS} tokens, hidden {HIDDEN}; "
+            f"'vs P' = sigattn TFLOP/s / P's"
+        )
+    measure = lambda attn, layout, shape, mode: measure_cuda(attn, layout, shape, mode, plan.timing)
+    progress = lambda line: print(line, file=sys.stderr, flush=True)
+    rows, skips = run_sweep(plan.shapes, providers, plan.modes, measure, progress)
+    names = [p.name for p in providers]
+    print(
+        format_table(rows, skips, names, metric="peak_mem_mb", ratios=False)
+        if args.memory
+        else format_table(rows, skips, names)
+    )
+    if args.json:
+        write_json(args.json, meta, rows)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(rows, args.plot, title)
+        print(f"wrote {args.plot}")
+    return 0

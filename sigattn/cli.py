@@ -1,0 +1,261 @@
+"""The ``sigattn`` command.
+
+    sigattn info [--json]   versions, device, and the backend each public function would use (and why not
+                            the others)
+    sigattn example         a small attention through the public API, checked against the exact reference
+    sigattn bench ...       speed and memory against softmax SDPA and FlexAttention (``sigattn.benchmark``)
+
+Each subcommand is one entry of ``build_parser``: its options and the function that runs it, which returns
+the exit status. ``--help`` on any subcommand lists its options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+
+import torch
+
+from . import __version__, benchmark
+from .backends import (
+    AUTO_ORDER,
+    BACKENDS,
+    ENV_VAR,
+    AttnCall,
+    BackendNotSupportedError,
+    explain,
+    requested_backend,
+)
+from .functional import sigmoid_attn_func
+from .ops.sigmoid_attn.reference import sigmoid_attn_reference
+
+# The example input of `info` and `example`: a causal language-model layer, small enough for any CPU.
+BATCH, SEQLEN, HEADS, HEADDIM = 2, 256, 8, 64
+# The absolute term of the tolerance rule, as in tests/conftest.py.
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+
+
+class CommandError(Exception):
+    """A problem the user can fix (a bad setting); main prints it and exits with status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.run(args)
+    except CommandError as error:
+        print(f"sigattn {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sigattn", description="Sigmoid self-attention for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"sigattn {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = commands.add_parser("info", help="versions, device and backend choice of each public function")
+    info.add_argument("--json", action="store_true", help="print the same as JSON")
+    info.set_defaults(run=run_info)
+
+    example = commands.add_parser("example", help="run a small attention and check it against the reference")
+    example.set_defaults(run=run_example)
+
+    bench = commands.add_parser("bench", help="benchmark against softmax SDPA and FlexAttention (CUDA)")
+    benchmark.add_arguments(bench)
+    bench.set_defaults(run=benchmark.run)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- info
+
+
+def default_device_dtype() -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of a typical call: bf16 on the GPU, fp32 on the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def checked_requested_backend() -> str:
+    try:
+        return requested_backend()
+    except ValueError as error:  # a $SIGATTN_BACKEND that names no backend
+        raise CommandError(error) from None
+
+
+def example_calls(device: torch.device, dtype: torch.dtype) -> dict[str, AttnCall]:
+    """One causal call of each public function, as functional.py describes it to the dispatcher:
+    flash layout (B, S, H, D), default scale and bias. varlen packs two sequences of 300 and 212 tokens;
+    kvcache decodes one token against full caches; the SDPA function aligns the mask top-left."""
+    q, k, v = (torch.randn(BATCH, SEQLEN, HEADS, HEADDIM, device=device, dtype=dtype) for _ in range(3))
+    options = dict(
+        scale=1 / math.sqrt(HEADDIM),
+        bias=None,
+        causal=True,
+        window_size=(-1, -1),
+        alibi_slopes=None,
+        deterministic=False,
+    )
+    cu_seqlens = torch.tensor([0, 300, BATCH * SEQLEN], dtype=torch.int32, device=device)
+    full = torch.full((BATCH,), SEQLEN, dtype=torch.int32, device=device)
+    packed = [t.flatten(0, 1) for t in (q, k, v)]  # [B * S, H, D]
+    return {
+        "sigmoid_attn_func": AttnCall("dense", q, k, v, **options),
+        "sigmoid_attn_varlen_func": AttnCall(
+            "varlen",
+            *packed,
+            **options,
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_k=cu_seqlens,
+            max_seqlen_q=300,
+            max_seqlen_k=300,
+        ),
+        "sigmoid_attn_with_kvcache": AttnCall("kvcache", q[:, -1:], k, v, **options, seqlens_k=full),
+        "scaled_dot_product_sigmoid_attention": AttnCall("dense", q, k, v, **options, top_left=True),
+    }
+
+
+def backend_choice(call: AttnCall, requested: str) -> dict:
+    """The backend the dispatcher would pick for ``call`` (None if none can), and why not each other one.
+
+    Mirrors ``backends.select_backend`` without its side effect (the once-per-process fall-back warning)."""
+    reasons = explain(call)
+    if requested == "auto":
+        chosen = next((name for name in AUTO_ORDER if not reasons[name]), None)
+    else:
+        chosen = requested if not reasons[requested] else None
+    why_not = {}
+    for name, declined in reasons.items():
+        if name == chosen:
+            continue
+        if declined:
+            why_not[name] = declined
+        elif requested != "auto":
+            why_not[name] = [f"not requested ({requested!r} is forced)"]
+        elif name not in AUTO_ORDER:
+            why_not[name] = ["not tried by auto (force it with use_backend or $SIGATTN_BACKEND)"]
+        else:
+            why_not[name] = [f"{chosen!r} comes first in the auto order"]
+    return {"backend": chosen, "why_not": why_not}
+
+
+def collect_info() -> dict:
+    requested = checked_requested_backend()
+    device, dtype = default_device_dtype()
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        device_info = {"type": "cuda", "name": torch.cuda.get_device_name(), "capability": f"{major}.{minor}"}
+    else:
+        device_info = {"type": "cpu", "name": platform.processor() or platform.machine(), "capability": None}
+    calls = example_calls(device, dtype)
+    return {
+        "versions": versions(),
+        "device": device_info,
+        "env": {name: os.environ.get(name) for name in ("TRITON_INTERPRET", ENV_VAR)},
+        "requested_backend": requested,
+        "backends": list(BACKENDS),
+        "auto_order": list(AUTO_ORDER),
+        "example": {
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": device.type,
+            "shape": [BATCH, SEQLEN, HEADS, HEADDIM],
+            "causal": True,
+        },
+        "functions": {name: backend_choice(call, requested) for name, call in calls.items()},
+    }
+
+
+def versions() -> dict[str, str | None]:
+    return {
+        "sigattn": __version__,
+        "python": platform.python_version(),
+        **{name: benchmark.module_version(name) for name in ("torch", "triton", "numpy")},
+    }
+
+
+def format_info(info: dict) -> str:
+    device = info["device"]
+    if device["type"] == "cuda":
+        device_line = f"cuda: {device['name']} (compute capability {device['capability']})"
+    else:
+        device_line = f"cpu: {device['name']} (CUDA not available)"
+    example = info["example"]
+    lines = [
+        *(f"{name:<18}{version or 'not installed'}" for name, version in info["versions"].items()),
+        f"{'device':<18}{device_line}",
+        *(f"{name:<18}{value if value is not None else '(unset)'}" for name, value in info["env"].items()),
+        f"{'backends':<18}{', '.join(info['backends'])} (auto tries: {', '.join(info['auto_order'])})",
+        f"{'requested backend':<18}{info['requested_backend']}",
+        "",
+        f"Backend for a causal {example['dtype']} call on {example['device']}, "
+        f"(batch, seqlen, heads, headdim) = {tuple(example['shape'])}:",
+    ]
+    for name, choice in info["functions"].items():
+        lines.append(f"  {name:<38} -> {choice['backend'] or 'none: the call would raise'}")
+        lines += [f"      not {other}: {'; '.join(why)}" for other, why in choice["why_not"].items()]
+    return "\n".join(lines)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    info = collect_info()
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- example
+
+
+def run_example(args: argparse.Namespace) -> int:
+    """Forward and backward of sigmoid_attn_func on the default device, checked with the project's
+    tolerance rule: error against the float64 reference <= 2 x the error of PyTorch in the same precision
+    + ATOL (for values both get exactly right). Exit status 1 if a check fails."""
+    requested = checked_requested_backend()
+    device, dtype = default_device_dtype()
+    torch.manual_seed(0)
+    q, k, v = (
+        torch.randn(BATCH, SEQLEN, HEADS, HEADDIM, device=device, dtype=dtype, requires_grad=True)
+        for _ in range(3)
+    )
+    call = example_calls(device, dtype)["sigmoid_attn_func"]
+    backend = backend_choice(call, requested)["backend"]
+    print(
+        f"sigmoid_attn_func(q, k, v, causal=True) on {device.type}, {str(dtype).removeprefix('torch.')}, "
+        f"backend {backend!r} ({requested} requested)"
+    )
+    print(f"  q, k, v: {tuple(q.shape)} (batch, seqlen, heads, headdim)")
+
+    try:
+        out = sigmoid_attn_func(q, k, v, causal=True)
+    except BackendNotSupportedError as error:  # a forced backend that cannot run this input
+        raise CommandError(error) from None
+    dout = torch.randn_like(out)
+    truth = sigmoid_attn_reference(q, k, v, causal=True, upcast=True)
+    same_precision = sigmoid_attn_reference(q, k, v, causal=True, upcast=False)
+    print(f"  out:     {tuple(out.shape)}")
+    outputs = ((out, dout), (truth, dout.double()), (same_precision, dout))
+    # grads[i][j]: gradient j (dq, dk, dv) of output i (ours, the exact truth, PyTorch in the same precision)
+    grads = [torch.autograd.grad(o, (q, k, v), g) for o, g in outputs]
+    results = {"out": (out, truth, same_precision)}
+    results.update({name: tuple(g[i] for g in grads) for i, name in enumerate(("dq", "dk", "dv"))})
+    ok = True
+    for name, (ours, exact, pytorch) in results.items():
+        error = (ours.double() - exact).abs().max().item()
+        baseline = (pytorch.double() - exact).abs().max().item()
+        passed = error <= 2 * baseline + ATOL[dtype]
+        ok &= passed
+        print(
+            f"  max |{name} - reference| = {error:.2e}   (PyTorch {str(dtype).removeprefix('torch.')}: "
+            f"{baseline:.2e})  {'ok' if passed else 'FAIL: above 2x'}"
+        )
+    print("ok" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

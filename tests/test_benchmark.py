@@ -1,0 +1,328 @@
+"""``sigattn bench``. Without a GPU: FLOP counting, argument parsing, a sweep whose providers fail, the
+table, JSON and plot, and the FlexAttention formulation of sigmoid attention (FlexAttention runs eagerly
+on the CPU, forward only). With CUDA (``gpu``): the compiled formulation with gradients, and a tiny run of
+the command itself."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import assert_within_tolerance_rule
+
+from sigattn import benchmark as bench
+from sigattn import cli
+from sigattn.benchmark import MEMORY_MODE, MODES, Provider, Shape, attention_flops
+from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
+
+ROW_KEYS = {
+    "provider",
+    "mode",
+    "batch",
+    "heads",
+    "seqlen",
+    "headdim",
+    "causal",
+    "dtype",
+    "ms",
+    "tflops",
+    "peak_mem_mb",
+}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def parse(*argv: str):
+    return cli.build_parser().parse_args(["bench", *argv])
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+
+
+def test_flops_count_the_unmasked_pairs():
+    full, causal = Shape(2, 3, 5, 7, False, "bf16"), Shape(2, 3, 5, 7, True, "bf16")
+    assert attention_flops(full, "fwd") == 4 * 2 * 3 * 25 * 7
+    assert attention_flops(causal, "fwd") == 4 * 2 * 3 * 15 * 7  # 5 + 4 + 3 + 2 + 1 pairs per head
+    for shape in (full, causal):
+        forward = attention_flops(shape, "fwd")
+        assert attention_flops(shape, "bwd") == 2.5 * forward
+        assert attention_flops(shape, "fwd+bwd") == 3.5 * forward
+        assert attention_flops(shape, MEMORY_MODE) == 3.5 * forward
+
+
+def test_sweep_is_flash_attn_setup():
+    shapes = bench.sweep_shapes(bench.HEADDIMS, bench.SEQLENS, [True, False], "bf16")
+    assert len(shapes) == 2 * 6 * 2
+    for s in shapes:
+        assert s.batch * s.seqlen == 16384 and s.heads * s.headdim == 2048
+        full_forward = 4 * 16384 * s.seqlen * 2048  # 4 * tokens * seqlen * hidden
+        expected = full_forward * (s.seqlen + 1) / (2 * s.seqlen) if s.causal else full_forward
+        assert attention_flops(s, "fwd") == expected
+
+
+def test_row_tflops_and_schema():
+    row = bench.make_row("sdpa-flash", Shape(1, 2, 1024, 64, False, "bf16"), "fwd", ms=0.5, peak_mib=12.345)
+    assert set(row) == ROW_KEYS
+    assert row["tflops"] == round(4 * 2 * 1024 * 1024 * 64 / 0.5e-3 / 1e12, 2)
+    assert row["peak_mem_mb"] == 12.3 and row["dtype"] == "bf16" and row["causal"] is False
+
+
+# -------------------------------------------------------------------------------------------- options
+
+
+def test_default_plan_is_the_full_sweep():
+    plan = bench.make_plan(parse())
+    assert plan.shapes == bench.sweep_shapes(
+        (64, 128), (512, 1024, 2048, 4096, 8192, 16384), [True, False], "bf16"
+    )
+    assert (
+        plan.modes == list(MODES) and plan.providers == list(bench.PROVIDERS) and plan.timing == bench.TIMING
+    )
+
+
+def test_quick_plan():
+    plan = bench.make_plan(parse("--quick"))
+    assert [(s.headdim, s.seqlen, s.causal) for s in plan.shapes] == [
+        (128, 1024, True), (128, 4096, True), (128, 1024, False), (128, 4096, False),
+    ]  # fmt: skip
+    assert plan.timing == bench.QUICK_TIMING
+
+
+def test_selection_options():
+    args = parse("--causal", "--headdim", "64", "--seqlen", "1k", "2048", "--providers", "sdpa-flash",
+                 "--modes", "bwd", "fwd", "--dtype", "fp16")  # fmt: skip
+    plan = bench.make_plan(args)
+    assert plan.shapes == [Shape(16, 32, 1024, 64, True, "fp16"), Shape(8, 32, 2048, 64, True, "fp16")]
+    assert plan.modes == ["bwd", "fwd"] and plan.providers == ["sdpa-flash"]
+    assert {s.causal for s in bench.make_plan(parse("--full")).shapes} == {False}
+    assert {s.causal for s in bench.make_plan(parse("--full", "--causal")).shapes} == {True, False}
+
+
+def test_memory_plan():
+    plan = bench.make_plan(parse("--memory", "--providers", "sigattn"))
+    assert plan.shapes == [Shape(1, 16, 65536, 128, True, "bf16"), Shape(1, 16, 65536, 128, False, "bf16")]
+    assert plan.modes == [MEMORY_MODE] and plan.providers == ["sigattn"]
+    with pytest.raises(ValueError, match="drop --seqlen, --modes"):
+        bench.make_plan(parse("--memory", "--seqlen", "1k", "--modes", "fwd"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--providers", "flash3"], "invalid choice: 'flash3'"),
+        (["--seqlen", "4q"], "expected a length such as 512, 4096 or 4k, got '4q'"),
+        (["--seqlen", "0"], "expected a positive length"),
+        (["--modes", "backward"], "invalid choice: 'backward'"),
+        (["--dtype", "fp32"], "invalid choice: 'fp32'"),
+    ],
+)
+def test_bad_options_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_headdim_must_divide_the_hidden_size(capsys):
+    assert cli.main(["bench", "--headdim", "96"]) == 2
+    assert "--headdim must divide the hidden size 2048, got [96]" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+def test_bench_without_cuda_exits_with_a_message(capsys):
+    assert cli.main(["bench", "--quick"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("sigattn bench: error: the benchmark needs a CUDA GPU")
+
+
+def test_sigattn_provider_is_skipped_without_a_triton_backend(monkeypatch):
+    monkeypatch.delitem(bench.BACKENDS, "triton", raising=False)
+    assert "no 'triton' backend is registered" in bench.PROVIDERS["sigattn"].missing()
+
+
+# -------------------------------------------------------------------------- sweep, table, JSON, plot
+
+FAKE_MS = {"sigattn": 1.0, "sdpa-flash": 2.0, "flex-sigmoid": 4.0}
+
+
+def fake_providers() -> list[Provider]:
+    """Providers whose "attention" returns their name, for fake_measure; flex-sigmoid cannot be built."""
+
+    def build(name):
+        def attention_for(shape):
+            if name == "flex-sigmoid":
+                raise NotImplementedError("no kernel for this shape\nsecond line of the error")
+            return lambda: name
+
+        return attention_for
+
+    return [Provider(name, "bhsd", build(name), lambda: None) for name in FAKE_MS]
+
+
+def fake_measure(attn, layout, shape, mode):
+    """FAKE_MS per provider (twice that for fwd+bwd); sdpa-flash runs out of memory at seqlen 2048."""
+    name = attn()
+    if name == "sdpa-flash" and shape.seqlen == 2048:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+    return FAKE_MS[name] * (2 if mode == "fwd+bwd" else 1), 100.0
+
+
+def cell(seqlen: int, mode: str, ms: float) -> str:
+    """The table's TFLOP/s cell of the sweep fixture's shape at ``seqlen``."""
+    shape = Shape(16384 // seqlen, 32, seqlen, 64, True, "bf16")
+    return f"{bench.make_row('any', shape, mode, ms, 0.0)['tflops']:.1f}"
+
+
+@pytest.fixture
+def sweep():
+    shapes = bench.sweep_shapes([64], [1024, 2048], [True], "bf16")
+    lines = []
+    rows, skips = bench.run_sweep(shapes, fake_providers(), ["fwd", "fwd+bwd"], fake_measure, lines.append)
+    return rows, skips, lines
+
+
+def test_sweep_records_failures_and_goes_on(sweep):
+    rows, skips, progress = sweep
+    measured = {(r["provider"], r["seqlen"], r["mode"]) for r in rows}
+    assert measured == {("sigattn", s, m) for s in (1024, 2048) for m in ("fwd", "fwd+bwd")} | {
+        ("sdpa-flash", 1024, "fwd"), ("sdpa-flash", 1024, "fwd+bwd"),
+    }  # fmt: skip
+    assert {(s.provider, s.shape.seqlen, s.mode) for s in skips} == {
+        ("sdpa-flash", 2048, "fwd"), ("sdpa-flash", 2048, "fwd+bwd"),
+        *(("flex-sigmoid", s, m) for s in (1024, 2048) for m in ("fwd", "fwd+bwd")),
+    }  # fmt: skip
+    assert {s.error for s in skips} == {
+        "OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB",
+        "NotImplementedError: no kernel for this shape",
+    }
+    assert progress == [
+        "headdim 64 causal seqlen 1024: 4 measured",
+        "headdim 64 causal seqlen 2048: 2 measured",
+    ]
+
+
+def test_table_shows_tflops_ratios_and_skips(sweep):
+    rows, skips, _ = sweep
+    table = bench.format_table(rows, skips, list(FAKE_MS)).splitlines()
+    assert table[0].split() == [
+        "headdim",
+        "mask",
+        "seqlen",
+        "mode",
+        *FAKE_MS,
+        "vs",
+        "sdpa-flash",
+        "vs",
+        "flex-sigmoid",
+    ]
+    sigattn, flash = cell(1024, "fwd", 1.0), cell(1024, "fwd", 2.0)
+    assert table[1].split() == ["64", "causal", "1024", "fwd", sigattn, flash, "skip[1]", "2.00x", "-"]
+    assert table[4].split() == [
+        "64", "causal", "2048", "fwd+bwd", cell(2048, "fwd+bwd", 2.0), "skip[2]", "skip[1]", "-", "-",
+    ]  # fmt: skip
+    assert table[-2:] == [
+        "[1] NotImplementedError: no kernel for this shape",
+        "[2] OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB",
+    ]
+    memory = bench.format_table(rows, skips, list(FAKE_MS), metric="peak_mem_mb", ratios=False).splitlines()
+    assert "vs" not in memory[0] and memory[1].split()[4:6] == ["100.0", "100.0"]
+
+
+def test_json_has_the_documented_schema(sweep, tmp_path):
+    rows, _, _ = sweep
+    path = tmp_path / "results" / "bench.json"
+    bench.write_json(path, bench.run_meta(["bench", "--quick", "--json", str(path)]), rows)
+    data = json.loads(path.read_text())
+    assert set(data) == {"meta", "rows"}
+    meta = data["meta"]
+    assert {"device", "torch", "triton", "cuda", "date", "command"} <= set(meta)
+    assert set(meta) <= {"device", "torch", "triton", "cuda", "date", "command", "git_commit"}
+    assert meta["torch"] == torch.__version__ and meta["command"] == f"sigattn bench --quick --json {path}"
+    assert data["rows"] == rows and all(set(r) == ROW_KEYS for r in rows)
+
+
+def test_plot_draws_a_panel_per_headdim_mask_and_mode(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [
+        bench.make_row(p, Shape(16384 // s, 2048 // d, s, d, c, "bf16"), m, ms, 1.0)
+        for p, ms in (("sigattn", 1.0), ("sdpa-flash", 1.5))
+        for d in (64, 128)
+        for c in (True, False)
+        for s in (512, 1024, 2048)
+        for m in MODES
+    ]
+    path = tmp_path / "plot.png"
+    fig = bench.plot(rows, path, title="synthetic")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(fig.axes) == 3 * 4
+    titles = {ax.get_title() for ax in fig.axes}
+    assert "headdim 128, full, fwd+bwd" in titles and "headdim 64, causal, bwd" in titles
+    for ax in fig.axes:
+        assert [line.get_label() for line in ax.get_lines()] == ["sigattn", "sdpa-flash"]
+        assert [len(line.get_xdata()) for line in ax.get_lines()] == [3, 3]
+
+
+# ---------------------------------------------------------------------------- FlexAttention formulation
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("seqlen", [37, 200])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_flex_sigmoid_is_exactly_sigmoid_attention(causal, seqlen):
+    """Eager FlexAttention (the CPU cannot compile it with return_lse) in float64 against the reference;
+    seqlen 200 crosses FlexAttention's 128-wide mask blocks."""
+    q, k, v = (torch.randn(2, 3, seqlen, 16, dtype=torch.float64) for _ in range(3))  # [B, H, S, D]
+    attn = bench.flex_sigmoid_attention(seqlen, causal, "cpu", compiled=False)
+    truth = sigmoid_attn_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+    torch.testing.assert_close(attn(q, k, v), truth.transpose(1, 2), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_sigmoid_uses_the_default_bias():
+    """A wrong bias would change the output: the test above is not blind to it."""
+    q, k, v = (torch.randn(1, 1, 37, 16, dtype=torch.float64) for _ in range(3))
+    got = bench.flex_sigmoid_attention(37, False, "cpu", compiled=False)(q, k, v)
+    other = sigmoid_attn_reference(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias=-math.log(36)
+    )
+    assert (got - other.transpose(1, 2)).abs().max() > 1e-4
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_flex_sigmoid_compiled_with_gradients(causal):
+    """The provider as benchmarked: compiled, bf16, forward and gradients within the tolerance rule."""
+    b, h, s, d = 2, 4, 300, 64
+    leaves = [torch.randn(b, s, h, d, device="cuda", dtype=torch.float64) for _ in range(3)]  # [B, S, H, D]
+    dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.float64)
+
+    def forward_backward(fn, dtype):
+        q, k, v = (t.to(dtype).requires_grad_() for t in leaves)
+        out = fn(q, k, v)
+        return [out, *torch.autograd.grad(out, (q, k, v), dout.to(out.dtype))]
+
+    flex = bench.flex_sigmoid_attention(s, causal, "cuda")
+    ours = forward_backward(lambda *t: flex(*(x.transpose(1, 2) for x in t)).transpose(1, 2), torch.bfloat16)
+    truth = forward_backward(lambda q, k, v: sigmoid_attn_reference(q, k, v, causal=causal), torch.float64)
+    baseline = forward_backward(
+        lambda q, k, v: sigmoid_attn_reference(q, k, v, causal=causal, upcast=False), torch.bfloat16
+    )
+    for name, got, exact, base in zip(("out", "dq", "dk", "dv"), ours, truth, baseline, strict=True):
+        assert_within_tolerance_rule(name, got, exact, base, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_bench_command_on_cuda(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--providers", "sdpa-flash", "flex-sigmoid", "--headdim", "64", "--seqlen", "512",
+            "--quick", "--json", str(path)]  # fmt: skip
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(path.read_text())["rows"]
+    assert len(rows) == 2 * 2 * 3, out  # 2 providers x causal/full x 3 modes
+    for row in rows:
+        assert row["ms"] > 0 and row["tflops"] > 0 and row["peak_mem_mb"] >= 0
