@@ -128,3 +128,16 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(out, f(q, k, v, bias))
     out.float().sum().backward()
     assert bias.grad is not None and bias.grad.shape == (2,)
+
+
+@pytest.mark.parametrize("seqlen_q,seqlen_k", [(0, 5), (5, 0)], ids=["Sq0", "Sk0"])
+def test_empty_sequences(monkeypatch, seqlen_q, seqlen_k):
+    monkeypatch.setenv("SIGATTN_BACKEND", "triton")
+    q = torch.randn(1, seqlen_q, 2, 16).to(DEVICE, torch.bfloat16).requires_grad_()
+    k = torch.randn(1, seqlen_k, 2, 16).to(DEVICE, torch.bfloat16).requires_grad_()
+    v = torch.randn(1, seqlen_k, 2, 16).to(DEVICE, torch.bfloat16).requires_grad_()
+    out = sigattn.sigmoid_attn_func(q, k, v)
+    assert out.shape == q.shape and (out == 0).all()
+    out.float().sum().backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and (t.grad == 0).all()

@@ -492,7 +492,8 @@ def flash_bwd(
         grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     dq, dk, dv = grads
     if q.numel() == 0 or k.numel() == 0:
-        dq.zero_(), dk.zero_(), dv.zero_()
+        for grad in grads:
+            grad.zero_()
         return dq, dk, dv, (torch.zeros_like(head_bias) if head_bias is not None else None)
     flags, alibi_stride, diag_offset, (left, right) = _common_args(q, k, params, head_bias, alibi)
     bias_ptr = head_bias if head_bias is not None else _dummy(q)
