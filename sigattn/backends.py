@@ -10,6 +10,7 @@ is announced by a warning). A forced backend that cannot serve a call raises ``B
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import warnings
@@ -114,6 +115,16 @@ def _exact(q, k, v, **options) -> Tensor:
     return sigmoid_attn_reference(q, k, v, upcast=True, **options).to(q.dtype)
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None  # 37 us a call: too slow for every dispatch
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
 class TritonBackend:
     """The FlashSigmoid Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
 
@@ -121,7 +132,7 @@ class TritonBackend:
     description = "FlashSigmoid Triton kernels (CUDA; CPU through TRITON_INTERPRET=1)"
 
     def not_supported_reasons(self, call: AttnCall) -> list[str]:
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             return ["triton is not installed"]
         reasons = []
         device = call.q.device
@@ -134,8 +145,10 @@ class TritonBackend:
                 )
         elif device.type != "cuda":
             reasons.append(f"{device.type} tensors (the kernels run on CUDA)")
-        elif torch.cuda.get_device_capability(device) < (8, 0):
-            reasons.append(f"compute capability {torch.cuda.get_device_capability(device)} (needs 8.0 or newer)")
+        else:
+            capability = _capability(torch.cuda.current_device() if device.index is None else device.index)
+            if capability < (8, 0):
+                reasons.append(f"compute capability {capability} (needs 8.0 or newer)")
         if call.q.dtype not in (torch.float16, torch.bfloat16):
             reasons.append(f"dtype {call.q.dtype} (the kernels take float16 and bfloat16)")
         if call.q.shape[-1] > 256:
