@@ -10,7 +10,6 @@ is announced by a warning). A forced backend that cannot serve a call raises ``B
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import warnings
@@ -115,12 +114,11 @@ def _exact(q, k, v, **options) -> Tensor:
     return sigmoid_attn_reference(q, k, v, upcast=True, **options).to(q.dtype)
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None  # 37 us a call: too slow for every dispatch
+# Looked up once: find_spec costs 37 us, too much for every dispatch.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
@@ -132,7 +130,7 @@ class TritonBackend:
     description = "FlashSigmoid Triton kernels (CUDA; CPU through TRITON_INTERPRET=1)"
 
     def not_supported_reasons(self, call: AttnCall) -> list[str]:
-        if not _triton_installed():
+        if not _TRITON_INSTALLED:
             return ["triton is not installed"]
         reasons = []
         device = call.q.device
@@ -186,6 +184,8 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
+# torch.compile cannot trace ContextVar.get: it reads the choice once, at trace time.
+@torch.compiler.assume_constant_result
 def requested_backend() -> str:
     """The backend asked for now: the ``use_backend`` context, else ``$SIGATTN_BACKEND``, else ``auto``."""
     forced = _forced.get()

@@ -141,3 +141,22 @@ def test_empty_sequences(monkeypatch, seqlen_q, seqlen_k):
     out.float().sum().backward()
     for t in (q, k, v):
         assert t.grad.shape == t.shape and (t.grad == 0).all()
+
+
+def test_public_functions_compile_without_graph_breaks(monkeypatch):
+    """The dispatcher (backend choice, checks) traces under fullgraph=True; the kernels are opaque ops."""
+    monkeypatch.setenv("SIGATTN_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 17, 2, 16, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(3))
+    bias = torch.randn(2, generator=gen).to(DEVICE)
+
+    def f(q, k, v):
+        flash_layout = sigattn.sigmoid_attn_func(q, k, v, causal=True, bias=bias)
+        sdpa_layout = sigattn.scaled_dot_product_sigmoid_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        return flash_layout, sdpa_layout
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager" if DEVICE == "cpu" else "inductor")
+    for got, expected in zip(compiled(q, k, v), f(q, k, v), strict=True):
+        torch.testing.assert_close(got, expected)
