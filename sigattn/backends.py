@@ -198,7 +198,8 @@ def requested_backend() -> str:
 def use_backend(name: str) -> Iterator[None]:
     """Force a backend (``"auto"``, ``"torch"``, ``"reference"``, ``"triton"``) inside a ``with`` block.
 
-    Overrides ``$SIGATTN_BACKEND``. Thread- and task-local."""
+    Overrides ``$SIGATTN_BACKEND``. Thread- and task-local. A ``torch.compile``d function reads the
+    choice when it is traced: changing it later does not re-trace."""
     token = _forced.set(_check_name(name, "use_backend(name)"))
     try:
         yield
