@@ -10,7 +10,6 @@ import numbers
 import torch
 from torch import Tensor
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPE = torch.int32
 

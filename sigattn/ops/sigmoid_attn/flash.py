@@ -31,8 +31,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # is the same fp32-accumulated one the GPU computes.
 _HW_TANH = tl.constexpr(not INTERPRET)
 _UPCAST_DOT = tl.constexpr(INTERPRET)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)

@@ -152,12 +152,6 @@ def sigmoid_attn_reference(
     return out if upcast else out.to(q.dtype)
 
 
-def cu_to_lengths(cu_seqlens: Tensor) -> list[int]:
-    """Host list of sequence lengths from int32 cumulative lengths (B + 1,)."""
-    cu = cu_seqlens.tolist()
-    return [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
-
-
 def sigmoid_attn_varlen_reference(
     q: Tensor,
     k: Tensor,
