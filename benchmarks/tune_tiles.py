@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from functools import partial
 
 import torch
@@ -45,7 +46,7 @@ def main() -> None:
         batch, heads = 16384 // seqlen, 2048 // head_dim
         shape = (batch, seqlen, heads, head_dim)
         q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        params, _ = flash.flash_params(seqlen, scale=head_dim**-0.5, bias=None, causal=causal, window_size=(-1, -1))
+        params, _ = flash.flash_params(scale=head_dim**-0.5, bias=None, causal=causal, window_size=(-1, -1))
         fwd_flops = flops(batch, heads, seqlen, head_dim, causal)
         for kernel, candidates in CANDIDATES.items():
             table = TABLES[kernel]
@@ -76,7 +77,7 @@ def main() -> None:
         print(f"  {key:20s} {r['config']} {r['tflops']:.0f} TFLOP/s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": versions(), "rows": rows, "best": best}, f, indent=1)
+            json.dump({"meta": versions(" ".join(["python", *sys.argv])), "rows": rows, "best": best}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class AttnCall:
     """One validated call of a public function, in flash layout ((B, S, H, D), or (total, H, D) for varlen).
 
     ``top_left`` aligns the causal diagonal at the top-left (SDPA) instead of the bottom-right (flash-attn).
-    ``seqlens_k`` (kvcache) is each row's number of keys after the append."""
+    ``seqlens_k`` (kvcache) is each row's number of keys after the append (None: the whole cache)."""
 
     kind: CallKind
     q: Tensor
@@ -151,16 +151,26 @@ class TritonBackend:
             reasons.append(f"dtype {call.q.dtype} (the kernels take float16 and bfloat16)")
         if call.q.shape[-1] > 256:
             reasons.append(f"head dim {call.q.shape[-1]} (at most 256)")
-        if call.kind != "dense":
-            reasons.append(f"no {call.kind} kernel yet")
+        if call.kind == "kvcache" and call.q.requires_grad and torch.is_grad_enabled():
+            reasons.append("q requires grad (the KV-cache kernel is for inference)")
         if call.attn_mask is not None:
             reasons.append("an explicit attn_mask (the kernels support causal and sliding-window masks)")
         return reasons
 
     def __call__(self, call: AttnCall) -> Tensor:
-        from .ops.sigmoid_attn.flash import sigmoid_attn_flash
+        from .ops.sigmoid_attn import flash
 
-        return sigmoid_attn_flash(call.q, call.k, call.v, alibi_slopes=call.alibi_slopes, **call.options)
+        if call.kind == "varlen":
+            return flash.sigmoid_attn_varlen_flash(
+                call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k,
+                alibi_slopes=call.alibi_slopes, **call.options,
+            )  # fmt: skip
+        if call.kind == "kvcache":
+            return flash.sigmoid_attn_kvcache_flash(
+                call.q, call.k, call.v, call.seqlens_k, block_table=call.block_table,
+                alibi_slopes=call.alibi_slopes, **call.options,
+            )  # fmt: skip
+        return flash.sigmoid_attn_flash(call.q, call.k, call.v, alibi_slopes=call.alibi_slopes, **call.options)
 
 
 BACKENDS: dict[str, Backend] = {

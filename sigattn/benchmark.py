@@ -509,6 +509,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead of the sweep: peak memory of forward + backward at B=1, H=16, D=128, "
         "seqlen 64k, beyond inputs, output and gradients",
     )
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="instead of the sweep: KV-cache decode bandwidth (GB/s) against SDPA's backends and a copy "
+        "(see sigattn/benchmark_inference.py)",
+    )
+    parser.add_argument(
+        "--varlen",
+        action="store_true",
+        help="instead of the sweep: packed sequences against the dense kernel and a per-sequence loop",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,6 +528,20 @@ class Plan:
     modes: list[str]
     providers: list[str]
     timing: tuple[int, int]
+
+
+def _check_inference_args(args: argparse.Namespace) -> None:
+    """--decode and --varlen run their own fixed sweeps: the dense sweep's options do not apply."""
+    chosen = [f"--{n}" for n in ("memory", "decode", "varlen") if getattr(args, n)]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one of --memory, --decode and --varlen, got {' '.join(chosen)}")
+    conflicting = [f"--{n}" for n in ("headdim", "seqlen", "causal", "full") if getattr(args, n)]
+    conflicting += ["--modes"] if args.modes != list(MODES) else []
+    conflicting += ["--providers"] if args.providers != list(PROVIDERS) else []
+    conflicting += ["--dtype"] if args.dtype != "bf16" else []
+    conflicting += ["--plot"] if args.varlen and args.plot else []
+    if conflicting:
+        raise ValueError(f"{chosen[0]} runs its own fixed sweep (bf16): drop {', '.join(conflicting)}")
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -544,8 +569,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"sigattn bench: error: {message}", file=sys.stderr)
         return status
 
+    inference = getattr(args, "decode", False) or getattr(args, "varlen", False)
     try:
-        plan = make_plan(args)
+        if inference:
+            _check_inference_args(args)
+        else:
+            plan = make_plan(args)
     except ValueError as error:
         return fail(str(error), 2)
     if args.plot and importlib.util.find_spec("matplotlib") is None:
@@ -559,6 +588,10 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("triton") is None:
         return fail("the benchmark times with triton.testing.do_bench: pip install 'sigattn[triton]'", 1)
 
+    if inference:
+        from .benchmark_inference import run as run_inference
+
+        return run_inference(args, getattr(args, "argv", sys.argv[1:]))
     providers = []
     for name in plan.providers:
         reason = PROVIDERS[name].missing()

@@ -22,7 +22,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .ops.sigmoid_attn.reference import sigmoid_attn_reference
+from .ops.sigmoid_attn.reference import (
+    sigmoid_attn_kvcache_reference,
+    sigmoid_attn_reference,
+    sigmoid_attn_varlen_reference,
+)
 
 
 @dataclass(frozen=True)
@@ -51,51 +55,80 @@ class Case:
         return "-".join(parts)
 
 
+@dataclass(frozen=True)
+class VarlenCase:
+    """Packed sequences: forward and backward of the varlen kernels."""
+
+    seqlens_q: tuple[int, ...]
+    seqlens_k: tuple[int, ...]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "bfloat16"
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)
+    alibi: bool = False
+    head_bias: bool = False
+
+    @property
+    def id(self) -> str:
+        lens = f"Sq{'_'.join(map(str, self.seqlens_q))}-Sk{'_'.join(map(str, self.seqlens_k))}"
+        parts = [f"varlen-{lens}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}", _DTYPE_ID[self.dtype]]
+        parts += ["causal"] * self.causal + [f"win{self.window[0]}_{self.window[1]}"] * (self.window != (-1, -1))
+        parts += ["alibi"] * self.alibi + ["headbias"] * self.head_bias
+        return "-".join(parts)
+
+
+@dataclass(frozen=True)
+class KVCacheCase:
+    """Decode / chunked prefill: ``seqlen_new`` queries, keys and values appended to each row's cache of
+    ``cache_seqlens[b]`` tokens (slots past it hold NaN). page_size 0 is a contiguous cache.
+    num_splits / pack_gqa force a kernel path (None: the launcher's plan)."""
+
+    cache_seqlens: tuple[int, ...]
+    seqlen_new: int
+    capacity: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "bfloat16"
+    page_size: int = 0
+    causal: bool = True
+    window: tuple[int, int] = (-1, -1)
+    alibi: bool = False
+    head_bias: bool = False
+    num_splits: int | None = None
+    pack_gqa: bool | None = None
+
+    @property
+    def id(self) -> str:
+        parts = [
+            f"kvcache-B{len(self.cache_seqlens)}-cache{'_'.join(map(str, self.cache_seqlens))}-new{self.seqlen_new}"
+            f"-cap{self.capacity}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}",
+            _DTYPE_ID[self.dtype],
+        ]
+        parts += [f"page{self.page_size}"] * (self.page_size > 0) + ["causal"] * self.causal
+        parts += [f"win{self.window[0]}_{self.window[1]}"] * (self.window != (-1, -1))
+        parts += ["alibi"] * self.alibi + ["headbias"] * self.head_bias
+        parts += [f"splits{self.num_splits}"] * (self.num_splits is not None)
+        if self.pack_gqa is not None:
+            parts.append("pack" if self.pack_gqa else "nopack")
+        return "-".join(parts)
+
+
+_DTYPE_ID = {"bfloat16": "bf16", "float16": "fp16"}
+AnyCase = Case | VarlenCase | KVCacheCase
+
+
 def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     err = (x.double() - ref).abs().max().item() if x.numel() else 0.0
     return math.inf if math.isnan(err) else err
 
 
-def run_case(case: Case, device: str | torch.device, seed: int = 0) -> dict:
-    """Run one case through the kernel launchers; returns errors, tolerances and ``ok``."""
-    from .ops.sigmoid_attn.flash import flash_bwd, flash_fwd, flash_params
-
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    dtype = getattr(torch, case.dtype)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-
-    q = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
-    k = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
-    v = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
-    do = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
-    bias = torch.randn(case.heads, generator=gen).to(device) if case.head_bias else None
-    alibi = (torch.rand(case.batch, case.heads, generator=gen) * 0.5).to(device) if case.alibi else None
-    scale = case.head_dim**-0.5
-    opts = dict(scale=scale, bias=bias, causal=case.causal, window_size=case.window, top_left=case.top_left)
-
-    params, head_bias = flash_params(case.seqlen_k, **opts)
-    out = torch.full_like(q, math.nan)
-    grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
-    flash_fwd(q, k, v, params, head_bias, alibi, out=out)
-    dq, dk, dv, dbias = flash_bwd(do, q, k, v, params, head_bias, alibi, grads=grads)
-
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    if bias is not None:
-        leaves.append(bias.detach().clone().requires_grad_())
-    results = {}
-    for upcast in (True, False):
-        ins = [t.detach().clone().requires_grad_() for t in leaves]
-        kw = dict(opts, bias=ins[3] if bias is not None else None)
-        ref = sigmoid_attn_reference(*ins[:3], alibi_slopes=alibi, upcast=upcast, **kw)
-        results[upcast] = [ref, *torch.autograd.grad(ref, ins, do.double() if upcast else do)]
-
-    names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
-    ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
-    row = {"id": case.id, **asdict(case), "ok": True}
+def _judge(row: dict, names: list[str], ours: list, truths: list, baselines: list, dtype: torch.dtype) -> dict:
+    """Apply the tolerance rule to each named result; ``row["ok"]`` is the conjunction."""
     eps = torch.finfo(dtype).eps
-    for name, mine, truth, baseline in zip(names, ours, results[True], results[False], strict=True):
+    for name, mine, truth, baseline in zip(names, ours, truths, baselines, strict=True):
         err, base = _max_err(mine, truth), _max_err(baseline, truth)
         tol = 2 * base + eps * (truth.abs().max().item() if truth.numel() else 0.0)
         row[f"{name}_err"], row[f"{name}_pt_err"] = err, base
@@ -103,8 +136,150 @@ def run_case(case: Case, device: str | torch.device, seed: int = 0) -> dict:
     return row
 
 
-def grid(quick: bool) -> list[Case]:
-    """Odd lengths, Sq != Sk, every head dim, both dtypes, all masks, GQA/MQA, ALiBi, per-head bias."""
+def _reference_results(reference, tensors: list, bias, do, **options) -> dict[bool, list]:
+    """{upcast: [out, *grads of tensors (and of bias when it is a tensor)]} of ``reference``."""
+    results = {}
+    for upcast in (True, False):
+        ins = [t.detach().clone().requires_grad_() for t in tensors]
+        leaf_bias = bias.detach().clone().requires_grad_() if bias is not None else None
+        ref = reference(*ins, bias=leaf_bias, upcast=upcast, **options)
+        leaves = ins + ([leaf_bias] if leaf_bias is not None else [])
+        results[upcast] = [ref, *torch.autograd.grad(ref, leaves, do.double() if upcast else do)]
+    return results
+
+
+def run_case(case: AnyCase, device: str | torch.device, seed: int = 0) -> dict:
+    """Run one case through the kernel launchers; returns errors, tolerances and ``ok``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    runner = {Case: _run_dense, VarlenCase: _run_varlen, KVCacheCase: _run_kvcache}[type(case)]
+    return runner(case, device, randn, gen)
+
+
+def _extras(case, batch: int, gen, device):
+    bias = torch.randn(case.heads, generator=gen).to(device) if case.head_bias else None
+    alibi = (torch.rand(batch, case.heads, generator=gen) * 0.5).to(device) if case.alibi else None
+    return bias, alibi
+
+
+def _run_dense(case: Case, device, randn, gen) -> dict:
+    from .ops.sigmoid_attn.flash import flash_bwd, flash_fwd, flash_params
+
+    q = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
+    k = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
+    v = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
+    do = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
+    bias, alibi = _extras(case, case.batch, gen, device)
+    opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window, top_left=case.top_left)
+
+    params, head_bias = flash_params(bias=bias, **opts)
+    out = torch.full_like(q, math.nan)
+    grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
+    flash_fwd(q, k, v, params, head_bias, alibi, out=out)
+    dq, dk, dv, dbias = flash_bwd(do, q, k, v, params, head_bias, alibi, grads=grads)
+
+    results = _reference_results(sigmoid_attn_reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
+    names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
+    ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
+    row = {"id": case.id, **asdict(case), "ok": True}
+    return _judge(row, names, ours, results[True], results[False], q.dtype)
+
+
+def _cumulative(lengths: tuple[int, ...], device) -> torch.Tensor:
+    return torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+
+
+def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
+    from .ops.sigmoid_attn.flash import flash_params, flash_varlen_bwd, flash_varlen_fwd
+
+    total_q, total_k = sum(case.seqlens_q), sum(case.seqlens_k)
+    q = randn(total_q, case.heads, case.head_dim)
+    k = randn(total_k, case.kv_heads, case.head_dim)
+    v = randn(total_k, case.kv_heads, case.head_dim)
+    do = randn(total_q, case.heads, case.head_dim)
+    bias, alibi = _extras(case, len(case.seqlens_q), gen, device)
+    cu_q, cu_k = _cumulative(case.seqlens_q, device), _cumulative(case.seqlens_k, device)
+    lens = (cu_q, cu_k, max(case.seqlens_q), max(case.seqlens_k))
+    opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window)
+
+    params, head_bias = flash_params(bias=bias, **opts)
+    out = torch.full_like(q, math.nan)
+    grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
+    flash_varlen_fwd(q, k, v, *lens, params, head_bias, alibi, out=out)
+    dq, dk, dv, dbias = flash_varlen_bwd(do, q, k, v, *lens, params, head_bias, alibi, grads=grads)
+
+    def reference(q, k, v, **kw):
+        return sigmoid_attn_varlen_reference(q, k, v, cu_q, cu_k, **kw)
+
+    results = _reference_results(reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
+    names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
+    ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
+    row = {"id": case.id, **asdict(case), "ok": True}
+    return _judge(row, names, ours, results[True], results[False], q.dtype)
+
+
+def _run_kvcache(case: KVCacheCase, device, randn, gen) -> dict:
+    from .ops.sigmoid_attn.cache import append_kv
+    from .ops.sigmoid_attn.flash import flash_kvcache_fwd, flash_params
+
+    batch = len(case.cache_seqlens)
+    q = randn(batch, case.seqlen_new, case.heads, case.head_dim)
+    k_new = randn(batch, case.seqlen_new, case.kv_heads, case.head_dim)
+    v_new = randn(batch, case.seqlen_new, case.kv_heads, case.head_dim)
+    block_table = None
+    if case.page_size:
+        pages_per_row = case.capacity // case.page_size
+        order = torch.randperm(batch * pages_per_row, generator=gen).to(device)  # pages in no particular order
+        block_table = order.reshape(batch, pages_per_row).to(torch.int32)
+        cache_shape = (batch * pages_per_row, case.page_size, case.kv_heads, case.head_dim)
+    else:
+        cache_shape = (batch, case.capacity, case.kv_heads, case.head_dim)
+    k_cache, v_cache = randn(*cache_shape), randn(*cache_shape)
+    cache_seqlens = torch.tensor(case.cache_seqlens, dtype=torch.int32, device=device)
+    seqlens_k = cache_seqlens + case.seqlen_new
+    _poison_unused_slots(k_cache, v_cache, seqlens_k, block_table)
+    append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+    bias, alibi = _extras(case, batch, gen, device)
+    opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window)
+
+    params, head_bias = flash_params(bias=bias, **opts)
+    out = torch.full_like(q, math.nan)
+    flash_kvcache_fwd(q, k_cache, v_cache, seqlens_k, params, head_bias, alibi, block_table, out=out,
+                      num_splits=case.num_splits, pack_gqa=case.pack_gqa)  # fmt: skip
+    results = {
+        upcast: sigmoid_attn_kvcache_reference(
+            q, k_cache, v_cache, seqlens_k, block_table=block_table, bias=bias, alibi_slopes=alibi,
+            upcast=upcast, **opts,
+        )  # fmt: skip
+        for upcast in (True, False)
+    }
+    row = {"id": case.id, **asdict(case), "ok": True}
+    return _judge(row, ["out"], [out], [results[True]], [results[False]], q.dtype)
+
+
+def _poison_unused_slots(k_cache, v_cache, seqlens_k, block_table) -> None:
+    """NaN in every cache slot past a row's keys: a kernel that reads one fails."""
+    page_size = k_cache.shape[1]
+    capacity = block_table.shape[1] * page_size if block_table is not None else page_size
+    pos = torch.arange(capacity, device=k_cache.device)
+    unused = pos[None] >= seqlens_k[:, None].long()  # [B, capacity]
+    if block_table is None:
+        index = unused
+    else:
+        pages = block_table.long()[:, pos // page_size]  # [B, capacity]
+        index = (pages[unused], (pos % page_size).expand_as(unused)[unused])
+    k_cache[index] = math.nan
+    v_cache[index] = math.nan
+
+
+def grid(quick: bool) -> list[AnyCase]:
+    """Odd lengths, Sq != Sk, every head dim, both dtypes, all masks, GQA/MQA, ALiBi, per-head bias; packed
+    sequences (empty ones included); KV caches contiguous and paged, decode and chunked prefill, empty
+    rows, with and without GQA packing and key splits."""
     masks = [
         dict(),
         dict(causal=True),
@@ -114,10 +289,21 @@ def grid(quick: bool) -> list[Case]:
         dict(alibi=True, causal=True),
         dict(head_bias=True),
     ]
+    varlen_masks = [m for m in masks if not m.get("top_left")]
     if quick:
         shapes = [(1, 1), (17, 17), (113, 203), (203, 113)]
         cases = [Case(2, sq, sk, 4, 2, 32, **m) for (sq, sk), m in itertools.product(shapes, masks)]
         cases += [Case(1, 40, 37, 2, 1, d, dtype=dt) for d in (16, 24, 64) for dt in ("bfloat16", "float16")]
+        cases += [VarlenCase((5, 0, 40, 17), (7, 3, 33, 17), 4, 2, 32, **m) for m in varlen_masks]
+        cases += [
+            KVCacheCase((0, 13, 50), 1, 64, 8, 2, 32, page_size=page, num_splits=splits, pack_gqa=pack)
+            for page, splits, pack in itertools.product((0, 16), (1, 3), (False, True))
+        ]
+        cases += [
+            KVCacheCase((5, 30), 7, 48, 4, 1, 24, dtype="float16", window=(9, -1), alibi=True, head_bias=True),
+            KVCacheCase((0, 20), 3, 32, 6, 2, 32, causal=False, page_size=16),  # group 3: not packed
+            KVCacheCase((3, 40), 2, 48, 4, 2, 32, page_size=8, num_splits=2),  # a page per key, not per tile
+        ]
         return cases
     shapes = [(1, 1), (17, 17), (113, 203), (203, 113), (1023, 1023), (1, 1023), (2048, 2048)]
     cases = [
@@ -129,10 +315,24 @@ def grid(quick: bool) -> list[Case]:
     for d, dt in itertools.product((32, 40, 64, 80, 96, 128, 192, 256), ("bfloat16", "float16")):
         for (sq, sk), m in itertools.product(((113, 203), (1023, 1023)), (dict(), dict(causal=True))):
             cases.append(Case(2, sq, sk, 4, 2, d, dtype=dt, **m))
+    lens_q, lens_k = (1, 0, 513, 77, 1023, 200), (17, 9, 513, 300, 1023, 0)
+    cases += [VarlenCase(lens_q, lens_k, 8, 2, d, **m) for d in (64, 128) for m in varlen_masks]
+    cases += [VarlenCase(lens_q, lens_k, 8, hkv, d, dtype="float16", causal=True) for d in (96, 256) for hkv in (8, 1)]
+    caches = (0, 1, 1000, 4097)
+    for d, (hq, hkv), page in itertools.product((64, 128, 256), ((32, 8), (32, 32), (8, 1)), (0, 16, 256)):
+        cases.append(KVCacheCase(caches, 1, 8192, hq, hkv, d, page_size=page))
+    for splits, pack in itertools.product((1, 4, 32), (False, True)):
+        cases.append(KVCacheCase(caches, 1, 8192, 32, 8, 128, num_splits=splits, pack_gqa=pack))
+    cases += [
+        KVCacheCase(caches, 64, 8192, 32, 8, 128, page_size=256),  # chunked prefill
+        KVCacheCase(caches, 113, 8192, 16, 4, 128, dtype="float16", window=(300, -1), alibi=True, head_bias=True),
+        KVCacheCase(caches, 3, 8192, 12, 4, 80, causal=False, page_size=16),  # group 3: not packed
+    ]
     return list(dict.fromkeys(cases))
 
 
-def versions() -> dict:
+def versions(command: str | None = None) -> dict:
+    """Device, versions, date and ``command`` (default: this module's command line) for a result JSON."""
     import triton
 
     meta = {
@@ -140,7 +340,7 @@ def versions() -> dict:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m sigattn.check", *sys.argv[1:]]),
+        "command": command or " ".join(["python -m sigattn.check", *sys.argv[1:]]),
     }
     if torch.cuda.is_available():
         meta["device"] = torch.cuda.get_device_name()
@@ -157,15 +357,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", metavar="REGEX", help="run only the cases whose id matches")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are first imported
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        # Triton reads TRITON_INTERPRET when it is imported, and importing sigattn (torch.compile's
+        # machinery) already imported it: start again with the variable set.
+        os.environ["TRITON_INTERPRET"] = "1"
+        argv = sys.argv[1:] if argv is None else argv
+        os.execv(sys.executable, [sys.executable, "-m", "sigattn.check", *argv])
     quick = args.quick or device == "cpu"
     rows, meta = [], versions()
     cases = [c for c in grid(quick) if args.filter is None or re.search(args.filter, c.id)]
     for case in cases:
         row = run_case(case, device)
         rows.append(row)
-        errs = " ".join(f"{n}={row[n + '_err']:.1e}/{row[n + '_pt_err']:.1e}" for n in ("out", "dq", "dk", "dv"))
+        names = [k[: -len("_err")] for k in row if k.endswith("_err") and not k.endswith("_pt_err")]
+        errs = " ".join(f"{n}={row[n + '_err']:.1e}/{row[n + '_pt_err']:.1e}" for n in names)
         print(f"{'ok  ' if row['ok'] else 'FAIL'} {case.id:60s} {errs}", flush=True)
         if args.json:  # after every case, so a run cut short still leaves its record
             with open(args.json, "w") as f:

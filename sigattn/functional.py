@@ -122,8 +122,8 @@ def sigmoid_attn_varlen_func(
         Other options as in ``sigmoid_attn_func``; Sq and Sk in the masks are each sequence's lengths.
 
     Every sequence is attended on its own, exactly as ``sigmoid_attn_func`` on a batch of one.
-    Checking cu_seqlens reads its values (a device synchronisation) outside CUDA-graph capture and
-    torch.compile tracing.
+    The values of cu_seqlens are checked on the CPU; on a GPU only with SIGATTN_CHECK_VALUES=1 (reading
+    them would synchronise with the device on every call), never under CUDA-graph capture or torch.compile.
 
     Returns:
         (total_q, nheads, headdim), in the dtype of q.
@@ -198,13 +198,13 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is required to append k and v: it says where each row's new tokens go")
-        if paged and check.values_checkable():  # a full cache uses every page of every row
+        if paged and check.values_checkable(q.device):  # a full cache uses every page of every row
             _check_block_table_entries(block_table, torch.full((batch,), capacity, device=q.device), k_cache)
         return None, capacity
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     check.check_index_vector(cache_seqlens, "cache_seqlens", batch, q.device)
-    if check.values_checkable():
+    if check.values_checkable(q.device):
         lengths = cache_seqlens.long() + num_new
         if bool((cache_seqlens < 0).any()):
             raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
@@ -266,8 +266,9 @@ def sigmoid_attn_with_kvcache(
         Other options as in ``sigmoid_attn_func``, with Sk = Sk_b per row (so ``causal`` lets the new
         queries see the cache and the new keys up to their own position).
 
-    Only q may require grad: this is an inference function. Checking cache_seqlens and block_table reads
-    their values outside CUDA-graph capture and torch.compile tracing.
+    Only q may require grad: this is an inference function. The values of cache_seqlens and block_table
+    are checked on the CPU; on a GPU only with SIGATTN_CHECK_VALUES=1 (reading them would synchronise with
+    the device on every call), never under CUDA-graph capture or torch.compile.
 
     Returns:
         (batch, seqlen_q, nheads, headdim), in the dtype of q.
@@ -277,10 +278,8 @@ def sigmoid_attn_with_kvcache(
     if k is not None:
         append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table)
     num_new = 0 if k is None else k.shape[1]
-    if cache_seqlens is None:
-        seqlens_k = torch.full((q.shape[0],), capacity, dtype=torch.int32, device=q.device)
-    else:
-        seqlens_k = cache_seqlens + num_new
+    # None: every row holds the whole cache (no lengths tensor to build on each decode step).
+    seqlens_k = None if cache_seqlens is None else cache_seqlens + num_new
     call = AttnCall(
         "kvcache", q, k_cache, v_cache, _resolve_scale(scale, q.shape[-1]), bias, causal, window,
         alibi_slopes, deterministic, seqlens_k=seqlens_k, block_table=block_table,

@@ -1,11 +1,14 @@
 """Input checks for the public functions. Each error names the argument, what was expected and what was
-given. Checks that read tensor values (cu_seqlens, cache_seqlens, block_table) synchronise with the device;
-they are skipped while a CUDA graph is being captured or torch.compile is tracing, where values are unknown.
+given. Checks that read tensor values (cu_seqlens, cache_seqlens, block_table) run on CPU tensors; on a GPU
+they would synchronise the host with the device in the hot path, so there they run only when the environment
+variable SIGATTN_CHECK_VALUES=1 asks for them (for debugging), and never while a CUDA graph is being
+captured or torch.compile is tracing, where values are unknown.
 """
 
 from __future__ import annotations
 
 import numbers
+import os
 
 import torch
 from torch import Tensor
@@ -20,9 +23,16 @@ def describe(x) -> str:
     return f"{type(x).__name__} {x!r}"
 
 
-def values_checkable() -> bool:
-    """Whether tensor values may be read now (not during CUDA graph capture or torch.compile tracing)."""
+CHECK_VALUES_ENV = "SIGATTN_CHECK_VALUES"
+
+
+def values_checkable(device: torch.device | None = None) -> bool:
+    """Whether tensor values may be read now: not during CUDA graph capture or torch.compile tracing, and,
+    for tensors on ``device`` other than the CPU, only when $SIGATTN_CHECK_VALUES is 1 (reading them
+    synchronises with the device)."""
     if torch.compiler.is_compiling():
+        return False
+    if device is not None and device.type != "cpu" and os.environ.get(CHECK_VALUES_ENV) != "1":
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -151,7 +161,7 @@ def check_cu_seqlens(cu: Tensor, name: str, total: int, max_seqlen, max_name: st
         raise ValueError(f"{name} must have batch + 1 >= 1 entries, got shape {tuple(cu.shape)}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {describe(max_seqlen)}")
-    if not values_checkable():
+    if not values_checkable(cu.device):
         return
     values = cu.tolist()
     if values[0] != 0:

@@ -1,7 +1,9 @@
 """The Triton kernels, run on the CPU through TRITON_INTERPRET=1 (conftest sets it) or on a GPU.
 
 The full grid runs on the GPU with ``python -m sigattn.check``; here a slice of it forces every kernel
-path: unmasked and masked tiles, ragged tiles, padded head dims, GQA/MQA, ALiBi, per-head bias.
+path: unmasked and masked tiles, ragged tiles, padded head dims, GQA/MQA, ALiBi, per-head bias; packed
+sequences (an empty one included); KV caches contiguous and paged, with and without GQA packing and key
+splits, with NaN in every unused cache slot.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 import sigattn
-from sigattn.check import Case, run_case
+from sigattn.check import Case, KVCacheCase, VarlenCase, run_case
 from sigattn.ops.sigmoid_attn import flash
 from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
 
@@ -27,6 +29,13 @@ CASES = [
     Case(1, 37, 45, 4, 2, 32, alibi=True, head_bias=True),
     Case(1, 45, 37, 2, 1, 40, causal=True, top_left=True),
     Case(1, 31, 31, 2, 2, 64, dtype="float16", window=(-1, 0)),
+    VarlenCase((5, 0, 40, 17), (7, 3, 33, 17), 4, 2, 32, causal=True, alibi=True),
+    VarlenCase((19, 1), (0, 30), 2, 1, 24, dtype="float16", window=(5, 2), head_bias=True),
+    KVCacheCase((0, 13, 50), 1, 64, 8, 2, 32, num_splits=1, pack_gqa=False),
+    KVCacheCase((0, 13, 50), 1, 64, 8, 2, 32, page_size=16, num_splits=3, pack_gqa=True),
+    KVCacheCase((5, 30), 7, 48, 4, 1, 24, dtype="float16", window=(9, -1), alibi=True, head_bias=True),
+    KVCacheCase((0, 20), 3, 32, 6, 2, 32, causal=False, page_size=16),  # group 3: not packed
+    KVCacheCase((3, 40), 2, 48, 4, 2, 32, page_size=8, num_splits=2),  # a page per key, not per tile
 ]
 
 
@@ -89,7 +98,7 @@ def test_backward_is_deterministic():
     gen = torch.Generator().manual_seed(3)
     q, k, v, do = (torch.randn(1, 37, 4, 32, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(4))
     bias = torch.randn(4, generator=gen).to(DEVICE)
-    params, head_bias = flash.flash_params(37, scale=0.2, bias=bias, causal=True, window_size=(-1, -1))
+    params, head_bias = flash.flash_params(scale=0.2, bias=bias, causal=True, window_size=(-1, -1))
     first = flash.flash_bwd(do, q, k, v, params, head_bias)
     second = flash.flash_bwd(do, q, k, v, params, head_bias)
     for a, b in zip(first, second, strict=True):
@@ -99,7 +108,7 @@ def test_backward_is_deterministic():
 def test_every_output_element_written():
     """Poisoned buffers: a row with no allowed key must still be written (as 0)."""
     q, k, v = (torch.randn(1, 20, 2, 16).to(DEVICE, torch.float16) for _ in range(3))
-    params, _ = flash.flash_params(20, scale=0.25, bias=None, causal=True, window_size=(-1, -1), top_left=False)
+    params, _ = flash.flash_params(scale=0.25, bias=None, causal=True, window_size=(-1, -1), top_left=False)
     out = torch.full_like(q, math.nan)
     flash.flash_fwd(q, k[:, :4], v[:, :4], params, out=out)
     assert not out.isnan().any()
@@ -109,10 +118,10 @@ def test_every_output_element_written():
 def test_triton_backend_declines_with_reasons():
     from sigattn.backends import BACKENDS, AttnCall
 
-    q = torch.randn(1, 4, 2, 300, dtype=torch.float64)
-    call = AttnCall("varlen", q, q, q, 1.0, None, False, (-1, -1), None, False)
+    q = torch.randn(1, 4, 2, 300, dtype=torch.float64, requires_grad=True)
+    call = AttnCall("kvcache", q, q, q, 1.0, None, False, (-1, -1), None, False)
     reasons = " ".join(BACKENDS["triton"].not_supported_reasons(call))
-    assert "float64" in reasons and "head dim 300" in reasons and "varlen" in reasons
+    assert "float64" in reasons and "head dim 300" in reasons and "q requires grad" in reasons
 
 
 def test_compiles_without_graph_breaks():
@@ -160,3 +169,119 @@ def test_public_functions_compile_without_graph_breaks(monkeypatch):
     compiled = torch.compile(f, fullgraph=True, backend="eager" if DEVICE == "cpu" else "inductor")
     for got, expected in zip(compiled(q, k, v), f(q, k, v), strict=True):
         torch.testing.assert_close(got, expected)
+
+
+def _packed(lengths, heads, head_dim, gen):
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+    return torch.randn(sum(lengths), heads, head_dim, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_(), cu
+
+
+def test_public_varlen_runs_on_triton_backend(monkeypatch):
+    gen = torch.Generator().manual_seed(6)
+    q, cu_q = _packed((9, 0, 21), 4, 32, gen)
+    k, cu_k = _packed((9, 4, 25), 2, 32, gen)
+    v = torch.randn(k.shape, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    args = (q, k, v, cu_q, cu_k, 21, 25)
+    results = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("SIGATTN_BACKEND", backend)
+        out = sigattn.sigmoid_attn_varlen_func(*args, causal=True)
+        results[backend] = (out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+    for got, expected in zip(results["triton"], results["torch"], strict=True):
+        torch.testing.assert_close(got, expected, atol=5e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_public_kvcache_runs_on_triton_backend(monkeypatch, paged):
+    """Append then attend, on both backends: same output, same cache contents."""
+    gen = torch.Generator().manual_seed(7)
+    batch, capacity, page_size = 3, 48, 16
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, torch.bfloat16)
+
+    q, k_new, v_new = randn(batch, 2, 8, 32), randn(batch, 2, 2, 32), randn(batch, 2, 2, 32)
+    shape = (batch * capacity // page_size, page_size, 2, 32) if paged else (batch, capacity, 2, 32)
+    k_cache, v_cache = randn(*shape), randn(*shape)
+    block_table = None
+    if paged:
+        block_table = torch.randperm(shape[0], generator=gen).reshape(batch, -1).to(DEVICE, torch.int32)
+    cache_seqlens = torch.tensor([0, 17, 46], dtype=torch.int32, device=DEVICE)
+    results = {}
+    for backend in ("triton", "torch"):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        monkeypatch.setenv("SIGATTN_BACKEND", backend)
+        out = sigattn.sigmoid_attn_with_kvcache(
+            q, kc, vc, k_new, v_new, cache_seqlens=cache_seqlens, block_table=block_table, causal=True
+        )
+        results[backend] = (out, kc, vc)
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], atol=3e-2, rtol=2e-2)
+    assert torch.equal(results["triton"][1], results["torch"][1])
+    assert torch.equal(results["triton"][2], results["torch"][2])
+    full = {}  # no cache_seqlens: every row attends to its whole cache
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("SIGATTN_BACKEND", backend)
+        full[backend] = sigattn.sigmoid_attn_with_kvcache(q, k_cache, v_cache, block_table=block_table, bias=-3.0)
+    torch.testing.assert_close(full["triton"], full["torch"], atol=3e-2, rtol=2e-2)
+
+
+def test_inference_ops_compile_without_graph_breaks():
+    gen = torch.Generator().manual_seed(8)
+    q, cu_q = _packed((9, 0, 21), 4, 16, gen)
+    k, cu_k = _packed((9, 4, 25), 2, 16, gen)
+    q_dec = torch.randn(2, 1, 4, 16, generator=gen).to(DEVICE, torch.bfloat16)
+    cache = torch.randn(2, 32, 2, 16, generator=gen).to(DEVICE, torch.bfloat16)
+    lens = torch.tensor([5, 32], dtype=torch.int32, device=DEVICE)
+    opts = dict(scale=0.25, bias=None, causal=True, window_size=(-1, -1))
+
+    def f(q, k, q_dec, cache):
+        packed = flash.sigmoid_attn_varlen_flash(q, k, k, cu_q, cu_k, 21, 25, **opts)
+        decoded = flash.sigmoid_attn_kvcache_flash(q_dec, cache, cache, lens, **opts)
+        return packed, decoded
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager" if DEVICE == "cpu" else "inductor")
+    for got, expected in zip(compiled(q, k, q_dec, cache), f(q, k, q_dec, cache), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_decode_cuda_graph_replays_as_the_cache_grows():
+    """Capture one decode step; replaying it after the cache grew (lengths live in device tensors) gives
+    the eager result of the new step."""
+    gen = torch.Generator().manual_seed(9)
+    batch, capacity = 2, 4096
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, torch.bfloat16)
+
+    k_cache, v_cache = randn(batch, capacity, 2, 64), randn(batch, capacity, 2, 64)
+    q, k_new, v_new = randn(batch, 1, 8, 64), randn(batch, 1, 2, 64), randn(batch, 1, 2, 64)
+    cache_seqlens = torch.tensor([100, 2000], dtype=torch.int32, device=DEVICE)
+
+    def step():
+        return sigattn.sigmoid_attn_with_kvcache(
+            q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens, causal=True, bias=-8.0
+        )
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm up: compile the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(3):  # the cache grows by one token per step
+        cache_seqlens += 1
+        q.copy_(randn(*q.shape))
+        k_new.copy_(randn(*k_new.shape))
+        v_new.copy_(randn(*v_new.shape))
+        k_before, v_before = k_cache.clone(), v_cache.clone()
+        graph.replay()
+        replayed = out.clone()
+        k_after, v_after = k_cache.clone(), v_cache.clone()
+        k_cache.copy_(k_before)
+        v_cache.copy_(v_before)
+        eager = step()
+        torch.testing.assert_close(replayed, eager, atol=0, rtol=0)
+        assert torch.equal(k_cache, k_after) and torch.equal(v_cache, v_after)

@@ -420,3 +420,15 @@ def test_inf_inputs_do_not_crash():
     finite = torch.isfinite(ref)
     torch.testing.assert_close(out[finite], ref[finite], atol=1e-10, rtol=1e-10)
     assert out[1, 4:, 1, 0].isneginf().all()
+
+
+def test_device_values_are_read_only_when_asked(monkeypatch):
+    """Reading cu_seqlens / cache_seqlens / block_table on a GPU would synchronise every call: only on
+    request there; always on the CPU."""
+    from sigattn.validation import CHECK_VALUES_ENV, values_checkable
+
+    monkeypatch.delenv(CHECK_VALUES_ENV, raising=False)
+    assert values_checkable(torch.device("cpu"))
+    assert not values_checkable(torch.device("cuda", 0))
+    monkeypatch.setenv(CHECK_VALUES_ENV, "1")
+    assert values_checkable(torch.device("cuda", 0))

@@ -1,4 +1,4 @@
-"""FlashSigmoid: Triton forward and backward kernels for sigmoid attention (dense, flash layout).
+"""FlashSigmoid: Triton forward and backward kernels for sigmoid attention.
 
 Top to bottom: tile configs -> jit helpers -> kernels -> launchers -> torch.library ops and autograd.
 The algorithm (derivations in README.md): with no row max, row sum or rescaling, the forward is
@@ -9,6 +9,10 @@ interpreter, which cannot run inline assembly.
 
 Masking: only the causal / sliding-window diagonal tiles apply a mask. Keys past Sk need none: their
 V rows (and dO rows for queries past Sq) are loaded as zeros, so they add exactly nothing.
+One forward kernel serves three layouts of the batch rows: dense (B, S, H, D) tensors, packed
+variable-length sequences (cu_seqlens) and a KV cache (per-row key counts, optionally paged); for the
+cache it can pack the query heads of a GQA group into one tile (each K/V tile is read once per group) and
+split the keys across programs, whose fp32 partial outputs simply add (README.md says why that is exact).
 The backward is two kernels, dK/dV (one program per key tile and kv head, looping over the query heads
 of its GQA group, so dK/dV are reduced over the group in registers) and dQ; neither uses atomics, so it is
 deterministic.
@@ -16,7 +20,7 @@ deterministic.
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 from dataclasses import dataclass
 
@@ -73,6 +77,23 @@ BWD_DQ_CONFIGS = {
     (256, False): TileConfig(64, 32, 4, 1),
     (256, True): TileConfig(64, 32, 4, 1),
 }
+# The KV-cache forward (decode, chunked prefill) keyed by padded head dim; block_m is the most query rows
+# of a tile (fewer when Sq x group is smaller). D128: the best or within 4% of it on every decode shape
+# of benchmarks/results/tune_decode_h100_2026-11-24.json (2.6-3.1 TB/s of K and V on an H100); 64 and
+# 256 are not tuned.
+KVCACHE_CONFIGS = {
+    64: TileConfig(64, 64, 4, 3),
+    128: TileConfig(64, 64, 4, 3),
+    256: TileConfig(64, 32, 4, 2),
+}
+# Paged caches read a page id per key (or per tile when pages are whole tiles): wider tiles amortise it.
+# D128, pages of 16-256 in shuffled order: 2.6-3.0 TB/s with 128-wide tiles against 2.3-2.7 with 64-wide
+# (contiguous: 2.8-3.1), benchmarks/results/tune_decode_paged_h100_2026-11-24.json.
+KVCACHE_PAGED_CONFIGS = {
+    64: TileConfig(64, 128, 4, 3),
+    128: TileConfig(64, 128, 4, 3),
+    256: TileConfig(64, 32, 4, 2),
+}
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -111,7 +132,7 @@ def _sigmoid_of_half(z):
 
 @triton.jit
 def _half_logits(s, offs_m, offs_n, half_scale, half_bias, half_slope, diag_offset, ALIBI: tl.constexpr):
-    """z = logit / 2 for a [BM, BN] tile of raw scores s = q . k."""
+    """z = logit / 2 for a [BM, BN] tile of raw scores s = q . k (half_bias, half_slope: scalars or [BM, 1])."""
     z = s * half_scale + half_bias
     if ALIBI:
         dist = offs_m[:, None] + diag_offset - offs_n[None, :]
@@ -155,6 +176,21 @@ def _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
 
 
 @triton.jit
+def _split_key_tiles(lo, full_lo, full_hi, hi, split, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """The share of split ``split`` of the key tiles [lo, hi): a run of whole tiles, the three ranges cut
+    to it. Full tiles stay full; the others keep their masks."""
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
+        s_lo = tl.minimum(lo + split * per_split, hi)
+        s_hi = tl.minimum(s_lo + per_split, hi)
+        full_lo = tl.minimum(tl.maximum(full_lo, s_lo), s_hi)
+        full_hi = tl.minimum(tl.maximum(full_hi, full_lo), s_hi)
+        lo = s_lo
+        hi = s_hi
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
 def _query_tiles(n0, diag_offset, seqlen_q, window_left, window_right,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Query-tile bounds for key rows [n0, n0 + BN), as ``_key_tiles`` with the roles swapped: tiles in
@@ -178,10 +214,69 @@ def _query_tiles(n0, diag_offset, seqlen_q, window_left, window_right,
 
 
 @triton.jit
-def _load_rows(ptr, offs_rows, stride_row, offs_d, n_rows,
+def _row_bounds(b, CuSeqlensQ, CuSeqlensK, SeqlensK, seqlen_q, seqlen_k,
+                VARLEN: tl.constexpr, KV_LENS: tl.constexpr):
+    """(first query token, Sq, first key token, Sk) of batch row b. Dense rows start at 0 with the static
+    lengths; packed sequences read their cumulative lengths; a KV-cache row's key count is SeqlensK[b]."""
+    q_start = 0
+    k_start = 0
+    if VARLEN:
+        q_start = tl.load(CuSeqlensQ + b)
+        seqlen_q = tl.load(CuSeqlensQ + b + 1) - q_start
+        k_start = tl.load(CuSeqlensK + b)
+        seqlen_k = tl.load(CuSeqlensK + b + 1) - k_start
+        q_start = q_start.to(tl.int64)
+        k_start = k_start.to(tl.int64)
+    if KV_LENS:
+        seqlen_k = tl.load(SeqlensK + b)
+    return q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS: tl.constexpr):
+    """bias / 2 shared by the heads of a row: the constant, or -log(Sk) / 2 of this row (0 with no key)."""
+    if DEFAULT_BIAS:
+        return tl.where(seqlen_k > 0, -0.5 * tl.log(tl.maximum(seqlen_k, 1).to(tl.float32)), 0.0)
+    else:
+        return half_scale_bias
+
+
+@triton.jit
+def _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, row_half_bias, ALIBI: tl.constexpr, HEAD_BIAS: tl.constexpr):
+    """(bias / 2, slope / 2) of query head h (a scalar, or [BM, 1] heads of packed rows) in batch row b."""
+    half_bias = row_half_bias
+    if HEAD_BIAS:
+        half_bias = 0.5 * tl.load(HeadBias + h).to(tl.float32)
+    half_slope = 0.0
+    if ALIBI:
+        half_slope = 0.5 * tl.load(Alibi + b * stride_alibi_b + h).to(tl.float32)
+    return half_bias, half_slope
+
+
+@triton.jit
+def _kv_offsets(n0, offs_n, Pages, stride_kp, stride_kn, stride_vp, stride_vn, seqlen_k,
+                BLOCK_N: tl.constexpr, CHECK_ROWS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
+    """Memory offsets [BN] of keys ``offs_n`` = n0 + [0, BN) in K and in V: by position, or through the row's
+    page table (one page per tile when pages are whole tiles, else a page per key)."""
+    if PAGED:
+        if PAGE_SIZE % BLOCK_N == 0:
+            page = tl.load(Pages + n0 // PAGE_SIZE).to(tl.int64)
+        elif CHECK_ROWS:  # pages past the row's last one may not exist
+            page = tl.load(Pages + offs_n // PAGE_SIZE, mask=offs_n < seqlen_k, other=0).to(tl.int64)
+        else:
+            page = tl.load(Pages + offs_n // PAGE_SIZE).to(tl.int64)
+        slot = offs_n % PAGE_SIZE
+        return page * stride_kp + slot * stride_kn, page * stride_vp + slot * stride_vn
+    else:
+        return offs_n * stride_kn, offs_n * stride_vn
+
+
+@triton.jit
+def _load_rows(ptr, row_offsets, offs_rows, offs_d, n_rows,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
-    """A [rows, BLOCK_D] tile; rows past n_rows (when CHECK_ROWS) and columns past HEAD_DIM read as 0."""
-    ptrs = ptr + offs_rows[:, None] * stride_row + offs_d[None, :]
+    """A [rows, BLOCK_D] tile at ptr + row_offsets; rows with offs_rows >= n_rows (when CHECK_ROWS) and
+    columns past HEAD_DIM read as 0, without touching memory."""
+    ptrs = ptr + row_offsets[:, None] + offs_d[None, :]
     if CHECK_ROWS:
         if BLOCK_D == HEAD_DIM:
             return tl.load(ptrs, mask=offs_rows[:, None] < n_rows, other=0.0)
@@ -195,21 +290,9 @@ def _load_rows(ptr, offs_rows, stride_row, offs_d, n_rows,
 
 
 @triton.jit
-def _store_rows(ptr, value, offs_rows, stride_row, offs_d, n_rows, HEAD_DIM: tl.constexpr):
-    ptrs = ptr + offs_rows[:, None] * stride_row + offs_d[None, :]
+def _store_rows(ptr, value, row_offsets, offs_rows, offs_d, n_rows, HEAD_DIM: tl.constexpr):
+    ptrs = ptr + row_offsets[:, None] + offs_d[None, :]
     tl.store(ptrs, value, mask=(offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
-
-
-@triton.jit
-def _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, half_scale_bias, ALIBI: tl.constexpr, HEAD_BIAS: tl.constexpr):
-    """(bias / 2, slope / 2) of query head h in batch row b."""
-    half_bias = half_scale_bias
-    if HEAD_BIAS:
-        half_bias = 0.5 * tl.load(HeadBias + h).to(tl.float32)
-    half_slope = 0.0
-    if ALIBI:
-        half_slope = 0.5 * tl.load(Alibi + b * stride_alibi_b + h).to(tl.float32)
-    return half_bias, half_slope
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,14 +300,17 @@ def _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, half_scale_bias, ALIBI: t
 
 
 @triton.jit
-def _fwd_tiles(acc, q, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, seqlen_k,
+def _fwd_tiles(acc, q, K, V, Pages, stride_kp, stride_kn, stride_vp, stride_vn, offs_m, offs_d, lo, hi, seqlen_k,
                half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr):
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
+               PAGE_SIZE: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(V, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+        k_rows, v_rows = _kv_offsets(n0, offs_n, Pages, stride_kp, stride_kn, stride_vp, stride_vn, seqlen_k,
+                                     BLOCK_N, MASKED, PAGED, PAGE_SIZE)
+        k = _load_rows(K, k_rows, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(V, v_rows, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
         s = _dot(q, tl.trans(k), None)  # [BM, BN]
         p = _sigmoid_of_half(_half_logits(s, offs_m, offs_n, half_scale, half_bias, half_slope, diag_offset, ALIBI))
         if MASKED and (HAS_LEFT or HAS_RIGHT):
@@ -236,38 +322,81 @@ def _fwd_tiles(acc, q, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, seqle
 
 @triton.jit
 def sigmoid_attn_fwd_kernel(
-    Q, K, V, Out, HeadBias, Alibi,
-    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh, stride_ob, stride_om, stride_oh, stride_alibi_b,
-    seqlen_q, seqlen_k, diag_offset, window_left, window_right, half_scale, half_scale_bias,
+    Q, K, V, Out, HeadBias, Alibi, CuSeqlensQ, CuSeqlensK, SeqlensK, BlockTable,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_os, stride_ob, stride_om, stride_oh, stride_alibi_b, stride_bt,
+    seqlen_q, seqlen_k, window_left, window_right, half_scale, half_scale_bias,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HEAD_BIAS: tl.constexpr,
-    ALIBI: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    TOP_LEFT: tl.constexpr, HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, KV_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    PACK_GQA: tl.constexpr, NUM_SPLITS: tl.constexpr,
 ):
-    i_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    m0 = i_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    """One program: BLOCK_Q query positions of one head (or, with PACK_GQA, of all GROUP heads of one kv
+    head: BLOCK_M = BLOCK_Q * GROUP rows) of batch row b, against its share of the keys (one of
+    NUM_SPLITS; with several, Out is an fp32 buffer of per-split partial sums)."""
+    i_q, i_h, b = tl.program_id(0) // NUM_SPLITS, tl.program_id(1), tl.program_id(2)
+    split = tl.program_id(0) % NUM_SPLITS
+    q_start, seqlen_q, k_start, seqlen_k = _row_bounds(b, CuSeqlensQ, CuSeqlensK, SeqlensK, seqlen_q, seqlen_k,
+                                                       VARLEN, KV_LENS)
+    m0 = i_q * BLOCK_Q
+    if m0 >= seqlen_q:  # a tile past this packed sequence's end: its rows belong to the next one
+        return
+    b64 = b.to(tl.int64)
+    diag_offset = seqlen_k - seqlen_q
+    if TOP_LEFT:
+        diag_offset = 0
+    rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + (h // GROUP) * stride_kh
-    V += b * stride_vb + (h // GROUP) * stride_vh
-    half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, half_scale_bias, ALIBI, HEAD_BIAS)
+    if PACK_GQA:
+        h_kv = i_h
+        offs_m = m0 + rows // GROUP  # [BM] query position of each row
+        heads = h_kv * GROUP + rows % GROUP  # [BM] query head of each row
+        half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, heads[:, None],
+                                            _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS), ALIBI, HEAD_BIAS)
+    else:
+        h_kv = i_h // GROUP
+        offs_m = m0 + rows
+        heads = i_h
+        half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, heads,
+                                            _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS), ALIBI, HEAD_BIAS)
+    Q += b64 * stride_qb + q_start * stride_qm
+    q = _load_rows(Q, offs_m * stride_qm + heads * stride_qh, offs_m, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, True)
+    if PAGED:
+        K += h_kv * stride_kh
+        V += h_kv * stride_vh
+    else:
+        K += b64 * stride_kb + k_start * stride_kn + h_kv * stride_kh
+        V += b64 * stride_vb + k_start * stride_vn + h_kv * stride_vh
+    Pages = BlockTable + b64 * stride_bt
 
-    q = _load_rows(Q, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, True)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
-                                          BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    acc = _fwd_tiles(acc, q, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, full_lo, seqlen_k,
-                     half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
-                     HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
-    acc = _fwd_tiles(acc, q, K, V, stride_kn, stride_vn, offs_m, offs_d, full_lo, full_hi, seqlen_k,
-                     half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
-                     HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI)
-    acc = _fwd_tiles(acc, q, K, V, stride_kn, stride_vn, offs_m, offs_d, full_hi, hi, seqlen_k,
-                     half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
-                     HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
-    _store_rows(Out + b * stride_ob + h * stride_oh, acc.to(Out.dtype.element_ty), offs_m, stride_om, offs_d,
+                                          BLOCK_Q, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    lo, full_lo, full_hi, hi = _split_key_tiles(lo, full_lo, full_hi, hi, split, BLOCK_N, NUM_SPLITS)
+    acc = _fwd_tiles(acc, q, K, V, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m, offs_d, lo, full_lo,
+                     seqlen_k, half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+                     HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE)
+    acc = _fwd_tiles(acc, q, K, V, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m, offs_d, full_lo,
+                     full_hi, seqlen_k, half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+                     HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE)
+    acc = _fwd_tiles(acc, q, K, V, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m, offs_d, full_hi, hi,
+                     seqlen_k, half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+                     HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE)
+    Out += split * stride_os + b64 * stride_ob + q_start * stride_om
+    _store_rows(Out, acc.to(Out.dtype.element_ty), offs_m * stride_om + heads * stride_oh, offs_m, offs_d,
                 seqlen_q, HEAD_DIM)
+
+
+@triton.jit
+def sigmoid_attn_sum_splits_kernel(Partial, Out, numel, NUM_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Out = the sum over splits of Partial (NUM_SPLITS, numel), in a fixed order: deterministic."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in range(NUM_SPLITS):
+        acc += tl.load(Partial + split * numel + offs, mask=mask, other=0.0)
+    tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,8 +410,8 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, 
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, MASKED)
-        do = _load_rows(DO, offs_m, stride_dom, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, MASKED)
+        q = _load_rows(Q, offs_m * stride_qm, offs_m, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_rows(DO, offs_m * stride_dom, offs_m, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, MASKED)
         s = _dot(q, tl.trans(k), None)  # [BM, BN]
         p = _sigmoid_of_half(_half_logits(s, offs_m, offs_n, half_scale, half_bias, half_slope, diag_offset, ALIBI))
         if MASKED and (HAS_LEFT or HAS_RIGHT):
@@ -297,29 +426,40 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, 
 
 @triton.jit
 def sigmoid_attn_bwd_kernel_dkdv(
-    Q, K, V, DO, DK, DV, HeadBias, Alibi,
+    Q, K, V, DO, DK, DV, HeadBias, Alibi, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-    stride_alibi_b, seqlen_q, seqlen_k, diag_offset, window_left, window_right, scale, half_scale, half_scale_bias,
+    stride_alibi_b, seqlen_q, seqlen_k, window_left, window_right, scale, half_scale, half_scale_bias,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HEAD_BIAS: tl.constexpr,
-    ALIBI: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr,
+    HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
 ):
     i_n, h_kv, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start, seqlen_q, k_start, seqlen_k = _row_bounds(b, CuSeqlensQ, CuSeqlensK, CuSeqlensK, seqlen_q, seqlen_k,
+                                                       VARLEN, False)
     n0 = i_n * BLOCK_N
+    if n0 >= seqlen_k:
+        return
+    b64 = b.to(tl.int64)
+    diag_offset = seqlen_k - seqlen_q
+    if TOP_LEFT:
+        diag_offset = 0
+    row_half_bias = _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * stride_kb + h_kv * stride_kh, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + b * stride_vb + h_kv * stride_vh, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, True)
+    k = _load_rows(K + b64 * stride_kb + k_start * stride_kn + h_kv * stride_kh, offs_n * stride_kn, offs_n, offs_d,
+                   seqlen_k, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + b64 * stride_vb + k_start * stride_vn + h_kv * stride_vh, offs_n * stride_vn, offs_n, offs_d,
+                   seqlen_k, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _query_tiles(n0, diag_offset, seqlen_q, window_left, window_right,
                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(GROUP):
         h = h_kv * GROUP + g
-        Qh = Q + b * stride_qb + h * stride_qh
-        DOh = DO + b * stride_dob + h * stride_doh
-        half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, half_scale_bias, ALIBI, HEAD_BIAS)
+        Qh = Q + b64 * stride_qb + q_start * stride_qm + h * stride_qh
+        DOh = DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh
+        half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, row_half_bias, ALIBI, HEAD_BIAS)
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, lo, full_lo, seqlen_q,
                                  half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
                                  HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
@@ -329,10 +469,10 @@ def sigmoid_attn_bwd_kernel_dkdv(
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_hi, hi, seqlen_q,
                                  half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
                                  HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
-    _store_rows(DK + b * stride_dkb + h_kv * stride_dkh, (dk * scale).to(DK.dtype.element_ty), offs_n, stride_dkn,
-                offs_d, seqlen_k, HEAD_DIM)
-    _store_rows(DV + b * stride_dvb + h_kv * stride_dvh, dv.to(DV.dtype.element_ty), offs_n, stride_dvn, offs_d,
-                seqlen_k, HEAD_DIM)
+    _store_rows(DK + b64 * stride_dkb + k_start * stride_dkn + h_kv * stride_dkh, (dk * scale).to(DK.dtype.element_ty),
+                offs_n * stride_dkn, offs_n, offs_d, seqlen_k, HEAD_DIM)
+    _store_rows(DV + b64 * stride_dvb + k_start * stride_dvn + h_kv * stride_dvh, dv.to(DV.dtype.element_ty),
+                offs_n * stride_dvn, offs_n, offs_d, seqlen_k, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -347,8 +487,8 @@ def _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, l
                   HEAD_BIAS: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n, stride_kn, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(V, offs_n, stride_vn, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_rows(K, offs_n * stride_kn, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(V, offs_n * stride_vn, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
         s = _dot(q, tl.trans(k), None)  # [BM, BN]
         p = _sigmoid_of_half(_half_logits(s, offs_m, offs_n, half_scale, half_bias, half_slope, diag_offset, ALIBI))
         if MASKED and (HAS_LEFT or HAS_RIGHT):
@@ -364,23 +504,34 @@ def _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, l
 
 @triton.jit
 def sigmoid_attn_bwd_kernel_dq(
-    Q, K, V, DO, DQ, DBiasPartial, HeadBias, Alibi,
+    Q, K, V, DO, DQ, DBiasPartial, HeadBias, Alibi, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_alibi_b,
-    seqlen_q, seqlen_k, diag_offset, window_left, window_right, scale, half_scale, half_scale_bias,
+    seqlen_q, seqlen_k, window_left, window_right, scale, half_scale, half_scale_bias,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HEAD_BIAS: tl.constexpr,
-    ALIBI: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr,
+    HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
 ):
     i_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start, seqlen_q, k_start, seqlen_k = _row_bounds(b, CuSeqlensQ, CuSeqlensK, CuSeqlensK, seqlen_q, seqlen_k,
+                                                       VARLEN, False)
     m0 = i_m * BLOCK_M
+    if m0 >= seqlen_q:  # its bias partial stays at the buffer's 0
+        return
+    b64 = b.to(tl.int64)
+    diag_offset = seqlen_k - seqlen_q
+    if TOP_LEFT:
+        diag_offset = 0
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    K += b * stride_kb + (h // GROUP) * stride_kh
-    V += b * stride_vb + (h // GROUP) * stride_vh
-    half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, half_scale_bias, ALIBI, HEAD_BIAS)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, True)
+    K += b64 * stride_kb + k_start * stride_kn + (h // GROUP) * stride_kh
+    V += b64 * stride_vb + k_start * stride_vn + (h // GROUP) * stride_vh
+    half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h,
+                                        _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS), ALIBI, HEAD_BIAS)
+    q = _load_rows(Q + b64 * stride_qb + q_start * stride_qm + h * stride_qh, offs_m * stride_qm, offs_m, offs_d,
+                   seqlen_q, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh, offs_m * stride_dom, offs_m, offs_d,
+                    seqlen_q, HEAD_DIM, BLOCK_D, True)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
@@ -394,8 +545,8 @@ def sigmoid_attn_bwd_kernel_dq(
     dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, full_hi, hi, seqlen_k,
                              half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
                              HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, HEAD_BIAS)
-    _store_rows(DQ + b * stride_dqb + h * stride_dqh, (dq * scale).to(DQ.dtype.element_ty), offs_m, stride_dqm,
-                offs_d, seqlen_q, HEAD_DIM)
+    _store_rows(DQ + b64 * stride_dqb + q_start * stride_dqm + h * stride_dqh, (dq * scale).to(DQ.dtype.element_ty),
+                offs_m * stride_dqm, offs_m, offs_d, seqlen_q, HEAD_DIM)
     if HEAD_BIAS:
         # One partial sum per (b, h, query tile), reduced on the host in a fixed order: deterministic.
         n_tiles = tl.num_programs(0)
@@ -408,39 +559,142 @@ def sigmoid_attn_bwd_kernel_dq(
 
 @dataclass(frozen=True)
 class FlashParams:
-    """The non-tensor options of one call. window bounds of -1 are unbounded; causal is right = 0."""
+    """The non-tensor options of one call. Window bounds of -1 are unbounded; causal is right = 0.
+    ``default_bias``: the bias is -log(Sk) of each batch row (each sequence, each cache row) instead of
+    ``const_bias``; neither is used when a per-head bias tensor is given."""
 
     scale: float
-    const_bias: float  # used when there is no per-head bias tensor
+    const_bias: float
+    default_bias: bool
     window_left: int
     window_right: int
     top_left: bool
 
 
-def _common_args(q: Tensor, k: Tensor, params: FlashParams, head_bias: Tensor | None, alibi: Tensor | None):
-    batch, seqlen_q, num_heads, head_dim = q.shape
-    seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
-    diag_offset = 0 if params.top_left else seqlen_k - seqlen_q
-    flags = dict(
-        GROUP=num_heads // num_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_D=padded_head_dim(head_dim),
-        HAS_LEFT=params.window_left >= 0,
-        HAS_RIGHT=params.window_right >= 0,
-        HEAD_BIAS=head_bias is not None,
-        ALIBI=alibi is not None,
-    )
-    alibi_stride = alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0
-    window = (max(params.window_left, 0), max(params.window_right, 0))
-    return flags, alibi_stride, diag_offset, window
+@dataclass(frozen=True)
+class Rows:
+    """Where batch row b's tokens are. Dense: (B, S, H, D) tensors. Varlen: packed (total, H, D) tensors,
+    sequence b at tokens cu_seqlens[b]:cu_seqlens[b + 1]. KV cache: (B, Sq, Hq, D) queries against the first
+    seqlens_k[b] keys of a (B, capacity, Hkv, D) cache, or of a paged one read through block_table."""
+
+    batch: int
+    seqlen_q: int  # the length, or for varlen the longest sequence (it only sizes the grid)
+    seqlen_k: int  # the length, the longest sequence, or the cache's capacity
+    cu_seqlens_q: Tensor | None = None
+    cu_seqlens_k: Tensor | None = None
+    seqlens_k: Tensor | None = None
+    block_table: Tensor | None = None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
 
 
-def _dummy(q: Tensor) -> Tensor:
-    return q.new_empty(1, dtype=torch.float32)
+def _dummy(q: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return q.new_empty(1, dtype=dtype)
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: Tensor, packed: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides; a packed (total, H, D) tensor has no batch dimension."""
+    return (0, t.stride(0), t.stride(1)) if packed else tuple(t.stride()[:3])
+
+
+def _flags(q: Tensor, k: Tensor, params: FlashParams, head_bias: Tensor | None, alibi: Tensor | None, rows: Rows):
+    num_heads, head_dim = q.shape[-2], q.shape[-1]
+    return dict(
+        GROUP=num_heads // k.shape[-2],
+        HEAD_DIM=head_dim,
+        BLOCK_D=padded_head_dim(head_dim),
+        HAS_LEFT=params.window_left >= 0,
+        HAS_RIGHT=params.window_right >= 0,
+        TOP_LEFT=params.top_left,
+        HEAD_BIAS=head_bias is not None,
+        DEFAULT_BIAS=params.default_bias and head_bias is None,
+        ALIBI=alibi is not None,
+        VARLEN=rows.varlen,
+    )
+
+
+def _scalars(q: Tensor, params: FlashParams, head_bias: Tensor | None, alibi: Tensor | None) -> dict:
+    """Pointer stand-ins for absent tensors, and the runtime scalars every kernel takes."""
+    return dict(
+        head_bias=head_bias if head_bias is not None else _dummy(q),
+        alibi=alibi if alibi is not None else _dummy(q),
+        alibi_stride=alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
+        window=(max(params.window_left, 0), max(params.window_right, 0)),
+    )
+
+
+def _launch_fwd(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: FlashParams, head_bias: Tensor | None,
+    alibi: Tensor | None, rows: Rows, cfg: TileConfig, *, pack_gqa: bool = False, num_splits: int = 1,
+) -> None:  # fmt: skip
+    """``out`` is shaped like q, or with num_splits > 1 an fp32 (num_splits, *q.shape) buffer of partial sums."""
+    flags = _flags(q, k, params, head_bias, alibi, rows)
+    group = flags["GROUP"]
+    block_q = cfg.block_m // group if pack_gqa else cfg.block_m
+    num_heads = q.shape[-2]
+    grid = (triton.cdiv(rows.seqlen_q, block_q) * num_splits, num_heads // group if pack_gqa else num_heads, rows.batch)
+    s = _scalars(q, params, head_bias, alibi)
+    out_rows = out[0] if num_splits > 1 else out
+    paged = rows.block_table is not None
+    index = _dummy(q, torch.int32)
+    sigmoid_attn_fwd_kernel[grid](
+        q, k, v, out, s["head_bias"], s["alibi"],
+        rows.cu_seqlens_q if rows.varlen else index, rows.cu_seqlens_k if rows.varlen else index,
+        rows.seqlens_k if rows.seqlens_k is not None else index, rows.block_table if paged else index,
+        *_strides(q, rows.varlen), *_strides(k, rows.varlen), *_strides(v, rows.varlen),
+        out.stride(0) if num_splits > 1 else 0, *_strides(out_rows, rows.varlen), s["alibi_stride"],
+        rows.block_table.stride(0) if paged else 0,
+        rows.seqlen_q, rows.seqlen_k, *s["window"], 0.5 * params.scale, 0.5 * params.const_bias,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_Q=block_q, KV_LENS=rows.seqlens_k is not None, PAGED=paged,
+        PAGE_SIZE=k.shape[1] if paged else 1, PACK_GQA=pack_gqa, NUM_SPLITS=num_splits,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+    )  # fmt: skip
+
+
+def _launch_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, params: FlashParams, head_bias: Tensor | None,
+    alibi: Tensor | None, rows: Rows, grads: tuple[Tensor, Tensor, Tensor],
+) -> Tensor | None:  # fmt: skip
+    """Writes (dq, dk, dv) into ``grads``; returns the bias gradient (or None)."""
+    dq, dk, dv = grads
+    flags = _flags(q, k, params, head_bias, alibi, rows)
+    s = _scalars(q, params, head_bias, alibi)
+    index = _dummy(q, torch.int32)
+    cu = (rows.cu_seqlens_q, rows.cu_seqlens_k) if rows.varlen else (index, index)
+    num_heads, num_kv_heads = q.shape[-2], k.shape[-2]
+    packed = rows.varlen
+    common = (rows.seqlen_q, rows.seqlen_k, *s["window"], params.scale, 0.5 * params.scale, 0.5 * params.const_bias)
+
+    cfg = _config(BWD_DKDV_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
+    sigmoid_attn_bwd_kernel_dkdv[(triton.cdiv(rows.seqlen_k, cfg.block_n), num_kv_heads, rows.batch)](
+        q, k, v, do, dk, dv, s["head_bias"], s["alibi"], *cu,
+        *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(do, packed),
+        *_strides(dk, packed), *_strides(dv, packed), s["alibi_stride"], *common,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+    )  # fmt: skip
+
+    cfg = _config(BWD_DQ_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
+    n_tiles = triton.cdiv(rows.seqlen_q, cfg.block_m)
+    partial = None
+    if head_bias is not None:  # zeros: tiles past a packed sequence's end write nothing
+        partial = torch.zeros(rows.batch, num_heads, n_tiles, dtype=torch.float32, device=q.device)
+    sigmoid_attn_bwd_kernel_dq[(n_tiles, num_heads, rows.batch)](
+        q, k, v, do, dq, partial if partial is not None else _dummy(q), s["head_bias"], s["alibi"], *cu,
+        *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(do, packed),
+        *_strides(dq, packed), s["alibi_stride"], *common,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+    )  # fmt: skip
+    return partial.sum(dim=(0, 2)).to(head_bias.dtype) if partial is not None else None
+
+
+def _empty_like(t: Tensor) -> Tensor:
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
 def flash_fwd(
@@ -455,20 +709,126 @@ def flash_fwd(
     """Forward of dense sigmoid attention. q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D), any strides.
     ``out`` (shape of q, last dim contiguous) receives the result when given (tests poison it)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    batch, seqlen_q, num_heads, head_dim = q.shape
-    out = torch.empty_like(q, memory_format=torch.contiguous_format) if out is None else out
+    out = _empty_like(q) if out is None else out
     if out.numel() == 0:
         return out
-    flags, alibi_stride, diag_offset, (left, right) = _common_args(q, k, params, head_bias, alibi)
-    cfg = _config(FWD_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
-    grid = (triton.cdiv(seqlen_q, cfg.block_m), num_heads, batch)
-    sigmoid_attn_fwd_kernel[grid](
-        q, k, v, out, head_bias if head_bias is not None else _dummy(q), alibi if alibi is not None else _dummy(q),
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], alibi_stride,
-        seqlen_q, k.shape[1], diag_offset, left, right, 0.5 * params.scale, 0.5 * params.const_bias,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-    )  # fmt: skip
+    batch, seqlen_q, _, head_dim = q.shape
+    cfg = _config(FWD_CONFIGS, padded_head_dim(head_dim), params.window_right >= 0)
+    _launch_fwd(q, k, v, out, params, head_bias, alibi, Rows(batch, seqlen_q, k.shape[1]), cfg)
     return out
+
+
+def flash_varlen_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    params: FlashParams,
+    head_bias: Tensor | None = None,
+    alibi: Tensor | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Forward over packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D), int32 cumulative
+    lengths; the max lengths only size the grid (nothing reads the lengths on the host)."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    out = _empty_like(q) if out is None else out
+    if out.numel() == 0:
+        return out
+    rows = Rows(cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+    cfg = _config(FWD_CONFIGS, padded_head_dim(q.shape[-1]), params.window_right >= 0)
+    _launch_fwd(q, k, v, out, params, head_bias, alibi, rows, cfg)
+    return out
+
+
+@functools.lru_cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def kvcache_plan(
+    batch: int, seqlen_q: int, num_heads: int, num_kv_heads: int, head_dim: int, capacity: int, device: torch.device,
+    paged: bool = False,
+) -> tuple[TileConfig, bool, int]:  # fmt: skip
+    """(tiles, pack the GQA group into one tile, number of key splits) for a KV-cache forward.
+
+    Packing puts the query heads that share a kv head into the rows of one tile (power-of-two groups that
+    fit), so each K/V tile is read once per group. Splits give a small batch about one program per SM
+    (the best of 1-128 splits on an H100 in benchmarks/results/tune_decode_h100_2026-11-24.json; more only
+    add partial sums), each with at least 4 key tiles; a power of two, so few variants compile."""
+    group = num_heads // num_kv_heads
+    table = KVCACHE_PAGED_CONFIGS if paged else KVCACHE_CONFIGS
+    base = _INTERPRET_CONFIG if INTERPRET else table[max(64, padded_head_dim(head_dim))]
+    pack = group > 1 and group & (group - 1) == 0 and group <= base.block_m
+    rows = seqlen_q * (group if pack else 1)
+    block_m = min(base.block_m, max(16, triton.next_power_of_2(rows)))
+    cfg = TileConfig(block_m, base.block_n, base.num_warps, base.num_stages)
+    tiles_q = triton.cdiv(seqlen_q, block_m // group if pack else block_m)
+    programs = tiles_q * batch * (num_kv_heads if pack else num_heads)
+    want = max(1, _sm_count(device) // programs)
+    most = max(1, triton.cdiv(capacity, cfg.block_n) // 4)
+    splits = min(want, most, 128)
+    return cfg, pack, 1 << (splits.bit_length() - 1)
+
+
+def flash_kvcache_fwd(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens_k: Tensor | None,
+    params: FlashParams,
+    head_bias: Tensor | None = None,
+    alibi: Tensor | None = None,
+    block_table: Tensor | None = None,
+    out: Tensor | None = None,
+    num_splits: int | None = None,
+    pack_gqa: bool | None = None,
+) -> Tensor:
+    """Forward against a KV cache: q (B, Sq, Hq, D) attends to the first seqlens_k[b] (int32, read on the
+    device: CUDA graphs may replay this as the cache grows; None: the whole cache) keys of row b of
+    k_cache/v_cache, (B, capacity, Hkv, D), or paged (num_blocks, page_size, Hkv, D) through block_table
+    (B, max_blocks). ``num_splits``/``pack_gqa`` override ``kvcache_plan`` (tests force each path)."""
+    q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+    out = _empty_like(q) if out is None else out
+    if out.numel() == 0:
+        return out
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    cfg, pack, splits = kvcache_plan(
+        batch, seqlen_q, num_heads, k_cache.shape[2], head_dim, capacity, q.device, paged=block_table is not None
+    )
+    pack = pack if pack_gqa is None else pack_gqa
+    splits = splits if num_splits is None else num_splits
+    rows = Rows(batch, seqlen_q, capacity, seqlens_k=seqlens_k, block_table=block_table)
+    if splits == 1:
+        _launch_fwd(q, k_cache, v_cache, out, params, head_bias, alibi, rows, cfg, pack_gqa=pack)
+        return out
+    # The splits' partial outputs add exactly (no normalisation): a fixed-order fp32 sum, deterministic.
+    partial = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
+    _launch_fwd(q, k_cache, v_cache, partial, params, head_bias, alibi, rows, cfg, pack_gqa=pack, num_splits=splits)
+    if not out.is_contiguous():
+        return out.copy_(partial.sum(dim=0))
+    block = 1024
+    sigmoid_attn_sum_splits_kernel[(triton.cdiv(out.numel(), block),)](
+        partial, out, out.numel(), NUM_SPLITS=splits, BLOCK=block
+    )
+    return out
+
+
+def _backward_into(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, params: FlashParams, head_bias: Tensor | None,
+    alibi: Tensor | None, rows: Rows, grads: tuple[Tensor, Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
+    q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
+    grads = tuple(_empty_like(t) for t in (q, k, v)) if grads is None else grads
+    if q.numel() == 0 or k.numel() == 0:
+        for grad in grads:
+            grad.zero_()
+        return (*grads, torch.zeros_like(head_bias) if head_bias is not None else None)
+    dbias = _launch_bwd(do, q, k, v, params, head_bias, alibi, rows, grads)
+    return (*grads, dbias)
 
 
 def flash_bwd(
@@ -481,114 +841,177 @@ def flash_bwd(
     alibi: Tensor | None = None,
     grads: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Backward: (dq, dk, dv, dbias or None). Deterministic: no atomics anywhere.
+    """Backward of ``flash_fwd``: (dq, dk, dv, dbias or None). Deterministic: no atomics anywhere.
     ``grads`` = (dq, dk, dv) buffers receive the results when given (tests poison them)."""
-    q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
-    batch, seqlen_q, num_heads, head_dim = q.shape
-    seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
-    if grads is None:
-        grads = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    dq, dk, dv = grads
-    if q.numel() == 0 or k.numel() == 0:
-        for grad in grads:
-            grad.zero_()
-        return dq, dk, dv, (torch.zeros_like(head_bias) if head_bias is not None else None)
-    flags, alibi_stride, diag_offset, (left, right) = _common_args(q, k, params, head_bias, alibi)
-    bias_ptr = head_bias if head_bias is not None else _dummy(q)
-    alibi_ptr = alibi if alibi is not None else _dummy(q)
-    half = (0.5 * params.scale, 0.5 * params.const_bias)
+    rows = Rows(q.shape[0], q.shape[1], k.shape[1])
+    return _backward_into(do, q, k, v, params, head_bias, alibi, rows, grads)
 
-    cfg = _config(BWD_DKDV_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
-    sigmoid_attn_bwd_kernel_dkdv[(triton.cdiv(seqlen_k, cfg.block_n), num_kv_heads, batch)](
-        q, k, v, do, dk, dv, bias_ptr, alibi_ptr,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-        alibi_stride, seqlen_q, seqlen_k, diag_offset, left, right, params.scale, *half,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-    )  # fmt: skip
 
-    cfg = _config(BWD_DQ_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
-    n_tiles = triton.cdiv(seqlen_q, cfg.block_m)
-    partial = None
-    if head_bias is not None:
-        partial = torch.empty(batch, num_heads, n_tiles, dtype=torch.float32, device=q.device)
-    sigmoid_attn_bwd_kernel_dq[(n_tiles, num_heads, batch)](
-        q, k, v, do, dq, partial if partial is not None else _dummy(q), bias_ptr, alibi_ptr,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-        alibi_stride, seqlen_q, seqlen_k, diag_offset, left, right, params.scale, *half,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-    )  # fmt: skip
-    dbias = partial.sum(dim=(0, 2)).to(head_bias.dtype) if partial is not None else None
-    return dq, dk, dv, dbias
+def flash_varlen_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    params: FlashParams,
+    head_bias: Tensor | None = None,
+    alibi: Tensor | None = None,
+    grads: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Backward of ``flash_varlen_fwd``, deterministic like ``flash_bwd``."""
+    rows = Rows(cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+    return _backward_into(do, q, k, v, params, head_bias, alibi, rows, grads)
 
 
 # ----------------------------------------------------------------------------------------------------
 # torch.library ops (so torch.compile traces them as opaque nodes) and autograd
+# Each op takes the options as (scale, const_bias, default_bias, window_left, window_right, top_left).
 
 
-def _params(scale, const_bias, window_left, window_right, top_left) -> FlashParams:
-    return FlashParams(float(scale), float(const_bias), int(window_left), int(window_right), bool(top_left))
+def _params(scale, const_bias, default_bias, window_left, window_right, top_left) -> FlashParams:
+    return FlashParams(
+        float(scale), float(const_bias), bool(default_bias), int(window_left), int(window_right), bool(top_left)
+    )
+
+
+def _no_bias_grad(q: Tensor) -> Tensor:
+    # custom ops cannot return None: an empty tensor stands for "no bias gradient".
+    return q.new_empty(0, dtype=torch.float32)
+
+
+def _fake_grads(q: Tensor, k: Tensor, v: Tensor, head_bias: Tensor | None) -> tuple[Tensor, ...]:
+    dbias = torch.empty_like(head_bias) if head_bias is not None else _no_bias_grad(q)
+    return (*(_empty_like(t) for t in (q, k, v)), dbias)
 
 
 @torch.library.custom_op("sigattn::flash_fwd", mutates_args=())
 def _flash_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, head_bias: Tensor | None, alibi: Tensor | None,
-    scale: float, const_bias: float, window_left: int, window_right: int, top_left: bool,
+    scale: float, const_bias: float, default_bias: bool, window_left: int, window_right: int, top_left: bool,
 ) -> Tensor:  # fmt: skip
-    return flash_fwd(q, k, v, _params(scale, const_bias, window_left, window_right, top_left), head_bias, alibi)
+    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left)
+    return flash_fwd(q, k, v, params, head_bias, alibi)
 
 
 @_flash_fwd_op.register_fake
-def _(q, k, v, head_bias, alibi, scale, const_bias, window_left, window_right, top_left):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+def _(q, k, v, head_bias, alibi, *options):
+    return _empty_like(q)
 
 
 @torch.library.custom_op("sigattn::flash_bwd", mutates_args=())
 def _flash_bwd_op(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, head_bias: Tensor | None, alibi: Tensor | None,
-    scale: float, const_bias: float, window_left: int, window_right: int, top_left: bool,
+    scale: float, const_bias: float, default_bias: bool, window_left: int, window_right: int, top_left: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    params = _params(scale, const_bias, window_left, window_right, top_left)
+    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left)
     dq, dk, dv, dbias = flash_bwd(do, q, k, v, params, head_bias, alibi)
-    # custom ops cannot return None: an empty tensor stands for "no bias gradient".
-    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dbias if dbias is not None else _no_bias_grad(q)
 
 
 @_flash_bwd_op.register_fake
-def _(do, q, k, v, head_bias, alibi, scale, const_bias, window_left, window_right, top_left):
-    like = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
-    dbias = torch.empty_like(head_bias) if head_bias is not None else q.new_empty(0, dtype=torch.float32)
-    return (*like, dbias)
+def _(do, q, k, v, head_bias, alibi, *options):
+    return _fake_grads(q, k, v, head_bias)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_dense(ctx, inputs, output):
     q, k, v, head_bias, alibi, *options = inputs
     ctx.save_for_backward(q, k, v, head_bias, alibi)
     ctx.options = options
 
 
-def _backward(ctx, grad_out):
+def _backward_dense(ctx, grad_out):
     q, k, v, head_bias, alibi = ctx.saved_tensors
     dq, dk, dv, dbias = _flash_bwd_op(grad_out, q, k, v, head_bias, alibi, *ctx.options)
-    return dq, dk, dv, (dbias if head_bias is not None else None), None, None, None, None, None, None
+    return dq, dk, dv, (dbias if head_bias is not None else None), None, *([None] * len(ctx.options))
 
 
-_flash_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_flash_fwd_op.register_autograd(_backward_dense, setup_context=_setup_dense)
+
+
+@torch.library.custom_op("sigattn::flash_varlen_fwd", mutates_args=())
+def _flash_varlen_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, head_bias: Tensor | None, alibi: Tensor | None,
+    scale: float, const_bias: float, default_bias: bool, window_left: int, window_right: int, top_left: bool,
+) -> Tensor:  # fmt: skip
+    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left)
+    return flash_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, head_bias, alibi)
+
+
+@_flash_varlen_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_bias, alibi, *options):
+    return _empty_like(q)
+
+
+@torch.library.custom_op("sigattn::flash_varlen_bwd", mutates_args=())
+def _flash_varlen_bwd_op(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, head_bias: Tensor | None, alibi: Tensor | None,
+    scale: float, const_bias: float, default_bias: bool, window_left: int, window_right: int, top_left: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left)
+    dq, dk, dv, dbias = flash_varlen_bwd(
+        do, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, head_bias, alibi
+    )
+    return dq, dk, dv, dbias if dbias is not None else _no_bias_grad(q)
+
+
+@_flash_varlen_bwd_op.register_fake
+def _(do, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_bias, alibi, *options):
+    return _fake_grads(q, k, v, head_bias)
+
+
+def _setup_varlen(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, head_bias, alibi, *options = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, head_bias, alibi)
+    ctx.max_seqlens = (max_q, max_k)
+    ctx.options = options
+
+
+def _backward_varlen(ctx, grad_out):
+    q, k, v, cu_q, cu_k, head_bias, alibi = ctx.saved_tensors
+    dq, dk, dv, dbias = _flash_varlen_bwd_op(
+        grad_out, q, k, v, cu_q, cu_k, *ctx.max_seqlens, head_bias, alibi, *ctx.options
+    )
+    dbias = dbias if head_bias is not None else None
+    return dq, dk, dv, None, None, None, None, dbias, None, *([None] * len(ctx.options))
+
+
+_flash_varlen_fwd_op.register_autograd(_backward_varlen, setup_context=_setup_varlen)
+
+
+@torch.library.custom_op("sigattn::flash_kvcache_fwd", mutates_args=())
+def _flash_kvcache_fwd_op(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor | None, block_table: Tensor | None,
+    head_bias: Tensor | None, alibi: Tensor | None,
+    scale: float, const_bias: float, default_bias: bool, window_left: int, window_right: int, top_left: bool,
+) -> Tensor:  # fmt: skip
+    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left)
+    return flash_kvcache_fwd(q, k_cache, v_cache, seqlens_k, params, head_bias, alibi, block_table)
+
+
+@_flash_kvcache_fwd_op.register_fake
+def _(q, k_cache, v_cache, seqlens_k, block_table, head_bias, alibi, *options):
+    return _empty_like(q)
 
 
 def flash_params(
-    seqlen_k: int, *, scale: float, bias: float | Tensor | None, causal: bool, window_size: tuple[int, int],
-    top_left: bool = False,
-) -> tuple[FlashParams, Tensor | None]:  # fmt: skip
+    *, scale: float, bias: float | Tensor | None, causal: bool, window_size: tuple[int, int], top_left: bool = False
+) -> tuple[FlashParams, Tensor | None]:
     """The launchers' options for the public semantics: (params, per-head bias tensor or None)."""
     left, right = window_size
     if causal:
         right = 0
     head_bias = bias if isinstance(bias, Tensor) else None
-    if bias is None:
-        const_bias = -math.log(seqlen_k) if seqlen_k > 0 else 0.0
-    else:
-        const_bias = 0.0 if head_bias is not None else float(bias)
-    return FlashParams(float(scale), const_bias, left, right, top_left), head_bias
+    const_bias = float(bias) if bias is not None and head_bias is None else 0.0
+    return FlashParams(float(scale), const_bias, bias is None, left, right, top_left), head_bias
+
+
+def _options(p: FlashParams) -> tuple:
+    return p.scale, p.const_bias, p.default_bias, p.window_left, p.window_right, p.top_left
 
 
 def sigmoid_attn_flash(
@@ -604,9 +1027,52 @@ def sigmoid_attn_flash(
     top_left: bool = False,
 ) -> Tensor:
     """Dense sigmoid attention on the Triton kernels; semantics of ``reference.sigmoid_attn_reference``."""
-    p, head_bias = flash_params(
-        k.shape[1], scale=scale, bias=bias, causal=causal, window_size=window_size, top_left=top_left
+    p, head_bias = flash_params(scale=scale, bias=bias, causal=causal, window_size=window_size, top_left=top_left)
+    return _flash_fwd_op(q, k, v, head_bias, alibi_slopes, *_options(p))
+
+
+def sigmoid_attn_varlen_flash(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    scale: float,
+    bias: float | Tensor | None,
+    causal: bool,
+    window_size: tuple[int, int],
+    alibi_slopes: Tensor | None = None,
+    top_left: bool = False,
+) -> Tensor:
+    """Packed sequences on the Triton kernels; semantics of ``reference.sigmoid_attn_varlen_reference``."""
+    p, head_bias = flash_params(scale=scale, bias=bias, causal=causal, window_size=window_size, top_left=top_left)
+    return _flash_varlen_fwd_op(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_bias, alibi_slopes, *_options(p)
     )
-    return _flash_fwd_op(
-        q, k, v, head_bias, alibi_slopes, p.scale, p.const_bias, p.window_left, p.window_right, p.top_left
-    )
+
+
+def sigmoid_attn_kvcache_flash(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens_k: Tensor | None,
+    *,
+    block_table: Tensor | None = None,
+    scale: float,
+    bias: float | Tensor | None,
+    causal: bool,
+    window_size: tuple[int, int],
+    alibi_slopes: Tensor | None = None,
+    top_left: bool = False,
+) -> Tensor:
+    """Attention against a KV cache on the Triton kernels (inference: no autograd); semantics of
+    ``reference.sigmoid_attn_kvcache_reference``."""
+    p, head_bias = flash_params(scale=scale, bias=bias, causal=causal, window_size=window_size, top_left=top_left)
+    if not torch.compiler.is_compiling():
+        # The op exists for torch.compile; calling it eagerly costs ~30 us of dispatch per decode step,
+        # more than the kernel at short caches, and this op needs none of its autograd.
+        return flash_kvcache_fwd(q, k_cache, v_cache, seqlens_k, p, head_bias, alibi_slopes, block_table)
+    return _flash_kvcache_fwd_op(q, k_cache, v_cache, seqlens_k, block_table, head_bias, alibi_slopes, *_options(p))

@@ -193,14 +193,14 @@ def sigmoid_attn_kvcache_reference(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    seqlens_k: Tensor,
+    seqlens_k: Tensor | None,
     *,
     block_table: Tensor | None = None,
     dense=sigmoid_attn_reference,
     **options,
 ) -> Tensor:
-    """Attention of q (B, Sq, Hq, D) to the first ``seqlens_k[b]`` keys of each row's cache, bottom-right
-    aligned per row. The cache is (B, S_cache, Hkv, D), or paged (num_blocks, page_size, Hkv, D) with
+    """Attention of q (B, Sq, Hq, D) to the first ``seqlens_k[b]`` keys (None: all) of each row's cache,
+    bottom-right aligned per row. The cache is (B, S_cache, Hkv, D), or paged (num_blocks, page_size, Hkv, D) with
     ``block_table``."""
     if block_table is not None:
         k_cache = gather_paged_cache(k_cache, block_table)
