@@ -1,0 +1,120 @@
+"""Input checks shared by ring and Ulysses attention, and the description of one validated call.
+
+Local checks come first (types, shapes, options), with the errors of ``sigattn.validation``. Then one
+small all-gather compares every rank's shapes and options: shards of different lengths, head counts,
+dtypes or flags across ranks would otherwise hang in a send or receive of the wrong size, or compute the
+wrong function silently. Every rank gets the same gathered table and so raises the same error. The
+all-gather costs one round trip (and, on CUDA, one host synchronisation) per call; it is skipped while
+torch.compile traces or a CUDA graph is captured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import validation as check
+
+# The fields every rank must agree on, in the order they are gathered.
+_AGREED = ("batch", "seqlen_local", "heads", "kv_heads", "headdim", "dtype", "causal", "load_balance", "bias")
+_BIAS_KIND = {"none": 0, "float": 1, "tensor": 2}
+
+
+@dataclass(frozen=True)
+class ShardedCall:
+    """One validated context-parallel call: the group, this rank, and the options resolved for the whole
+    sequence. ``bias`` is a float (``-log`` of the global key length when the caller gave None) or the
+    per-head (Hq,) tensor."""
+
+    group: dist.ProcessGroup | None
+    rank: int
+    world_size: int
+    seqlen: int  # of the whole sequence: world_size * the local shard's length
+    scale: float
+    bias: float | Tensor
+    causal: bool
+    load_balance: bool
+
+    @property
+    def head_bias(self) -> Tensor | None:
+        return self.bias if isinstance(self.bias, Tensor) else None
+
+
+def check_sharded_call(fn: str, q, k, v, group, *, causal, bias, scale, load_balance) -> ShardedCall:
+    """Validates ``fn``'s arguments on this rank and against the other ranks of ``group``."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{fn} needs torch.distributed: call torch.distributed.init_process_group first")
+    layout = "(batch, seqlen_local, nheads, headdim)"
+    for t, n in ((q, "q"), (k, "k"), (v, "v")):
+        check.check_tensor(t, n, 4, layout)
+    check.check_qkv(q, k, v, ("q", "k", "v"), ("(B, S_local, Hq, D)", "(B, S_local, Hkv, D)"))
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"k must have the local sequence length of q ({q.shape[1]}): {fn} is self-attention over one "
+            f"sharded sequence, each rank holding the same tokens' q, k and v; got k of shape {tuple(k.shape)}"
+        )
+    check.check_bias(bias, q.shape[2], q)
+    check.check_scale(scale)
+    check.check_flag(causal, "causal")
+    check.check_flag(load_balance, "load_balance")
+    if load_balance and q.shape[1] % 2 != 0:
+        raise ValueError(
+            f"load_balance=True (zig-zag) gives each rank two chunks of the sequence: the local sequence length "
+            f"(q's dim 1) must be even, got {q.shape[1]}"
+        )
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the group passed to {fn}")
+    if check.values_checkable():
+        _check_ranks_agree(fn, q, k, group, world_size, causal, bias, load_balance)
+
+    seqlen = world_size * q.shape[1]
+    if bias is None:
+        # The whole sequence's key count: each rank's queries see keys of every shard.
+        bias = -math.log(seqlen) if seqlen > 0 else 0.0
+    elif not isinstance(bias, Tensor):
+        bias = float(bias)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return ShardedCall(group, rank, world_size, seqlen, scale, bias, causal, load_balance)
+
+
+def _check_ranks_agree(fn, q, k, group, world_size, causal, bias, load_balance) -> None:
+    kind = "none" if bias is None else "tensor" if isinstance(bias, Tensor) else "float"
+    dtypes = list(check.FLOAT_DTYPES)
+    mine = [*q.shape[:3], k.shape[2], q.shape[3], dtypes.index(q.dtype), causal, load_balance, _BIAS_KIND[kind]]
+    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else q.device
+    local = torch.tensor(mine, dtype=torch.int64, device=device)
+    table = [torch.empty_like(local) for _ in range(world_size)]
+    dist.all_gather(table, local, group=group)
+    rows = torch.stack(table).tolist()  # [world_size, len(_AGREED)]
+    for i, field in enumerate(_AGREED):
+        values = [row[i] for row in rows]
+        if len(set(values)) == 1:
+            continue
+        if field == "dtype":
+            values = [str(dtypes[x]) for x in values]
+        elif field == "bias":
+            values = [next(name for name, code in _BIAS_KIND.items() if code == x) for x in values]
+        elif field in ("causal", "load_balance"):
+            values = [bool(x) for x in values]
+        raise ValueError(
+            f"{fn}: every rank of the group must pass the same {_DESCRIBE[field]}, got {values} on ranks "
+            f"0..{world_size - 1}"
+        )
+
+
+_DESCRIBE = {
+    "batch": "batch size (q's dim 0)",
+    "seqlen_local": "local sequence length (q's dim 1: the shards must all be S / world_size tokens long)",
+    "heads": "number of query heads (q's dim 2)",
+    "kv_heads": "number of key/value heads (k's dim 2)",
+    "headdim": "head dim (q's dim 3)",
+    "dtype": "dtype of q, k and v",
+    "causal": "causal flag",
+    "load_balance": "load_balance flag",
+    "bias": "kind of bias (None, a float or a per-head tensor)",
+}
