@@ -10,7 +10,6 @@ On the CPU the same grid (smaller) runs through TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import itertools
 import json
@@ -44,7 +43,6 @@ class Case:
     alibi: bool = False
     head_bias: bool = False
     top_left: bool = False
-    deterministic: bool = True  # False: the one-kernel backward that adds dQ atomically
 
     @property
     def id(self) -> str:
@@ -54,7 +52,6 @@ class Case:
         ]
         parts += ["causal"] * self.causal + [f"win{self.window[0]}_{self.window[1]}"] * (self.window != (-1, -1))
         parts += ["alibi"] * self.alibi + ["headbias"] * self.head_bias + ["topleft"] * self.top_left
-        parts += ["atomic"] * (not self.deterministic)
         return "-".join(parts)
 
 
@@ -180,7 +177,6 @@ def _run_dense(case: Case, device, randn, gen) -> dict:
     opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window, top_left=case.top_left)
 
     params, head_bias = flash_params(bias=bias, **opts)
-    params = dataclasses.replace(params, deterministic=case.deterministic)
     out = torch.full_like(q, math.nan)
     grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
     flash_fwd(q, k, v, params, head_bias, alibi, out=out)
@@ -298,7 +294,6 @@ def grid(quick: bool) -> list[AnyCase]:
         shapes = [(1, 1), (17, 17), (113, 203), (203, 113)]
         cases = [Case(2, sq, sk, 4, 2, 32, **m) for (sq, sk), m in itertools.product(shapes, masks)]
         cases += [Case(1, 40, 37, 2, 1, d, dtype=dt) for d in (16, 24, 64) for dt in ("bfloat16", "float16")]
-        cases += [Case(2, 113, 203, 4, 2, 32, deterministic=False, **m) for m in masks]
         cases += [VarlenCase((5, 0, 40, 17), (7, 3, 33, 17), 4, 2, 32, **m) for m in varlen_masks]
         cases += [
             KVCacheCase((0, 13, 50), 1, 64, 8, 2, 32, page_size=page, num_splits=splits, pack_gqa=pack)
@@ -320,11 +315,6 @@ def grid(quick: bool) -> list[AnyCase]:
     for d, dt in itertools.product((32, 40, 64, 80, 96, 128, 192, 256), ("bfloat16", "float16")):
         for (sq, sk), m in itertools.product(((113, 203), (1023, 1023)), (dict(), dict(causal=True))):
             cases.append(Case(2, sq, sk, 4, 2, d, dtype=dt, **m))
-    cases += [
-        Case(2, sq, sk, 8, 2, d, deterministic=False, **m)
-        for d in (64, 128)
-        for (sq, sk), m in itertools.product(((113, 203), (1023, 1023), (2048, 2048)), masks)
-    ]
     lens_q, lens_k = (1, 0, 513, 77, 1023, 200), (17, 9, 513, 300, 1023, 0)
     cases += [VarlenCase(lens_q, lens_k, 8, 2, d, **m) for d in (64, 128) for m in varlen_masks]
     cases += [VarlenCase(lens_q, lens_k, 8, hkv, d, dtype="float16", causal=True) for d in (96, 256) for hkv in (8, 1)]

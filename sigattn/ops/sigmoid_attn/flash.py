@@ -404,14 +404,10 @@ def sigmoid_attn_sum_splits_kernel(Partial, Out, numel, NUM_SPLITS: tl.constexpr
 
 
 @triton.jit
-def _bwd_dkdv_tiles(dk, dv, dsum, k, v, Q, DO, DQAccum, stride_qm, stride_dom, stride_dqm, offs_n, offs_d, lo, hi,
-                    seqlen_q, half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, lo, hi, seqlen_q,
+                    half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                    HEAD_BIAS: tl.constexpr):
-    """dK, dV of one key tile over query tiles [lo, hi); with ATOMIC_DQ also each tile's share of dQ, added
-    atomically into the fp32 DQAccum (5 matmuls per tile pair instead of 7, in no fixed order), and the
-    per-head bias gradient's sum over these tiles."""
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr):
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q = _load_rows(Q, offs_m * stride_qm, offs_m, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, MASKED)
@@ -425,26 +421,18 @@ def _bwd_dkdv_tiles(dk, dv, dsum, k, v, Q, DO, DQAccum, stride_qm, stride_dom, s
         dp = _dot(do, tl.trans(v), None)  # [BM, BN]
         ds = dp * p * (1.0 - p)
         dk = _dot(tl.trans(ds.to(q.dtype)), q, dk)  # [BN, BD]
-        if ATOMIC_DQ:
-            dq = _dot(ds.to(k.dtype), k, None)  # [BM, BD]
-            ptrs = DQAccum + offs_m[:, None] * stride_dqm + offs_d[None, :]
-            tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
-            if HEAD_BIAS:
-                dsum += tl.sum(tl.sum(ds, axis=1), axis=0)
-    return dk, dv, dsum
+    return dk, dv
 
 
 @triton.jit
 def sigmoid_attn_bwd_kernel_dkdv(
-    Q, K, V, DO, DK, DV, DQAccum, DBiasPartial, HeadBias, Alibi, CuSeqlensQ, CuSeqlensK,
+    Q, K, V, DO, DK, DV, HeadBias, Alibi, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-    stride_dqb, stride_dqm, stride_dqh,
     stride_alibi_b, seqlen_q, seqlen_k, window_left, window_right, scale, half_scale, half_scale_bias,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr,
     HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
 ):
     i_n, h_kv, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _row_bounds(b, CuSeqlensQ, CuSeqlensK, CuSeqlensK, seqlen_q, seqlen_k,
@@ -471,23 +459,16 @@ def sigmoid_attn_bwd_kernel_dkdv(
         h = h_kv * GROUP + g
         Qh = Q + b64 * stride_qb + q_start * stride_qm + h * stride_qh
         DOh = DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh
-        DQh = DQAccum + b64 * stride_dqb + q_start * stride_dqm + h * stride_dqh
         half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, row_half_bias, ALIBI, HEAD_BIAS)
-        dsum = 0.0
-        dk, dv, dsum = _bwd_dkdv_tiles(dk, dv, dsum, k, v, Qh, DOh, DQh, stride_qm, stride_dom, stride_dqm, offs_n,
-                                       offs_d, lo, full_lo, seqlen_q, half_scale, half_bias, half_slope, diag_offset,
-                                       window_left, window_right, HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT,
-                                       HAS_RIGHT, ALIBI, ATOMIC_DQ, HEAD_BIAS)
-        dk, dv, dsum = _bwd_dkdv_tiles(dk, dv, dsum, k, v, Qh, DOh, DQh, stride_qm, stride_dom, stride_dqm, offs_n,
-                                       offs_d, full_lo, full_hi, seqlen_q, half_scale, half_bias, half_slope,
-                                       diag_offset, window_left, window_right, HEAD_DIM, BLOCK_M, BLOCK_D, False,
-                                       HAS_LEFT, HAS_RIGHT, ALIBI, ATOMIC_DQ, HEAD_BIAS)
-        dk, dv, dsum = _bwd_dkdv_tiles(dk, dv, dsum, k, v, Qh, DOh, DQh, stride_qm, stride_dom, stride_dqm, offs_n,
-                                       offs_d, full_hi, hi, seqlen_q, half_scale, half_bias, half_slope, diag_offset,
-                                       window_left, window_right, HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT,
-                                       HAS_RIGHT, ALIBI, ATOMIC_DQ, HEAD_BIAS)
-        if ATOMIC_DQ and HEAD_BIAS:  # one partial per (b, h, key tile), summed on the host
-            tl.store(DBiasPartial + (b * GROUP * tl.num_programs(1) + h) * tl.num_programs(0) + i_n, dsum)
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, lo, full_lo, seqlen_q,
+                                 half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_lo, full_hi,
+                                 seqlen_q, half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI)
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_hi, hi, seqlen_q,
+                                 half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
     _store_rows(DK + b64 * stride_dkb + k_start * stride_dkn + h_kv * stride_dkh, (dk * scale).to(DK.dtype.element_ty),
                 offs_n * stride_dkn, offs_n, offs_d, seqlen_k, HEAD_DIM)
     _store_rows(DV + b64 * stride_dvb + k_start * stride_dvn + h_kv * stride_dvh, dv.to(DV.dtype.element_ty),
@@ -588,7 +569,6 @@ class FlashParams:
     window_left: int
     window_right: int
     top_left: bool
-    deterministic: bool = True  # the backward: two kernels, no atomics; else one, adding dQ atomically
 
 
 @dataclass(frozen=True)
@@ -692,22 +672,12 @@ def _launch_bwd(
     common = (rows.seqlen_q, rows.seqlen_k, *s["window"], params.scale, 0.5 * params.scale, 0.5 * params.const_bias)
 
     cfg = _config(BWD_DKDV_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
-    n_key_tiles = triton.cdiv(rows.seqlen_k, cfg.block_n)
-    atomic = not params.deterministic
-    dq_accum = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else _dummy(q)
-    partial = None
-    if atomic and head_bias is not None:  # zeros: tiles past a packed sequence's end write nothing
-        partial = torch.zeros(rows.batch, num_heads, n_key_tiles, dtype=torch.float32, device=q.device)
-    sigmoid_attn_bwd_kernel_dkdv[(n_key_tiles, num_kv_heads, rows.batch)](
-        q, k, v, do, dk, dv, dq_accum, partial if partial is not None else _dummy(q), s["head_bias"], s["alibi"],
-        *cu, *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(do, packed),
-        *_strides(dk, packed), *_strides(dv, packed), *(_strides(dq_accum, packed) if atomic else (0, 0, 0)),
-        s["alibi_stride"], *common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, ATOMIC_DQ=atomic, **flags,
+    sigmoid_attn_bwd_kernel_dkdv[(triton.cdiv(rows.seqlen_k, cfg.block_n), num_kv_heads, rows.batch)](
+        q, k, v, do, dk, dv, s["head_bias"], s["alibi"], *cu,
+        *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(do, packed),
+        *_strides(dk, packed), *_strides(dv, packed), s["alibi_stride"], *common,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )  # fmt: skip
-    if atomic:
-        dq.copy_(dq_accum.mul_(params.scale))
-        return partial.sum(dim=(0, 2)).to(head_bias.dtype) if partial is not None else None
 
     cfg = _config(BWD_DQ_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
     n_tiles = triton.cdiv(rows.seqlen_q, cfg.block_m)
@@ -871,8 +841,7 @@ def flash_bwd(
     alibi: Tensor | None = None,
     grads: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Backward of ``flash_fwd``: (dq, dk, dv, dbias or None). With ``params.deterministic`` two kernels and
-    no atomics (bit-identical across runs); else one kernel that adds dQ atomically in float32.
+    """Backward of ``flash_fwd``: (dq, dk, dv, dbias or None). Deterministic: no atomics anywhere.
     ``grads`` = (dq, dk, dv) buffers receive the results when given (tests poison them)."""
     rows = Rows(q.shape[0], q.shape[1], k.shape[1])
     return _backward_into(do, q, k, v, params, head_bias, alibi, rows, grads)
@@ -892,7 +861,7 @@ def flash_varlen_bwd(
     alibi: Tensor | None = None,
     grads: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Backward of ``flash_varlen_fwd``, as ``flash_bwd``."""
+    """Backward of ``flash_varlen_fwd``, deterministic like ``flash_bwd``."""
     rows = Rows(cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
     return _backward_into(do, q, k, v, params, head_bias, alibi, rows, grads)
 
