@@ -326,3 +326,66 @@ def test_bench_command_on_cuda(tmp_path, capsys):
     assert len(rows) == 2 * 2 * 3, out  # 2 providers x causal/full x 3 modes
     for row in rows:
         assert row["ms"] > 0 and row["tflops"] > 0 and row["peak_mem_mb"] >= 0
+
+
+# ------------------------------------------------------------------------------- --decode and --varlen
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--decode", "--varlen"], "choose one of --memory, --decode and --varlen, got --decode --varlen"),
+        (["--decode", "--seqlen", "1k"], "--decode runs its own fixed sweep (bf16): drop --seqlen"),
+        (["--varlen", "--plot", "x.png"], "--varlen runs its own fixed sweep (bf16): drop --plot"),
+        (["--varlen", "--modes", "fwd"], "drop --modes"),
+    ],
+)
+def test_inference_sweeps_reject_the_dense_options(capsys, argv, message):
+    assert cli.main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without a GPU")
+@pytest.mark.parametrize("flag", ["--decode", "--varlen"])
+def test_inference_sweeps_need_cuda(capsys, flag):
+    assert cli.main(["bench", flag, "--quick"]) == 1
+    assert "the benchmark needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_decode_shapes_and_bytes():
+    from sigattn import benchmark_inference as inf
+
+    shapes = inf.decode_shapes(quick=False)
+    assert len(shapes) == len(inf.DECODE_BATCHES) * len(inf.DECODE_CACHE_LENS) * len(inf.DECODE_HEADS)
+    shape = inf.DecodeShape(2, 1024, 32, 8)
+    assert shape.kv_bytes == 2 * 2 * 1024 * 8 * 128 * 2  # K and V, bf16
+    assert {s.cache_len for s in inf.decode_shapes(quick=True)} == {4096, 32768}
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_varlen_lengths_cover_the_tokens(mixed):
+    from sigattn import benchmark_inference as inf
+
+    lengths = inf._lengths(1024, mixed)
+    assert sum(lengths) == inf.VARLEN_TOKENS
+    assert lengths == inf._lengths(1024, mixed)  # the same for every provider
+    if mixed:
+        assert len(set(lengths)) > 1 and max(lengths) <= 7 * 1024 // 4
+    else:
+        assert lengths == [1024] * 16
+
+
+def test_decode_table_ratios():
+    from sigattn import benchmark_inference as inf
+
+    def row(provider, ms):
+        return {"provider": provider, "heads": 32, "kv_heads": 8, "batch": 1, "cache_len": 8192, "ms": ms,
+                "gbps": 1000 / ms, "gbps_eager": 100 / ms}  # fmt: skip
+
+    rows = [row("sigattn", 0.5), row("sdpa-flash", 1.0), row("sdpa-cudnn", 0.25)]
+    skips = [("sdpa-math", inf.DecodeShape(1, 8192, 32, 8), "OutOfMemoryError: ...")]
+    lines = inf.format_decode(rows, skips, copy=4000.0).splitlines()
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[:6] == ["32/8", "1", "8k", "2000", "1000", "4000"]
+    assert cells[6:9] == ["0.50", "2.00x", "0.50x"]  # of the copy; sdpa-flash takes 2x as long, cuDNN half
+    assert lines[-1] == "skipped sdpa-math: OutOfMemoryError: ..."
