@@ -1,0 +1,152 @@
+"""The converter on a tiny random BERT (nothing is downloaded).
+
+The calibrated bias is checked against the mass recomputed here from the model's own hidden states and
+query/key weights: with it, the sigmoid weights of a real token's query sum to 1 on average. The
+converted model trains (no dropout left to refuse), survives save/load, and ``sigattn convert`` does the
+same from the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import BertConfig, BertModel, BertTokenizer  # noqa: E402
+
+from sigattn import cli  # noqa: E402
+from sigattn.integrations import convert  # noqa: E402
+from sigattn.integrations import transformers as sigmoid_hf  # noqa: E402
+
+WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "that", "for", "on", "with", "as", "was", "by"]
+
+
+def tiny_bert() -> BertModel:
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        attention_probs_dropout_prob=0.1,
+    )
+    model = BertModel(config, add_pooling_layer=False).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def batches():
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for lengths in ([12, 7, 9], [5, 12, 3]):
+        ids = torch.randint(5, 5 + len(WORDS), (3, max(lengths)), generator=gen)
+        mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def real_logits(model, batch) -> list[torch.Tensor]:
+    """Per layer, (H, pairs) scaled logits of real (query, key) token pairs, from the softmax model."""
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    real = batch["attention_mask"].bool()
+    pairs = real[:, :, None] & real[:, None, :]  # [B, Sq, Sk]
+    logits = []
+    for layer, h in zip(model.encoder.layer, hidden, strict=False):
+        attn = layer.attention.self
+        heads, dim = attn.num_attention_heads, attn.attention_head_size
+        q = attn.query(h).unflatten(-1, (heads, dim)).transpose(1, 2)
+        k = attn.key(h).unflatten(-1, (heads, dim)).transpose(1, 2)
+        s = q @ k.transpose(-1, -2) / math.sqrt(dim)  # [B, H, Sq, Sk]
+        logits.append(s.transpose(0, 1)[:, pairs])  # [H, pairs]
+    return logits
+
+
+def mean_mass(logits: torch.Tensor, bias: torch.Tensor, queries: int) -> torch.Tensor:
+    return torch.sigmoid(logits.double() + bias.double()[:, None]).sum(-1) / queries
+
+
+@pytest.mark.parametrize("granularity", convert.GRANULARITIES)
+def test_calibrated_bias_makes_the_mean_mass_one(granularity):
+    model = tiny_bert()
+    data = batches()
+    bias = convert.calibrate_bias(model, data, granularity)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    per_batch = [real_logits(model, b) for b in data]
+    queries = sum(int(b["attention_mask"].sum()) for b in data)
+    for layer in range(2):
+        logits = torch.cat([p[layer] for p in per_batch], dim=1)  # [H, pairs]
+        if granularity == "head":
+            masses = mean_mass(logits, torch.tensor(bias[layer]), queries)
+        else:
+            value = bias[layer] if granularity == "layer" else bias
+            masses = mean_mass(logits.reshape(1, -1), torch.tensor([value]), queries * logits.shape[0])
+        if granularity != "model":
+            torch.testing.assert_close(masses, torch.ones_like(masses), atol=5e-3, rtol=0)
+    if granularity == "model":
+        logits = torch.cat([torch.cat([p[layer] for p in per_batch], dim=1).reshape(-1) for layer in range(2)])
+        mass = mean_mass(logits[None], torch.tensor([bias]), queries * 4 * 2)
+        torch.testing.assert_close(mass, torch.ones_like(mass), atol=5e-3, rtol=0)
+
+
+def test_converted_model_trains_and_round_trips(tmp_path):
+    model = tiny_bert()
+    report = convert.convert_to_sigmoid(model, batches())
+    assert model.config._attn_implementation == "sigmoid"
+    assert model.config.sigmoid_attn_bias == report["bias"] and len(report["bias"]) == 2
+    assert report["dropout_zeroed"] == {"attention_probs_dropout_prob": 0.1}
+    model.train()
+    batch = batches()[0]
+    model(**batch).last_hidden_state.sum().backward()  # would raise if attention dropout were left
+    assert model.encoder.layer[0].attention.self.query.weight.grad is not None
+
+    model.eval()
+    expected = model(**batch).last_hidden_state
+    model.save_pretrained(tmp_path)
+    sigmoid_hf.register()
+    loaded = BertModel.from_pretrained(tmp_path, attn_implementation="sigmoid").eval()
+    assert loaded.config.sigmoid_attn_bias == report["bias"]
+    torch.testing.assert_close(loaded(**batch).last_hidden_state, expected)
+
+
+def test_explicit_bias_needs_no_calibration():
+    model = tiny_bert()
+    report = convert.convert_to_sigmoid(model, bias=-3.0)
+    assert report["bias"] == -3.0 and model.config.sigmoid_attn_bias == -3.0
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        convert.calibrate_bias(tiny_bert(), batches(), "row")
+    with pytest.raises(ValueError, match="needs calibration_batches"):
+        convert.convert_to_sigmoid(tiny_bert())
+
+
+def test_docstring_sentences_are_text():
+    sentences = convert.docstring_sentences()
+    assert len(sentences) > 1000 and sentences == sorted(set(sentences))
+    assert all(s.isascii() and 30 <= len(s) <= 250 for s in sentences)
+
+
+def test_cli_converts_a_local_model(tmp_path, capsys):
+    source, target = tmp_path / "bert", tmp_path / "bert-sigmoid"
+    tiny_bert().save_pretrained(source)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(source)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat is on the mat\nit was a dark and stormy night\nfor this is that\n")
+
+    status = cli.main(["convert", str(source), str(target), "--text", str(text), "--granularity", "layer"])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "sigmoid_attn_bias per layer" in out
+    config = json.loads((target / "config.json").read_text())
+    assert len(config["sigmoid_attn_bias"]) == 2 and all(isinstance(b, float) for b in config["sigmoid_attn_bias"])
+    assert (target / "tokenizer_config.json").exists()
+
+    status = cli.main(["convert", str(tmp_path / "missing"), str(target)])
+    assert status == 2 and "sigattn convert: error:" in capsys.readouterr().err
