@@ -418,7 +418,11 @@ def test_compiled_forward_equals_eager():
     with sigattn.use_backend("triton"), torch.no_grad():
         for seqlen in (6, 9):
             batch = inputs("llama", batch=2, seqlen=seqlen)
-            torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits)
+            got, expected = compiled(**batch).logits, model(**batch).logits
+            if COMPILE_BACKEND == "eager":  # the same ops in the same order
+                torch.testing.assert_close(got, expected)
+            else:  # inductor fuses the norms and rotary embedding: bf16 rounds differently (H100: 2.4e-3)
+                torch.testing.assert_close(got, expected, rtol=0, atol=4 * 2**-8 * expected.abs().max().item())
 
 
 def static_cache_decode(model, batch, steps, step_fn):
