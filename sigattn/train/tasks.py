@@ -1,0 +1,161 @@
+"""What a run trains on: a language model on text, or a ViT on images.
+
+A task loads its data, builds its model (filling in the model fields the data decides), hands out the
+training batch of each step, evaluates, and picks the input the diagnostics run on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..data import (
+    ImageBatches,
+    TokenBatches,
+    build_tokenizer,
+    eval_windows,
+    load_digits,
+    load_npz,
+    load_shakespeare,
+    read_text_file,
+    split_images,
+    tokenizer_from_state,
+)
+from ..models import GPT, ViT
+from .config import RunConfig
+
+PROBE_ROWS = 8  # sequences (or images) the diagnostics run on
+
+
+def _evaluate(model: nn.Module, batches, device, autocast) -> tuple[float, Tensor]:
+    """The mean loss over (input, target) batches and the argmax of the last logits axis (on the CPU)."""
+    total, count, predictions = 0.0, 0, []
+    for x, y in batches:
+        with autocast():
+            logits, loss = model(x.to(device), y.to(device))
+        total += loss.item() * len(x)
+        count += len(x)
+        predictions.append(logits.argmax(dim=-1).cpu())
+    return total / count, torch.cat(predictions)
+
+
+class LMTask:
+    """Next-token prediction on a text: the Shakespeare corpus or any UTF-8 file.
+
+    The text is tokenised whole; the last ``val_fraction`` of the tokens is the validation split.
+    Validation runs at the training context (``model.block_size``) and at each of
+    ``train.eval_context_lengths``, on fixed windows spread over the validation split."""
+
+    def __init__(self, config: RunConfig, state: dict | None = None):
+        data, settings = config.data, config.train
+        if data.dataset == "shakespeare":
+            text = load_shakespeare(data.path)
+            self.description = "the works of Shakespeare" if data.path is None else f"text from {data.path}"
+        else:
+            text = read_text_file(data.path)
+            self.description = f"text from {data.path}"
+        if state is not None:
+            self.tokenizer = tokenizer_from_state(state["tokenizer"])
+        else:
+            self.tokenizer = build_tokenizer(data.tokenizer, text, data.vocab_size)
+        tokens = torch.tensor(self.tokenizer.encode(text), dtype=torch.int64)
+        num_val = int(len(tokens) * data.val_fraction)
+        train, val = tokens[: len(tokens) - num_val], tokens[len(tokens) - num_val :]
+        self.model_config = dataclasses.replace(config.model, vocab_size=self.tokenizer.vocab_size)
+        block_size = self.model_config.block_size
+        self.context = block_size
+        self.batches = TokenBatches(train, settings.batch_size, block_size, settings.seed)
+        self.tokens_per_batch = settings.batch_size * block_size
+        self.context_lengths = sorted({block_size, *settings.eval_context_lengths})
+        self.eval_sets = {
+            n: eval_windows(val, n, settings.eval_windows, settings.batch_size) for n in self.context_lengths
+        }
+        self.description += f": {len(train):,} training and {len(val):,} validation {data.tokenizer} tokens"
+
+    def build_model(self) -> GPT:
+        """A freshly initialised model (its data-derived fields filled in)."""
+        return GPT(self.model_config)
+
+    def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The (inputs, targets) of step ``step``, on the CPU; a function of (seed, step) only."""
+        return self.batches.batch(step)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device, autocast: Callable = contextlib.nullcontext) -> dict:
+        """``val_loss`` at the training context and ``val_loss_by_context`` (keys: context lengths)."""
+        by_context = {str(n): _evaluate(model, batches, device, autocast)[0] for n, batches in self.eval_sets.items()}
+        return {"val_loss": by_context[str(self.context)], "val_loss_by_context": by_context}
+
+    def probe_input(self) -> Tensor:
+        """The input the diagnostics run on: the first validation windows at the training context."""
+        return self.eval_sets[self.context][0][0][:PROBE_ROWS]
+
+    def state(self) -> dict:
+        """What a checkpoint keeps to rebuild this task exactly: the tokenizer."""
+        return {"tokenizer": self.tokenizer.state()}
+
+
+class ImageTask:
+    """Image classification: scikit-learn's digits or an .npz file; ``val_fraction`` held out."""
+
+    def __init__(self, config: RunConfig, state: dict | None = None):
+        data, settings = config.data, config.train
+        if data.dataset == "digits":
+            images, labels = load_digits()
+            self.description = "scikit-learn digits"
+        else:
+            try:
+                images, labels = load_npz(data.path)
+            except (FileNotFoundError, ValueError) as error:
+                raise ValueError(f"data.path: {error}") from None
+            self.description = f"images from {data.path}"
+        self.split = split_images(images, labels, data.val_fraction, settings.seed)
+        channels, size = self.split.train_images.shape[1], self.split.train_images.shape[2]
+        self.model_config = dataclasses.replace(
+            config.model, image_size=size, channels=channels, n_classes=self.split.num_classes
+        )
+        self.batches = ImageBatches(
+            self.split.train_images, self.split.train_labels, settings.batch_size, settings.seed
+        )
+        self.tokens_per_batch = settings.batch_size * self.model_config.seqlen
+        self.eval_batches = list(
+            zip(
+                self.split.val_images.split(settings.batch_size),
+                self.split.val_labels.split(settings.batch_size),
+                strict=True,
+            )
+        )
+        self.description += (
+            f": {len(self.split.train_images)} training and {len(self.split.val_images)} validation images"
+        )
+
+    def build_model(self) -> ViT:
+        """A freshly initialised model (its data-derived fields filled in)."""
+        return ViT(self.model_config)
+
+    def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        """The (inputs, targets) of step ``step``, on the CPU; a function of (seed, step) only."""
+        return self.batches.batch(step)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, device, autocast: Callable = contextlib.nullcontext) -> dict:
+        """``val_loss`` and ``val_acc`` over all validation images."""
+        loss, predictions = _evaluate(model, self.eval_batches, device, autocast)
+        return {"val_loss": loss, "val_acc": (predictions == self.split.val_labels).float().mean().item()}
+
+    def probe_input(self) -> Tensor:
+        """The input the diagnostics run on: the first validation images."""
+        return self.split.val_images[:PROBE_ROWS]
+
+    def state(self) -> dict:
+        """Nothing: the split is a function of the seed."""
+        return {}
+
+
+def make_task(config: RunConfig, state: dict | None = None) -> LMTask | ImageTask:
+    """The task of ``config.task``; ``state`` (from a checkpoint) restores what was derived from the data."""
+    return LMTask(config, state) if config.task == "lm" else ImageTask(config, state)

@@ -1,0 +1,432 @@
+"""The training loop: AdamW with warmup + cosine, gradient clipping, bf16 autocast on CUDA, optional
+activation checkpointing and ``torch.compile``, periodic evaluation and diagnostics, atomic checkpoints
+and exact resumption.
+
+A run writes into its output folder:
+
+    config.json      the settings (``RunConfig.to_dict()``)
+    metrics.jsonl    one JSON object per logged step (``sigattn.train.metrics``)
+    checkpoint.pt    model, optimizer, step, random-number state and loop state (written atomically)
+    result.json      final validation loss, tokens/s and totals
+    loss.png, diagnostics.png
+
+Resuming (``resume=True``) continues from checkpoint.pt to the same losses an uninterrupted run reaches
+(bit for bit on the CPU): batches are a function of (seed, step), the random-number state, optimizer state
+and the pending loss average are restored, and metrics.jsonl is cut back to the checkpoint's step.
+Ctrl-C (or SIGTERM) stops after the current step and writes a checkpoint; a second one stops at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import platform
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data import CorpusUnavailableError
+from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from .config import ConfigError, RunConfig
+from .diagnostics import SpikeDetector, attention_stats
+from .metrics import MetricsWriter, read_metrics
+from .schedule import learning_rate
+from .tasks import make_task
+
+Log = Callable[[str], None]
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
+                 "math": "MATH"}  # fmt: skip
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or continue as asked (no checkpoint to resume, a changed config, ...)."""
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run reports; also written to ``result.json``."""
+
+    out_dir: str
+    attn: str
+    steps: int
+    max_steps: int
+    final_val_loss: float | None
+    val_loss_by_context: dict | None
+    tokens_per_s: float | None
+    train_seconds: float
+    tokens: int
+    grad_spikes: int
+    stopped_early: bool
+    device: str  # where the steps ran, e.g. "NVIDIA H100 80GB HBM3" ("A + B" if a resume moved the run)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def device_name(device: torch.device) -> str:
+    """A readable name: the GPU's, or the CPU's with its thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainError("train.device is 'cuda' but CUDA is not available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices and embeddings (dim >= 2); none on norms, biases and LayerScale."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """The settings that differ between two config dicts, as ``name: saved -> current``."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return diffs
+
+
+class _StopRequest:
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM into a request to stop after the current step; a second
+    one interrupts at once. Only in the main thread (where Python delivers signals)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One run of ``config`` in ``out_dir``; ``resume=True`` continues the run saved there.
+
+    ``log`` receives one line per evaluation (default: stderr)."""
+
+    def __init__(self, config: RunConfig, out_dir: str | Path, *, resume: bool = False, log: Log | None = None):
+        self.config, self.out = config, Path(out_dir)
+        self.log = log or (lambda line: print(line, file=sys.stderr))
+        settings = config.train
+        state = self._load_state() if resume else None
+        if not resume and (self.out / CHECKPOINT).exists():
+            raise TrainError(
+                f"{self.out} already holds a run ({CHECKPOINT}): pass --resume to continue it, or choose another --out"
+            )
+        self.device = resolve_device(settings.device)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(settings.seed)
+        try:
+            self.task = make_task(config, state["task"] if state else None)
+        except (CorpusUnavailableError, ValueError, ImportError) as error:
+            raise TrainError(f"data: {error}") from None
+        self.model = self.task.build_model().to(self.device)
+        self.model.activation_checkpointing = settings.activation_checkpointing
+        fused = self.device.type == "cuda"
+        opt = config.optim
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), fused=fused
+        )
+        self.use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and self.device.type == "cuda")
+        use_compile = settings.compile == "on" or (settings.compile == "auto" and self.device.type == "cuda")
+        self.forward = torch.compile(self.model) if use_compile else self.model
+        self.spikes = SpikeDetector(settings.spike_factor)
+        self.step = 0
+        self.pending_losses: list = []  # since the last logged step: losses, gradient norms
+        self.pending_norms: list = []
+        self.tokens = 0
+        self.train_seconds = 0.0  # training steps only (no evaluation), over the whole run
+        self.timed_tokens, self.timed_seconds = 0, 0.0  # the same, less each process's first interval
+        self.last_eval: dict = {}
+        self.devices: list[str] = []  # where the steps ran
+        if state is not None:
+            self._restore(state)
+        (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if config.task == "lm":
+            (self.out / "tokenizer.json").write_text(json.dumps(self.task.state()["tokenizer"]) + "\n")
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step if state else None)
+
+    # ------------------------------------------------------------------------------- state
+
+    def _load_state(self) -> dict:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            raise TrainError(f"--resume: no {CHECKPOINT} in {self.out} to resume from")
+        state = load_checkpoint(path)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise TrainError(f"--resume: {path} has format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        diffs = config_diff(state["config"], self.config.to_dict())
+        if diffs:
+            raise TrainError(
+                f"--resume continues the run saved in {self.out} with its own settings; these differ: "
+                + "; ".join(diffs)
+            )
+        return state
+
+    def _restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        loop = state["loop"]
+        self.step = state["step"]
+        self.spikes.load_state_dict(loop["spikes"])
+        self.pending_losses = [torch.tensor(v) for v in loop["pending_losses"]]
+        self.pending_norms = [torch.tensor(v) for v in loop["pending_norms"]]
+        self.tokens, self.train_seconds = loop["tokens"], loop["train_seconds"]
+        self.timed_tokens, self.timed_seconds = loop["timed_tokens"], loop["timed_seconds"]
+        self.last_eval = loop["last_eval"]
+        self.devices = list(loop["devices"])
+        set_rng_state(state["rng"])
+
+    def save(self) -> None:
+        """Writes checkpoint.pt atomically."""
+        loop = {
+            "spikes": self.spikes.state_dict(),
+            "pending_losses": [float(v) for v in self.pending_losses],
+            "pending_norms": [float(v) for v in self.pending_norms],
+            "tokens": self.tokens,
+            "train_seconds": self.train_seconds,
+            "timed_tokens": self.timed_tokens,
+            "timed_seconds": self.timed_seconds,
+            "last_eval": self.last_eval,
+            "devices": self.devices,
+        }
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "task": self.task.state(),
+            "loop": loop,
+        }
+        save_atomic(state, self.out / CHECKPOINT)
+
+    # -------------------------------------------------------------------------------- loop
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when the run uses it, else a no-op context."""
+        if self.use_bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _sdpa_context(self):
+        name = self.config.train.sdpa_backend
+        if name == "auto" or self.config.model.attn != "softmax":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
+
+    def train_step(self) -> None:
+        """One optimizer step on the batch of ``self.step``."""
+        x, y = (t.to(self.device, non_blocking=True) for t in self.task.train_batch(self.step))
+        lr = learning_rate(self.step, self.config.optim, self.config.train.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast(), self._sdpa_context():
+            _, loss = self.forward(x, y)
+        loss.backward()
+        clip = self.config.optim.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.pending_losses.append(loss.detach())
+        self.pending_norms.append(norm.detach())
+        self.tokens += self.task.tokens_per_batch
+        self.step += 1
+
+    def fit(self, until_step: int | None = None) -> RunResult:
+        """Trains to ``train.max_steps`` (or stops at ``until_step``), then checkpoints and reports."""
+        settings = self.config.train
+        end = settings.max_steps if until_step is None else min(until_step, settings.max_steps)
+        bar = _progress_bar(settings.max_steps, self.step, settings.progress, self.config.model.attn)
+        if self.step < end and device_name(self.device) not in self.devices:
+            self.devices.append(device_name(self.device))
+        first_interval = True
+        interval_start, interval_steps = time.perf_counter(), 0
+        stopped = False
+        with _StopRequest() as stop:
+            while self.step < end:
+                self.train_step()
+                interval_steps += 1
+                bar.update(1)
+                evaluate = self.step % settings.eval_every == 0 or self.step == settings.max_steps
+                if self.step % settings.log_every == 0 or evaluate:
+                    row = self._log_row(interval_steps, interval_start, first_interval)
+                    if evaluate:
+                        row.update(self._evaluate())
+                    self.metrics.write(row)
+                    bar.set_postfix_str(_postfix(row))
+                    first_interval, interval_start, interval_steps = False, time.perf_counter(), 0
+                if settings.ckpt_every and self.step % settings.ckpt_every == 0:
+                    saving = time.perf_counter()
+                    self.save()
+                    interval_start += time.perf_counter() - saving  # not training time
+                if stop.requested and self.step < end:
+                    stopped = True
+                    self.log(f"stopped at step {self.step}: resume with --resume")
+                    break
+        bar.close()
+        self.save()
+        result = self.result(stopped or self.step < settings.max_steps)
+        (self.out / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        if self.step == settings.max_steps and settings.plots:
+            self._plot()
+        return result
+
+    def _log_row(self, interval_steps: int, interval_start: float, first_interval: bool) -> dict:
+        losses = torch.stack(self.pending_losses).float().cpu().tolist()  # one device sync per log
+        norms = torch.stack(self.pending_norms).float().cpu().tolist()
+        seconds = time.perf_counter() - interval_start  # after the device sync above
+        for n in norms:
+            self.spikes.update(n)
+        tokens = interval_steps * self.task.tokens_per_batch
+        self.train_seconds += seconds
+        if not first_interval:
+            self.timed_tokens += tokens
+            self.timed_seconds += seconds
+        self.pending_losses, self.pending_norms = [], []
+        return {
+            "step": self.step,
+            "train_loss": sum(losses) / len(losses),
+            "lr": learning_rate(self.step - 1, self.config.optim, self.config.train.max_steps),
+            "grad_norm": norms[-1],
+            "grad_norm_max": max(norms),
+            "grad_spikes": self.spikes.spikes,
+            "tokens": self.tokens,
+            "tokens_per_s": tokens / seconds if seconds > 0 else None,
+            "elapsed_s": self.train_seconds,
+        }
+
+    def _evaluate(self) -> dict:
+        self.model.eval()
+        try:
+            out = self.task.evaluate(self.model, self.device, self.autocast)
+            if self.config.train.diagnostics:
+                probe = self.task.probe_input().to(self.device)
+                out.update(attention_stats(self.model, probe, self.autocast))
+        finally:
+            self.model.train()
+        self.last_eval = {k: out[k] for k in ("val_loss", "val_loss_by_context") if k in out}
+        parts = [f"step {self.step}: val loss {out['val_loss']:.4f}"]
+        if "val_loss_by_context" in out:
+            parts.append("by context " + ", ".join(f"{n}: {v:.4f}" for n, v in out["val_loss_by_context"].items()))
+        if "val_acc" in out:
+            parts.append(f"val acc {out['val_acc']:.3f}")
+        self.log(f"[{self.config.model.attn}] " + "; ".join(parts))
+        return out
+
+    def result(self, stopped_early: bool) -> RunResult:
+        """What the run has done so far; tokens/s leaves out each process's first logged interval (warm-up,
+        compilation)."""
+        if self.timed_seconds > 0:
+            tokens_per_s = self.timed_tokens / self.timed_seconds
+        else:
+            tokens_per_s = self.tokens / self.train_seconds if self.train_seconds > 0 else None
+        return RunResult(
+            out_dir=str(self.out),
+            attn=self.config.model.attn,
+            steps=self.step,
+            max_steps=self.config.train.max_steps,
+            final_val_loss=self.last_eval.get("val_loss"),
+            val_loss_by_context=self.last_eval.get("val_loss_by_context"),
+            tokens_per_s=tokens_per_s,
+            train_seconds=self.train_seconds,
+            tokens=self.tokens,
+            grad_spikes=self.spikes.spikes,
+            stopped_early=stopped_early,
+            device=" + ".join(self.devices) or device_name(self.device),
+        )
+
+    def _plot(self) -> None:
+        from .plots import plot_runs
+
+        try:
+            plot_runs({self.config.model.attn: read_metrics(self.out / "metrics.jsonl")}, self.out)
+        except ImportError as error:  # no matplotlib
+            self.log(f"no plots: {error}")
+
+
+def _postfix(row: dict) -> str:
+    parts = [f"loss {row['train_loss']:.3f}"]
+    if "val_loss" in row:
+        parts.append(f"val {row['val_loss']:.3f}")
+    if row["tokens_per_s"]:
+        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    return ", ".join(parts)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, initial: int, enabled: bool, label: str):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    # disable=None: no bar when stderr is not a terminal (logs, CI); the evaluation lines still print.
+    return tqdm(total=total, initial=initial, desc=label, unit="step", dynamic_ncols=True, leave=False, disable=None)
+
+
+def train(
+    config: RunConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    until_step: int | None = None,
+    log: Log | None = None,
+) -> RunResult:
+    """Runs (or with ``resume`` continues) a training run of ``config`` in ``out_dir``.
+
+    ``until_step`` stops early at that step, with a checkpoint (as an interruption would).
+    Raises ``TrainError`` or ``ConfigError`` for problems the user can fix."""
+    return Trainer(config, out_dir, resume=resume, log=log).fit(until_step)
+
+
+__all__ = ["ConfigError", "RunResult", "TrainError", "Trainer", "train"]
