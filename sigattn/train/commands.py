@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..data import CorpusUnavailableError
@@ -92,7 +93,8 @@ def run_train(args: argparse.Namespace) -> int:
     preset = Path(args.preset).stem
     out = Path(args.out) if args.out else Path("runs") / f"{preset}-{config.model.attn}"
     result = train(config, out, resume=args.resume)
-    print(json.dumps(result.to_dict(), indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 alone reports
+        print(json.dumps(result.to_dict(), indent=2))
     return 0
 
 

@@ -90,6 +90,9 @@ class TrainSettings:
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
     compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile on CUDA only
     activation_checkpointing: bool = False
+    # Data parallelism under torchrun (sigattn/train/parallel.py); batch_size is the global batch. Under
+    # torchrun with more than one process, "none" is an error rather than N copies of one run.
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
     sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"  # softmax's SDPA kernel
     progress: bool = True  # a progress bar (tqdm) with loss and tokens/s
     plots: bool = True  # loss.png and diagnostics.png in the run folder at the end

@@ -14,6 +14,11 @@ Resuming (``resume=True``) continues from checkpoint.pt to the same losses an un
 (bit for bit on the CPU): batches are a function of (seed, step), the random-number state, optimizer state
 and the pending loss average are restored, and metrics.jsonl is cut back to the checkpoint's step.
 Ctrl-C (or SIGTERM) stops after the current step and writes a checkpoint; a second one stops at once.
+
+With ``train.parallel`` = ddp or fsdp the run is data-parallel under torchrun (``parallel.py``): each rank
+trains on its share of the global batch, rank 0 alone logs and writes the run's files, and the model and
+optimizer are checkpointed with DCP in ``checkpoint/`` instead of checkpoint.pt, resumable on any number of
+processes. Under torchrun a stop request takes effect at the next logged step (the ranks agree on it there).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 from torch import nn
 
 from ..data import CorpusUnavailableError
+from . import parallel as par
 from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import ConfigError, RunConfig
 from .diagnostics import SpikeDetector, attention_stats
@@ -144,27 +150,40 @@ class Trainer:
         self.log = log or (lambda line: print(line, file=sys.stderr))
         settings = config.train
         state = self._load_state() if resume else None
-        if not resume and (self.out / CHECKPOINT).exists():
+        if not resume and ((self.out / CHECKPOINT).exists() or par.checkpoint_exists(self.out)):
             raise TrainError(
-                f"{self.out} already holds a run ({CHECKPOINT}): pass --resume to continue it, or choose another --out"
+                f"{self.out} already holds a run ({CHECKPOINT} or {par.CHECKPOINT_DIR}/): pass --resume to continue "
+                "it, or choose another --out"
             )
-        self.device = resolve_device(settings.device)
+        device = resolve_device(settings.device)
+        try:
+            self.parallel = par.setup(settings.parallel, device)
+            self.rows = par.local_rows(settings.batch_size, self.parallel)  # this rank's share of the batch
+        except par.ParallelError as error:
+            if hasattr(self, "parallel"):
+                self.parallel.close()
+            raise TrainError(str(error)) from None
+        self.device = par.rank_device(device, self.parallel)
         self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(settings.seed)  # the same initial model on every rank
         try:
             self.task = make_task(config, state["task"] if state else None)
         except (CorpusUnavailableError, ValueError, ImportError) as error:
             raise TrainError(f"data: {error}") from None
         self.model = self.task.build_model().to(self.device)
         self.model.activation_checkpointing = settings.activation_checkpointing
+        if self.parallel.rank > 0:
+            torch.manual_seed(settings.seed + self.parallel.rank)  # dropout masks differ between the ranks
+        self.use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and self.device.type == "cuda")
+        # DDP's wrapper; FSDP2 shards self.model in place (before the optimizer sees its parameters).
+        wrapped = par.wrap(self.model, self.parallel, self.device, self.use_bf16)
         fused = self.device.type == "cuda"
         opt = config.optim
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), fused=fused
         )
-        self.use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and self.device.type == "cuda")
         use_compile = settings.compile == "on" or (settings.compile == "auto" and self.device.type == "cuda")
-        self.forward = torch.compile(self.model) if use_compile else self.model
+        self.forward = torch.compile(wrapped) if use_compile else wrapped
         self.spikes = SpikeDetector(settings.spike_factor)
         self.step = 0
         self.pending_losses: list = []  # since the last logged step: losses, gradient norms
@@ -176,18 +195,29 @@ class Trainer:
         self.devices: list[str] = []  # where the steps ran
         if state is not None:
             self._restore(state)
-        (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        if config.task == "lm":
-            (self.out / "tokenizer.json").write_text(json.dumps(self.task.state()["tokenizer"]) + "\n")
-        self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step if state else None)
+        self.metrics = None  # rank 0 only
+        if self.parallel.is_main:
+            (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            if config.task == "lm":
+                (self.out / "tokenizer.json").write_text(json.dumps(self.task.state()["tokenizer"]) + "\n")
+            self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step if state else None)
+        if not self.parallel.is_main:
+            self.log = _silent
 
     # ------------------------------------------------------------------------------- state
 
     def _load_state(self) -> dict:
+        """The saved state less the model and optimizer (which DCP loads after wrapping, ``_restore``)."""
         path = self.out / CHECKPOINT
-        if not path.exists():
-            raise TrainError(f"--resume: no {CHECKPOINT} in {self.out} to resume from")
-        state = load_checkpoint(path)
+        sharded = self.config.train.parallel != "none"
+        if sharded and par.checkpoint_exists(self.out):
+            state = par.load_loop_state(self.out)
+            path = self.out / par.CHECKPOINT_DIR
+        elif not sharded and path.exists():
+            state = load_checkpoint(path)
+        else:
+            name = f"{par.CHECKPOINT_DIR}/ (train.parallel={self.config.train.parallel})" if sharded else CHECKPOINT
+            raise TrainError(f"--resume: no {name} in {self.out} to resume from")
         if state.get("format") != CHECKPOINT_FORMAT:
             raise TrainError(f"--resume: {path} has format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
         diffs = config_diff(state["config"], self.config.to_dict())
@@ -199,8 +229,11 @@ class Trainer:
         return state
 
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.config.train.parallel == "none":
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            par.load_checkpoint(self.out, self.model, self.optimizer, self.parallel)
         loop = state["loop"]
         self.step = state["step"]
         self.spikes.load_state_dict(loop["spikes"])
@@ -210,13 +243,21 @@ class Trainer:
         self.timed_tokens, self.timed_seconds = loop["timed_tokens"], loop["timed_seconds"]
         self.last_eval = loop["last_eval"]
         self.devices = list(loop["devices"])
-        set_rng_state(state["rng"])
+        rng = state["rng"]  # parallel runs: one per rank
+        if isinstance(rng, dict):
+            set_rng_state(rng)
+        elif self.parallel.rank < len(rng):
+            # Exact on the same number of processes; a rank the saved run did not have keeps its seed.
+            set_rng_state(rng[self.parallel.rank])
 
     def save(self) -> None:
-        """Writes checkpoint.pt atomically."""
+        """Writes checkpoint.pt (or, with train.parallel, checkpoint/ through DCP) atomically."""
+        pending = self.pending_losses
+        if pending:  # the ranks' means: what the next logged average needs on any number of processes
+            pending = par.mean_over_ranks(torch.stack(pending).float(), self.parallel).tolist()
         loop = {
             "spikes": self.spikes.state_dict(),
-            "pending_losses": [float(v) for v in self.pending_losses],
+            "pending_losses": [float(v) for v in pending],
             "pending_norms": [float(v) for v in self.pending_norms],
             "tokens": self.tokens,
             "train_seconds": self.train_seconds,
@@ -229,12 +270,15 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "config": self.config.to_dict(),
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "rng": rng_state(),
             "task": self.task.state(),
             "loop": loop,
         }
+        if self.config.train.parallel != "none":
+            state["rng"] = par.gather_objects(state["rng"], self.parallel)
+            par.save_checkpoint(self.out, self.model, self.optimizer, state, self.parallel)
+            return
+        state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict())
         save_atomic(state, self.out / CHECKPOINT)
 
     # -------------------------------------------------------------------------------- loop
@@ -255,7 +299,7 @@ class Trainer:
 
     def train_step(self) -> None:
         """One optimizer step on the batch of ``self.step``."""
-        x, y = (t.to(self.device, non_blocking=True) for t in self.task.train_batch(self.step))
+        x, y = (t[self.rows].to(self.device, non_blocking=True) for t in self.task.train_batch(self.step))
         lr = learning_rate(self.step, self.config.optim, self.config.train.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -264,6 +308,8 @@ class Trainer:
         loss.backward()
         clip = self.config.optim.grad_clip
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor (already reduced over the ranks)
+            norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.pending_losses.append(loss.detach())
@@ -275,9 +321,14 @@ class Trainer:
         """Trains to ``train.max_steps`` (or stops at ``until_step``), then checkpoints and reports."""
         settings = self.config.train
         end = settings.max_steps if until_step is None else min(until_step, settings.max_steps)
-        bar = _progress_bar(settings.max_steps, self.step, settings.progress, self.config.model.attn)
-        if self.step < end and device_name(self.device) not in self.devices:
-            self.devices.append(device_name(self.device))
+        bar = _progress_bar(
+            settings.max_steps, self.step, settings.progress and self.parallel.is_main, self.config.model.attn
+        )
+        where = device_name(self.device)
+        if self.parallel.distributed:
+            where = f"{self.parallel.world_size} x {where} ({self.parallel.mode})"
+        if self.step < end and where not in self.devices:
+            self.devices.append(where)
         first_interval = True
         interval_start, interval_steps = time.perf_counter(), 0
         stopped = False
@@ -287,31 +338,38 @@ class Trainer:
                 interval_steps += 1
                 bar.update(1)
                 evaluate = self.step % settings.eval_every == 0 or self.step == settings.max_steps
-                if self.step % settings.log_every == 0 or evaluate:
+                logged = self.step % settings.log_every == 0 or evaluate
+                if logged:
                     row = self._log_row(interval_steps, interval_start, first_interval)
                     if evaluate:
                         row.update(self._evaluate())
-                    self.metrics.write(row)
+                    if self.metrics:
+                        self.metrics.write(row)
                     bar.set_postfix_str(_postfix(row))
                     first_interval, interval_start, interval_steps = False, time.perf_counter(), 0
                 if settings.ckpt_every and self.step % settings.ckpt_every == 0:
                     saving = time.perf_counter()
                     self.save()
                     interval_start += time.perf_counter() - saving  # not training time
-                if stop.requested and self.step < end:
+                stopping = stop.requested
+                if self.parallel.distributed:  # the ranks agree at logged steps, to stop at the same one
+                    stopping = logged and par.any_rank(stop.requested, self.device, self.parallel)
+                if stopping and self.step < end:
                     stopped = True
                     self.log(f"stopped at step {self.step}: resume with --resume")
                     break
         bar.close()
         self.save()
         result = self.result(stopped or self.step < settings.max_steps)
-        (self.out / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        if self.step == settings.max_steps and settings.plots:
-            self._plot()
+        if self.parallel.is_main:
+            (self.out / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+            if self.step == settings.max_steps and settings.plots:
+                self._plot()
         return result
 
     def _log_row(self, interval_steps: int, interval_start: float, first_interval: bool) -> dict:
-        losses = torch.stack(self.pending_losses).float().cpu().tolist()  # one device sync per log
+        losses = torch.stack(self.pending_losses).float()
+        losses = par.mean_over_ranks(losses, self.parallel).cpu().tolist()  # one device sync per log
         norms = torch.stack(self.pending_norms).float().cpu().tolist()
         seconds = time.perf_counter() - interval_start  # after the device sync above
         for n in norms:
@@ -426,7 +484,15 @@ def train(
 
     ``until_step`` stops early at that step, with a checkpoint (as an interruption would).
     Raises ``TrainError`` or ``ConfigError`` for problems the user can fix."""
-    return Trainer(config, out_dir, resume=resume, log=log).fit(until_step)
+    trainer = Trainer(config, out_dir, resume=resume, log=log)
+    try:
+        return trainer.fit(until_step)
+    finally:
+        trainer.parallel.close()
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 __all__ = ["ConfigError", "RunResult", "TrainError", "Trainer", "train"]
