@@ -4,6 +4,13 @@
                             the others)
     sigattn example         a small attention through the public API, checked against the exact reference
     sigattn bench ...       speed and memory against softmax SDPA and FlexAttention (``sigattn.benchmark``)
+    sigattn train ...       train a preset (GPT or ViT) with sigmoid or softmax attention (``sigattn.train``)
+    sigattn compare ...     train a preset with both attentions; summary.json, report.md and plots
+    sigattn convert ...     switch a pretrained transformers model to sigmoid attention, with a calibrated
+                            bias (``sigattn.integrations.convert``)
+    sigattn experiment NAME [--quick] [--out DIR]
+                            run an experiment that tests a paper's claim: result.json, report.md, plots
+                            (``sigattn.experiments``)
 
 Each subcommand is one entry of ``build_parser``: its options and the function that runs it, which returns
 the exit status. ``--help`` on any subcommand lists its options.
@@ -21,6 +28,7 @@ import sys
 import torch
 
 from . import __version__, benchmark
+from . import experiments as experiments_module
 from .backends import (
     AUTO_ORDER,
     BACKENDS,
@@ -30,8 +38,11 @@ from .backends import (
     explain,
     requested_backend,
 )
+from .experiments.index import write_index
 from .functional import sigmoid_attn_func
+from .integrations import convert as convert_command
 from .ops.sigmoid_attn.reference import sigmoid_attn_reference
+from .train import commands as train_commands
 
 # The example input of `info` and `example`: a causal language-model layer, small enough for any CPU.
 BATCH, SEQLEN, HEADS, HEADDIM = 2, 256, 8, 64
@@ -69,7 +80,64 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmark against softmax SDPA and FlexAttention (CUDA)")
     benchmark.add_arguments(bench)
     bench.set_defaults(run=benchmark.run)
+
+    train = commands.add_parser("train", help="train a preset with sigmoid or softmax attention")
+    train_commands.add_train_arguments(train)
+    train.set_defaults(run=user_errors(train_commands.run_train))
+
+    compare = commands.add_parser("compare", help="train a preset with both attentions and compare them")
+    train_commands.add_compare_arguments(compare)
+    compare.set_defaults(run=user_errors(train_commands.run_compare))
+
+    convert = commands.add_parser("convert", help="switch a pretrained transformers model to sigmoid attention")
+    convert_command.add_arguments(convert)
+    convert.set_defaults(run=run_convert)
+
+    experiment = commands.add_parser(
+        "experiment", help="run an experiment that tests a paper's claim (result.json, report.md, plots)"
+    )
+    experiment.add_argument("name", choices=list(experiments_module.EXPERIMENTS), metavar="NAME",
+                            help=f"one of: {', '.join(experiments_module.EXPERIMENTS)}")  # fmt: skip
+    experiment.add_argument("--quick", action="store_true", help="a reduced setting: minutes on a 2-core CPU")
+    experiment.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output folder (default: results/NAME, or runs/experiments/NAME-quick with --quick)",
+    )
+    experiment.set_defaults(run=run_experiment)
     return parser
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    """Runs the experiment; a full run into the default folder (results/NAME) also rewrites results/README.md."""
+    default = f"runs/experiments/{args.name}-quick" if args.quick else f"results/{args.name}"
+    command = " ".join(["sigattn", *args.argv])
+    try:
+        experiments_module.run(args.name, args.out or default, quick=args.quick, command=command)
+    except train_commands.USER_ERRORS as error:  # e.g. the full setting's corpus cannot be fetched
+        raise CommandError(error) from None
+    if args.out is None and not args.quick:
+        print(f"updated {write_index('results', experiments_module.EXPERIMENTS)}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    try:
+        return convert_command.run(args)
+    except convert_command.USER_ERRORS as error:
+        raise CommandError(error) from None
+
+
+def user_errors(run):
+    """``run`` with the training errors a user can fix (bad preset, setting, data) turned into CommandError."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except train_commands.USER_ERRORS as error:
+            raise CommandError(error) from None
+
+    return wrapped
 
 
 # ---------------------------------------------------------------------------------------------- info

@@ -1,0 +1,214 @@
+"""bias-ablation: what keeps sigmoid attention stable in training (arXiv 2409.04431).
+
+The paper's explanation of instability: at initialisation the sigmoid weights are about sigmoid(b) each,
+so a row of n keys adds up about n * sigmoid(b) value vectors; with b = 0 the attention output's norm grows
+with n, with b = -log n it stays O(1). Its remedies: b = -log n, and norms that bound what attention
+writes into the residual stream (QK-norm, LayerScale, hybrid-norm).
+
+Two measurements:
+
+* the attention-output norm at initialisation against the sequence length, for b = 0, b = -log n and
+  softmax (a fresh model per length; no training);
+* the same small GPT trained with b = -log n, b = 0 and a learnable per-head b (initialised at -log n), in
+  three settings: plain pre-norm, with QK-norm, and with QK-norm + hybrid-norm + LayerScale; plus softmax
+  for reference. Per run: the loss curve, the gradient norm of every step, the gradient-norm spikes
+  (``sigattn.train.diagnostics.SpikeDetector``: above 3x the running average) and the attention-output
+  norm at initialisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..models import GPT, GPTConfig
+from ..train.diagnostics import attention_stats
+from .common import Outcome, Verdict, fit_power_law, markdown_table, pyplot, save_figure
+from .lm import TrainRecipe, corpus_data, run_config, train_run
+
+BIASES = {
+    "b=-log n": {"attn_bias": "fixed", "bias_init": None},
+    "b=0": {"attn_bias": "fixed", "bias_init": 0.0},
+    "learnable b": {"attn_bias": "learnable", "bias_init": None},
+}
+STABILISERS = {
+    "plain": {"qk_norm": "none", "norm_style": "pre", "layerscale": None},
+    "qk-norm": {"qk_norm": "layernorm", "norm_style": "pre", "layerscale": None},
+    "qk-norm+hybrid+layerscale": {"qk_norm": "layernorm", "norm_style": "hybrid", "layerscale": 0.1},
+}
+GROWS, FLAT = 0.25, 0.1  # init-norm slopes (log-log vs n): b=0 must exceed GROWS, b=-log n stay below FLAT
+LOSS_TOLERANCE = 1.02  # b=-log n's final loss may be at most 2% above b=0's
+
+
+@dataclass(frozen=True)
+class Settings:
+    corpus: str  # "synthetic" or "shakespeare"
+    corpus_chars: int
+    d_model: int
+    n_head: int
+    n_layer: int
+    block_size: int
+    recipe: TrainRecipe
+    init_lengths: tuple[int, ...]  # sequence lengths for the attention-output norm at initialisation
+
+
+SETTINGS = {
+    "test": Settings("synthetic", 60_000, 32, 2, 1, 32, TrainRecipe(12, 8, 3e-3, 2, 4, device="cpu"), (16, 64, 128)),
+    "quick": Settings("synthetic", 300_000, 64, 4, 2, 64, TrainRecipe(150, 16, 3e-3, 15, 16, device="cpu"),
+                      (16, 64, 256, 1024)),
+    "full": Settings("shakespeare", 0, 64, 4, 2, 128, TrainRecipe(1000, 16, 3e-3, 50, 64, device="cpu"),
+                     (16, 64, 256, 1024, 4096)),
+}  # fmt: skip
+
+
+def model_config(settings: Settings, attn: str, bias: dict, stabiliser: dict, block_size: int | None = None):
+    return GPTConfig(
+        d_model=settings.d_model, n_head=settings.n_head, n_layer=settings.n_layer,
+        block_size=block_size or settings.block_size, attn=attn, pos="rope", **bias, **stabiliser,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def init_norms(settings: Settings, attn: str, bias: dict, vocab: int = 64, seed: int = 0) -> list[float]:
+    """The attention-output norm at initialisation (mean over layers) of a plain model built for each
+    length n (so b = -log n is -log of that n), on random tokens."""
+    norms = []
+    for n in settings.init_lengths:
+        torch.manual_seed(seed)
+        model = GPT(replace(model_config(settings, attn, bias, STABILISERS["plain"], n), vocab_size=vocab))
+        tokens = torch.randint(vocab, (2, n), generator=torch.Generator().manual_seed(seed))
+        per_layer = attention_stats(model, tokens)["attn_out_norm"]
+        norms.append(sum(per_layer) / len(per_layer))
+    return norms
+
+
+def run_summary(run: dict) -> dict:
+    tail = max(1, len(run["train_loss"]) // 10)
+    return {
+        "final_train_loss": sum(run["train_loss"][-tail:]) / tail,  # mean of the last 10% of steps
+        "final_val_loss": run["final_val_loss"],
+        "grad_spikes": run["grad_spikes"],
+        "max_grad_norm": max(run["grad_norm"]),
+        "init_attn_out_norm": sum(run["init_attn_out_norm"]) / len(run["init_attn_out_norm"]),
+    }
+
+
+def decide(init: dict, runs: dict) -> Verdict:
+    grow = init["b=0"]["slope"]
+    flat = init["b=-log n"]["slope"]
+    norm_ok = grow > GROWS and flat < FLAT
+    train_ok, notes = True, []
+    for stab in STABILISERS:
+        a, b = runs[f"b=-log n / {stab}"], runs[f"b=0 / {stab}"]
+        ok = a["grad_spikes"] <= b["grad_spikes"] and a["final_train_loss"] <= LOSS_TOLERANCE * b["final_train_loss"]
+        train_ok &= ok
+        notes.append(f"{stab}: -log n {a['grad_spikes']} spikes, loss {a['final_train_loss']:.3f} vs b=0 "
+                     f"{b['grad_spikes']} spikes, loss {b['final_train_loss']:.3f}")  # fmt: skip
+    rule = (
+        f"supports iff (a) at initialisation the attention-output norm grows with n for b=0 (log-log slope > "
+        f"{GROWS}) but not for b=-log n (slope < {FLAT}), and (b) in every stabiliser setting b=-log n has no "
+        f"more gradient-norm spikes than b=0 and a final training loss (mean of the last 10% of steps) at most "
+        f"{LOSS_TOLERANCE:g}x b=0's."
+    )
+    predicted = "as predicted" if norm_ok else "not as predicted"
+    summary = f"init norm slope vs n: b=0 {grow:.2f}, b=-log n {flat:.2f} ({predicted}); " + "; ".join(notes) + "."
+    return Verdict(norm_ok and train_ok, rule, summary)
+
+
+def plot_training(runs: dict, out: Path) -> str:
+    plt = pyplot()
+    fig, axes = plt.subplots(2, len(STABILISERS), figsize=(13, 6.5), sharex=True)
+    styles = {"b=-log n": "tab:blue", "b=0": "tab:red", "learnable b": "tab:green", "softmax": "tab:orange"}
+    for col, stab in enumerate(STABILISERS):
+        for name, run in runs.items():
+            variant, setting = name.split(" / ")
+            if setting != stab:
+                continue
+            steps = range(1, len(run["train_loss"]) + 1)
+            axes[0, col].plot(steps, run["train_loss"], color=styles[variant], lw=1, label=variant)
+            axes[1, col].plot(steps, run["grad_norm"], color=styles[variant], lw=1, label=variant)
+        axes[0, col].set_title(stab)
+        axes[1, col].set_yscale("log")
+        axes[1, col].set_xlabel("step")
+        axes[0, col].legend(fontsize=8)
+    axes[0, 0].set_ylabel("training loss")
+    axes[1, 0].set_ylabel("gradient norm (before clipping)")
+    return save_figure(fig, out, "bias_ablation_training.png")
+
+
+def plot_init(init: dict, lengths: tuple[int, ...], out: Path) -> str:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, res in init.items():
+        ax.plot(lengths, res["norms"], "o-", label=f"{name} (slope {res['slope']:.2f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length n")
+    ax.set_ylabel("attention-output norm at init")
+    ax.set_title("Attention-output norm at initialisation")
+    ax.legend(fontsize=8)
+    return save_figure(fig, out, "bias_ablation_init_norms.png")
+
+
+def run(size: str, out: Path, log=print) -> Outcome:
+    settings = SETTINGS[size]
+    init = {}
+    for name, attn, bias in (("b=0", "sigmoid", BIASES["b=0"]), ("b=-log n", "sigmoid", BIASES["b=-log n"]),
+                             ("softmax", "softmax", BIASES["b=-log n"])):  # fmt: skip
+        norms = init_norms(settings, attn, bias)
+        init[name] = {"norms": norms, "slope": fit_power_law(list(settings.init_lengths), norms).slope}
+        log(f"  bias-ablation init norms {name}: {', '.join(f'{v:.3g}' for v in norms)}")
+
+    data, corpus = corpus_data(settings.corpus, out, settings.corpus_chars)
+    variants = [(f"{b} / {s}", "sigmoid", BIASES[b], STABILISERS[s]) for s in STABILISERS for b in BIASES]
+    variants.append(("softmax / plain", "softmax", BIASES["b=-log n"], STABILISERS["plain"]))
+    runs, curves = {}, {}
+    for name, attn, bias, stab in variants:
+        config = run_config(model_config(settings, attn, bias, stab), data, settings.recipe)
+        curves[name] = train_run(config, out / "runs" / name.replace(" / ", "_").replace(" ", "").replace("=", ""))
+        runs[name] = run_summary(curves[name])
+        log(f"  bias-ablation {name}: loss {runs[name]['final_train_loss']:.3f}, spikes {runs[name]['grad_spikes']}")
+    verdict = decide(init, runs)
+    figures = [plot_init(init, settings.init_lengths, out), plot_training(curves, out)]
+
+    r = settings.recipe
+    setup = f"""
+* Model: GPT (`sigattn.models`), {settings.n_layer} layers, d_model {settings.d_model}, {settings.n_head} heads, RoPE,
+  GELU MLP, trained at context n = {settings.block_size} with `sigattn.train` (AdamW, lr {r.lr:g} with {r.warmup_steps}
+  warmup steps then cosine to lr/10, weight decay 0.1, gradient clipping at 1.0, batch {r.batch_size},
+  {r.steps} steps, seed {r.seed}) on {corpus}; character tokens.
+* Biases: b = −log n (fixed), b = 0 (fixed), learnable per-head b initialised at −log n. Settings: plain pre-norm;
+  QK-norm (LayerNorm on each head's q and k); QK-norm + hybrid-norm (a norm on the attention output) +
+  LayerScale (init 0.1). Softmax with plain pre-norm for reference.
+* Gradient-norm spike: a step whose global gradient norm (before clipping) exceeds 3x the running average of
+  the earlier ones (`SpikeDetector`, after 20 warm-up steps). One training run per variant (no seed-to-seed
+  spread measured): a difference of one or two spikes, or of a percent of loss, may be noise.
+* Attention-output norm: the mean over tokens of the L2 norm of the attention output before the output
+  projection (all heads), averaged over layers; against length: plain models built for n =
+  {", ".join(map(str, settings.init_lengths))} (so b = −log n follows n), random tokens, no training.
+"""
+    init_rows = [[name, *[round(v, 4) for v in res["norms"]], round(res["slope"], 3)] for name, res in init.items()]
+    run_rows = [
+        [
+            name,
+            s["final_train_loss"],
+            s["final_val_loss"],
+            s["grad_spikes"],
+            s["max_grad_norm"],
+            s["init_attn_out_norm"],
+        ]
+        for name, s in runs.items()
+    ]
+    findings = (
+        "Attention-output norm at initialisation against the sequence length:\n\n"
+        + markdown_table(["variant", *[f"n={n}" for n in settings.init_lengths], "log-log slope"], init_rows)
+        + "\n\nTraining runs:\n\n"
+        + markdown_table(
+            ["run", "final train loss", "val loss", "grad-norm spikes", "max grad norm", "attn-out norm at init"],
+            run_rows,
+        )  # fmt: skip
+    )
+    results = {"init_norms": init, "runs": runs, "lengths": list(settings.init_lengths)}
+    return Outcome(results, verdict, asdict(settings), setup, findings, figures)

@@ -1,0 +1,214 @@
+"""ksum: sum the values of the k tokens that match a query — does softmax's competition hurt as k grows?
+
+Each sequence holds S context tokens, each a (key, value) pair with keys in {0..K-1} and values in
+{0..V-1}, then one query token carrying a key. Exactly k context tokens carry the query's key; the target
+is the sum of their values. k varies from sequence to sequence (uniform in 1..k_max), so the model cannot
+know it in advance.
+
+Sigmoid attention can weigh every matching token by about 1 and every other one by about 0, so its output
+is the sum itself. Softmax weights sum to 1: matching tokens share the mass (1/k each), so the output is
+their mean, and turning it into the sum needs k, which softmax has to infer by other means. The paper's
+intuition (arXiv 2502.00281: token competition) predicts that softmax's accuracy falls behind as k grows.
+
+Model: value, key and role embeddings (no positions: the task is a set function), ``n_layer`` bidirectional
+``sigattn.nn.TransformerBlock``s with sigmoid (b = -log(S + 1)) or softmax attention, a final LayerNorm and
+a linear readout of the query token, trained with the squared error on target / scale. A prediction is
+correct when it rounds to the target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import BlockConfig, TransformerBlock
+from .common import COLORS, Outcome, Verdict, binomial_stderr, fit_line, markdown_table, pyplot, save_figure
+
+KINDS = ("sigmoid", "softmax")
+QUERY, CONTEXT = 1, 0  # roles
+
+
+@dataclass(frozen=True)
+class Settings:
+    seqlen: int  # context tokens S (the query comes on top)
+    k_max: int
+    num_keys: int
+    num_values: int
+    d_model: int
+    n_head: int
+    n_layer: int
+    steps: int
+    batch_size: int
+    lr: float
+    eval_per_k: int
+    seeds: tuple[int, ...]
+
+
+SETTINGS = {
+    "test": Settings(8, 3, 4, 4, 32, 2, 1, 30, 32, 3e-3, 64, (0,)),
+    "quick": Settings(16, 8, 8, 4, 64, 4, 2, 600, 64, 2e-3, 400, (0,)),
+    "full": Settings(32, 16, 16, 4, 64, 4, 2, 1500, 64, 2e-3, 1000, (0, 1, 2)),
+}
+
+
+@dataclass
+class KSumBatch:
+    keys: Tensor  # (B, S + 1) int64; the last token is the query
+    values: Tensor  # (B, S + 1) int64; the query's value slot holds num_values (a "no value" index)
+    roles: Tensor  # (B, S + 1) int64: CONTEXT or QUERY
+    target: Tensor  # (B,) the sum of the values of the context tokens whose key is the query's
+    k: Tensor  # (B,) how many context tokens match
+
+
+def ksum_batch(batch: int, settings: Settings, k: Tensor | int, generator: torch.Generator) -> KSumBatch:
+    """A batch of the task; ``k`` is one count for every row or a (B,) tensor of counts (1 <= k <= S)."""
+    seqlen, num_keys, num_values = settings.seqlen, settings.num_keys, settings.num_values
+    k = torch.full((batch,), k, dtype=torch.int64) if isinstance(k, int) else k
+    if bool((k < 1).any()) or bool((k > seqlen).any()):
+        raise ValueError(f"k must be in [1, {seqlen}], got {k.tolist()}")
+    query_key = torch.randint(num_keys, (batch,), generator=generator)  # [B]
+    rank = torch.rand(batch, seqlen, generator=generator).argsort(dim=1).argsort(dim=1)  # [B, S] a permutation
+    match = rank < k[:, None]  # [B, S]: exactly k True per row, at random positions
+    other = (query_key[:, None] + 1 + torch.randint(num_keys - 1, (batch, seqlen), generator=generator)) % num_keys
+    context_keys = torch.where(match, query_key[:, None], other)  # [B, S]
+    context_values = torch.randint(num_values, (batch, seqlen), generator=generator)  # [B, S]
+    target = (context_values * match).sum(dim=1)  # [B]
+    keys = torch.cat([context_keys, query_key[:, None]], dim=1)  # [B, S + 1]
+    values = torch.cat([context_values, torch.full((batch, 1), num_values)], dim=1)
+    roles = torch.cat([torch.full((batch, seqlen), CONTEXT), torch.full((batch, 1), QUERY)], dim=1)
+    return KSumBatch(keys, values, roles, target, k)
+
+
+class KSumModel(nn.Module):
+    def __init__(self, settings: Settings, attn: str):
+        super().__init__()
+        d = settings.d_model
+        self.keys = nn.Embedding(settings.num_keys, d)
+        self.values = nn.Embedding(settings.num_values + 1, d)
+        self.roles = nn.Embedding(2, d)
+        config = BlockConfig(d_model=d, n_head=settings.n_head, attn=attn, pos="none")
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config, settings.seqlen + 1, causal=False) for _ in range(settings.n_layer)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.readout = nn.Linear(d, 1)
+
+    def forward(self, batch: KSumBatch) -> Tensor:
+        """The prediction for the query token, (B,) (in units of the target / scale)."""
+        x = self.keys(batch.keys) + self.values(batch.values) + self.roles(batch.roles)  # [B, S + 1, C]
+        for block in self.blocks:
+            x = block(x)
+        return self.readout(self.norm(x[:, -1]))[:, 0]
+
+
+def target_scale(settings: Settings) -> float:
+    """The mean target at the largest k: predictions are regressed on target / scale."""
+    return (settings.num_values - 1) / 2 * settings.k_max
+
+
+def train_model(settings: Settings, attn: str, seed: int) -> KSumModel:
+    torch.manual_seed(seed)
+    model = KSumModel(settings, attn)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    scale = target_scale(settings)
+    for _ in range(settings.steps):
+        k = torch.randint(1, settings.k_max + 1, (settings.batch_size,), generator=generator)
+        batch = ksum_batch(settings.batch_size, settings, k, generator)
+        loss = (model(batch) - batch.target / scale).pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    return model
+
+
+@torch.no_grad()
+def accuracy_by_k(model: KSumModel, settings: Settings, seed: int) -> list[float]:
+    """The share of exactly right (rounded) sums for each k = 1..k_max, on fresh held-out batches."""
+    model.eval()
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    scale = target_scale(settings)
+    accuracy = []
+    for k in range(1, settings.k_max + 1):
+        batch = ksum_batch(settings.eval_per_k, settings, k, generator)
+        predicted = (model(batch) * scale).round()
+        accuracy.append((predicted == batch.target).double().mean().item())
+    return accuracy
+
+
+def decide(mean: dict, settings: Settings) -> Verdict:
+    """Supports iff sigmoid is ahead at the largest k beyond the noise and the gap grows with k."""
+    count = settings.eval_per_k * len(settings.seeds)
+    ks = list(range(1, settings.k_max + 1))
+    gaps = [s - t for s, t in zip(mean["sigmoid"], mean["softmax"], strict=True)]
+    last = settings.k_max - 1
+    stderr = math.hypot(binomial_stderr(mean["sigmoid"][last], count), binomial_stderr(mean["softmax"][last], count))
+    trend = fit_line(ks, gaps)
+    ok = gaps[last] > 2 * stderr and trend.ci95[0] > 0
+    rule = (
+        "supports iff at the largest k sigmoid's accuracy exceeds softmax's by more than 2 combined binomial "
+        f"standard errors ({count} sums per k per attention) and the least-squares slope of the gap "
+        "(sigmoid - softmax) against k has a 95% confidence interval (t-distribution over the k values) above 0."
+    )
+    summary = (
+        f"accuracy at k=1: sigmoid {mean['sigmoid'][0]:.3f}, softmax {mean['softmax'][0]:.3f}; at k={settings.k_max}: "
+        f"sigmoid {mean['sigmoid'][last]:.3f}, softmax {mean['softmax'][last]:.3f} (gap {gaps[last]:+.3f}, 2 SE = "
+        f"{2 * stderr:.3f}); the gap changes by {trend.slope:+.4f} per unit of k "
+        f"(95% CI [{trend.ci95[0]:+.4f}, {trend.ci95[1]:+.4f}])."
+    )
+    return Verdict(ok, rule, summary)
+
+
+def plot(mean: dict, settings: Settings, out: Path) -> str:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ks = list(range(1, settings.k_max + 1))
+    count = settings.eval_per_k * len(settings.seeds)
+    for kind in KINDS:
+        errors = [2 * binomial_stderr(a, count) for a in mean[kind]]
+        ax.errorbar(ks, mean[kind], yerr=errors, fmt="o-", color=COLORS[kind], capsize=3, label=kind)
+    ax.set_xlabel("k (tokens whose values are summed)")
+    ax.set_ylabel("exact-sum accuracy (±2 SE)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"k-sum over {settings.seqlen} tokens ({len(settings.seeds)} seed(s))")
+    ax.legend()
+    return save_figure(fig, out, "ksum.png")
+
+
+def run(size: str, out: Path, log=print) -> Outcome:
+    settings = SETTINGS[size]
+    per_seed = {kind: [] for kind in KINDS}
+    for kind in KINDS:
+        for seed in settings.seeds:
+            model = train_model(settings, kind, seed)
+            per_seed[kind].append(accuracy_by_k(model, settings, seed))
+            log(f"  ksum {kind} seed {seed}: " + ", ".join(f"{a:.2f}" for a in per_seed[kind][-1]))
+    mean = {kind: [sum(col) / len(col) for col in zip(*per_seed[kind], strict=True)] for kind in KINDS}
+    verdict = decide(mean, settings)
+    figure = plot(mean, settings, out)
+    setup = f"""
+* S = {settings.seqlen} context tokens + 1 query; keys in {{0..{settings.num_keys - 1}}}, values in
+  {{0..{settings.num_values - 1}}}; exactly k context tokens carry the query's key, k uniform in 1..{settings.k_max}
+  during training; target = the sum of their values.
+* Model: key + value + role embeddings (no positions), {settings.n_layer} bidirectional `TransformerBlock`s
+  (d_model {settings.d_model}, {settings.n_head} heads, pre-norm, GELU MLP), sigmoid attention with
+  b = −log {settings.seqlen + 1} or softmax attention, LayerNorm and a linear readout of the query token;
+  squared error on target / {target_scale(settings):g}.
+* Training: AdamW (lr {settings.lr:g}, one-cycle schedule, no weight decay, clipping at 1.0), batch
+  {settings.batch_size}, {settings.steps} steps, seeds {list(settings.seeds)}; batches drawn fresh each step.
+* Evaluation: {settings.eval_per_k} fresh sums per k and seed; correct = the prediction rounds to the target.
+"""
+    rows = [
+        [k, mean["sigmoid"][k - 1], mean["softmax"][k - 1], mean["sigmoid"][k - 1] - mean["softmax"][k - 1]]
+        for k in range(1, settings.k_max + 1)
+    ]
+    findings = markdown_table(["k", "sigmoid accuracy", "softmax accuracy", "gap"], rows)
+    results = {"accuracy": mean, "accuracy_per_seed": per_seed, "k": list(range(1, settings.k_max + 1))}
+    return Outcome(results, verdict, asdict(settings), setup, findings, [figure])

@@ -1,0 +1,107 @@
+"""Language-model runs for the experiments: a generated corpus and one training run through ``sigattn.train``.
+
+The corpus is text from a small random language (made-up words, each followed by one of a few successors),
+generated from a seed, so the quick settings download nothing. A character-level model that has learnt
+it needs only the last word or two, so its loss should not depend on the context length: a clean test
+of evaluation at contexts longer than the training one.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..data import load_shakespeare
+from ..models import GPTConfig
+from ..train import DataConfig, OptimConfig, RunConfig, Trainer, TrainSettings
+from ..train.diagnostics import attention_stats
+from ..train.metrics import read_metrics
+
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def synthetic_text(num_chars: int, seed: int = 0, vocabulary: int = 300, successors: int = 4) -> str:
+    """About ``num_chars`` characters of sentences in a random language: ``vocabulary`` words of 1-3
+    syllables; after each word comes one of its ``successors`` fixed followers, uniformly."""
+    rng = random.Random(seed)
+    words = sorted({"".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(vocabulary)})
+    follow = {w: rng.sample(words, successors) for w in words}
+    lines, size, word = [], 0, rng.choice(words)
+    while size < num_chars:
+        sentence = []
+        for _ in range(rng.randint(4, 12)):
+            sentence.append(word)
+            word = rng.choice(follow[word])
+        line = " ".join(sentence).capitalize() + "."
+        lines.append(line)
+        size += len(line) + 1
+    return "\n".join(lines) + "\n"
+
+
+def corpus_data(kind: str, out: Path, num_chars: int) -> tuple[DataConfig, str]:
+    """The data config of ``kind`` ("synthetic": generated into out/corpus.txt; "shakespeare": the
+    corpus of ``sigattn.data``) and a one-line description."""
+    if kind == "synthetic":
+        path = out / "corpus.txt"
+        path.write_text(synthetic_text(num_chars))
+        return DataConfig(dataset="text", path=str(path), tokenizer="char"), (
+            f"generated text (a random 300-word language, 4 successors per word), {num_chars:,} characters"
+        )
+    if kind == "shakespeare":
+        load_shakespeare()  # fails early, with instructions, if the corpus cannot be had
+        return DataConfig(dataset="shakespeare", tokenizer="char"), "the works of Shakespeare (sigattn.data)"
+    raise ValueError(f"corpus must be 'synthetic' or 'shakespeare', got {kind!r}")
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """The loop settings shared by an experiment's runs."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    eval_windows: int
+    device: str = "auto"
+    seed: int = 0
+
+
+def run_config(
+    model: GPTConfig, data: DataConfig, recipe: TrainRecipe, eval_lengths: tuple[int, ...] = ()
+) -> RunConfig:
+    return RunConfig(
+        task="lm",
+        model=model,
+        data=data,
+        optim=OptimConfig(lr=recipe.lr, min_lr=recipe.lr / 10, warmup_steps=recipe.warmup_steps),
+        train=TrainSettings(
+            max_steps=recipe.steps, batch_size=recipe.batch_size, seed=recipe.seed, log_every=1,
+            eval_every=recipe.steps, eval_windows=recipe.eval_windows, eval_context_lengths=eval_lengths,
+            device=recipe.device, progress=False, plots=False,
+        ),
+    )  # fmt: skip
+
+
+def train_run(config: RunConfig, run_dir: Path) -> dict:
+    """Trains ``config`` from scratch in ``run_dir`` (a previous run there is replaced) and returns the
+    attention statistics at initialisation, the per-step losses and gradient norms and the trainer's
+    result. The checkpoint is deleted afterwards: only small files stay."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    trainer = Trainer(config, run_dir, log=lambda line: None)
+    init = attention_stats(trainer.model, trainer.task.probe_input().to(trainer.device))
+    result = trainer.fit()
+    (run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    return {
+        "init_attn_out_norm": init["attn_out_norm"],
+        "train_loss": [r["train_loss"] for r in rows],
+        "grad_norm": [r["grad_norm"] for r in rows],
+        "grad_spikes": result.grad_spikes,
+        "final_val_loss": result.final_val_loss,
+        "val_loss_by_context": result.val_loss_by_context,
+        "train_seconds": result.train_seconds,
+        "device": result.device,
+    }
