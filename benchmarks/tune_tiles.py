@@ -1,8 +1,10 @@
 """Sweep tile configs of the three kernels on a GPU: python benchmarks/tune_tiles.py --json PATH.
 
-flash-attn's standard setup (16k tokens, hidden 2048, bf16) at seqlen 4096, head dims 64 and 128, causal and
-full. Each kernel's table entry is varied with the others fixed; medians from triton.testing.do_bench.
-The winners go into the tables in sigattn/ops/sigmoid_attn/flash.py, citing the JSON this writes.
+flash-attn's standard setup (16k tokens, hidden 2048, bf16) at one or more sequence lengths (--seqlens),
+head dims 64 and 128, causal and full. Each kernel's table entry is varied with the others fixed; medians
+from triton.testing.do_bench. The best config of a (kernel, head dim, mask) has the highest geometric mean
+of TFLOP/s over the sequence lengths. The winners go into the tables in sigattn/ops/sigmoid_attn/flash.py,
+citing the JSON this writes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import json
 import math
 import sys
+from collections import defaultdict
 from functools import partial
 
 import torch
@@ -21,9 +24,9 @@ from sigattn.ops.sigmoid_attn import flash
 
 CANDIDATES = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 4, 5),
-            (64, 32, 4, 4), (128, 64, 8, 4), (128, 32, 8, 4)],
+            (64, 32, 4, 4), (128, 64, 8, 4), (128, 32, 8, 4), (128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3)],
     "dkdv": [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3),
-             (128, 64, 8, 3), (32, 32, 4, 3)],
+             (128, 64, 8, 3), (32, 32, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3)],
     "dq": [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3), (32, 64, 4, 3),
            (64, 64, 8, 3), (128, 32, 4, 3)],
 }  # fmt: skip
@@ -38,18 +41,19 @@ def flops(batch, heads, seqlen, head_dim, causal):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default=None)
-    parser.add_argument("--seqlen", type=int, default=4096)
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[4096])
+    parser.add_argument("--kernels", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
     args = parser.parse_args()
     rows = []
-    for head_dim, causal in [(64, False), (64, True), (128, False), (128, True)]:
-        seqlen = args.seqlen
+    settings = [(d, c, s) for d in (64, 128) for c in (False, True) for s in args.seqlens]
+    for head_dim, causal, seqlen in settings:
         batch, heads = 16384 // seqlen, 2048 // head_dim
         shape = (batch, seqlen, heads, head_dim)
         q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         params, _ = flash.flash_params(scale=head_dim**-0.5, bias=None, causal=causal, window_size=(-1, -1))
         fwd_flops = flops(batch, heads, seqlen, head_dim, causal)
-        for kernel, candidates in CANDIDATES.items():
-            table = TABLES[kernel]
+        for kernel in args.kernels:
+            candidates, table = CANDIDATES[kernel], TABLES[kernel]
             default = table[(head_dim, causal)]
             for cand in candidates:
                 table[(head_dim, causal)] = flash.TileConfig(*cand)
@@ -65,16 +69,22 @@ def main() -> None:
                     print(f"  {kernel} {cand}: {type(e).__name__}: {str(e)[:120]}")
                 rows.append(dict(kernel=kernel, head_dim=head_dim, causal=causal, seqlen=seqlen, config=cand, ms=ms,
                                  tflops=tf))  # fmt: skip
-                print(f"D{head_dim} causal={causal} {kernel:5s} {cand}: {ms:.3f} ms {tf:.0f} TFLOP/s", flush=True)
+                print(f"D{head_dim} causal={causal} S={seqlen} {kernel:5s} {cand}: {ms:.3f} ms {tf:.0f} TFLOP/s",
+                      flush=True)  # fmt: skip
             table[(head_dim, causal)] = default
-    best = {}
+    scores = defaultdict(list)  # (key, config) -> TFLOP/s at each seqlen
     for r in rows:
-        key = f"{r['kernel']}-D{r['head_dim']}-{'causal' if r['causal'] else 'full'}"
-        if not math.isnan(r["ms"]) and (key not in best or r["ms"] < best[key]["ms"]):
-            best[key] = r
+        scores[(f"{r['kernel']}-D{r['head_dim']}-{'causal' if r['causal'] else 'full'}", tuple(r["config"]))].append(
+            r["tflops"]
+        )
+    best = {}
+    for (key, config), values in scores.items():
+        score = math.nan if any(math.isnan(v) for v in values) else math.exp(sum(map(math.log, values)) / len(values))
+        if not math.isnan(score) and (key not in best or score > best[key]["tflops_geomean"]):
+            best[key] = dict(config=config, tflops_geomean=score, tflops=values, seqlens=args.seqlens)
     print("\nbest:")
     for key, r in best.items():
-        print(f"  {key:20s} {r['config']} {r['tflops']:.0f} TFLOP/s")
+        print(f"  {key:20s} {r['config']} {r['tflops_geomean']:.0f} TFLOP/s (geometric mean)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": versions(" ".join(["python", *sys.argv])), "rows": rows, "best": best}, f, indent=1)

@@ -58,8 +58,10 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 MEMORY_MODE = "fwd+bwd-memory"
 FLOPS_PER_FORWARD = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5, MEMORY_MODE: 3.5}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# do_bench (warmup, rep) in ms: triton's defaults, shorter for --quick.
-TIMING, QUICK_TIMING = (25, 100), (10, 40)
+# do_bench (warmup, rep) in ms. The warmup is 10x triton's default: a provider measured right after another
+# one compiled (FlexAttention: seconds of an idle GPU) otherwise ran its first mode at idle clocks (an H100
+# forward at 260 instead of 540 TFLOP/s). Shorter for --quick.
+TIMING, QUICK_TIMING = (250, 100), (50, 40)
 
 Attn = Callable[[Tensor, Tensor, Tensor], Tensor]
 

@@ -209,11 +209,13 @@ def generate(model, batch, **kwargs):
 @pytest.mark.parametrize("name", list(DECODERS))
 def test_generation_with_cache_equals_without(name):
     """Greedy generation of a left-padded batch: dynamic cache, static cache and no cache give the same
-    tokens and scores (without cache, every step is a forward the formula test covers)."""
+    tokens and scores (without cache, every step is a forward the formula test covers). On CUDA transformers
+    compiles a static-cache decode by itself; its float32 RMSNorm and rotary arithmetic then round apart from
+    eager's (3e-8 on an H100), so compiling is off here and tested on its own below."""
     model = make(DECODERS[name], "sigmoid").eval()
     batch = inputs(name, batch=2, seqlen=7)
     tokens, scores = generate(model, batch, use_cache=True)
-    for kwargs in ({"use_cache": False}, {"cache_implementation": "static"}):
+    for kwargs in ({"use_cache": False}, {"cache_implementation": "static", "disable_compile": True}):
         other_tokens, other_scores = generate(model, batch, **kwargs)
         assert torch.equal(other_tokens, tokens), kwargs
         torch.testing.assert_close(other_scores, scores, atol=1e-9, rtol=1e-9, msg=lambda m, a=kwargs: f"{a}: {m}")

@@ -46,26 +46,28 @@ class TileConfig:
 
 
 # Tile tables keyed by (padded head dim, has a right window bound, i.e. causal). Entries for head dims 64
-# and 128 are the fastest of two sweeps on an H100 (bf16, 16k tokens, seqlen 4096):
-# benchmarks/results/tune_tiles_h100_2026-11-24.json and tune_tiles2_h100_2026-11-24.json. Forward D64 full
-# 556 TFLOP/s, causal 465; D128 full 603, causal 507. In the backward, 64x64 dK/dV tiles beat 64x128 by
-# 2x at D128 (3.9 ms vs 8.6 ms for the whole backward) and 8 warps lose 30-40% to 4 on 64x64 tiles.
-# Head dims 32 and 256 are not tuned: 32 reuses 64's tiles, 256 halves them to fit the registers.
-# The interpreter runs on the CPU, where small tiles keep tests fast and still cross tile boundaries.
+# and 128 are the fastest of sweeps on an H100 (bf16, 16k tokens), all in benchmarks/results/:
+# tune_tiles_h100_2026-11-24.json and tune_tiles2_h100_2026-11-24.json at seqlen 4096 (8 warps lose 30-40%
+# to 4 on 64x64 dQ tiles); tune_tiles3_fwd_h100_2026-11-24.json (highest geometric mean over seqlens 1024,
+# 4096 and 16384) for the D128 full forward (128x32 tiles on 8 warps); tune_tiles3_dkdv_h100_2026-11-24.json
+# (seqlen 4096) for the dK/dV kernel since it computes transposed score tiles. Against the previous tables,
+# interleaved (kernel_ab_h100_2026-11-24.json): D128 full forward +6-9%, backward +3-12%. Head dims 32 and
+# 256 are not tuned: 32 reuses 64's tiles, 256 halves them to fit the registers. The interpreter runs on
+# the CPU, where small tiles keep tests fast and still cross tile boundaries.
 _INTERPRET_CONFIG = TileConfig(16, 16, 1, 1)
 FWD_CONFIGS = {
     (64, False): TileConfig(128, 64, 4, 3),
     (64, True): TileConfig(128, 64, 8, 4),
-    (128, False): TileConfig(128, 32, 4, 4),
+    (128, False): TileConfig(128, 32, 8, 4),
     (128, True): TileConfig(128, 32, 8, 4),
     (256, False): TileConfig(64, 32, 4, 2),
     (256, True): TileConfig(64, 32, 4, 2),
 }
 BWD_DKDV_CONFIGS = {
-    (64, False): TileConfig(64, 64, 4, 4),
-    (64, True): TileConfig(64, 64, 4, 4),
-    (128, False): TileConfig(64, 64, 4, 2),
-    (128, True): TileConfig(64, 64, 4, 2),
+    (64, False): TileConfig(64, 64, 4, 2),
+    (64, True): TileConfig(64, 64, 4, 3),
+    (128, False): TileConfig(64, 128, 8, 3),
+    (128, True): TileConfig(64, 128, 8, 3),
     (256, False): TileConfig(32, 64, 4, 1),
     (256, True): TileConfig(32, 64, 4, 1),
 }
@@ -131,24 +133,26 @@ def _sigmoid_of_half(z):
 
 
 @triton.jit
-def _half_logits(s, offs_m, offs_n, half_scale, half_bias, half_slope, diag_offset, ALIBI: tl.constexpr):
-    """z = logit / 2 for a [BM, BN] tile of raw scores s = q . k (half_bias, half_slope: scalars or [BM, 1])."""
+def _half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI: tl.constexpr):
+    """z = logit / 2 of a tile of raw scores s = q . k, with i the query and j the key index of each element
+    (broadcastable: i [BM, 1] and j [1, BN] for a [BM, BN] tile, or transposed); half_bias, half_slope:
+    scalars or broadcastable like i."""
     z = s * half_scale + half_bias
     if ALIBI:
-        dist = offs_m[:, None] + diag_offset - offs_n[None, :]
-        z -= half_slope * tl.abs(dist).to(tl.float32)
+        z -= half_slope * tl.abs(i + diag_offset - j).to(tl.float32)
     return z
 
 
 @triton.jit
-def _allowed(offs_m, offs_n, diag_offset, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
-    """[BM, BN] window mask: i + off - left <= j <= i + off + right (causal is right = 0)."""
-    diag = offs_m[:, None] + diag_offset
-    ok = offs_n[None, :] >= 0
+def _allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Window mask of query i, key j (broadcastable as in _half_logits): i + off - left <= j <= i + off + right
+    (causal is right = 0)."""
+    diag = i + diag_offset
+    ok = j >= 0
     if HAS_LEFT:
-        ok = ok & (offs_n[None, :] >= diag - window_left)
+        ok = ok & (j >= diag - window_left)
     if HAS_RIGHT:
-        ok = ok & (offs_n[None, :] <= diag + window_right)
+        ok = ok & (j <= diag + window_right)
     return ok
 
 
@@ -316,10 +320,10 @@ def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn,
             k = _load_rows(K, k_rows, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
             v = _load_rows(V, v_rows, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
         s = _dot(q, tl.trans(k), None)  # [BM, BN]
-        p = _sigmoid_of_half(_half_logits(s, offs_m, offs_n, half_scale, half_bias, half_slope, diag_offset, ALIBI))
+        i, j = offs_m[:, None], offs_n[None, :]
+        p = _sigmoid_of_half(_half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI))
         if MASKED and (HAS_LEFT or HAS_RIGHT):
-            allowed = _allowed(offs_m, offs_n, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            p = tl.where(allowed, p, 0.0)
+            p = tl.where(_allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)
         acc = _dot(p.to(v.dtype), v, acc)  # [BM, BD]
     return acc
 
@@ -418,15 +422,17 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, 
         offs_m = m0 + tl.arange(0, BLOCK_M)
         q = _load_rows(Q, offs_m * stride_qm, offs_m, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, MASKED)
         do = _load_rows(DO, offs_m * stride_dom, offs_m, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, MASKED)
-        s = _dot(q, tl.trans(k), None)  # [BM, BN]
-        p = _sigmoid_of_half(_half_logits(s, offs_m, offs_n, half_scale, half_bias, half_slope, diag_offset, ALIBI))
+        # Transposed tiles (keys along rows): P^T and dS^T come out of the score dots in the layout the dV and
+        # dK dots read from registers, with no transpose through shared memory.
+        i, j = offs_m[None, :], offs_n[:, None]
+        st = _dot(k, tl.trans(q), None)  # [BN, BM]
+        pt = _sigmoid_of_half(_half_logits(st, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI))
         if MASKED and (HAS_LEFT or HAS_RIGHT):
-            allowed = _allowed(offs_m, offs_n, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            p = tl.where(allowed, p, 0.0)
-        dv = _dot(tl.trans(p.to(do.dtype)), do, dv)  # [BN, BD]
-        dp = _dot(do, tl.trans(v), None)  # [BM, BN]
-        ds = dp * p * (1.0 - p)
-        dk = _dot(tl.trans(ds.to(q.dtype)), q, dk)  # [BN, BD]
+            pt = tl.where(_allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT), pt, 0.0)
+        dv = _dot(pt.to(do.dtype), do, dv)  # [BN, BD]
+        dpt = _dot(v, tl.trans(do), None)  # [BN, BM]
+        dst = dpt * pt * (1.0 - pt)
+        dk = _dot(dst.to(q.dtype), q, dk)  # [BN, BD]
     return dk, dv
 
 
@@ -497,10 +503,10 @@ def _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, l
         k = _load_rows(K, offs_n * stride_kn, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_rows(V, offs_n * stride_vn, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
         s = _dot(q, tl.trans(k), None)  # [BM, BN]
-        p = _sigmoid_of_half(_half_logits(s, offs_m, offs_n, half_scale, half_bias, half_slope, diag_offset, ALIBI))
+        i, j = offs_m[:, None], offs_n[None, :]
+        p = _sigmoid_of_half(_half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI))
         if MASKED and (HAS_LEFT or HAS_RIGHT):
-            allowed = _allowed(offs_m, offs_n, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            p = tl.where(allowed, p, 0.0)
+            p = tl.where(_allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)
         dp = _dot(do, tl.trans(v), None)  # [BM, BN]
         ds = dp * p * (1.0 - p)
         dq = _dot(ds.to(k.dtype), k, dq)  # [BM, BD]
@@ -1035,6 +1041,31 @@ def _(q, k_cache, v_cache, seqlens_k, block_table, head_bias, alibi, *options):
     return _empty_like(q)
 
 
+class _FlashEager(torch.autograd.Function):
+    """The eager twin of the sigattn::flash_fwd and sigattn::flash_varlen_fwd ops: the same launchers and
+    backward without the custom-op dispatch, which costs more than the kernel itself at short sequences
+    (public call with autograd: 353 us against 165 us for the launcher on the H100's host). The ops stay
+    for torch.compile, which needs their fake implementations."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, head_bias, alibi, params, varlen):
+        ctx.save_for_backward(q, k, v, head_bias, alibi, *(varlen[:2] if varlen else ()))
+        ctx.params, ctx.max_seqlens = params, varlen[2:] if varlen else None
+        if varlen:
+            return flash_varlen_fwd(q, k, v, *varlen, params, head_bias, alibi)
+        return flash_fwd(q, k, v, params, head_bias, alibi)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, head_bias, alibi, *cu_seqlens = ctx.saved_tensors
+        if ctx.max_seqlens is not None:
+            dq, dk, dv, dbias = flash_varlen_bwd(do, q, k, v, *cu_seqlens, *ctx.max_seqlens, ctx.params, head_bias,
+                                                 alibi)  # fmt: skip
+        else:
+            dq, dk, dv, dbias = flash_bwd(do, q, k, v, ctx.params, head_bias, alibi)
+        return dq, dk, dv, dbias, None, None, None
+
+
 def flash_params(
     *, scale: float, bias: float | Tensor | None, causal: bool, window_size: tuple[int, int], top_left: bool = False
 ) -> tuple[FlashParams, Tensor | None]:
@@ -1065,6 +1096,8 @@ def sigmoid_attn_flash(
 ) -> Tensor:
     """Dense sigmoid attention on the Triton kernels; semantics of ``reference.sigmoid_attn_reference``."""
     p, head_bias = flash_params(scale=scale, bias=bias, causal=causal, window_size=window_size, top_left=top_left)
+    if not torch.compiler.is_compiling():
+        return _FlashEager.apply(q, k, v, head_bias, alibi_slopes, p, None)
     return _flash_fwd_op(q, k, v, head_bias, alibi_slopes, *_options(p))
 
 
@@ -1086,6 +1119,9 @@ def sigmoid_attn_varlen_flash(
 ) -> Tensor:
     """Packed sequences on the Triton kernels; semantics of ``reference.sigmoid_attn_varlen_reference``."""
     p, head_bias = flash_params(scale=scale, bias=bias, causal=causal, window_size=window_size, top_left=top_left)
+    if not torch.compiler.is_compiling():
+        varlen = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        return _FlashEager.apply(q, k, v, head_bias, alibi_slopes, p, varlen)
     return _flash_varlen_fwd_op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_bias, alibi_slopes, *_options(p)
     )
@@ -1109,7 +1145,7 @@ def sigmoid_attn_kvcache_flash(
     ``reference.sigmoid_attn_kvcache_reference``."""
     p, head_bias = flash_params(scale=scale, bias=bias, causal=causal, window_size=window_size, top_left=top_left)
     if not torch.compiler.is_compiling():
-        # The op exists for torch.compile; calling it eagerly costs ~30 us of dispatch per decode step,
-        # more than the kernel at short caches, and this op needs none of its autograd.
+        # The op exists for torch.compile; eagerly its dispatch costs more than the kernel at short caches
+        # (as for _FlashEager), and this op needs no autograd.
         return flash_kvcache_fwd(q, k_cache, v_cache, seqlens_k, p, head_bias, alibi_slopes, block_table)
     return _flash_kvcache_fwd_op(q, k_cache, v_cache, seqlens_k, block_table, head_bias, alibi_slopes, *_options(p))

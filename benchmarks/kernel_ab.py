@@ -1,0 +1,85 @@
+"""The kernels of this tree against those in another flash.py, on a GPU:
+python benchmarks/kernel_ab.py --baseline OLD_FLASH_PY [--modes fwd bwd] [--tune-json TUNE.json ...] --json PATH.
+
+``sigattn bench``'s shapes (16k tokens, hidden 2048, bf16), head dims 64 and 128, causal and full; medians of
+triton.testing.do_bench, the two versions interleaved three times, so that clock drift hits both. Each
+version runs with its own tile tables; with --tune-json (written by tune_tiles.py for this tree) this tree's
+kernels run with the best tiles found there instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import sys
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton
+
+from sigattn.check import versions
+from sigattn.ops.sigmoid_attn import flash
+
+
+def load_baseline(path: str):
+    """The other flash.py as a module; its torch.library ops get another namespace so both can be loaded."""
+    source = Path(path).read_text().replace('"sigattn::', '"sigattn_baseline::')
+    spec = importlib.util.spec_from_loader("baseline_flash", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    module.__file__ = path  # triton's jit reads kernel source through inspect, which needs a file
+    sys.modules["baseline_flash"] = module
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--baseline", required=True)
+    parser.add_argument("--modes", nargs="+", choices=["fwd", "bwd"], default=["fwd"])
+    parser.add_argument("--tune-json", nargs="*", default=[])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    kernels = {"baseline": load_baseline(args.baseline), "this": flash}
+    tables = {"fwd": "FWD_CONFIGS", "dkdv": "BWD_DKDV_CONFIGS", "dq": "BWD_DQ_CONFIGS"}
+    for tune_json in args.tune_json:
+        for key, row in json.loads(Path(tune_json).read_text())["best"].items():
+            kernel, dim, mask = key.split("-")
+            getattr(flash, tables[kernel])[(int(dim[1:]), mask == "causal")] = flash.TileConfig(*row["config"])
+    rows = []
+    for head_dim, causal, seqlen in [(d, c, s) for d in (64, 128) for c in (False, True) for s in (1024, 4096, 16384)]:
+        batch, heads = 16384 // seqlen, 2048 // head_dim
+        q, k, v, do = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in "qkvo")
+        pairs = seqlen * (seqlen + 1) / 2 if causal else seqlen * seqlen
+        work = {"fwd": 4 * batch * heads * pairs * head_dim, "bwd": 10 * batch * heads * pairs * head_dim}
+        for mode in args.modes:
+            outs = {}
+            for _ in range(3):
+                for name, module in kernels.items():
+                    params, _ = module.flash_params(scale=head_dim**-0.5, bias=None, causal=causal,
+                                                    window_size=(-1, -1))  # fmt: skip
+                    if mode == "fwd":
+                        fn = partial(module.flash_fwd, q, k, v, params)
+                    else:
+                        fn = partial(module.flash_bwd, do, q, k, v, params)
+                    outs[name] = fn()
+                    ms = triton.testing.do_bench(fn, return_mode="median")
+                    configs = [getattr(module, tables[kernel])[(head_dim, causal)]
+                               for kernel in (["fwd"] if mode == "fwd" else ["dkdv", "dq"])]  # fmt: skip
+                    rows.append(dict(kernel=name, mode=mode, head_dim=head_dim, causal=causal, seqlen=seqlen, ms=ms,
+                                     tflops=work[mode] / ms * 1e-9,
+                                     configs=[list(dataclasses.astuple(c)) for c in configs]))  # fmt: skip
+                    print(f"{mode} D{head_dim} causal={causal} S={seqlen} {name}: {rows[-1]['tflops']:.0f} TFLOP/s",
+                          flush=True)  # fmt: skip
+            this, base = outs["this"], outs["baseline"]
+            this, base = (this, base) if mode == "fwd" else (torch.cat(this[:3]), torch.cat(base[:3]))
+            print(f"  max |this - baseline| = {(this.float() - base.float()).abs().max().item():.3g}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": versions(" ".join(["python", *sys.argv])), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
