@@ -312,7 +312,7 @@ def grid(quick: bool) -> list[AnyCase]:
         for (sq, sk), m, hkv in itertools.product(shapes, masks, (8, 2, 1))
         if hkv == 2 or (m == {} and sq == 113) or (m == dict(causal=True) and sq == 1023)
     ]
-    for d, dt in itertools.product((32, 40, 64, 80, 96, 128, 192, 256), ("bfloat16", "float16")):
+    for d, dt in itertools.product((8, 16, 32, 40, 64, 80, 96, 128, 192, 256), ("bfloat16", "float16")):
         for (sq, sk), m in itertools.product(((113, 203), (1023, 1023)), (dict(), dict(causal=True))):
             cases.append(Case(2, sq, sk, 4, 2, d, dtype=dt, **m))
     lens_q, lens_k = (1, 0, 513, 77, 1023, 200), (17, 9, 513, 300, 1023, 0)

@@ -46,6 +46,16 @@ def test_kernels_within_twice_pytorch_error(case):
     assert row["ok"], errors
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=lambda c: c.id)
+def test_tma_loads_within_twice_pytorch_error(monkeypatch, case):
+    """Rows this short load K/V through pointers; with the length threshold lowered, through TMA."""
+    monkeypatch.setattr(flash, "TMA_MIN_KEYS", 1)
+    made, descriptor = [], flash.TensorDescriptor
+    monkeypatch.setattr(flash, "TensorDescriptor", lambda *args: made.append(args) or descriptor(*args))
+    row = run_case(case, DEVICE)
+    assert made and row["ok"], {k: v for k, v in row.items() if k.endswith("_err")}
+
+
 def test_exact_logic_in_float32():
     """In float32 the interpreter's dots are exact fp32, so every mask and index is checked to ~1e-6."""
     if DEVICE != "cpu":

@@ -431,7 +431,9 @@ def test_compiled_forward_equals_eager():
 
 
 def static_cache_decode(model, batch, steps, step_fn):
-    """Prefill eagerly into a StaticCache, then decode greedily with step_fn; the per-step logits."""
+    """Prefill eagerly into a StaticCache, then decode with step_fn; the per-step logits. The tokens fed are
+    fixed (teacher forcing): greedy choices could differ between two runs on a near tie and then compare
+    different sequences."""
     from transformers import StaticCache
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -444,8 +446,9 @@ def static_cache_decode(model, batch, steps, step_fn):
         logits = model(ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache).logits[:, -1]
     out = [logits]
     position = positions[:, -1:]
+    tokens = torch.randint(VOCAB, (batch_size, steps - 1), generator=torch.Generator().manual_seed(3)).to(ids.device)
     for step in range(steps - 1):
-        token = out[-1].argmax(-1, keepdim=True)
+        token = tokens[:, step : step + 1]
         full_mask[:, prompt + step] = 1
         position = position + 1
         out.append(step_fn(token, full_mask.clone(), position, cache)[:, -1].clone())

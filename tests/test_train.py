@@ -285,6 +285,13 @@ def test_vit_trains_on_generated_images(tmp_path):
     assert last["tokens"] == 30 * 16 * 17  # 16 patches + [CLS] per image
 
 
+@pytest.mark.parametrize("extra", [["train.device=cpu"], ["train.device=cpu", "train.parallel=ddp"]])
+def test_cuda_graphs_need_one_cuda_device(tmp_path, text_file, extra):
+    config = build_config("tiny", micro(text_file, "train.compile=cudagraphs", *extra))
+    with pytest.raises(TrainError, match="compile='cudagraphs' needs a CUDA device and parallel='none', got"):
+        Trainer(config, tmp_path, log=quiet)
+
+
 def test_missing_text_is_a_clear_error(tmp_path, text_file):
     config = build_config("tiny", micro(text_file, f"data.path={tmp_path / 'nope.txt'}"))
     with pytest.raises(TrainError, match="data: no such text file: .*nope.txt"):

@@ -88,7 +88,10 @@ class TrainSettings:
     spike_factor: float = 3.0  # a gradient-norm spike: above this many times its running average
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
-    compile: Literal["auto", "on", "off"] = "auto"  # auto: torch.compile on CUDA only
+    # cudagraphs: torch.compile(mode="reduce-overhead") on one CUDA device, which replays each step's kernels
+    # from CUDA graphs (small models spend most of a step launching them). auto: cudagraphs on one CUDA
+    # device, "on" under data parallelism, "off" on the CPU.
+    compile: Literal["auto", "on", "off", "cudagraphs"] = "auto"
     activation_checkpointing: bool = False
     # Data parallelism under torchrun (sigattn/train/parallel.py); batch_size is the global batch. Under
     # torchrun with more than one process, "none" is an error rather than N copies of one run.

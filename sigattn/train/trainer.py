@@ -156,6 +156,13 @@ class Trainer:
                 "it, or choose another --out"
             )
         device = resolve_device(settings.device)
+        one_gpu = device.type == "cuda" and settings.parallel == "none"
+        self.cuda_graphs = settings.compile == "cudagraphs" or (settings.compile == "auto" and one_gpu)
+        if self.cuda_graphs and not one_gpu:
+            raise TrainError(
+                f"compile='cudagraphs' needs a CUDA device and parallel='none', got device {device.type!r} and "
+                f"parallel={settings.parallel!r}: use compile='on' instead"
+            )
         try:
             self.parallel = par.setup(settings.parallel, device)
             self.rows = par.local_rows(settings.batch_size, self.parallel)  # this rank's share of the batch
@@ -182,8 +189,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), fused=fused
         )
-        use_compile = settings.compile == "on" or (settings.compile == "auto" and self.device.type == "cuda")
-        self.forward = torch.compile(wrapped) if use_compile else wrapped
+        use_compile = settings.compile in ("on", "cudagraphs") or (
+            settings.compile == "auto" and self.device.type == "cuda"
+        )
+        mode = "reduce-overhead" if self.cuda_graphs else None
+        self.forward = torch.compile(wrapped, mode=mode) if use_compile else wrapped
         self.spikes = SpikeDetector(settings.spike_factor)
         self.step = 0
         self.pending_losses: list = []  # since the last logged step: losses, gradient norms
@@ -303,6 +313,8 @@ class Trainer:
         lr = learning_rate(self.step, self.config.optim, self.config.train.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with self.autocast(), self._sdpa_context():
             _, loss = self.forward(x, y)
         loss.backward()
@@ -312,7 +324,8 @@ class Trainer:
             norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.pending_losses.append(loss.detach())
+        # The next CUDA-graph replay writes its loss where this one is: keep a copy.
+        self.pending_losses.append(loss.detach().clone() if self.cuda_graphs else loss.detach())
         self.pending_norms.append(norm.detach())
         self.tokens += self.task.tokens_per_batch
         self.step += 1

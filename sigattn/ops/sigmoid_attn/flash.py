@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter cannot run inline assembly (no tanh.approx), and its tl.dot is wrong on bfloat16
@@ -99,7 +100,9 @@ KVCACHE_PAGED_CONFIGS = {
 
 
 def padded_head_dim(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    # At least 32: Triton 3.6's ptxas (CUDA 12.8) crashes on the dK/dV kernel with 16-wide tiles in some
+    # specialisations (digits-vit's head dim 16, two stages), so tiles narrower than 32 are never built.
+    return max(32, triton.next_power_of_2(head_dim))
 
 
 def _config(table: dict[tuple[int, bool], TileConfig], block_d: int, causal: bool) -> TileConfig:
@@ -375,10 +378,11 @@ def sigmoid_attn_fwd_kernel(
     if PAGED:
         K += h_kv * stride_kh
         V += h_kv * stride_vh
+        Pages = BlockTable + b64 * stride_bt
     else:
         K += b64 * stride_kb + k_start * stride_kn + h_kv * stride_kh
         V += b64 * stride_vb + k_start * stride_vn + h_kv * stride_vh
-    Pages = BlockTable + b64 * stride_bt
+        Pages = BlockTable
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
@@ -604,10 +608,6 @@ class Rows:
         return self.cu_seqlens_q is not None
 
 
-def _dummy(q: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    return q.new_empty(1, dtype=dtype)
-
-
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -633,11 +633,10 @@ def _flags(q: Tensor, k: Tensor, params: FlashParams, head_bias: Tensor | None, 
     )
 
 
-def _scalars(q: Tensor, params: FlashParams, head_bias: Tensor | None, alibi: Tensor | None) -> dict:
-    """Pointer stand-ins for absent tensors, and the runtime scalars every kernel takes."""
+def _scalars(params: FlashParams, alibi: Tensor | None) -> dict:
+    """The runtime scalars every kernel takes. (Absent tensors are passed as None: Triton compiles them as
+    constants, and the flags keep the kernels from touching them.)"""
     return dict(
-        head_bias=head_bias if head_bias is not None else _dummy(q),
-        alibi=alibi if alibi is not None else _dummy(q),
         alibi_stride=alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
         window=(max(params.window_left, 0), max(params.window_right, 0)),
     )
@@ -645,24 +644,26 @@ def _scalars(q: Tensor, params: FlashParams, head_bias: Tensor | None, alibi: Te
 
 # TMA (Hopper's tensor memory accelerator) loads the forward's K/V tiles of dense rows (_kv_descriptors):
 # 0-5% faster than pointer loads at D128 (causal 4k 486 -> 505 TFLOP/s), mixed at D64 on an H100
-# (benchmarks/results/tma_forward_h100_2026-11-24.json, whose script turns this off to compare).
+# (benchmarks/results/tma_forward_h100_2026-11-24.json, whose script turns this off to compare). Only from
+# TMA_MIN_KEYS keys on: encoding the two descriptors costs tens of microseconds of host time per call,
+# more than the 0-3% it saves at 1k keys (same file), and shorter rows are bound by the host.
 USE_TMA = True
+TMA_MIN_KEYS = 1024
+
+
+@functools.lru_cache
+def _has_tma(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _kv_descriptors(k: Tensor, v: Tensor, rows: Rows, block_n: int, block_d: int) -> tuple | None:
-    """TMA descriptors of K and V, block [1, BLOCK_N, 1, D], when the tiles can be loaded that way: dense rows
-    (the descriptor's shape stops at Sk, so keys past it load as zeros; a cache or packed sequences end
-    elsewhere), an unpadded head dim (a padded tile would read the next head), 16-byte aligned base and
-    strides, and a GPU that has TMA (sm_90+) or the interpreter."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
+    """TMA descriptors of K and V, block [1, BLOCK_N, 1, D], when the tiles can be loaded that way and it pays:
+    dense rows (the descriptor's shape stops at Sk, so keys past it load as zeros; a cache or packed
+    sequences end elsewhere) of at least TMA_MIN_KEYS keys, an unpadded head dim (a padded tile would read
+    the next head), 16-byte aligned base and strides, and a GPU that has TMA (sm_90+) or the interpreter."""
     if not USE_TMA or rows.varlen or rows.seqlens_k is not None or rows.block_table is not None:
         return None
-    if (
-        k.numel() == 0
-        or k.shape[-1] != block_d
-        or (not INTERPRET and torch.cuda.get_device_capability(k.device) < (9, 0))
-    ):
+    if rows.seqlen_k < TMA_MIN_KEYS or k.shape[-1] != block_d or not (INTERPRET or _has_tma(k.device)):
         return None
     tensors = (k, v)
     if any(t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]) for t in tensors):
@@ -680,15 +681,12 @@ def _launch_fwd(
     block_q = cfg.block_m // group if pack_gqa else cfg.block_m
     num_heads = q.shape[-2]
     grid = (triton.cdiv(rows.seqlen_q, block_q) * num_splits, num_heads // group if pack_gqa else num_heads, rows.batch)
-    s = _scalars(q, params, head_bias, alibi)
+    s = _scalars(params, alibi)
     out_rows = out[0] if num_splits > 1 else out
     paged = rows.block_table is not None
-    index = _dummy(q, torch.int32)
     descriptors = _kv_descriptors(k, v, rows, cfg.block_n, flags["BLOCK_D"]) if not pack_gqa else None
     sigmoid_attn_fwd_kernel[grid](
-        q, k, v, out, s["head_bias"], s["alibi"],
-        rows.cu_seqlens_q if rows.varlen else index, rows.cu_seqlens_k if rows.varlen else index,
-        rows.seqlens_k if rows.seqlens_k is not None else index, rows.block_table if paged else index,
+        q, k, v, out, head_bias, alibi, rows.cu_seqlens_q, rows.cu_seqlens_k, rows.seqlens_k, rows.block_table,
         *(descriptors or (k, v)),
         *_strides(q, rows.varlen), *_strides(k, rows.varlen), *_strides(v, rows.varlen),
         out.stride(0) if num_splits > 1 else 0, *_strides(out_rows, rows.varlen), s["alibi_stride"],
@@ -707,16 +705,15 @@ def _launch_bwd(
     """Writes (dq, dk, dv) into ``grads``; returns the bias gradient (or None)."""
     dq, dk, dv = grads
     flags = _flags(q, k, params, head_bias, alibi, rows)
-    s = _scalars(q, params, head_bias, alibi)
-    index = _dummy(q, torch.int32)
-    cu = (rows.cu_seqlens_q, rows.cu_seqlens_k) if rows.varlen else (index, index)
+    s = _scalars(params, alibi)
+    cu = (rows.cu_seqlens_q, rows.cu_seqlens_k)
     num_heads, num_kv_heads = q.shape[-2], k.shape[-2]
     packed = rows.varlen
     common = (rows.seqlen_q, rows.seqlen_k, *s["window"], params.scale, 0.5 * params.scale, 0.5 * params.const_bias)
 
     cfg = _config(BWD_DKDV_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
     sigmoid_attn_bwd_kernel_dkdv[(triton.cdiv(rows.seqlen_k, cfg.block_n), num_kv_heads, rows.batch)](
-        q, k, v, do, dk, dv, s["head_bias"], s["alibi"], *cu,
+        q, k, v, do, dk, dv, head_bias, alibi, *cu,
         *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(do, packed),
         *_strides(dk, packed), *_strides(dv, packed), s["alibi_stride"], *common,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
@@ -728,7 +725,7 @@ def _launch_bwd(
     if head_bias is not None:  # zeros: tiles past a packed sequence's end write nothing
         partial = torch.zeros(rows.batch, num_heads, n_tiles, dtype=torch.float32, device=q.device)
     sigmoid_attn_bwd_kernel_dq[(n_tiles, num_heads, rows.batch)](
-        q, k, v, do, dq, partial if partial is not None else _dummy(q), s["head_bias"], s["alibi"], *cu,
+        q, k, v, do, dq, partial, head_bias, alibi, *cu,
         *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(do, packed),
         *_strides(dq, packed), s["alibi_stride"], *common,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
