@@ -26,27 +26,20 @@ from sigattn.check import versions
 from sigattn.ops.sigmoid_attn import flash
 
 
-def wall_us(fn: Callable[[], object], n: int = 300) -> float:
+def loop_us(fn: Callable[[], object], *, wait: bool, n: int = 300) -> float:
+    """Mean microseconds per call over n back-to-back calls: with ``wait``, until the GPU has finished them
+    (max(host, GPU) per call); without, until the host has issued them."""
     for _ in range(20):
         fn()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(n):
         fn()
+    if wait:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
     torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n * 1e6
-
-
-def host_us(fn: Callable[[], object], n: int = 300) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return host / n * 1e6
+    return elapsed / n * 1e6
 
 
 def graph_us(fn: Callable[[], object], n: int = 50) -> float:
@@ -125,7 +118,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for name, fn in calls(*args.shape).items():
-        row = {"call": name, "wall_us": wall_us(fn), "host_us": host_us(fn), "gpu_us": graph_us(fn)}
+        wall, host = loop_us(fn, wait=True), loop_us(fn, wait=False)
+        row = {"call": name, "wall_us": wall, "host_us": host, "gpu_us": graph_us(fn)}
         rows.append(row)
         print(json.dumps({k: round(x, 1) if isinstance(x, float) else x for k, x in row.items()}), flush=True)
     if args.json:
