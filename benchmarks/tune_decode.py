@@ -31,17 +31,28 @@ PAGE_SIZES = [16, 64, 256]
 PAGED_CANDIDATES = [(64, 64, 4, 3), (64, 16, 4, 4), (64, 32, 4, 4), (64, 128, 4, 3)]
 
 
+_TABLES = (flash.KVCACHE_CONFIGS, flash.KVCACHE_MANY_PROGRAMS_CONFIGS, flash.KVCACHE_PAGED_CONFIGS)
+_DEFAULTS = tuple(table[HEAD_DIM] for table in _TABLES)
+
+
+def _use_config(cand: tuple | None) -> None:
+    """Every contiguous-cache plan (few programs or many) and the paged one run on tiles ``cand``; None
+    restores the launcher's tables."""
+    configs = _DEFAULTS if cand is None else (flash.TileConfig(*cand),) * len(_TABLES)
+    for table, config in zip(_TABLES, configs, strict=True):
+        table[HEAD_DIM] = config
+
+
 def tune_paged(params) -> list[dict]:
     """Contiguous and paged caches (pages shuffled) at the launcher's split plan."""
     rows = []
-    default = flash.KVCACHE_CONFIGS[HEAD_DIM]
     for batch, cache_len, heads, kv_heads in PAGED_SHAPES:
         q = torch.randn(batch, 1, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(batch * cache_len, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in "kv")
         lens = torch.full((batch,), cache_len, dtype=torch.int32, device="cuda")
         gbytes = 2 * k.numel() * k.element_size() / 1e9
         for cand, page in [(c, p) for c in PAGED_CANDIDATES for p in [0, *PAGE_SIZES]]:
-            flash.KVCACHE_CONFIGS[HEAD_DIM] = flash.TileConfig(*cand)
+            _use_config(cand)
             if page:
                 pages = batch * cache_len // page
                 kc, vc = k.view(pages, page, kv_heads, HEAD_DIM), v.view(pages, page, kv_heads, HEAD_DIM)
@@ -54,7 +65,7 @@ def tune_paged(params) -> list[dict]:
             rows.append(dict(batch=batch, cache_len=cache_len, heads=heads, kv_heads=kv_heads, config=cand,
                              page_size=page, ms=ms, gbps=gbytes / (ms * 1e-3)))  # fmt: skip
             print(f"B{batch} L{cache_len} {cand} page={page}: {rows[-1]['gbps']:.0f} GB/s", flush=True)
-    flash.KVCACHE_CONFIGS[HEAD_DIM] = default
+    _use_config(None)
     return rows
 
 
@@ -71,14 +82,13 @@ def main() -> None:
             with open(args.json, "w") as f:
                 json.dump({"meta": versions(" ".join(["python", *sys.argv])), "rows": rows}, f, indent=1)
         return
-    default = flash.KVCACHE_CONFIGS[HEAD_DIM]
     for batch, cache_len, heads, kv_heads in SHAPES:
         q = torch.randn(batch, 1, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(batch, cache_len, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in "kv")
         lens = torch.full((batch,), cache_len, dtype=torch.int32, device="cuda")
         gbytes = 2 * k.numel() * k.element_size() / 1e9
         for cand in CANDIDATES:
-            flash.KVCACHE_CONFIGS[HEAD_DIM] = flash.TileConfig(*cand)
+            _use_config(cand)
             planned = flash.kvcache_plan(batch, 1, heads, kv_heads, HEAD_DIM, cache_len, q.device)[2]
             for splits in [*SPLITS, None]:
                 try:
@@ -92,7 +102,7 @@ def main() -> None:
                                  gbps=gbytes / (ms * 1e-3)))  # fmt: skip
                 print(f"B{batch} L{cache_len} {heads}/{kv_heads} {cand} splits={rows[-1]['splits']}: "
                       f"{ms * 1e3:.1f} us {rows[-1]['gbps']:.0f} GB/s", flush=True)  # fmt: skip
-        flash.KVCACHE_CONFIGS[HEAD_DIM] = default
+        _use_config(None)
     best = {}
     for r in rows:
         key = f"B{r['batch']}-L{r['cache_len']}-{r['heads']}/{r['kv_heads']}"

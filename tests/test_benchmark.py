@@ -382,10 +382,12 @@ def test_decode_table_ratios():
         return {"provider": provider, "heads": 32, "kv_heads": 8, "batch": 1, "cache_len": 8192, "ms": ms,
                 "gbps": 1000 / ms, "gbps_eager": 100 / ms}  # fmt: skip
 
-    rows = [row("sigattn", 0.5), row("sdpa-flash", 1.0), row("sdpa-cudnn", 0.25)]
+    rows = [row("sigattn", 0.5), row("sdpa-flash", 1.0), row("sdpa-cudnn", 0.25), row("copy", 0.4)]
     skips = [("sdpa-math", inf.DecodeShape(1, 8192, 32, 8), "OutOfMemoryError: ...")]
     lines = inf.format_decode(rows, skips, copy=4000.0).splitlines()
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert cells[:6] == ["32/8", "1", "8k", "2000", "1000", "4000"]
-    assert cells[6:9] == ["0.50", "2.00x", "0.50x"]  # of the copy; sdpa-flash takes 2x as long, cuDNN half
+    assert cells[:7] == ["32/8", "1", "8k", "2000", "1000", "4000", "2500"]
+    # of the 1 GiB copy, of the same-bytes copy; sdpa-flash takes 2x as long, cuDNN half; no ratio to the copy
+    assert cells[7:11] == ["0.50", "0.80", "2.00x", "0.50x"]
+    assert len(cells) == 13
     assert lines[-1] == "skipped sdpa-math: OutOfMemoryError: ..."

@@ -11,7 +11,8 @@ Triton's interpreter (bfloat16; the auto backend on the CPU is the PyTorch one).
 
 Spawning processes is slow, so one group per world size runs every case and reports, per case id, the
 first error of each rank; each case is then its own pytest test. Pure helpers (shard layouts, the ring's
-per-step pieces, head repeats) are tested in-process.
+per-step pieces, head repeats) are tested in-process. The last test runs the GPU check script,
+``python -m sigattn.distributed.check``, under torchrun on 2 CPU processes (its quick grid).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
+import sys
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -399,3 +402,24 @@ def test_ring_steps_cover_every_allowed_pair_once(world_size, load_balance, caus
 )
 def test_kv_head_repeats(heads, kv_heads, world_size, repeats):
     assert kv_head_repeats(heads, kv_heads, world_size) == repeats
+
+
+# ------------------------------------------------------------------------------ the torchrun check script
+
+
+def test_check_script_under_torchrun(tmp_path):
+    """``python -m sigattn.distributed.check`` (the GPU grid's script) on the CPU: 2 gloo processes under
+    torchrun, the quick grid; it exits 0 and records every case on both ranks."""
+    path = tmp_path / "check.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "sigattn.distributed.check", "--device", "cpu", "--quick", "--json", str(path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # CI has 2 cores
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    record = json.loads(path.read_text())
+    assert record["meta"]["world_size"] == 2 and record["meta"]["backend"] == "gloo"
+    assert record["rows"] and record["summary"]["failed"] == 0
+    for row in record["rows"]:
+        assert row["passed"] and [r["rank"] for r in row["per_rank"]] == [0, 1], row["id"]

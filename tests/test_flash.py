@@ -56,6 +56,23 @@ def test_tma_loads_within_twice_pytorch_error(monkeypatch, case):
     assert made and row["ok"], {k: v for k, v in row.items() if k.endswith("_err")}
 
 
+def test_kvcache_plan_splits_small_batches_and_widens_tiles_for_large_ones(monkeypatch):
+    """The plan outside the interpreter (whose tiles are fixed small), on the CPU's stand-in of 4 SMs."""
+    monkeypatch.setattr(flash, "INTERPRET", False)
+    cpu = torch.device("cpu")
+    few, many = flash.KVCACHE_CONFIGS[128], flash.KVCACHE_MANY_PROGRAMS_CONFIGS[128]
+    # one row, one kv head: one packed program of 4 query heads, split in 4 (one program per SM)
+    cfg, pack, splits = flash.kvcache_plan(1, 1, 4, 1, 128, 8192, cpu)
+    assert (cfg.block_m, cfg.block_n, pack, splits) == (16, few.block_n, True, 4)
+    # 8 programs, two per SM: no split, wide tiles; a paged cache keeps its own table
+    cfg, pack, splits = flash.kvcache_plan(8, 1, 4, 1, 128, 8192, cpu)
+    assert (cfg.block_n, cfg.num_warps, cfg.num_stages, splits) == (many.block_n, many.num_warps, many.num_stages, 1)
+    cfg, _, _ = flash.kvcache_plan(8, 1, 4, 1, 128, 8192, cpu, paged=True)
+    assert cfg.block_n == flash.KVCACHE_PAGED_CONFIGS[128].block_n
+    # head dims without a wide table keep theirs
+    assert flash.kvcache_plan(8, 1, 4, 1, 256, 8192, cpu)[0].block_n == flash.KVCACHE_CONFIGS[256].block_n
+
+
 def test_exact_logic_in_float32():
     """In float32 the interpreter's dots are exact fp32, so every mask and index is checked to ~1e-6."""
     if DEVICE != "cpu":

@@ -89,6 +89,13 @@ KVCACHE_CONFIGS = {
     128: TileConfig(64, 64, 4, 3),
     256: TileConfig(64, 32, 4, 2),
 }
+# Contiguous caches with at least two programs per SM and no split (large batch): 128-wide key tiles. D128
+# on an H100, CUDA-graph replays: 0.999-1.012x cuDNN at B16 Hkv32 and B64 against 0.957-1.002x with
+# 64-wide tiles; at about one program per SM (B16 Hkv8, B4 Hkv32) 64-wide tiles stay ahead by 0.3-1.2%
+# (benchmarks/results/decode_large_batch_h100_2026-11-25.json).
+KVCACHE_MANY_PROGRAMS_CONFIGS = {
+    128: TileConfig(64, 128, 4, 3),
+}
 # Paged caches read a page id per key (or per tile when pages are whole tiles): wider tiles amortise it.
 # D128, pages of 16-256 in shuffled order: 2.6-3.0 TB/s with 128-wide tiles against 2.3-2.7 with 64-wide
 # (contiguous: 2.8-3.1), benchmarks/results/tune_decode_paged_h100_2026-11-24.json.
@@ -97,6 +104,9 @@ KVCACHE_PAGED_CONFIGS = {
     128: TileConfig(64, 128, 4, 3),
     256: TileConfig(64, 32, 4, 2),
 }
+
+# Elements summed per program by the split sum ([splits, BLOCK] fp32 values): 16 KiB of loads in flight.
+SUM_SPLITS_ELEMENTS = 4096
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -403,14 +413,16 @@ def sigmoid_attn_fwd_kernel(
 
 
 @triton.jit
-def sigmoid_attn_sum_splits_kernel(Partial, Out, numel, NUM_SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-    """Out = the sum over splits of Partial (NUM_SPLITS, numel), in a fixed order: deterministic."""
+def sigmoid_attn_sum_splits_kernel(Partial, Out, numel, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                                   BLOCK: tl.constexpr):
+    """Out = the sum over splits of Partial (NUM_SPLITS, numel): one [splits, BLOCK] load, so every split's
+    read is in flight at once (a loop over splits waits on each in turn), then a reduction whose order is
+    fixed by the compiled kernel: deterministic."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for split in range(NUM_SPLITS):
-        acc += tl.load(Partial + split * numel + offs, mask=mask, other=0.0)
-    tl.store(Out + offs, acc.to(Out.dtype.element_ty), mask=mask)
+    splits = tl.arange(0, SPLITS_P2)
+    mask = (splits[:, None] < NUM_SPLITS) & (offs[None, :] < numel)
+    parts = tl.load(Partial + splits[:, None] * numel + offs[None, :], mask=mask, other=0.0)
+    tl.store(Out + offs, tl.sum(parts, axis=0).to(Out.dtype.element_ty), mask=offs < numel)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -674,8 +686,10 @@ def _kv_descriptors(k: Tensor, v: Tensor, rows: Rows, block_n: int, block_d: int
 def _launch_fwd(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: FlashParams, head_bias: Tensor | None,
     alibi: Tensor | None, rows: Rows, cfg: TileConfig, *, pack_gqa: bool = False, num_splits: int = 1,
+    use_tma: bool = True,
 ) -> None:  # fmt: skip
-    """``out`` is shaped like q, or with num_splits > 1 an fp32 (num_splits, *q.shape) buffer of partial sums."""
+    """``out`` is shaped like q, or with num_splits > 1 an fp32 (num_splits, *q.shape) buffer of partial sums.
+    ``use_tma``: K/V tiles through TMA descriptors where ``_kv_descriptors`` allows them."""
     flags = _flags(q, k, params, head_bias, alibi, rows)
     group = flags["GROUP"]
     block_q = cfg.block_m // group if pack_gqa else cfg.block_m
@@ -684,7 +698,7 @@ def _launch_fwd(
     s = _scalars(params, alibi)
     out_rows = out[0] if num_splits > 1 else out
     paged = rows.block_table is not None
-    descriptors = _kv_descriptors(k, v, rows, cfg.block_n, flags["BLOCK_D"]) if not pack_gqa else None
+    descriptors = _kv_descriptors(k, v, rows, cfg.block_n, flags["BLOCK_D"]) if use_tma else None
     sigmoid_attn_fwd_kernel[grid](
         q, k, v, out, head_bias, alibi, rows.cu_seqlens_q, rows.cu_seqlens_k, rows.seqlens_k, rows.block_table,
         *(descriptors or (k, v)),
@@ -797,16 +811,20 @@ def kvcache_plan(
     Packing puts the query heads that share a kv head into the rows of one tile (power-of-two groups that
     fit), so each K/V tile is read once per group. Splits give a small batch about one program per SM
     (the best of 1-128 splits on an H100 in benchmarks/results/tune_decode_h100_2026-11-24.json; more only
-    add partial sums), each with at least 4 key tiles; a power of two, so few variants compile."""
+    add partial sums), each with at least 4 key tiles; a power of two, so few variants compile. With two
+    or more programs per SM and no split, KVCACHE_MANY_PROGRAMS_CONFIGS' wider tiles."""
     group = num_heads // num_kv_heads
     table = KVCACHE_PAGED_CONFIGS if paged else KVCACHE_CONFIGS
-    base = _INTERPRET_CONFIG if INTERPRET else table[max(64, padded_head_dim(head_dim))]
+    block_d = max(64, padded_head_dim(head_dim))
+    base = _INTERPRET_CONFIG if INTERPRET else table[block_d]
     pack = group > 1 and group & (group - 1) == 0 and group <= base.block_m
     rows = seqlen_q * (group if pack else 1)
     block_m = min(base.block_m, max(16, triton.next_power_of_2(rows)))
-    cfg = TileConfig(block_m, base.block_n, base.num_warps, base.num_stages)
     tiles_q = triton.cdiv(seqlen_q, block_m // group if pack else block_m)
     programs = tiles_q * batch * (num_kv_heads if pack else num_heads)
+    if not (INTERPRET or paged) and programs >= 2 * _sm_count(device) and block_d in KVCACHE_MANY_PROGRAMS_CONFIGS:
+        base = KVCACHE_MANY_PROGRAMS_CONFIGS[block_d]
+    cfg = TileConfig(block_m, base.block_n, base.num_warps, base.num_stages)
     want = max(1, _sm_count(device) // programs)
     most = max(1, triton.cdiv(capacity, cfg.block_n) // 4)
     splits = min(want, most, 128)
@@ -842,17 +860,22 @@ def flash_kvcache_fwd(
     pack = pack if pack_gqa is None else pack_gqa
     splits = splits if num_splits is None else num_splits
     rows = Rows(batch, seqlen_q, capacity, seqlens_k=seqlens_k, block_table=block_table)
+    # No TMA: on a full cache (the only kind it could load) it measured -1.7% to +1% on an H100
+    # (benchmarks/results/decode_large_batch_h100_2026-11-25.json).
+    launch = functools.partial(_launch_fwd, q, k_cache, v_cache, params=params, head_bias=head_bias, alibi=alibi,
+                               rows=rows, cfg=cfg, pack_gqa=pack, use_tma=False)  # fmt: skip
     if splits == 1:
-        _launch_fwd(q, k_cache, v_cache, out, params, head_bias, alibi, rows, cfg, pack_gqa=pack)
+        launch(out=out)
         return out
     # The splits' partial outputs add exactly (no normalisation): a fixed-order fp32 sum, deterministic.
     partial = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
-    _launch_fwd(q, k_cache, v_cache, partial, params, head_bias, alibi, rows, cfg, pack_gqa=pack, num_splits=splits)
+    launch(out=partial, num_splits=splits)
     if not out.is_contiguous():
         return out.copy_(partial.sum(dim=0))
-    block = 1024
+    splits_p2 = triton.next_power_of_2(splits)
+    block = max(32, SUM_SPLITS_ELEMENTS // splits_p2)
     sigmoid_attn_sum_splits_kernel[(triton.cdiv(out.numel(), block),)](
-        partial, out, out.numel(), NUM_SPLITS=splits, BLOCK=block
+        partial, out, out.numel(), NUM_SPLITS=splits, SPLITS_P2=splits_p2, BLOCK=block
     )
     return out
 

@@ -1,0 +1,166 @@
+"""Decode floors and the split sum, on a GPU: python benchmarks/decode_floors.py BASELINE_FLASH_PY OUT.json.
+
+Graph-replayed, one replay per timing, L2 flushed as ``sigattn bench --decode`` does: the public KV-cache call
+of another flash.py (BASELINE_FLASH_PY, loaded as kernel_ab.py does) against this tree's, TMA loads on and
+off, tiles / warps / splits of the kernel alone, a clean flush (a read) against the usual dirty one (a
+write, whose lines the next kernel must write back), and two calls per graph (the cost of one more call).
+Results: benchmarks/results/decode_small_batch_h100_2026-11-25.json, run against commit 09cbaf4's flash.py
+(split sum looping over the splits) with this tree's split sum (every split loaded at once)."""
+
+import json
+import math
+import statistics
+import sys
+from functools import cache, partial
+
+import torch
+import triton
+
+sys.path.insert(0, "benchmarks")
+from kernel_ab import load_baseline
+
+from sigattn.ops.sigmoid_attn import flash
+from sigattn.ops.sigmoid_attn.flash import Rows, TileConfig, _launch_fwd
+
+SHAPES = [  # (batch, cache length, heads, kv heads)
+    (1, 8192, 32, 8),
+    (1, 16384, 32, 8),
+    (1, 32768, 32, 8),
+    (4, 8192, 32, 8),
+    (1, 8192, 32, 32),
+    (1, 131072, 32, 8),
+    (16, 32768, 32, 8),
+    (64, 8192, 32, 32),
+    (64, 32768, 32, 8),
+]
+CONFIGS = [
+    TileConfig(16, 64, 4, 3),
+    TileConfig(16, 64, 8, 3),
+    TileConfig(16, 128, 4, 3),
+    TileConfig(16, 128, 8, 3),
+    TileConfig(16, 128, 8, 4),
+]
+
+
+@cache
+def flush_buffers():
+    """Allocated once, on first use: one to write (dirty L2), one to read (clean L2)."""
+    return (
+        torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"),
+        torch.ones(64 * 2**20, dtype=torch.float32, device="cuda"),
+    )
+
+
+def bench_graph(fn, n=200, clean=False):
+    """Median microseconds of one replay of fn captured in a CUDA graph, the L2 flushed before each."""
+    dirty_flush, clean_flush = flush_buffers()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for a, b in ev:
+        if clean:
+            clean_flush.sum()
+        else:
+            dirty_flush.zero_()
+        a.record()
+        g.replay()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3
+
+
+def bench_copy(nbytes):
+    """A copy reading and writing nbytes in all, after a dirty and after a clean flush; a function so its buffers
+    are freed before the cache is made."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return bench_graph(lambda: dst.copy_(src)), bench_graph(lambda: dst.copy_(src), clean=True)
+
+
+def measure(head, B, S, Hq, Hkv):
+    """One shape's row: the baseline's and this tree's public call, and at small batch the kernel's variants."""
+    D = 128
+    kvb = 2 * B * S * Hkv * D * 2
+    copy_us, copy_clean = bench_copy(kvb)
+    q = torch.randn(B, 1, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    params = flash.flash_params(scale=D**-0.5, bias=-math.log(S), causal=False, window_size=(-1, -1))[0]
+    hparams = head.flash_params(scale=D**-0.5, bias=-math.log(S), causal=False, window_size=(-1, -1))[0]
+    out = torch.empty_like(q)
+    tree = lambda: flash.flash_kvcache_fwd(q, k, v, None, params, out=out)
+    r = dict(batch=B, cache_len=S, heads=Hq, kv_heads=Hkv, kv_bytes=kvb, copy_us=copy_us, copy_clean_us=copy_clean)
+    r["head_us"] = bench_graph(lambda: head.flash_kvcache_fwd(q, k, v, None, hparams, out=out))
+    ref = head.flash_kvcache_fwd(q, k, v, None, hparams).float()
+    for tma in (False, True):
+        flash.USE_TMA = tma
+        r[f"tree_tma{int(tma)}_us"] = bench_graph(tree)
+        r[f"tree_tma{int(tma)}_maxdiff"] = (
+            (flash.flash_kvcache_fwd(q, k, v, None, params).float() - ref).abs().max().item()
+        )
+    flash.USE_TMA = True
+    r["tree_clean_us"] = bench_graph(tree, clean=True)
+    r["tree_x2_us"] = bench_graph(lambda: (tree(), tree()))
+    print(
+        " ".join(f"{kk}={vv:.1f}" if isinstance(vv, float) else f"{kk}={vv}" for kk, vv in r.items()),
+        f"| GB/s head {kvb / r['head_us'] / 1e3:.0f} tree {kvb / r['tree_tma1_us'] / 1e3:.0f} "
+        f"copy {kvb / copy_us / 1e3:.0f}",
+        flush=True,
+    )
+    r["variants"] = []
+    if B * S <= 32768 and Hkv == 8:
+        _, pack, _ = flash.kvcache_plan(B, 1, Hq, Hkv, D, S, q.device)
+        rws = Rows(B, 1, S)
+        for cfg in CONFIGS:
+            for splits in (8, 16, 32):
+                for tma in (False, True):
+                    flash.USE_TMA = tma
+                    part = torch.empty(splits, *q.shape, dtype=torch.float32, device="cuda")
+                    launch = partial(
+                        _launch_fwd, q, k, v, part, params, None, None, rws, cfg, pack_gqa=pack, num_splits=splits
+                    )
+                    us = bench_graph(launch, n=100)
+                    r["variants"].append(
+                        dict(
+                            config=[cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages],
+                            splits=splits,
+                            tma=tma,
+                            main_us=us,
+                        )
+                    )
+                    print(
+                        f"   main {cfg.block_n},{cfg.num_warps}w,{cfg.num_stages}s splits {splits:3d} "
+                        f"tma {int(tma)}: {us:6.1f} us",
+                        flush=True,
+                    )
+        flash.USE_TMA = True
+    return r
+
+
+def main() -> None:
+    head = load_baseline(sys.argv[1])
+    out_path = sys.argv[2]
+    x = torch.zeros(1, device="cuda")
+    add = lambda: x.add_(1)
+    print(f"empty {bench_graph(add):.1f} us, clean flush {bench_graph(add, clean=True):.1f} us")
+    rows = []
+    for shape in SHAPES:
+        rows.append(measure(head, *shape))
+        torch.cuda.empty_cache()  # the last shape's cache is garbage now
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "command": " ".join(sys.argv),
+    }
+    with open(out_path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Large-batch decode, where cuDNN led by 2-5%, on a GPU: python benchmarks/decode_large_batch.py OUT.json.
+
+KV-cache tiles, warps, stages, splits and TMA on/off against SDPA's cuDNN backend on the same inputs, all
+graph-replayed with the L2 flushed (``sigattn bench --decode``'s timing). Chose
+KVCACHE_MANY_PROGRAMS_CONFIGS (benchmarks/results/decode_large_batch_h100_2026-11-25.json)."""
+
+import json
+import math
+import sys
+from functools import cache, partial
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sigattn.ops.sigmoid_attn import flash
+from sigattn.ops.sigmoid_attn.flash import TileConfig
+
+SHAPES = [  # (batch, cache length, heads, kv heads)
+    (16, 4096, 32, 32),
+    (16, 8192, 32, 32),
+    (16, 32768, 32, 32),
+    (64, 4096, 32, 8),
+    (64, 16384, 32, 8),
+    (64, 32768, 32, 8),
+    (64, 8192, 32, 32),
+    (16, 8192, 32, 8),
+    (4, 32768, 32, 32),
+    (64, 1024, 32, 8),
+]
+CONFIGS = [(64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 4, 2), (128, 4, 3), (64, 2, 3)]  # (block_n, warps, stages)
+
+
+@cache
+def flush_buffer():
+    """Allocated once, on first use."""
+    return torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+
+
+def bench_graph(fn, n=50):
+    """Median microseconds of one replay of fn captured in a CUDA graph, the L2 flushed (written) before each."""
+    flush = flush_buffer()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for a, b in ev:
+        flush.zero_()
+        a.record()
+        g.replay()
+        b.record()
+    torch.cuda.synchronize()
+    return sorted(a.elapsed_time(b) for a, b in ev)[n // 2] * 1e3
+
+
+def measure(B, S, Hq, Hkv):
+    """One shape's rows: cuDNN, then the KV-cache kernel per tiles, splits and TMA on/off."""
+    D = 128
+    kvb = 2 * B * S * Hkv * D * 2
+    q = torch.randn(B, 1, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=Hq != Hkv)
+
+    cud = bench_graph(cudnn, n=50)
+    params = flash.flash_params(scale=D**-0.5, bias=-math.log(S), causal=False, window_size=(-1, -1))[0]
+    out = torch.empty_like(q)
+    # Printed only; from the second shape on it sees the tiles the previous shape left in KVCACHE_CONFIGS.
+    plan = flash.kvcache_plan(B, 1, Hq, Hkv, D, S, q.device)
+    best = None
+    print(f"B{B} S{S} {Hq}/{Hkv}: cudnn {cud:.1f} us {kvb / cud / 1e3:.0f} GB/s; plan {plan}", flush=True)
+    rows = []
+    for bn, w, st in CONFIGS:
+        flash.KVCACHE_CONFIGS[128] = TileConfig(64, bn, w, st)
+        for splits in (1, 2, 4):
+            for tma in (False, True):
+                flash.USE_TMA = tma
+                us = bench_graph(partial(flash.flash_kvcache_fwd, q, k, v, None, params, out=out, num_splits=splits))
+                rows.append(
+                    dict(
+                        batch=B,
+                        cache_len=S,
+                        heads=Hq,
+                        kv_heads=Hkv,
+                        config=[64, bn, w, st],
+                        splits=splits,
+                        tma=tma,
+                        us=us,
+                        cudnn_us=cud,
+                        gbps=kvb / us / 1e3,
+                    )
+                )
+                if best is None or us < best[0]:
+                    best = (us, bn, w, st, splits, tma)
+                print(
+                    f"   {bn},{w}w,{st}s splits {splits} tma {int(tma)}: {us:7.1f} us  vs cudnn {cud / us:.3f}",
+                    flush=True,
+                )
+    print(f"  BEST {best} vs cudnn {cud / best[0]:.3f}", flush=True)
+    return rows
+
+
+def main() -> None:
+    out_path = sys.argv[1]
+    rows = []
+    for shape in SHAPES:
+        rows += measure(*shape)
+        torch.cuda.empty_cache()  # the last shape's cache is garbage now
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "command": " ".join(sys.argv),
+    }
+    with open(out_path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

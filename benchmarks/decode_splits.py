@@ -1,0 +1,143 @@
+"""Where small-batch decode loses its time, on a GPU: python benchmarks/decode_splits.py OUT.json.
+
+Graph-replayed (L2 flushed, one replay per timing, as ``sigattn bench --decode``), for the shapes that miss
+80% of the copy's bandwidth: the KV-cache kernel alone against the kernel plus the split sum, per (tiles,
+splits); floors: an empty kernel, and a copy moving the same bytes (read + write = the K and V bytes).
+Results: benchmarks/results/decode_small_batch_h100_2026-11-25_splits.json (with the split sum of then,
+a loop over the splits)."""
+
+import json
+import math
+import statistics
+import sys
+from functools import partial
+
+import torch
+import triton
+
+from sigattn.ops.sigmoid_attn import flash
+from sigattn.ops.sigmoid_attn.flash import Rows, TileConfig, _launch_fwd, sigmoid_attn_sum_splits_kernel
+
+SHAPES = [  # (batch, cache length, heads, kv heads)
+    (1, 8192, 32, 8),
+    (1, 16384, 32, 8),
+    (1, 32768, 32, 8),
+    (4, 8192, 32, 8),
+    (1, 8192, 32, 32),
+    (4, 16384, 32, 8),
+    (1, 131072, 32, 8),
+    (4, 32768, 32, 32),
+]
+CONFIGS = [TileConfig(16, 64, 4, 3), TileConfig(16, 128, 4, 3), TileConfig(16, 64, 4, 4), TileConfig(16, 128, 4, 4)]
+
+
+def bench_graph(fn, n=200):
+    """Median microseconds of one replay of fn captured in a CUDA graph, the L2 flushed (written) before each."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for a, b in ev:
+        flush.zero_()
+        a.record()
+        g.replay()
+        b.record()
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3
+
+
+def bench_copy(nbytes):
+    """A copy reading and writing nbytes in all; a function so its buffers are freed before the cache is made."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return bench_graph(lambda: dst.copy_(src))
+
+
+def launch_and_sum(launch, part, out, splits):
+    launch()
+    grid = (triton.cdiv(out.numel(), 1024),)
+    sigmoid_attn_sum_splits_kernel[grid](part, out, out.numel(), NUM_SPLITS=splits, BLOCK=1024)
+
+
+def measure(B, S, Hq, Hkv, empty_us):
+    """The floor row of one shape, then per tiles and splits the kernel alone and with the split sum."""
+    D = 128
+    kvb = 2 * B * S * Hkv * D * 2
+    copy_us = bench_copy(kvb)
+    q = torch.randn(B, 1, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    params = flash.flash_params(scale=D**-0.5, bias=-math.log(S), causal=False, window_size=(-1, -1))[0]
+    out = torch.empty_like(q)
+    _, pack, plan = flash.kvcache_plan(B, 1, Hq, Hkv, D, S, q.device)
+    public_us = bench_graph(lambda: flash.flash_kvcache_fwd(q, k, v, None, params, out=out))
+    print(
+        f"B{B} S{S} {Hq}/{Hkv}: {kvb / 1e6:.1f} MB, copy same bytes {copy_us:.1f} us ({kvb / copy_us / 1e3:.0f} GB/s), "
+        f"public (plan {plan} splits) {public_us:.1f} us ({kvb / public_us / 1e3:.0f} GB/s)",
+        flush=True,
+    )
+    shape = dict(batch=B, cache_len=S, heads=Hq, kv_heads=Hkv)
+    rows = [
+        dict(
+            **shape,
+            kind="floor",
+            copy_us=copy_us,
+            empty_us=empty_us,
+            public_us=public_us,
+            plan_splits=plan,
+            kv_bytes=kvb,
+        )
+    ]
+    rws = Rows(B, 1, S)
+    for cfg in CONFIGS:
+        for splits in (4, 8, 16, 32, 64, 128):
+            if S // cfg.block_n // splits < 2:
+                continue
+            part = torch.empty(splits, *q.shape, dtype=torch.float32, device="cuda")
+            launch = partial(_launch_fwd, q, k, v, part, params, None, None, rws, cfg, pack_gqa=pack, num_splits=splits)
+            m_us, b_us = bench_graph(launch), bench_graph(partial(launch_and_sum, launch, part, out, splits))
+            rows.append(
+                dict(
+                    **shape,
+                    kind="split",
+                    config=[cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages],
+                    splits=splits,
+                    main_us=m_us,
+                    both_us=b_us,
+                    gbps=kvb / b_us / 1e3,
+                )
+            )
+            print(
+                f"   {cfg.block_n},{cfg.num_stages} splits {splits:3d}: main {m_us:6.1f} us, "
+                f"+sum {b_us:6.1f} us  {kvb / b_us / 1e3:6.0f} GB/s",
+                flush=True,
+            )
+    return rows
+
+
+def main() -> None:
+    out_path = sys.argv[1]
+    x = torch.zeros(1, device="cuda")
+    empty_us = bench_graph(lambda: x.add_(1))
+    print(f"empty kernel {empty_us:.1f} us", flush=True)
+    rows = []
+    for shape in SHAPES:
+        rows += measure(*shape, empty_us)
+        torch.cuda.empty_cache()  # the last shape's cache is garbage now
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "command": " ".join(sys.argv),
+    }
+    with open(out_path, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
