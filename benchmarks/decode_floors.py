@@ -7,16 +7,14 @@ write, whose lines the next kernel must write back), and two calls per graph (th
 Results: benchmarks/results/decode_small_batch_h100_2026-11-25.json, run against commit 09cbaf4's flash.py
 (split sum looping over the splits) with this tree's split sum (every split loaded at once)."""
 
-import json
 import math
-import statistics
 import sys
-from functools import cache, partial
+from functools import partial
 
 import torch
-import triton
 
 sys.path.insert(0, "benchmarks")
+from graph_timing import bench_copy, bench_graph, write_result
 from kernel_ab import load_baseline
 
 from sigattn.ops.sigmoid_attn import flash
@@ -42,52 +40,11 @@ CONFIGS = [
 ]
 
 
-@cache
-def flush_buffers():
-    """Allocated once, on first use: one to write (dirty L2), one to read (clean L2)."""
-    return (
-        torch.empty(256 * 2**20, dtype=torch.int8, device="cuda"),
-        torch.ones(64 * 2**20, dtype=torch.float32, device="cuda"),
-    )
-
-
-def bench_graph(fn, n=200, clean=False):
-    """Median microseconds of one replay of fn captured in a CUDA graph, the L2 flushed before each."""
-    dirty_flush, clean_flush = flush_buffers()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for a, b in ev:
-        if clean:
-            clean_flush.sum()
-        else:
-            dirty_flush.zero_()
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3
-
-
-def bench_copy(nbytes):
-    """A copy reading and writing nbytes in all, after a dirty and after a clean flush; a function so its buffers
-    are freed before the cache is made."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return bench_graph(lambda: dst.copy_(src)), bench_graph(lambda: dst.copy_(src), clean=True)
-
-
 def measure(head, B, S, Hq, Hkv):
     """One shape's row: the baseline's and this tree's public call, and at small batch the kernel's variants."""
     D = 128
     kvb = 2 * B * S * Hkv * D * 2
-    copy_us, copy_clean = bench_copy(kvb)
+    copy_us, copy_clean = bench_copy(kvb), bench_copy(kvb, clean=True)
     q = torch.randn(B, 1, Hq, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in "kv")
     params = flash.flash_params(scale=D**-0.5, bias=-math.log(S), causal=False, window_size=(-1, -1))[0]
@@ -152,14 +109,7 @@ def main() -> None:
     for shape in SHAPES:
         rows.append(measure(head, *shape))
         torch.cuda.empty_cache()  # the last shape's cache is garbage now
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "command": " ".join(sys.argv),
-    }
-    with open(out_path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_result(out_path, rows)
 
 
 if __name__ == "__main__":

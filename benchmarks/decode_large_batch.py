@@ -4,13 +4,12 @@ KV-cache tiles, warps, stages, splits and TMA on/off against SDPA's cuDNN backen
 graph-replayed with the L2 flushed (``sigattn bench --decode``'s timing). Chose
 KVCACHE_MANY_PROGRAMS_CONFIGS (benchmarks/results/decode_large_batch_h100_2026-11-25.json)."""
 
-import json
 import math
 import sys
-from functools import cache, partial
+from functools import partial
 
 import torch
-import triton
+from graph_timing import bench_graph, write_result
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sigattn.ops.sigmoid_attn import flash
@@ -29,33 +28,6 @@ SHAPES = [  # (batch, cache length, heads, kv heads)
     (64, 1024, 32, 8),
 ]
 CONFIGS = [(64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 4, 2), (128, 4, 3), (64, 2, 3)]  # (block_n, warps, stages)
-
-
-@cache
-def flush_buffer():
-    """Allocated once, on first use."""
-    return torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-
-
-def bench_graph(fn, n=50):
-    """Median microseconds of one replay of fn captured in a CUDA graph, the L2 flushed (written) before each."""
-    flush = flush_buffer()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for a, b in ev:
-        flush.zero_()
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    return sorted(a.elapsed_time(b) for a, b in ev)[n // 2] * 1e3
 
 
 def measure(B, S, Hq, Hkv):
@@ -83,7 +55,9 @@ def measure(B, S, Hq, Hkv):
         for splits in (1, 2, 4):
             for tma in (False, True):
                 flash.USE_TMA = tma
-                us = bench_graph(partial(flash.flash_kvcache_fwd, q, k, v, None, params, out=out, num_splits=splits))
+                us = bench_graph(
+                    partial(flash.flash_kvcache_fwd, q, k, v, None, params, out=out, num_splits=splits), n=50
+                )
                 rows.append(
                     dict(
                         batch=B,
@@ -114,14 +88,7 @@ def main() -> None:
     for shape in SHAPES:
         rows += measure(*shape)
         torch.cuda.empty_cache()  # the last shape's cache is garbage now
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "command": " ".join(sys.argv),
-    }
-    with open(out_path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_result(out_path, rows)
 
 
 if __name__ == "__main__":

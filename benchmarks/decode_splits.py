@@ -6,14 +6,13 @@ splits); floors: an empty kernel, and a copy moving the same bytes (read + write
 Results: benchmarks/results/decode_small_batch_h100_2026-11-25_splits.json (with the split sum of then,
 a loop over the splits)."""
 
-import json
 import math
-import statistics
 import sys
 from functools import partial
 
 import torch
 import triton
+from graph_timing import bench_copy, bench_graph, write_result
 
 from sigattn.ops.sigmoid_attn import flash
 from sigattn.ops.sigmoid_attn.flash import Rows, TileConfig, _launch_fwd, sigmoid_attn_sum_splits_kernel
@@ -29,34 +28,6 @@ SHAPES = [  # (batch, cache length, heads, kv heads)
     (4, 32768, 32, 32),
 ]
 CONFIGS = [TileConfig(16, 64, 4, 3), TileConfig(16, 128, 4, 3), TileConfig(16, 64, 4, 4), TileConfig(16, 128, 4, 4)]
-
-
-def bench_graph(fn, n=200):
-    """Median microseconds of one replay of fn captured in a CUDA graph, the L2 flushed (written) before each."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for a, b in ev:
-        flush.zero_()
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in ev) * 1e3
-
-
-def bench_copy(nbytes):
-    """A copy reading and writing nbytes in all; a function so its buffers are freed before the cache is made."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return bench_graph(lambda: dst.copy_(src))
 
 
 def launch_and_sum(launch, part, out, splits):
@@ -129,14 +100,7 @@ def main() -> None:
     for shape in SHAPES:
         rows += measure(*shape, empty_us)
         torch.cuda.empty_cache()  # the last shape's cache is garbage now
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "command": " ".join(sys.argv),
-    }
-    with open(out_path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_result(out_path, rows)
 
 
 if __name__ == "__main__":
