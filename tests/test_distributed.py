@@ -41,6 +41,7 @@ from sigattn.distributed import (
     ulysses_sigmoid_attn,
     unshard_sequence,
 )
+from sigattn.distributed.check import full_inputs
 from sigattn.distributed.ring import ring_step_pieces
 from sigattn.distributed.ulysses import kv_head_repeats
 from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
@@ -59,13 +60,18 @@ class DistCase:
     seqlen_local: int
     heads: int
     kv_heads: int
-    head_dim: int
+    headdim: int
     causal: bool = False
     load_balance: bool = False
     bias: str = "default"  # "default" (None: -log of the whole sequence's length), "float" or "tensor"
     dtype: str = "fp64"
     backend: str | None = None  # forced with use_backend; None: auto (the "torch" backend on the CPU)
     group_size: int | None = None  # the world split into groups of this size, one sequence each; None: one
+
+    @property
+    def seqlen(self) -> int:
+        """The whole sequence's length, which one group of ranks shares."""
+        return self.cp_size * self.seqlen_local
 
     @property
     def cp_size(self) -> int:
@@ -77,7 +83,7 @@ class DistCase:
         groups = f"-groups{self.group_size}" if self.group_size else ""
         parts = [
             f"N{self.world_size}{groups}-{self.method}-B{self.batch}-S{self.seqlen_local}x{self.cp_size}"
-            f"-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}"
+            f"-H{self.heads}-Hkv{self.kv_heads}-D{self.headdim}"
         ]
         parts += ["causal"] if self.causal else []
         parts += ["zigzag"] if self.load_balance else []
@@ -123,30 +129,6 @@ CASES = {n: _cases(n) for n in (2, 4)}
 ALL_CASES = [c for cases in CASES.values() for c in cases]
 
 
-def _full_inputs(case: DistCase) -> dict:
-    """The full-sequence inputs of a case: identical on every rank (a fixed seed), float64 leaves."""
-    gen = torch.Generator().manual_seed(1234)
-    seqlen = case.cp_size * case.seqlen_local
-    dtype = DTYPES[case.dtype]
-
-    def randn(*shape):  # drawn in float64, rounded to the case's dtype: the truth sees the same values
-        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).double()
-
-    args = dict(
-        q=randn(case.batch, seqlen, case.heads, case.head_dim),
-        k=randn(case.batch, seqlen, case.kv_heads, case.head_dim),
-        v=randn(case.batch, seqlen, case.kv_heads, case.head_dim),
-        dout=randn(case.batch, seqlen, case.heads, case.head_dim),
-    )
-    if case.bias == "float":
-        args["bias"] = -1.75
-    elif case.bias == "tensor":
-        args["bias"] = torch.linspace(-3.0, 0.5, case.heads, dtype=torch.float64).to(dtype).double()
-    else:
-        args["bias"] = None
-    return args
-
-
 def _grad_names(args: dict) -> list[str]:
     return ["q", "k", "v"] + (["bias"] if isinstance(args["bias"], torch.Tensor) else [])
 
@@ -166,7 +148,7 @@ def run_case(case: DistCase, group: dist.ProcessGroup | None) -> None:
 
     Every rank makes the same collective calls whatever it finds, so a failure on one rank cannot hang
     the others: comparisons come after all communication."""
-    args = _full_inputs(case)
+    args = full_inputs(case, torch.device("cpu"))  # the same on every rank: a fixed seed
     dtype = DTYPES[case.dtype]
     n, lb, rank = case.cp_size, case.load_balance, dist.get_rank(group)
 

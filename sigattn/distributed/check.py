@@ -184,7 +184,8 @@ Results = dict[str, Tensor]  # "out", "dq", "dk", "dv" and, with a per-head bias
 def full_inputs(case: DistCase, device: torch.device) -> dict:
     """q, k, v, the output gradient and the bias of the whole sequence, the same on every rank (a fixed
     seed, drawn on the CPU): drawn in float64 and rounded to the case's dtype, so the float64 truth sees
-    exactly the values the kernels see; kept in float64."""
+    exactly the values the kernels see; kept in float64. tests/test_distributed.py draws its cases' inputs
+    here too (any case with these fields and a ``seqlen``)."""
     gen = torch.Generator().manual_seed(1234)
     dtype = DTYPES[case.dtype]
 
