@@ -1,0 +1,412 @@
+"""The dense forward for Hopper (sm_90) at head dim 128, in Gluon, Triton's lower-level language.
+
+Triton 3.6 warp-specialises only on Blackwell, and its scheduler leaves the tensor cores idle while a tile's
+sigmoid runs: the plain Triton forward stays at 72-76% of the matmul peak at D = 128. This kernel schedules
+by hand, as FlashAttention-3 does:
+
+* one loader warp issues TMA copies of Q and of the K and V tiles into a ring of ``STAGES`` buffers,
+  signalling each tile's arrival on an mbarrier; the consumers free a slot once its P V product is done;
+* two consumer warpgroups each own 64 of the tile's 128 query rows and run unsynchronised, so the warp
+  schedulers overlap one group's sigmoid with the other's matrix products;
+* within a group, the products of tile j (S = Q Kᵀ, then P V of tile j - 1) are issued asynchronously and
+  only S is awaited: the sigmoid of tile j runs while P V of tile j - 1 is still on the tensor cores.
+
+On an H100 (bf16, 16k tokens, hidden 2048) it runs 611-689 TFLOP/s full and 487-661 causal against the
+Triton kernel's 552-558 and 451-540 and cuDNN's softmax 586-629 and 470-555, with the same outputs
+bit for bit (benchmarks/results/hopper_forward_h100_2026-11-25.json). At D = 64 the sigmoid's special
+function ops are as many cycles as the products and the Triton kernel stays ahead (479-502 against
+413-453), so it keeps that head dim. An explicit ping-pong of the two groups (FlashAttention-3's) measured
+no better than leaving them to the schedulers, and 128-wide key tiles were slower (same file).
+
+It covers the forward of dense rows without ALiBi or sliding windows; every other call runs on the Triton
+kernels (``supports``). Gluon does not run in the Triton interpreter: the CPU tests compile it for sm_90a
+and check the dispatch rule, and ``python -m sigattn.check`` runs it on the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+from torch import Tensor
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+# (Constexprs: the kernels read them as globals.)
+HEAD_DIM = gl.constexpr(128)
+BLOCK_M = gl.constexpr(128)  # query rows per program: 64 per consumer warpgroup
+# 64-wide key tiles in a ring of 4: 626-689 TFLOP/s full against 611-672 with 3 stages and 512-562 with
+# 128-wide tiles, whose score tile leaves too few registers (hopper_forward_h100_2026-11-25.json).
+BLOCK_N = gl.constexpr(64)
+STAGES = gl.constexpr(4)
+# Registers: 12 warps (two consumer groups, the loader rounded up to a group) at 168 each fill the SM's
+# 64k; the loader gives back all but 24, which lifts each consumer thread to 240.
+MAX_REGISTERS = 168
+CONSUMER_REGISTERS, LOADER_REGISTERS = gl.constexpr(240), gl.constexpr(24)
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+@gluon.jit
+def _key_tiles(m0, seqlen_k, diag_offset, CAUSAL: gl.constexpr):
+    """(key tiles to visit, tiles before the first one that needs the causal mask) for the query rows
+    m0 .. m0 + BLOCK_M - 1. At least one tile, so rows with no allowed key still write their zeros."""
+    if CAUSAL:
+        hi = gl.minimum(seqlen_k, m0 + BLOCK_M + diag_offset)
+        n_unmasked = gl.maximum(m0 + diag_offset + 1, 0) // BLOCK_N
+    else:
+        hi = seqlen_k
+        n_unmasked = gl.cdiv(seqlen_k, BLOCK_N)
+    return gl.maximum(gl.cdiv(hi, BLOCK_N), 1), n_unmasked
+
+
+@gluon.jit
+def _probabilities(
+    s,
+    j,
+    m0,
+    diag_offset,
+    n_unmasked,
+    half_scale,
+    half_bias,
+    s_layout: gl.constexpr,
+    p_layout: gl.constexpr,
+    ROWS: gl.constexpr,
+    CAUSAL: gl.constexpr,
+    dtype: gl.constexpr,
+):
+    """P = sigmoid(scale s + bias) of score tile j as the next product's register operand: 0.5 tanh(z / 2)
+    + 0.5 with one tanh.approx per score; keys past the diagonal 0 (keys past Sk need nothing: their V rows
+    load as zeros)."""
+    z = s * half_scale + half_bias
+    t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=gl.float32, is_pure=True, pack=1)
+    p = 0.5 * t + 0.5
+    if CAUSAL:  # noqa: SIM102 (a separate `if` on the constexpr: full attention compiles without the branch)
+        if j >= n_unmasked:
+            i = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+            k = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            p = gl.where(k[None, :] <= i[:, None] + diag_offset, p, 0.0)
+    return gl.convert_layout(p.to(dtype), p_layout)
+
+
+@gluon.jit
+def _loader(
+    q_desc,
+    k_desc,
+    v_desc,
+    o_desc,
+    q_smem,
+    k_bufs,
+    v_bufs,
+    q_ready,
+    k_ready,
+    v_ready,
+    slot_free,
+    b,
+    h,
+    h_kv,
+    m0,
+    n_tiles,
+    n_unmasked,
+    diag_offset,
+    half_scale,
+    half_bias,
+    HALF: gl.constexpr,
+    CAUSAL: gl.constexpr,
+):
+    """One warp: Q's two halves, then K and V tile by tile into the ring, each as soon as its slot is free.
+    (Takes the consumers' arguments: warp_specialize passes every partition the same list.)"""
+    mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_ready, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [b, m0 + BLOCK_M // 2, h, 0], q_ready, q_smem.index(1))
+    for j in range(n_tiles):
+        slot = j % STAGES
+        # A fresh mbarrier counts as having completed the phase before 0: the first round does not wait.
+        mbarrier.wait(slot_free.index(slot), ((j // STAGES) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, h_kv, 0], k_ready.index(slot), k_bufs.index(slot))
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, h_kv, 0], v_ready.index(slot), v_bufs.index(slot))
+
+
+@gluon.jit
+def _consumer(
+    q_desc,
+    k_desc,
+    v_desc,
+    o_desc,
+    q_smem,
+    k_bufs,
+    v_bufs,
+    q_ready,
+    k_ready,
+    v_ready,
+    slot_free,
+    b,
+    h,
+    h_kv,
+    m0,
+    n_tiles,
+    n_unmasked,
+    diag_offset,
+    half_scale,
+    half_bias,
+    HALF: gl.constexpr,
+    CAUSAL: gl.constexpr,
+):
+    """One warpgroup: query rows m0 + 64 HALF .. + 63 against every key tile; writes their output."""
+    ROWS: gl.constexpr = BLOCK_M // 2
+    dtype: gl.constexpr = q_smem.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    m0 = m0 + HALF * ROWS
+    q_half = q_smem.index(HALF)
+    q = q_half.reshape([ROWS, HEAD_DIM])
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)  # [64, D]
+
+    mbarrier.wait(q_ready, 0)
+    mbarrier.wait(k_ready.index(0), 0)
+    k = k_bufs.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+    s = warpgroup_mma(q, k, s_zero, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s,))
+    p = _probabilities(
+        s, 0, m0, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout, ROWS, CAUSAL, dtype
+    )
+    for j in range(1, n_tiles):
+        slot, prev = j % STAGES, (j - 1) % STAGES
+        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        k = k_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        v = v_bufs.index(prev).reshape([BLOCK_N, HEAD_DIM])
+        s_token = warpgroup_mma(q, k, s_zero, use_acc=False, is_async=True)  # [64, BN]
+        acc_token = warpgroup_mma(p, v, acc, is_async=True)  # tile j - 1's P V
+        s = warpgroup_mma_wait(1, deps=(s_token,))  # S done, P V still running
+        p_next = _probabilities(
+            s, j, m0, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout, ROWS, CAUSAL, dtype
+        )
+        acc, _ = warpgroup_mma_wait(0, deps=(acc_token, p))
+        mbarrier.arrive(slot_free.index(prev), count=1)
+        p = p_next
+    last = (n_tiles - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    v = v_bufs.index(last).reshape([BLOCK_N, HEAD_DIM])
+    acc_token = warpgroup_mma(p, v, acc, is_async=True)
+    acc, _ = warpgroup_mma_wait(0, deps=(acc_token, p))
+    # Q is read no more: its buffer stages the output (rows past Sq are clipped by the descriptor).
+    q.store(acc.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [b, m0, h, 0], q_half)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def sigmoid_attn_fwd_kernel_sm90(
+    q_desc,
+    k_desc,
+    v_desc,
+    o_desc,
+    head_bias_ptr,
+    seqlen_q,
+    seqlen_k,
+    diag_offset,
+    half_scale,
+    half_scale_bias,
+    GROUP: gl.constexpr,
+    CAUSAL: gl.constexpr,
+    HEAD_BIAS: gl.constexpr,
+):
+    """One program: 128 query rows of head h of batch row b. Descriptors are 4-d (B, S, H, D) with blocks
+    [1, rows, 1, D]: keys past Sk load as zeros, outputs past Sq are not written."""
+    i_m = gl.program_id(0)
+    if CAUSAL:  # the longest rows first, so the last wave is made of short ones
+        i_m = gl.num_programs(0) - 1 - i_m
+    h, b = gl.program_id(1), gl.program_id(2)
+    m0 = i_m * BLOCK_M
+    half_bias = half_scale_bias
+    if HEAD_BIAS:
+        half_bias = 0.5 * gl.load(head_bias_ptr + h).to(gl.float32)
+    n_tiles, n_unmasked = _key_tiles(m0, seqlen_k, diag_offset, CAUSAL)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    slot_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(slot_free.index(i), count=2)  # both consumer groups release a slot
+
+    h_kv = h // GROUP
+    gl.warp_specialize(
+        [
+            (
+                _consumer,
+                (
+                    q_desc,
+                    k_desc,
+                    v_desc,
+                    o_desc,
+                    q_smem,
+                    k_bufs,
+                    v_bufs,
+                    q_ready,
+                    k_ready,
+                    v_ready,
+                    slot_free,
+                    b,
+                    h,
+                    h_kv,
+                    m0,
+                    n_tiles,
+                    n_unmasked,
+                    diag_offset,
+                    half_scale,
+                    half_bias,
+                    0,
+                    CAUSAL,
+                ),
+            ),
+            (
+                _consumer,
+                (
+                    q_desc,
+                    k_desc,
+                    v_desc,
+                    o_desc,
+                    q_smem,
+                    k_bufs,
+                    v_bufs,
+                    q_ready,
+                    k_ready,
+                    v_ready,
+                    slot_free,
+                    b,
+                    h,
+                    h_kv,
+                    m0,
+                    n_tiles,
+                    n_unmasked,
+                    diag_offset,
+                    half_scale,
+                    half_bias,
+                    1,
+                    CAUSAL,
+                ),
+            ),
+            (
+                _loader,
+                (
+                    q_desc,
+                    k_desc,
+                    v_desc,
+                    o_desc,
+                    q_smem,
+                    k_bufs,
+                    v_bufs,
+                    q_ready,
+                    k_ready,
+                    v_ready,
+                    slot_free,
+                    b,
+                    h,
+                    h_kv,
+                    m0,
+                    n_tiles,
+                    n_unmasked,
+                    diag_offset,
+                    half_scale,
+                    half_bias,
+                    0,
+                    CAUSAL,
+                ),
+            ),
+        ],
+        [4, 1],
+        [CONSUMER_REGISTERS, LOADER_REGISTERS],
+    )
+
+
+@functools.lru_cache
+def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    # Cached: building one costs about as much host time as the rest of the descriptor.
+    return gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], _GL_DTYPES[dtype])
+
+
+def descriptor(t: Tensor, rows: int) -> TensorDescriptor:
+    """A TMA descriptor of a (B, S, H, D) tensor with blocks of ``rows`` positions of one head."""
+    block = [1, rows, 1, t.shape[-1]]
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _smem_layout(rows, t.shape[-1], t.dtype))
+
+
+@functools.lru_cache
+def _is_sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def _tma_ready(t: Tensor) -> bool:
+    return t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+
+
+def unsupported(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, window: tuple[int, int], alibi: Tensor | None
+) -> str | None:
+    """Why this kernel cannot run a dense forward with these arguments, or None if it can (on an sm_90 GPU):
+    it needs head dim 128, bf16 or fp16, no ALiBi, a full or causal mask (window (-1, -1) or (-1, 0)), at
+    least one key, and tensors TMA can address (contiguous last dim, 16-byte aligned base and strides)."""
+    if q.shape[-1] != int(HEAD_DIM):
+        return f"head dim {q.shape[-1]}, not {int(HEAD_DIM)}"
+    if q.dtype not in _GL_DTYPES:
+        return f"dtype {q.dtype}, not bfloat16 or float16"
+    if alibi is not None:
+        return "ALiBi"
+    if window[0] >= 0 or window[1] > 0:
+        return f"window {window}: only full or causal"
+    if k.shape[1] == 0:
+        return "no keys"
+    if not all(t.stride(-1) == 1 and _tma_ready(t) for t in (q, k, v, out)):
+        return "a tensor TMA cannot address (last dim not contiguous, or base or strides not 16-byte aligned)"
+    return None
+
+
+def runs_on_sm90(q: Tensor, k: Tensor, v: Tensor, out: Tensor, window: tuple[int, int], alibi: Tensor | None) -> bool:
+    """Whether ``flash_fwd`` takes this kernel: on an sm_90 GPU (not the interpreter), arguments it supports."""
+    return q.is_cuda and _is_sm90(q.device) and unsupported(q, k, v, out, window, alibi) is None
+
+
+def flash_fwd_sm90(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: float, const_bias: float, default_bias: bool,
+    causal: bool, top_left: bool, head_bias: Tensor | None,
+) -> None:  # fmt: skip
+    """Writes the forward into ``out``. Bias: ``head_bias[h]`` when given, else -log(Sk) with
+    ``default_bias``, else ``const_bias``; ``top_left`` puts the causal diagonal at (0, 0) instead of
+    (Sq - Sk, 0)."""
+    batch, seqlen_q, num_heads, _ = q.shape
+    seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
+    bias = -math.log(seqlen_k) if default_bias else const_bias
+    grid = (triton.cdiv(seqlen_q, int(BLOCK_M)), num_heads, batch)
+    rows, block_n = int(BLOCK_M) // 2, int(BLOCK_N)
+    sigmoid_attn_fwd_kernel_sm90[grid](
+        descriptor(q, rows), descriptor(k, block_n), descriptor(v, block_n), descriptor(out, rows), head_bias,
+        seqlen_q, seqlen_k, 0 if top_left else seqlen_k - seqlen_q, 0.5 * scale, 0.5 * bias,
+        GROUP=num_heads // num_kv_heads, CAUSAL=causal, HEAD_BIAS=head_bias is not None,
+        num_warps=4, maxnreg=MAX_REGISTERS,
+    )  # fmt: skip
