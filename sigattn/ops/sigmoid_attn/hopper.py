@@ -11,16 +11,17 @@ by hand, as FlashAttention-3 does:
 * within a group, the products of tile j (S = Q Kᵀ, then P V of tile j - 1) are issued asynchronously and
   only S is awaited: the sigmoid of tile j runs while P V of tile j - 1 is still on the tensor cores.
 
-On an H100 (bf16, 16k tokens, hidden 2048) it runs 611-689 TFLOP/s full and 487-661 causal against the
-Triton kernel's 552-558 and 451-540 and cuDNN's softmax 586-629 and 470-555, with the same outputs
-bit for bit (benchmarks/results/hopper_forward_h100_2026-11-25.json). At D = 64 the sigmoid's special
-function ops are as many cycles as the products and the Triton kernel stays ahead (479-502 against
-413-453), so it keeps that head dim. An explicit ping-pong of the two groups (FlashAttention-3's) measured
-no better than leaving them to the schedulers, and 128-wide key tiles were slower (same file).
+On an H100 (bf16, 16k tokens, hidden 2048, seqlen 2k-16k) it runs 626-689 TFLOP/s full and 519-661 causal,
+against the Triton kernel's 552-558 and 451-540 and cuDNN's softmax 586-629 and 470-555, with outputs equal
+to the Triton kernel's bit for bit at those shapes (benchmarks/results/hopper_forward_h100_2026-11-25.json).
+At D = 64 the sigmoid's special-function ops take as many cycles as the products and the Triton kernel
+stays ahead (full: 479-502 against 413-453), so it keeps that head dim. An explicit ping-pong of the two
+groups (FlashAttention-3's) measured no better than leaving them to the schedulers, and 128-wide key tiles
+were slower (same file).
 
 It covers the forward of dense rows without ALiBi or sliding windows; every other call runs on the Triton
-kernels (``supports``). Gluon does not run in the Triton interpreter: the CPU tests compile it for sm_90a
-and check the dispatch rule, and ``python -m sigattn.check`` runs it on the GPU.
+kernels (``unsupported`` says why). Gluon does not run in the Triton interpreter: the CPU tests compile it
+for sm_90a and check the dispatch rule, and ``python -m sigattn.check`` runs it on the GPU.
 """
 
 from __future__ import annotations
@@ -256,93 +257,18 @@ def sigmoid_attn_fwd_kernel_sm90(
         mbarrier.init(slot_free.index(i), count=2)  # both consumer groups release a slot
 
     h_kv = h // GROUP
-    gl.warp_specialize(
-        [
-            (
-                _consumer,
-                (
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    o_desc,
-                    q_smem,
-                    k_bufs,
-                    v_bufs,
-                    q_ready,
-                    k_ready,
-                    v_ready,
-                    slot_free,
-                    b,
-                    h,
-                    h_kv,
-                    m0,
-                    n_tiles,
-                    n_unmasked,
-                    diag_offset,
-                    half_scale,
-                    half_bias,
-                    0,
-                    CAUSAL,
-                ),
-            ),
-            (
-                _consumer,
-                (
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    o_desc,
-                    q_smem,
-                    k_bufs,
-                    v_bufs,
-                    q_ready,
-                    k_ready,
-                    v_ready,
-                    slot_free,
-                    b,
-                    h,
-                    h_kv,
-                    m0,
-                    n_tiles,
-                    n_unmasked,
-                    diag_offset,
-                    half_scale,
-                    half_bias,
-                    1,
-                    CAUSAL,
-                ),
-            ),
-            (
-                _loader,
-                (
-                    q_desc,
-                    k_desc,
-                    v_desc,
-                    o_desc,
-                    q_smem,
-                    k_bufs,
-                    v_bufs,
-                    q_ready,
-                    k_ready,
-                    v_ready,
-                    slot_free,
-                    b,
-                    h,
-                    h_kv,
-                    m0,
-                    n_tiles,
-                    n_unmasked,
-                    diag_offset,
-                    half_scale,
-                    half_bias,
-                    0,
-                    CAUSAL,
-                ),
-            ),
-        ],
-        [4, 1],
-        [CONSUMER_REGISTERS, LOADER_REGISTERS],
-    )
+    # Every partition takes the same argument list (the loader ignores the consumers' scalars); HALF is the
+    # second to last: which 64 rows a consumer group owns.
+    # fmt: off
+    gl.warp_specialize([
+        (_consumer, (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free,
+                     b, h, h_kv, m0, n_tiles, n_unmasked, diag_offset, half_scale, half_bias, 0, CAUSAL)),
+        (_consumer, (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free,
+                     b, h, h_kv, m0, n_tiles, n_unmasked, diag_offset, half_scale, half_bias, 1, CAUSAL)),
+        (_loader, (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free,
+                   b, h, h_kv, m0, n_tiles, n_unmasked, diag_offset, half_scale, half_bias, 0, CAUSAL)),
+    ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
+    # fmt: on
 
 
 @functools.lru_cache
