@@ -167,8 +167,7 @@ def _extras(case, batch: int, gen, device):
 
 
 def _run_dense(case: Case, device, randn, gen) -> dict:
-    from .ops.sigmoid_attn import hopper
-    from .ops.sigmoid_attn.flash import INTERPRET, flash_bwd, flash_fwd, flash_params
+    from .ops.sigmoid_attn.flash import flash_bwd, flash_fwd, flash_params, forward_on_sm90
 
     q = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
     k = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
@@ -186,8 +185,8 @@ def _run_dense(case: Case, device, randn, gen) -> dict:
     results = _reference_results(sigmoid_attn_reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
     names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
     ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
-    on_sm90 = not INTERPRET and hopper.runs_on_sm90(q, k, v, out, (params.window_left, params.window_right), alibi)
-    row = {"id": case.id, **asdict(case), "forward_kernel": "gluon-sm90" if on_sm90 else "triton", "ok": True}
+    kernel = "gluon-sm90" if forward_on_sm90(q, k, v, out, params, alibi) else "triton"
+    row = {"id": case.id, **asdict(case), "forward_kernel": kernel, "ok": True}
     return _judge(row, names, ours, results[True], results[False], q.dtype)
 
 

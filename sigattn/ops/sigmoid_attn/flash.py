@@ -682,7 +682,7 @@ def _kv_descriptors(k: Tensor, v: Tensor, rows: Rows, block_n: int, block_d: int
     if rows.seqlen_k < TMA_MIN_KEYS or k.shape[-1] != block_d or not (INTERPRET or _has_tma(k.device)):
         return None
     tensors = (k, v)
-    if any(t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]) for t in tensors):
+    if not all(hopper.tma_addressable(t) for t in tensors):
         return None
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, block_d]) for t in tensors)
 
@@ -755,6 +755,12 @@ def _empty_like(t: Tensor) -> Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
+def forward_on_sm90(q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: FlashParams, alibi: Tensor | None) -> bool:
+    """Whether ``flash_fwd`` runs this dense forward on the Gluon kernel of ``hopper.py``."""
+    window = (params.window_left, params.window_right)
+    return not INTERPRET and hopper.runs_on_sm90(q, k, v, out, window, alibi)
+
+
 def flash_fwd(
     q: Tensor,
     k: Tensor,
@@ -770,8 +776,7 @@ def flash_fwd(
     out = _empty_like(q) if out is None else out
     if out.numel() == 0:
         return out
-    window = (params.window_left, params.window_right)
-    if not INTERPRET and hopper.runs_on_sm90(q, k, v, out, window, alibi):
+    if forward_on_sm90(q, k, v, out, params, alibi):
         hopper.flash_fwd_sm90(
             q, k, v, out, scale=params.scale, const_bias=params.const_bias, default_bias=params.default_bias,
             causal=params.window_right == 0, top_left=params.top_left, head_bias=head_bias,

@@ -101,31 +101,9 @@ def _probabilities(
 
 @gluon.jit
 def _loader(
-    q_desc,
-    k_desc,
-    v_desc,
-    o_desc,
-    q_smem,
-    k_bufs,
-    v_bufs,
-    q_ready,
-    k_ready,
-    v_ready,
-    slot_free,
-    b,
-    h,
-    h_kv,
-    m0,
-    n_tiles,
-    n_unmasked,
-    diag_offset,
-    half_scale,
-    half_bias,
-    HALF: gl.constexpr,
-    CAUSAL: gl.constexpr,
+    q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, h_kv, m0, n_tiles
 ):
-    """One warp: Q's two halves, then K and V tile by tile into the ring, each as soon as its slot is free.
-    (Takes the consumers' arguments: warp_specialize passes every partition the same list.)"""
+    """One warp: Q's two halves, then K and V tile by tile into the ring, each as soon as its slot is free."""
     mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_ready, q_smem.index(0))
     tma.async_copy_global_to_shared(q_desc, [b, m0 + BLOCK_M // 2, h, 0], q_ready, q_smem.index(1))
@@ -141,9 +119,6 @@ def _loader(
 
 @gluon.jit
 def _consumer(
-    q_desc,
-    k_desc,
-    v_desc,
     o_desc,
     q_smem,
     k_bufs,
@@ -154,7 +129,6 @@ def _consumer(
     slot_free,
     b,
     h,
-    h_kv,
     m0,
     n_tiles,
     n_unmasked,
@@ -256,17 +230,15 @@ def sigmoid_attn_fwd_kernel_sm90(
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(slot_free.index(i), count=2)  # both consumer groups release a slot
 
-    h_kv = h // GROUP
-    # Every partition takes the same argument list (the loader ignores the consumers' scalars); HALF is the
-    # second to last: which 64 rows a consumer group owns.
+    # HALF, the second to last argument of a consumer: which 64 of the rows its group owns.
     # fmt: off
     gl.warp_specialize([
-        (_consumer, (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free,
-                     b, h, h_kv, m0, n_tiles, n_unmasked, diag_offset, half_scale, half_bias, 0, CAUSAL)),
-        (_consumer, (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free,
-                     b, h, h_kv, m0, n_tiles, n_unmasked, diag_offset, half_scale, half_bias, 1, CAUSAL)),
-        (_loader, (q_desc, k_desc, v_desc, o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free,
-                   b, h, h_kv, m0, n_tiles, n_unmasked, diag_offset, half_scale, half_bias, 0, CAUSAL)),
+        (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
+                     n_unmasked, diag_offset, half_scale, half_bias, 0, CAUSAL)),
+        (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
+                     n_unmasked, diag_offset, half_scale, half_bias, 1, CAUSAL)),
+        (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
+                   h // GROUP, m0, n_tiles)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
     # fmt: on
 
@@ -288,7 +260,8 @@ def _is_sm90(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def _tma_ready(t: Tensor) -> bool:
+def tma_addressable(t: Tensor) -> bool:
+    """Whether TMA can address t: 16-byte aligned base and strides (but the last, which must be 1)."""
     return t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
 
 
@@ -308,7 +281,7 @@ def unsupported(
         return f"window {window}: only full or causal"
     if k.shape[1] == 0:
         return "no keys"
-    if not all(t.stride(-1) == 1 and _tma_ready(t) for t in (q, k, v, out)):
+    if not all(t.stride(-1) == 1 and tma_addressable(t) for t in (q, k, v, out)):
         return "a tensor TMA cannot address (last dim not contiguous, or base or strides not 16-byte aligned)"
     return None
 
