@@ -170,7 +170,9 @@ class TritonBackend:
                 call.q, call.k, call.v, call.seqlens_k, block_table=call.block_table,
                 alibi_slopes=call.alibi_slopes, **call.options,
             )  # fmt: skip
-        return flash.sigmoid_attn_flash(call.q, call.k, call.v, alibi_slopes=call.alibi_slopes, **call.options)
+        return flash.sigmoid_attn_flash(
+            call.q, call.k, call.v, alibi_slopes=call.alibi_slopes, deterministic=call.deterministic, **call.options
+        )
 
 
 BACKENDS: dict[str, Backend] = {

@@ -167,7 +167,7 @@ def _extras(case, batch: int, gen, device):
 
 
 def _run_dense(case: Case, device, randn, gen) -> dict:
-    from .ops.sigmoid_attn.flash import flash_bwd, flash_fwd, flash_params, forward_on_sm90
+    from .ops.sigmoid_attn.flash import backward_on_sm90, flash_bwd, flash_fwd, flash_params, forward_on_sm90
 
     q = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
     k = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
@@ -185,8 +185,10 @@ def _run_dense(case: Case, device, randn, gen) -> dict:
     results = _reference_results(sigmoid_attn_reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
     names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
     ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
-    kernel = "gluon-sm90" if forward_on_sm90(q, k, v, out, params, alibi) else "triton"
-    row = {"id": case.id, **asdict(case), "forward_kernel": kernel, "ok": True}
+    forward_kernel = "gluon-sm90" if forward_on_sm90(q, k, v, out, params, alibi) else "triton"
+    backward_kernel = "gluon-sm90" if backward_on_sm90(do, q, k, v, grads, params, head_bias, alibi) else "triton"
+    row = {"id": case.id, **asdict(case), "forward_kernel": forward_kernel, "backward_kernel": backward_kernel}
+    row["ok"] = True
     return _judge(row, names, ours, results[True], results[False], q.dtype)
 
 
@@ -379,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)
     failed = [r["id"] for r in rows if not r["ok"]]
-    on_sm90 = sum(r.get("forward_kernel") == "gluon-sm90" for r in rows)
-    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed ({on_sm90} dense forwards on the sm_90 kernel)")
+    forwards, backwards = (sum(r.get(f"{p}_kernel") == "gluon-sm90" for r in rows) for p in ("forward", "backward"))
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed ({forwards} dense forwards and {backwards} "
+          "backwards on the sm_90 kernels)")  # fmt: skip
     return 1 if failed else 0
 
 

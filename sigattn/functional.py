@@ -57,7 +57,8 @@ def sigmoid_attn_func(
         causal: bottom-right aligned causal mask (below).
         window_size: (left, right) sliding window (below); (-1, -1) is unbounded.
         alibi_slopes: float32 (nheads,) or (batch, nheads); adds ``-slope * |i + Sk - Sq - j|``.
-        deterministic: require a deterministic backward (bit-identical across runs).
+        deterministic: require a deterministic backward (bit-identical across runs); otherwise, on Hopper,
+            the backward adds dQ with atomic reductions.
 
     Attention weights are ``sigmoid(scale * q_i . k_j + bias - slope * |i + Sk - Sq - j|)`` (the ALiBi
     term only with ``alibi_slopes``) for allowed keys and exactly 0 for masked ones; a query with no

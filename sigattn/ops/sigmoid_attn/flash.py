@@ -17,7 +17,8 @@ The backward is two kernels, dK/dV (one program per key tile and kv head, loopin
 of its GQA group, so dK/dV are reduced over the group in registers) and dQ; neither uses atomics, so it is
 deterministic.
 On Hopper (sm_90) the dense forward at head dim 128 runs instead on a warp-specialised Gluon kernel
-(``hopper.py``), 13-23% faster than the Triton one there.
+(``hopper.py``), 13-23% faster than the Triton one there, and the dense backward at head dims 64 and 128
+on one (``hopper_bwd.py``) that adds dQ by TMA reductions, unless the call asks for determinism.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import hopper
+from . import hopper, hopper_bwd
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter cannot run inline assembly (no tanh.approx), and its tl.dot is wrong on bfloat16
@@ -595,7 +596,8 @@ def sigmoid_attn_bwd_kernel_dq(
 class FlashParams:
     """The non-tensor options of one call. Window bounds of -1 are unbounded; causal is right = 0.
     ``default_bias``: the bias is -log(Sk) of each batch row (each sequence, each cache row) instead of
-    ``const_bias``; neither is used when a per-head bias tensor is given."""
+    ``const_bias``; neither is used when a per-head bias tensor is given. ``deterministic``: the backward
+    must be bit-identical across runs (as it is whenever torch.use_deterministic_algorithms is on)."""
 
     scale: float
     const_bias: float
@@ -603,6 +605,7 @@ class FlashParams:
     window_left: int
     window_right: int
     top_left: bool
+    deterministic: bool = False
 
 
 @dataclass(frozen=True)
@@ -761,6 +764,16 @@ def forward_on_sm90(q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: FlashP
     return not INTERPRET and hopper.runs_on_sm90(q, k, v, out, window, alibi)
 
 
+def backward_on_sm90(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, grads: tuple[Tensor, Tensor, Tensor], params: FlashParams,
+    head_bias: Tensor | None, alibi: Tensor | None,
+) -> bool:  # fmt: skip
+    """Whether ``flash_bwd`` runs this dense backward on the Gluon kernel of ``hopper_bwd.py``."""
+    window = (params.window_left, params.window_right)
+    deterministic = params.deterministic or torch.are_deterministic_algorithms_enabled()
+    return not INTERPRET and hopper_bwd.runs_on_sm90(q, k, v, do, grads, window, alibi, head_bias, deterministic)
+
+
 def flash_fwd(
     q: Tensor,
     k: Tensor,
@@ -906,6 +919,12 @@ def _backward_into(
         for grad in grads:
             grad.zero_()
         return (*grads, torch.zeros_like(head_bias) if head_bias is not None else None)
+    if not rows.varlen and backward_on_sm90(do, q, k, v, grads, params, head_bias, alibi):
+        hopper_bwd.flash_bwd_sm90(
+            do, q, k, v, grads, scale=params.scale, const_bias=params.const_bias, default_bias=params.default_bias,
+            causal=params.window_right == 0, top_left=params.top_left,
+        )  # fmt: skip
+        return (*grads, None)
     dbias = _launch_bwd(do, q, k, v, params, head_bias, alibi, rows, grads)
     return (*grads, dbias)
 
@@ -920,8 +939,9 @@ def flash_bwd(
     alibi: Tensor | None = None,
     grads: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Backward of ``flash_fwd``: (dq, dk, dv, dbias or None). Deterministic: no atomics anywhere.
-    ``grads`` = (dq, dk, dv) buffers receive the results when given (tests poison them)."""
+    """Backward of ``flash_fwd``: (dq, dk, dv, dbias or None). On sm_90 the calls ``hopper_bwd`` supports add
+    dQ atomically unless ``params.deterministic`` (or torch.use_deterministic_algorithms); the Triton kernels
+    use no atomics. ``grads`` = (dq, dk, dv) buffers receive the results when given (tests poison them)."""
     rows = Rows(q.shape[0], q.shape[1], k.shape[1])
     return _backward_into(do, q, k, v, params, head_bias, alibi, rows, grads)
 
@@ -947,13 +967,15 @@ def flash_varlen_bwd(
 
 # ----------------------------------------------------------------------------------------------------
 # torch.library ops (so torch.compile traces them as opaque nodes) and autograd
-# Each op takes the options as (scale, const_bias, default_bias, window_left, window_right, top_left).
+# Each op takes the options as (scale, const_bias, default_bias, window_left, window_right, top_left,
+# deterministic).
 
 
-def _params(scale, const_bias, default_bias, window_left, window_right, top_left) -> FlashParams:
+def _params(scale, const_bias, default_bias, window_left, window_right, top_left, deterministic) -> FlashParams:
     return FlashParams(
-        float(scale), float(const_bias), bool(default_bias), int(window_left), int(window_right), bool(top_left)
-    )
+        float(scale), float(const_bias), bool(default_bias), int(window_left), int(window_right), bool(top_left),
+        bool(deterministic),
+    )  # fmt: skip
 
 
 def _no_bias_grad(q: Tensor) -> Tensor:
@@ -970,8 +992,9 @@ def _fake_grads(q: Tensor, k: Tensor, v: Tensor, head_bias: Tensor | None) -> tu
 def _flash_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, head_bias: Tensor | None, alibi: Tensor | None,
     scale: float, const_bias: float, default_bias: bool, window_left: int, window_right: int, top_left: bool,
+    deterministic: bool,
 ) -> Tensor:  # fmt: skip
-    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left)
+    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left, deterministic)
     return flash_fwd(q, k, v, params, head_bias, alibi)
 
 
@@ -984,8 +1007,9 @@ def _(q, k, v, head_bias, alibi, *options):
 def _flash_bwd_op(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, head_bias: Tensor | None, alibi: Tensor | None,
     scale: float, const_bias: float, default_bias: bool, window_left: int, window_right: int, top_left: bool,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left)
+    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left, deterministic)
     dq, dk, dv, dbias = flash_bwd(do, q, k, v, params, head_bias, alibi)
     return dq, dk, dv, dbias if dbias is not None else _no_bias_grad(q)
 
@@ -1015,8 +1039,9 @@ def _flash_varlen_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, head_bias: Tensor | None, alibi: Tensor | None,
     scale: float, const_bias: float, default_bias: bool, window_left: int, window_right: int, top_left: bool,
+    deterministic: bool,
 ) -> Tensor:  # fmt: skip
-    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left)
+    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left, deterministic)
     return flash_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, head_bias, alibi)
 
 
@@ -1030,8 +1055,9 @@ def _flash_varlen_bwd_op(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
     max_seqlen_k: int, head_bias: Tensor | None, alibi: Tensor | None,
     scale: float, const_bias: float, default_bias: bool, window_left: int, window_right: int, top_left: bool,
+    deterministic: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left)
+    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left, deterministic)
     dq, dk, dv, dbias = flash_varlen_bwd(
         do, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, params, head_bias, alibi
     )
@@ -1067,8 +1093,9 @@ def _flash_kvcache_fwd_op(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, seqlens_k: Tensor | None, block_table: Tensor | None,
     head_bias: Tensor | None, alibi: Tensor | None,
     scale: float, const_bias: float, default_bias: bool, window_left: int, window_right: int, top_left: bool,
+    deterministic: bool,
 ) -> Tensor:  # fmt: skip
-    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left)
+    params = _params(scale, const_bias, default_bias, window_left, window_right, top_left, deterministic)
     return flash_kvcache_fwd(q, k_cache, v_cache, seqlens_k, params, head_bias, alibi, block_table)
 
 
@@ -1103,19 +1130,20 @@ class _FlashEager(torch.autograd.Function):
 
 
 def flash_params(
-    *, scale: float, bias: float | Tensor | None, causal: bool, window_size: tuple[int, int], top_left: bool = False
-) -> tuple[FlashParams, Tensor | None]:
+    *, scale: float, bias: float | Tensor | None, causal: bool, window_size: tuple[int, int], top_left: bool = False,
+    deterministic: bool = False,
+) -> tuple[FlashParams, Tensor | None]:  # fmt: skip
     """The launchers' options for the public semantics: (params, per-head bias tensor or None)."""
     left, right = window_size
     if causal:
         right = 0
     head_bias = bias if isinstance(bias, Tensor) else None
     const_bias = float(bias) if bias is not None and head_bias is None else 0.0
-    return FlashParams(float(scale), const_bias, bias is None, left, right, top_left), head_bias
+    return FlashParams(float(scale), const_bias, bias is None, left, right, top_left, deterministic), head_bias
 
 
 def _options(p: FlashParams) -> tuple:
-    return p.scale, p.const_bias, p.default_bias, p.window_left, p.window_right, p.top_left
+    return p.scale, p.const_bias, p.default_bias, p.window_left, p.window_right, p.top_left, p.deterministic
 
 
 def sigmoid_attn_flash(
@@ -1129,9 +1157,13 @@ def sigmoid_attn_flash(
     window_size: tuple[int, int],
     alibi_slopes: Tensor | None = None,
     top_left: bool = False,
+    deterministic: bool = False,
 ) -> Tensor:
-    """Dense sigmoid attention on the Triton kernels; semantics of ``reference.sigmoid_attn_reference``."""
-    p, head_bias = flash_params(scale=scale, bias=bias, causal=causal, window_size=window_size, top_left=top_left)
+    """Dense sigmoid attention on the Triton kernels; semantics of ``reference.sigmoid_attn_reference``.
+    ``deterministic``: a backward bit-identical across runs (else the Hopper one, whose dQ adds atomically)."""
+    p, head_bias = flash_params(
+        scale=scale, bias=bias, causal=causal, window_size=window_size, top_left=top_left, deterministic=deterministic
+    )
     if not torch.compiler.is_compiling():
         return _FlashEager.apply(q, k, v, head_bias, alibi_slopes, p, None)
     return _flash_fwd_op(q, k, v, head_bias, alibi_slopes, *_options(p))

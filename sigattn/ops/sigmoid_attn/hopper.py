@@ -244,25 +244,44 @@ def sigmoid_attn_fwd_kernel_sm90(
 
 
 @functools.lru_cache
-def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype) -> gl.NVMMASharedLayout:
+def _smem_layout(block: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMASharedLayout:
     # Cached: building one costs about as much host time as the rest of the descriptor.
-    return gl.NVMMASharedLayout.get_default_for([1, rows, 1, head_dim], _GL_DTYPES[dtype])
+    return gl.NVMMASharedLayout.get_default_for(list(block), {torch.float32: gl.float32, **_GL_DTYPES}[dtype])
 
 
-def descriptor(t: Tensor, rows: int) -> TensorDescriptor:
-    """A TMA descriptor of a (B, S, H, D) tensor with blocks of ``rows`` positions of one head."""
-    block = [1, rows, 1, t.shape[-1]]
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _smem_layout(rows, t.shape[-1], t.dtype))
+def descriptor(t: Tensor, rows: int, cols: int | None = None) -> TensorDescriptor:
+    """A TMA descriptor of a (B, S, H, D) tensor with blocks of ``rows`` positions of one head (and ``cols``
+    of its D columns; all by default)."""
+    block = (1, rows, 1, cols or t.shape[-1])
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), _smem_layout(block, t.dtype))
 
 
 @functools.lru_cache
-def _is_sm90(device: torch.device) -> bool:
+def is_sm90(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def tma_addressable(t: Tensor) -> bool:
     """Whether TMA can address t: 16-byte aligned base and strides (but the last, which must be 1)."""
     return t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+
+
+def unsupported_common(
+    q: Tensor, k: Tensor, window: tuple[int, int], alibi: Tensor | None, tensors: tuple[Tensor, ...]
+) -> str | None:
+    """What neither Hopper kernel runs: dtypes other than bf16 and fp16, ALiBi, masks other than full or
+    causal, no keys, and ``tensors`` TMA cannot address."""
+    if q.dtype not in _GL_DTYPES:
+        return f"dtype {q.dtype}, not bfloat16 or float16"
+    if alibi is not None:
+        return "ALiBi"
+    if window[0] >= 0 or window[1] > 0:
+        return f"window {window}: only full or causal"
+    if k.shape[1] == 0:
+        return "no keys"
+    if not all(t.stride(-1) == 1 and tma_addressable(t) for t in tensors):
+        return "a tensor TMA cannot address (last dim not contiguous, or base or strides not 16-byte aligned)"
+    return None
 
 
 def unsupported(
@@ -273,22 +292,12 @@ def unsupported(
     least one key, and tensors TMA can address (contiguous last dim, 16-byte aligned base and strides)."""
     if q.shape[-1] != int(HEAD_DIM):
         return f"head dim {q.shape[-1]}, not {int(HEAD_DIM)}"
-    if q.dtype not in _GL_DTYPES:
-        return f"dtype {q.dtype}, not bfloat16 or float16"
-    if alibi is not None:
-        return "ALiBi"
-    if window[0] >= 0 or window[1] > 0:
-        return f"window {window}: only full or causal"
-    if k.shape[1] == 0:
-        return "no keys"
-    if not all(t.stride(-1) == 1 and tma_addressable(t) for t in (q, k, v, out)):
-        return "a tensor TMA cannot address (last dim not contiguous, or base or strides not 16-byte aligned)"
-    return None
+    return unsupported_common(q, k, window, alibi, (q, k, v, out))
 
 
 def runs_on_sm90(q: Tensor, k: Tensor, v: Tensor, out: Tensor, window: tuple[int, int], alibi: Tensor | None) -> bool:
     """Whether ``flash_fwd`` takes this kernel: on an sm_90 GPU (not the interpreter), arguments it supports."""
-    return q.is_cuda and _is_sm90(q.device) and unsupported(q, k, v, out, window, alibi) is None
+    return q.is_cuda and is_sm90(q.device) and unsupported(q, k, v, out, window, alibi) is None
 
 
 def flash_fwd_sm90(

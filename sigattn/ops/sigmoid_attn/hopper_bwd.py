@@ -1,0 +1,323 @@
+"""The dense backward for Hopper (sm_90) at head dims 64 and 128, in Gluon: five products per tile, dQ added
+into an fp32 workspace by TMA reductions (not deterministic: the additions land in any order).
+
+The Triton backward is two kernels, dK/dV and dQ, and recomputes S and dP in both: seven products per tile
+pair where FlashAttention-2/3 and cuDNN do five. Adding dQ from the dK/dV kernel needs a cheap reduction;
+Triton 3.6 emits one atomic per element, which made it slower (benchmarks/NOTES.md). Here a program owns
+128 keys of one kv head and walks the query tiles of every head of its GQA group:
+
+* one loader warp copies the program's K and V once, then each tile's Q and dO into a ring of ``STAGES``;
+* two consumer warpgroups each own 64 of the keys and compute, transposed so that Pᵀ and dSᵀ leave the
+  score products in the register layout the next products read, Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (both issued
+  asynchronously; the sigmoid of Sᵀ runs while dPᵀ is on the tensor cores), then dV += Pᵀ dO and
+  dK += dSᵀ Q with dS = dP ⊙ P ⊙ (1 - P);
+* each group writes its dSᵀ half to shared memory, and the groups take turns at dQ = dS K for a tile (all
+  128 keys, both halves), which they hand to the TMA unit as a reduction into the fp32 workspace
+  (``cp.reduce.async.bulk.tensor``), in two 64-column halves so the accumulator fits beside dK and dV.
+
+The workspace is (B, Sq, Hq, D) fp32 within a budget (``_chunks``): longer calls run in chunks of batch rows
+or kv heads, so the backward holds at most 32 MiB beyond its inputs and gradients from 8k keys on (more,
+in proportion, at shorter ones). dQ = scale x the workspace, cast, once each chunk is done.
+
+It covers dense rows without ALiBi, sliding windows or a per-head bias (whose gradient, a sum of dS over
+each tile, spilled ~450 bytes of registers here); ``deterministic=True`` and every other call run on the
+Triton kernels (``unsupported`` says why).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+from torch import Tensor
+from triton._C.libtriton import ir
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from . import hopper
+
+KEYS = gl.constexpr(64)  # keys per consumer warpgroup: a program owns 2 * KEYS
+ROWS = gl.constexpr(64)  # query rows per tile
+DQ_COLS = gl.constexpr(64)  # dQ is computed and reduced in column blocks of this width
+# Q and dO ring depth per head dim: shared memory at D = 128 holds two stages (225 KiB of 227 in all).
+STAGES = {64: 4, 128: 2}
+HEAD_DIMS = tuple(STAGES)
+# The fp32 dQ workspace of one launch: at most WORKSPACE_BYTES, times 8192 / Sk for shorter keys. Longer
+# calls run in chunks; a chunk of 32 MiB is ~1.3 ms of work at 8k keys but 0.1 ms at 512, less than the host
+# needs to launch it (~0.1 ms with its descriptors, zeroing and conversion).
+WORKSPACE_BYTES = 32 << 20
+WORKSPACE_KEYS = 8192
+# A launch whose workspace fits in L2 (H100: 50 MB) can run causal key tiles heaviest first without
+# losing the Q, dO and dQ rows shared by a head's tiles; a larger one keeps those tiles side by side.
+L2_BYTES = 32 << 20
+MAX_GRID_ROWS = 65535  # CUDA's limit on a grid's y and z extents: batch rows per launch, key tiles
+MAX_REGISTERS = hopper.MAX_REGISTERS
+CONSUMER_REGISTERS, LOADER_REGISTERS = hopper.CONSUMER_REGISTERS, hopper.LOADER_REGISTERS
+
+
+@builtin
+def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+    # Gluon 3.6 has the TMA reduction in its IR builder (Triton uses it for a descriptor's atomic_add) but
+    # not yet in its language.
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+# fmt: off
+@gluon.jit
+def _program(HEAVY_FIRST: gl.constexpr):
+    """(batch row, kv head) in the launch's chunk and key tile of this program. By default a head's key
+    tiles run side by side, sharing its Q, dO and dQ rows in L2; with HEAVY_FIRST the key tile is the
+    slowest grid axis, so the first tiles, which see the most queries under a causal mask, go first."""
+    if HEAVY_FIRST:
+        return gl.program_id(1), gl.program_id(0), gl.program_id(2)
+    return gl.program_id(2), gl.program_id(1), gl.program_id(0)
+
+
+@gluon.jit
+def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free,
+            b, h_kv, n0, q_lo, n_q, n_iter, GROUP: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: the program's K and V halves, then Q and dO tile by tile, head by head of the group."""
+    mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
+    for w in gl.static_range(2):
+        tma.async_copy_global_to_shared(k_desc, [b, n0 + w * KEYS, h_kv, 0], kv_ready, k_smem.index(w))
+        tma.async_copy_global_to_shared(v_desc, [b, n0 + w * KEYS, h_kv, 0], kv_ready, v_smem.index(w))
+    for t in range(n_iter):
+        slot = t % STAGES
+        h = h_kv * GROUP + t // n_q
+        m0 = (q_lo + t % n_q) * ROWS
+        # A fresh mbarrier counts as having completed the phase before 0: the first round does not wait.
+        mbarrier.wait(slot_free.index(slot), ((t // STAGES) & 1) ^ 1)
+        mbarrier.expect(q_ready.index(slot), 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_ready.index(slot), q_bufs.index(slot))
+        tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], q_ready.index(slot), do_bufs.index(slot))
+
+
+@gluon.jit
+def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem,
+              kv_ready, q_ready, slot_free, ds_ready, ds_free, done,
+              b0, h0, n0, q_lo, n_q, n_iter, mask_end, diag_offset, scale, half_scale, half_bias,
+              W: gl.constexpr, GROUP: gl.constexpr, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+              STAGES: gl.constexpr, HEAVY_FIRST: gl.constexpr):
+    """One warpgroup: keys n0 + 64 W .. + 63 against every query tile; its dK and dV rows, and the dQ of
+    every other tile."""
+    dtype: gl.constexpr = q_bufs.dtype
+    b_ws, h_ws, _key_tile = _program(HEAVY_FIRST)  # (read again: fewer live registers than passing them)
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, ROWS, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, DQ_COLS, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+    DQ_BLOCKS: gl.constexpr = HEAD_DIM // DQ_COLS
+    s_zero = gl.zeros([KEYS, ROWS], gl.float32, s_layout)
+    dq_zero = gl.zeros([ROWS, DQ_COLS], gl.float32, dq_layout)
+    dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)
+    dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)
+    key = n0 + W * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
+    k = k_smem.index(W).reshape([KEYS, HEAD_DIM])
+    v = v_smem.index(W).reshape([KEYS, HEAD_DIM])
+    mbarrier.wait(kv_ready, 0)
+    for t in range(n_iter):
+        slot = t % STAGES
+        m0 = (q_lo + t % n_q) * ROWS
+        mbarrier.wait(q_ready.index(slot), (t // STAGES) & 1)
+        q = q_bufs.index(slot).reshape([ROWS, HEAD_DIM])
+        do = do_bufs.index(slot).reshape([ROWS, HEAD_DIM])
+        st = warpgroup_mma(k, q.permute((1, 0)), s_zero, use_acc=False, is_async=True)  # Sᵀ [keys, rows]
+        dpt = warpgroup_mma(v, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)  # dPᵀ
+        st = warpgroup_mma_wait(1, deps=(st,))
+        # P = 0.5 tanh(z / 2) + 0.5 with one tanh.approx per score; P (1 - P) = 0.25 (1 - tanh²).
+        th = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [st * half_scale + half_bias],
+                                       dtype=gl.float32, is_pure=True, pack=1)
+        if CAUSAL:  # noqa: SIM102 (a separate `if` on the constexpr: full attention compiles without it)
+            if m0 < mask_end:
+                row = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
+                th = gl.where(key[:, None] <= row[None, :] + diag_offset, th, -1.0)  # P = 0 and dS = 0
+        pt = gl.convert_layout((0.5 * th + 0.5).to(dtype), a_layout)
+        dv = warpgroup_mma(pt, do, dv, is_async=True)
+        dpt = warpgroup_mma_wait(1, deps=(dpt,))
+        dst = (dpt * (0.25 - 0.25 * th * th)).to(dtype)
+        # dSᵀ halves are double-buffered: a half waits for the dQ of the tile two back to have read it.
+        ds_slot = t % 2
+        mbarrier.wait(ds_free.index(ds_slot), ((t // 2) & 1) ^ 1)
+        ds_smem.index(2 * ds_slot + W).store(dst)
+        fence_async_shared()
+        mbarrier.arrive(ds_ready.index(ds_slot), count=1)
+        dsa = gl.convert_layout(dst, a_layout)
+        dk = warpgroup_mma(dsa, q, dk, is_async=True)
+        dk, dv, _, _ = warpgroup_mma_wait(0, deps=(dk, dv, pt, dsa))
+        mbarrier.arrive(slot_free.index(slot), count=1)
+        if t % 2 == W:  # this group's turn: dQ = dS K over all 128 keys
+            mbarrier.wait(ds_ready.index(ds_slot), (t // 2) & 1)
+            tma.store_wait(0)  # its previous reductions have read dq_smem
+            for c in gl.static_range(DQ_BLOCKS):
+                k0 = k_smem.index(0).reshape([KEYS, HEAD_DIM]).slice(c * DQ_COLS, DQ_COLS, dim=1)
+                k1 = k_smem.index(1).reshape([KEYS, HEAD_DIM]).slice(c * DQ_COLS, DQ_COLS, dim=1)
+                dq = warpgroup_mma(ds_smem.index(2 * ds_slot).permute((1, 0)), k0, dq_zero, use_acc=False,
+                                   is_async=True)
+                dq = warpgroup_mma(ds_smem.index(2 * ds_slot + 1).permute((1, 0)), k1, dq, is_async=True)
+                dq = warpgroup_mma_wait(0, deps=(dq,))
+                dq_smem.index(DQ_BLOCKS * W + c).reshape([ROWS, DQ_COLS]).store(dq)
+            mbarrier.arrive(ds_free.index(ds_slot), count=1)
+            fence_async_shared()
+            for c in gl.static_range(DQ_BLOCKS):
+                _tma_reduce_add(dq_desc, [b_ws, m0, h_ws * GROUP + t // n_q, c * DQ_COLS],
+                                dq_smem.index(DQ_BLOCKS * W + c))
+    tma.store_wait(0)
+    # Once both groups are past every tile the Q and dO ring is free: it stages dK and dV for TMA stores,
+    # which clip the rows past Sk.
+    mbarrier.arrive(done, count=1)
+    mbarrier.wait(done, 0)
+    out_k, out_v = q_bufs.index(W), do_bufs.index(W)
+    out_k.reshape([KEYS, HEAD_DIM]).store((dk * scale).to(dtype))
+    out_v.reshape([KEYS, HEAD_DIM]).store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [b0 + b_ws, n0 + W * KEYS, h0 + h_ws, 0], out_k)
+    tma.async_copy_shared_to_global(dv_desc, [b0 + b_ws, n0 + W * KEYS, h0 + h_ws, 0], out_v)
+    tma.store_wait(0)
+
+
+@gluon.jit(do_not_specialize=["b0", "h0"])  # one compiled kernel for every chunk
+def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc,
+                                 b0, h0, seqlen_q, diag_offset, scale, half_scale, half_bias,
+                                 GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                                 HEAVY_FIRST: gl.constexpr):
+    """One program: keys i_n * 128 .. + 127 of kv head h_kv of batch row b. Descriptors are 4-d
+    (B, S, H, D) with blocks [1, 64, 1, D] ([1, 64, 1, 64] for the fp32 dQ workspace): keys past Sk and
+    queries past Sq load as zeros, and so add nothing. A launch covers batch rows b0 + and kv heads h0 + its
+    grid; the workspace holds only theirs."""
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+    b_ws, h_ws, i_n = _program(HEAVY_FIRST)
+    b, h_kv = b0 + b_ws, h0 + h_ws
+    n0 = i_n * 2 * KEYS
+    q_hi = gl.cdiv(seqlen_q, ROWS)
+    q_lo = 0
+    mask_end = 0
+    if CAUSAL:
+        # From the first tile whose rows see a key of the program (at least one tile: keys no query sees
+        # get zero gradients from a fully masked one); tiles from mask_end on see all 128 keys.
+        q_lo = gl.minimum(gl.maximum(n0 - diag_offset, 0) // ROWS, q_hi - 1)
+        mask_end = n0 + 2 * KEYS - 1 - diag_offset
+    n_q = q_hi - q_lo
+
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [2] + v_desc.block_type.shape, v_desc.layout)
+    q_bufs = gl.allocate_shared_memory(q_desc.dtype, [STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_bufs = gl.allocate_shared_memory(do_desc.dtype, [STAGES] + do_desc.block_type.shape, do_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS, ROWS], q_desc.dtype)
+    ds_smem = gl.allocate_shared_memory(q_desc.dtype, [4, KEYS, ROWS], ds_layout)  # [tile parity, group]
+    dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [2 * (HEAD_DIM // DQ_COLS)] + dq_desc.block_type.shape,
+                                        dq_desc.layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    slot_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    mbarrier.init(done, count=2)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(slot_free.index(i), count=2)  # both groups release a slot
+    for i in gl.static_range(2):
+        mbarrier.init(ds_ready.index(i), count=2)  # both halves written
+        mbarrier.init(ds_free.index(i), count=1)  # read by the group whose turn it was
+
+    # W, the sixth to last argument of a consumer: which 64 of the keys its group owns.
+    gl.warp_specialize([
+        (_consumer, (dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem,
+                     kv_ready, q_ready, slot_free, ds_ready, ds_free, done,
+                     b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, diag_offset, scale,
+                     half_scale, half_bias,
+                     0, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST)),
+        (_consumer, (dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem,
+                     kv_ready, q_ready, slot_free, ds_ready, ds_free, done,
+                     b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, diag_offset, scale,
+                     half_scale, half_bias,
+                     1, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST)),
+        (_loader, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free,
+                   b, h_kv, n0, q_lo, n_q, n_q * GROUP, GROUP, STAGES)),
+    ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
+# fmt: on
+
+
+def unsupported(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, grads: tuple[Tensor, Tensor, Tensor], window: tuple[int, int],
+    alibi: Tensor | None, head_bias: Tensor | None, deterministic: bool,
+) -> str | None:  # fmt: skip
+    """Why this kernel cannot run a dense backward with these arguments, or None if it can (on an sm_90
+    GPU): head dim 64 or 128, bf16 or fp16, no ALiBi, no per-head bias, a full or causal mask, a
+    non-deterministic backward allowed, at least one query and key, and tensors TMA can address."""
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]}, not one of {HEAD_DIMS}"
+    if deterministic:
+        return "deterministic: dQ is reduced by atomic additions"
+    if head_bias is not None:
+        return "per-head bias"
+    if triton.cdiv(k.shape[1], 2 * int(KEYS)) > MAX_GRID_ROWS:
+        return f"{k.shape[1]} keys: more than {MAX_GRID_ROWS} tiles of {2 * int(KEYS)}"
+    reason = hopper.unsupported_common(q, k, window, alibi, (q, k, v, do, *grads))
+    if reason is None and q.shape[1] == 0:
+        return "no queries"
+    return reason
+
+
+def runs_on_sm90(*args, **kwargs) -> bool:
+    """Whether ``flash_bwd`` takes this kernel: on an sm_90 GPU, arguments ``unsupported`` accepts."""
+    q = args[0]
+    return q.is_cuda and hopper.is_sm90(q.device) and unsupported(*args, **kwargs) is None
+
+
+def _chunks(batch: int, num_kv_heads: int, per_kv_head: int, seqlen_k: int) -> tuple[int, int]:
+    """(batch rows, kv heads) per launch, so the workspace stays within its budget (at least one kv head
+    of one row) and the grid within CUDA's 65535 rows."""
+    budget = WORKSPACE_BYTES * max(1, WORKSPACE_KEYS // seqlen_k)
+    if per_kv_head * num_kv_heads <= budget:
+        return max(1, min(batch, MAX_GRID_ROWS, budget // (per_kv_head * num_kv_heads))), num_kv_heads
+    return 1, max(1, budget // per_kv_head)
+
+
+def flash_bwd_sm90(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, grads: tuple[Tensor, Tensor, Tensor], *, scale: float,
+    const_bias: float, default_bias: bool, causal: bool, top_left: bool,
+) -> None:  # fmt: skip
+    """Writes (dq, dk, dv) of ``hopper.flash_fwd_sm90``'s attention into ``grads``."""
+    dq, dk, dv = grads
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
+    group = num_heads // num_kv_heads
+    bias = -math.log(seqlen_k) if default_bias else const_bias
+    rows_per_launch, kv_heads_per_launch = _chunks(batch, num_kv_heads, seqlen_q * group * head_dim * 4, seqlen_k)
+    workspace = torch.zeros(rows_per_launch, seqlen_q, kv_heads_per_launch * group, head_dim, dtype=torch.float32,
+                            device=q.device)  # fmt: skip
+    rows, keys = int(ROWS), int(KEYS)
+    descriptors = (
+        hopper.descriptor(q, rows), hopper.descriptor(k, keys), hopper.descriptor(v, keys), hopper.descriptor(do, rows),
+        hopper.descriptor(workspace, rows, int(DQ_COLS)), hopper.descriptor(dk, keys), hopper.descriptor(dv, keys),
+    )  # fmt: skip
+    key_tiles = triton.cdiv(seqlen_k, 2 * keys)
+    heavy_first = causal and workspace.numel() * 4 <= L2_BYTES
+    for b0 in range(0, batch, rows_per_launch):
+        for h0 in range(0, num_kv_heads, kv_heads_per_launch):
+            n_rows, n_kv_heads = min(rows_per_launch, batch - b0), min(kv_heads_per_launch, num_kv_heads - h0)
+            if b0 or h0:
+                workspace.zero_()
+            grid = (n_kv_heads, n_rows, key_tiles) if heavy_first else (key_tiles, n_kv_heads, n_rows)
+            sigmoid_attn_bwd_kernel_sm90[grid](
+                *descriptors, b0, h0, seqlen_q, 0 if top_left else seqlen_k - seqlen_q, scale, 0.5 * scale, 0.5 * bias,
+                GROUP=group, CAUSAL=causal, STAGES=STAGES[head_dim], HEAVY_FIRST=heavy_first, num_warps=4,
+                maxnreg=MAX_REGISTERS,
+            )  # fmt: skip
+            heads = slice(h0 * group, (h0 + n_kv_heads) * group)
+            torch.mul(workspace[:n_rows, :, : n_kv_heads * group], scale, out=dq[b0 : b0 + n_rows, :, heads])
