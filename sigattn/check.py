@@ -187,8 +187,9 @@ def _run_dense(case: Case, device, randn, gen) -> dict:
     ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
     forward_kernel = "gluon-sm90" if forward_on_sm90(q, k, v, out, params, alibi) else "triton"
     backward_kernel = "gluon-sm90" if backward_on_sm90(do, q, k, v, grads, params, head_bias, alibi) else "triton"
-    row = {"id": case.id, **asdict(case), "forward_kernel": forward_kernel, "backward_kernel": backward_kernel}
-    row["ok"] = True
+    row = {
+        "id": case.id, **asdict(case), "forward_kernel": forward_kernel, "backward_kernel": backward_kernel, "ok": True
+    }  # fmt: skip
     return _judge(row, names, ours, results[True], results[False], q.dtype)
 
 

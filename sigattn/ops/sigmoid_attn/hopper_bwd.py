@@ -273,10 +273,14 @@ def unsupported(
     return reason
 
 
-def runs_on_sm90(*args, **kwargs) -> bool:
+def runs_on_sm90(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, grads: tuple[Tensor, Tensor, Tensor], window: tuple[int, int],
+    alibi: Tensor | None, head_bias: Tensor | None, deterministic: bool,
+) -> bool:  # fmt: skip
     """Whether ``flash_bwd`` takes this kernel: on an sm_90 GPU, arguments ``unsupported`` accepts."""
-    q = args[0]
-    return q.is_cuda and hopper.is_sm90(q.device) and unsupported(*args, **kwargs) is None
+    if not (q.is_cuda and hopper.is_sm90(q.device)):
+        return False
+    return unsupported(q, k, v, do, grads, window, alibi, head_bias, deterministic) is None
 
 
 def _chunks(batch: int, num_kv_heads: int, per_kv_head: int, seqlen_k: int) -> tuple[int, int]:
