@@ -14,7 +14,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
 
-from sigattn.ops.sigmoid_attn import flash, hopper, hopper_bwd
+from sigattn.ops.sigmoid_attn import flash, hopper, hopper_bwd, host
 
 KERNEL = hopper.sigmoid_attn_fwd_kernel_sm90
 
@@ -23,8 +23,8 @@ def compile_sm90(dtype: torch.dtype, causal: bool, head_bias: bool, group: int):
     q = torch.empty(2, 256, 4, 128, dtype=dtype)
     rows, block_n = int(hopper.BLOCK_M) // 2, int(hopper.BLOCK_N)
     args = dict(
-        q_desc=hopper.descriptor(q, rows), k_desc=hopper.descriptor(q, block_n),
-        v_desc=hopper.descriptor(q, block_n), o_desc=hopper.descriptor(q, rows),
+        q_desc=host.descriptor(q, rows), k_desc=host.descriptor(q, block_n),
+        v_desc=host.descriptor(q, block_n), o_desc=host.descriptor(q, rows),
     )  # fmt: skip
     signature = {name: mangle_type(d) for name, d in args.items()}
     signature["head_bias_ptr"] = "*fp32" if head_bias else "constexpr"
@@ -106,9 +106,9 @@ def compile_bwd_sm90(head_dim: int, dtype: torch.dtype, causal: bool, group: int
     workspace = torch.empty(2, 256, 4, head_dim, dtype=torch.float32)
     rows, keys = int(hopper_bwd.ROWS), int(hopper_bwd.KEYS)
     descriptors = dict(
-        q_desc=hopper.descriptor(t, rows), k_desc=hopper.descriptor(t, keys), v_desc=hopper.descriptor(t, keys),
-        do_desc=hopper.descriptor(t, rows), dq_desc=hopper.descriptor(workspace, rows, int(hopper_bwd.DQ_COLS)),
-        dk_desc=hopper.descriptor(t, keys), dv_desc=hopper.descriptor(t, keys),
+        q_desc=host.descriptor(t, rows), k_desc=host.descriptor(t, keys), v_desc=host.descriptor(t, keys),
+        do_desc=host.descriptor(t, rows), dq_desc=host.descriptor(workspace, rows, int(hopper_bwd.DQ_COLS)),
+        dk_desc=host.descriptor(t, keys), dv_desc=host.descriptor(t, keys),
     )  # fmt: skip
     signature = {name: mangle_type(d) for name, d in descriptors.items()}
     signature.update(b0="i32", h0="i32", seqlen_q="i32", diag_offset="i32", scale="fp32", half_scale="fp32")
@@ -147,7 +147,7 @@ def test_backward_compiles_for_sm90a(head_dim, dtype, causal, group, max_spill, 
     assert "C7512" not in report, report  # wgmma serialised for lack of registers
 
 
-def _bwd_tensors(head_dim=128, dtype=torch.bfloat16, sq=100, sk=256):
+def _bwd_tensors(head_dim=128, dtype=torch.bfloat16, sq=600, sk=256):
     q = torch.empty(2, sq, 4, head_dim, dtype=dtype)
     k = torch.empty(2, sk, 2, head_dim, dtype=dtype)
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(k))
@@ -170,6 +170,11 @@ def test_backward_unsupported_names_what_it_cannot_run():
     assert "window" in why(*_bwd_tensors(), window=(16, 0))
     assert why(*_bwd_tensors(sk=0)) == "no keys"
     assert why(*_bwd_tensors(sq=0)) == "no queries"
+    # Short calls run faster on the Triton backward: up to 512 queries at D64 causal, 128 at D128 full.
+    assert why(*_bwd_tensors(head_dim=64, sq=513), window=causal) is None
+    assert "faster" in why(*_bwd_tensors(head_dim=64, sq=512), window=causal)
+    assert why(*_bwd_tensors(sq=129)) is None
+    assert "faster" in why(*_bwd_tensors(sq=128))
     q, k, v, do, (dq, dk, dv) = _bwd_tensors()
     strided = torch.empty(2, 256, 2, 130, dtype=torch.bfloat16)[..., :128]
     assert "TMA" in why(q, k, v, do, (dq, strided, dv))

@@ -33,7 +33,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from . import hopper, hopper_bwd
+from . import hopper, hopper_bwd, host
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # The interpreter cannot run inline assembly (no tanh.approx), and its tl.dot is wrong on bfloat16
@@ -685,7 +685,7 @@ def _kv_descriptors(k: Tensor, v: Tensor, rows: Rows, block_n: int, block_d: int
     if rows.seqlen_k < TMA_MIN_KEYS or k.shape[-1] != block_d or not (INTERPRET or _has_tma(k.device)):
         return None
     tensors = (k, v)
-    if not all(hopper.tma_addressable(t) for t in tensors):
+    if not all(host.tma_addressable(t) for t in tensors):
         return None
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, block_d]) for t in tensors)
 
@@ -701,7 +701,7 @@ def _launch_fwd(
     group = flags["GROUP"]
     block_q = cfg.block_m // group if pack_gqa else cfg.block_m
     num_heads = q.shape[-2]
-    grid = (triton.cdiv(rows.seqlen_q, block_q) * num_splits, num_heads // group if pack_gqa else num_heads, rows.batch)
+    grid = (host.cdiv(rows.seqlen_q, block_q) * num_splits, num_heads // group if pack_gqa else num_heads, rows.batch)
     s = _scalars(params, alibi)
     out_rows = out[0] if num_splits > 1 else out
     paged = rows.block_table is not None
@@ -733,7 +733,7 @@ def _launch_bwd(
     common = (rows.seqlen_q, rows.seqlen_k, *s["window"], params.scale, 0.5 * params.scale, 0.5 * params.const_bias)
 
     cfg = _config(BWD_DKDV_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
-    sigmoid_attn_bwd_kernel_dkdv[(triton.cdiv(rows.seqlen_k, cfg.block_n), num_kv_heads, rows.batch)](
+    sigmoid_attn_bwd_kernel_dkdv[(host.cdiv(rows.seqlen_k, cfg.block_n), num_kv_heads, rows.batch)](
         q, k, v, do, dk, dv, head_bias, alibi, *cu,
         *_strides(q, packed), *_strides(k, packed), *_strides(v, packed), *_strides(do, packed),
         *_strides(dk, packed), *_strides(dv, packed), s["alibi_stride"], *common,
@@ -741,7 +741,7 @@ def _launch_bwd(
     )  # fmt: skip
 
     cfg = _config(BWD_DQ_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
-    n_tiles = triton.cdiv(rows.seqlen_q, cfg.block_m)
+    n_tiles = host.cdiv(rows.seqlen_q, cfg.block_m)
     partial = None
     if head_bias is not None:  # zeros: tiles past a packed sequence's end write nothing
         partial = torch.zeros(rows.batch, num_heads, n_tiles, dtype=torch.float32, device=q.device)
@@ -849,13 +849,13 @@ def kvcache_plan(
     pack = group > 1 and group & (group - 1) == 0 and group <= base.block_m
     rows = seqlen_q * (group if pack else 1)
     block_m = min(base.block_m, max(16, triton.next_power_of_2(rows)))
-    tiles_q = triton.cdiv(seqlen_q, block_m // group if pack else block_m)
+    tiles_q = host.cdiv(seqlen_q, block_m // group if pack else block_m)
     programs = tiles_q * batch * (num_kv_heads if pack else num_heads)
     if not (INTERPRET or paged) and programs >= 2 * _sm_count(device) and block_d in KVCACHE_MANY_PROGRAMS_CONFIGS:
         base = KVCACHE_MANY_PROGRAMS_CONFIGS[block_d]
     cfg = TileConfig(block_m, base.block_n, base.num_warps, base.num_stages)
     want = max(1, _sm_count(device) // programs)
-    most = max(1, triton.cdiv(capacity, cfg.block_n) // 4)
+    most = max(1, host.cdiv(capacity, cfg.block_n) // 4)
     splits = min(want, most, 128)
     return cfg, pack, 1 << (splits.bit_length() - 1)
 
@@ -903,7 +903,7 @@ def flash_kvcache_fwd(
         return out.copy_(partial.sum(dim=0))
     splits_p2 = triton.next_power_of_2(splits)
     block = max(32, SUM_SPLITS_ELEMENTS // splits_p2)
-    sigmoid_attn_sum_splits_kernel[(triton.cdiv(out.numel(), block),)](
+    sigmoid_attn_sum_splits_kernel[(host.cdiv(out.numel(), block),)](
         partial, out, out.numel(), NUM_SPLITS=splits, SPLITS_P2=splits_p2, BLOCK=block
     )
     return out

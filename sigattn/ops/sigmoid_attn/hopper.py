@@ -30,7 +30,6 @@ import functools
 import math
 
 import torch
-import triton
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -41,7 +40,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from . import host
 
 # (Constexprs: the kernels read them as globals.)
 HEAD_DIM = gl.constexpr(128)
@@ -54,7 +54,6 @@ STAGES = gl.constexpr(4)
 # 64k; the loader gives back all but 24, which lifts each consumer thread to 240.
 MAX_REGISTERS = 168
 CONSUMER_REGISTERS, LOADER_REGISTERS = gl.constexpr(240), gl.constexpr(24)
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
 @gluon.jit
@@ -189,7 +188,8 @@ def _consumer(
     tma.store_wait(0)
 
 
-@gluon.jit
+# One compiled kernel per constexprs and dtypes (host.launch).
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag_offset"], do_not_specialize_on_alignment=["head_bias_ptr"])
 def sigmoid_attn_fwd_kernel_sm90(
     q_desc,
     k_desc,
@@ -244,26 +244,8 @@ def sigmoid_attn_fwd_kernel_sm90(
 
 
 @functools.lru_cache
-def _smem_layout(block: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    # Cached: building one costs about as much host time as the rest of the descriptor.
-    return gl.NVMMASharedLayout.get_default_for(list(block), {torch.float32: gl.float32, **_GL_DTYPES}[dtype])
-
-
-def descriptor(t: Tensor, rows: int, cols: int | None = None) -> TensorDescriptor:
-    """A TMA descriptor of a (B, S, H, D) tensor with blocks of ``rows`` positions of one head (and ``cols``
-    of its D columns; all by default)."""
-    block = (1, rows, 1, cols or t.shape[-1])
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), list(block), _smem_layout(block, t.dtype))
-
-
-@functools.lru_cache
 def is_sm90(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
-
-
-def tma_addressable(t: Tensor) -> bool:
-    """Whether TMA can address t: 16-byte aligned base and strides (but the last, which must be 1)."""
-    return t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
 
 
 def unsupported_common(
@@ -271,7 +253,7 @@ def unsupported_common(
 ) -> str | None:
     """What neither Hopper kernel runs: dtypes other than bf16 and fp16, ALiBi, masks other than full or
     causal, no keys, and ``tensors`` TMA cannot address."""
-    if q.dtype not in _GL_DTYPES:
+    if q.dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {q.dtype}, not bfloat16 or float16"
     if alibi is not None:
         return "ALiBi"
@@ -279,7 +261,7 @@ def unsupported_common(
         return f"window {window}: only full or causal"
     if k.shape[1] == 0:
         return "no keys"
-    if not all(t.stride(-1) == 1 and tma_addressable(t) for t in tensors):
+    if not all(host.tma_addressable(t) for t in tensors):
         return "a tensor TMA cannot address (last dim not contiguous, or base or strides not 16-byte aligned)"
     return None
 
@@ -310,11 +292,13 @@ def flash_fwd_sm90(
     batch, seqlen_q, num_heads, _ = q.shape
     seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
     bias = -math.log(seqlen_k) if default_bias else const_bias
-    grid = (triton.cdiv(seqlen_q, int(BLOCK_M)), num_heads, batch)
+    group = num_heads // num_kv_heads
     rows, block_n = int(BLOCK_M) // 2, int(BLOCK_N)
-    sigmoid_attn_fwd_kernel_sm90[grid](
-        descriptor(q, rows), descriptor(k, block_n), descriptor(v, block_n), descriptor(out, rows), head_bias,
-        seqlen_q, seqlen_k, 0 if top_left else seqlen_k - seqlen_q, 0.5 * scale, 0.5 * bias,
-        GROUP=num_heads // num_kv_heads, CAUSAL=causal, HEAD_BIAS=head_bias is not None,
-        num_warps=4, maxnreg=MAX_REGISTERS,
+    args = (
+        host.descriptor(q, rows), host.descriptor(k, block_n), host.descriptor(v, block_n),
+        host.descriptor(out, rows), head_bias, seqlen_q, seqlen_k, 0 if top_left else seqlen_k - seqlen_q,
+        0.5 * scale, 0.5 * bias, group, causal, head_bias is not None,
     )  # fmt: skip
+    key = (q.dtype, k.dtype, v.dtype, out.dtype, group, causal, None if head_bias is None else head_bias.dtype)
+    grid = (host.cdiv(seqlen_q, int(BLOCK_M)), num_heads, batch)
+    host.launch(sigmoid_attn_fwd_kernel_sm90, grid, args, key, num_warps=4, maxnreg=MAX_REGISTERS)

@@ -21,7 +21,8 @@ in proportion, at shorter ones). dQ = scale x the workspace, cast, once each chu
 
 It covers dense rows without ALiBi, sliding windows or a per-head bias (whose gradient, a sum of dS over
 each tile, spilled ~450 bytes of registers here); ``deterministic=True`` and every other call run on the
-Triton kernels (``unsupported`` says why).
+Triton kernels (``unsupported`` says why), as do calls of at most ``TRITON_UP_TO_QUERIES`` queries, which
+are faster there.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 from torch import Tensor
 from triton._C.libtriton import ir
 from triton.experimental import gluon
@@ -43,7 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from . import hopper
+from . import hopper, host
 
 KEYS = gl.constexpr(64)  # keys per consumer warpgroup: a program owns 2 * KEYS
 ROWS = gl.constexpr(64)  # query rows per tile
@@ -59,6 +59,12 @@ WORKSPACE_KEYS = 8192
 # A launch whose workspace fits in L2 (H100: 50 MB) can run causal key tiles heaviest first without
 # losing the Q, dO and dQ rows shared by a head's tiles; a larger one keeps those tiles side by side.
 L2_BYTES = 32 << 20
+# Up to these query lengths, per (head dim, causal), the Triton backward is faster: a program's fixed cost
+# (loading its 128 keys, storing their dK and dV) is shared by fewer query tiles. CUDA-graph replays on an
+# H100 (bf16; 16k tokens, and shakespeare-char's 64 x 256 tokens x 6 heads of 64): Triton ahead by 4-27%
+# at 128 and 256 queries and at 512 for D64 causal (11%), this kernel by 3-21% above
+# (benchmarks/results/backward_short_sequences_h100_2026-11-25.json).
+TRITON_UP_TO_QUERIES = {(64, True): 512, (64, False): 256, (128, True): 256, (128, False): 128}
 MAX_GRID_ROWS = 65535  # CUDA's limit on a grid's y and z extents: batch rows per launch, key tiles
 MAX_REGISTERS = hopper.MAX_REGISTERS
 CONSUMER_REGISTERS, LOADER_REGISTERS = hopper.CONSUMER_REGISTERS, hopper.LOADER_REGISTERS
@@ -188,7 +194,8 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
     tma.store_wait(0)
 
 
-@gluon.jit(do_not_specialize=["b0", "h0"])  # one compiled kernel for every chunk
+# One compiled kernel for every chunk, per constexprs and dtypes (host.launch).
+@gluon.jit(do_not_specialize=["b0", "h0", "seqlen_q", "diag_offset"])
 def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc,
                                  b0, h0, seqlen_q, diag_offset, scale, half_scale, half_bias,
                                  GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
@@ -256,20 +263,24 @@ def unsupported(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, grads: tuple[Tensor, Tensor, Tensor], window: tuple[int, int],
     alibi: Tensor | None, head_bias: Tensor | None, deterministic: bool,
 ) -> str | None:  # fmt: skip
-    """Why this kernel cannot run a dense backward with these arguments, or None if it can (on an sm_90
+    """Why this kernel does not run a dense backward with these arguments, or None if it does (on an sm_90
     GPU): head dim 64 or 128, bf16 or fp16, no ALiBi, no per-head bias, a full or causal mask, a
-    non-deterministic backward allowed, at least one query and key, and tensors TMA can address."""
+    non-deterministic backward allowed, at least one key, more queries than ``TRITON_UP_TO_QUERIES`` (shorter
+    calls are faster on the Triton kernels), and tensors TMA can address."""
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim {q.shape[-1]}, not one of {HEAD_DIMS}"
     if deterministic:
         return "deterministic: dQ is reduced by atomic additions"
     if head_bias is not None:
         return "per-head bias"
-    if triton.cdiv(k.shape[1], 2 * int(KEYS)) > MAX_GRID_ROWS:
+    if host.cdiv(k.shape[1], 2 * int(KEYS)) > MAX_GRID_ROWS:
         return f"{k.shape[1]} keys: more than {MAX_GRID_ROWS} tiles of {2 * int(KEYS)}"
     reason = hopper.unsupported_common(q, k, window, alibi, (q, k, v, do, *grads))
     if reason is None and q.shape[1] == 0:
         return "no queries"
+    shortest = TRITON_UP_TO_QUERIES[(q.shape[-1], window[1] == 0)]
+    if reason is None and q.shape[1] <= shortest:
+        return f"{q.shape[1]} queries: the Triton backward is faster up to {shortest}"
     return reason
 
 
@@ -307,21 +318,22 @@ def flash_bwd_sm90(
                             device=q.device)  # fmt: skip
     rows, keys = int(ROWS), int(KEYS)
     descriptors = (
-        hopper.descriptor(q, rows), hopper.descriptor(k, keys), hopper.descriptor(v, keys), hopper.descriptor(do, rows),
-        hopper.descriptor(workspace, rows, int(DQ_COLS)), hopper.descriptor(dk, keys), hopper.descriptor(dv, keys),
+        host.descriptor(q, rows), host.descriptor(k, keys), host.descriptor(v, keys), host.descriptor(do, rows),
+        host.descriptor(workspace, rows, int(DQ_COLS)), host.descriptor(dk, keys), host.descriptor(dv, keys),
     )  # fmt: skip
-    key_tiles = triton.cdiv(seqlen_k, 2 * keys)
+    key_tiles = host.cdiv(seqlen_k, 2 * keys)
     heavy_first = causal and workspace.numel() * 4 <= L2_BYTES
+    stages = STAGES[head_dim]
+    key = (head_dim, *(t.dtype for t in (q, k, v, do, dk, dv)), group, causal, stages, heavy_first)
+    diag_offset = 0 if top_left else seqlen_k - seqlen_q
     for b0 in range(0, batch, rows_per_launch):
         for h0 in range(0, num_kv_heads, kv_heads_per_launch):
             n_rows, n_kv_heads = min(rows_per_launch, batch - b0), min(kv_heads_per_launch, num_kv_heads - h0)
+            grid = (n_kv_heads, n_rows, key_tiles) if heavy_first else (key_tiles, n_kv_heads, n_rows)
+            args = (*descriptors, b0, h0, seqlen_q, diag_offset, scale, 0.5 * scale, 0.5 * bias,
+                    group, causal, stages, heavy_first)  # fmt: skip
             if b0 or h0:
                 workspace.zero_()
-            grid = (n_kv_heads, n_rows, key_tiles) if heavy_first else (key_tiles, n_kv_heads, n_rows)
-            sigmoid_attn_bwd_kernel_sm90[grid](
-                *descriptors, b0, h0, seqlen_q, 0 if top_left else seqlen_k - seqlen_q, scale, 0.5 * scale, 0.5 * bias,
-                GROUP=group, CAUSAL=causal, STAGES=STAGES[head_dim], HEAVY_FIRST=heavy_first, num_warps=4,
-                maxnreg=MAX_REGISTERS,
-            )  # fmt: skip
+            host.launch(sigmoid_attn_bwd_kernel_sm90, grid, args, key, num_warps=4, maxnreg=MAX_REGISTERS)
             heads = slice(h0 * group, (h0 + n_kv_heads) * group)
             torch.mul(workspace[:n_rows, :, : n_kv_heads * group], scale, out=dq[b0 : b0 + n_rows, :, heads])

@@ -1,0 +1,75 @@
+"""Launching the Gluon kernels with little host time.
+
+At 2k tokens (B=8, H=16, D=128, causal) the forward kernel runs for about 270 µs, and the H100 machine's
+host needed as long to call it: 269 µs for the public forward, 136 for the launcher alone
+(benchmarks/results/host_overhead_d128_h100_2026-11-25.json). Triton's JIT path binds and specialises every
+argument on each launch, and the descriptor class re-validates what ``hopper.unsupported_common`` has
+already checked. Here (128 and 54 µs since, ``..._direct_launch.json``):
+
+* ``descriptor`` builds a TMA descriptor without those checks;
+* ``launch`` compiles a kernel through the JIT once per key and launches the compiled kernel directly
+  afterwards. That is only sound for kernels that specialise on nothing but their constexprs and the
+  dtypes of their tensors: their integer arguments are ``do_not_specialize`` (the JIT would otherwise
+  compile a variant for values divisible by 16) and their pointer arguments
+  ``do_not_specialize_on_alignment``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+from triton import knobs
+from triton.compiler import CompiledKernel
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton.runtime import driver
+
+GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+
+_compiled: dict[tuple, CompiledKernel] = {}
+
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ of host integers (``triton.cdiv`` is a constexpr function: a few µs per call on the host)."""
+    return -(-a // b)
+
+
+def tma_addressable(t: Tensor) -> bool:
+    """Whether TMA can address a (B, S, H, D) tensor: 16-byte aligned base and strides, but the last, which
+    must be 1."""
+    b, s, h, d = t.stride()
+    # With a power-of-two element size, every stride is a multiple of 16 bytes iff their bitwise or is.
+    return d == 1 and t.data_ptr() % 16 == 0 and (b | s | h) * t.element_size() % 16 == 0
+
+
+@functools.lru_cache
+def _smem_layout(block: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    return gl.NVMMASharedLayout.get_default_for(list(block), GL_DTYPES[dtype])
+
+
+def descriptor(t: Tensor, rows: int, cols: int | None = None) -> TensorDescriptor:
+    """A TMA descriptor of a (B, S, H, D) tensor with blocks of ``rows`` positions of one head (and ``cols``
+    of its D columns; all by default). The caller has checked ``tma_addressable(t)``; the block shape is a
+    power of two per dimension."""
+    block = (1, rows, 1, cols or t.shape[-1])
+    # TensorDescriptor's constructor re-checks alignment and block shape: 5 µs of the H100 host per
+    # descriptor, up to seven per launch. Its fields are set directly instead.
+    desc = object.__new__(TensorDescriptor)
+    desc.base, desc.shape, desc.strides = t, list(t.shape), list(t.stride())
+    desc.block_shape, desc.layout, desc.padding = list(block), _smem_layout(block, t.dtype), "zero"
+    return desc
+
+
+def launch(kernel, grid: tuple[int, int, int], args: tuple, key: tuple, **options) -> None:
+    """``kernel[grid](*args, **options)``, where ``args`` lists every parameter in order (constexprs
+    included) and ``key`` determines the compiled kernel: its constexprs and its tensors' dtypes."""
+    device = driver.active.get_current_device()
+    compiled = _compiled.get((kernel, device, key))
+    if compiled is None or knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
+        # The JIT path: compiles on the first call, and runs the launch hooks profilers install.
+        _compiled[(kernel, device, key)] = kernel[grid](*args, **options)
+        return
+    stream = driver.active.get_current_stream(device)
+    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
