@@ -1,5 +1,6 @@
 """The kernels of this tree against those in another flash.py, on a GPU:
-python benchmarks/kernel_ab.py --baseline OLD_FLASH_PY [--modes fwd bwd] [--tune-json TUNE.json ...] --json PATH.
+python benchmarks/kernel_ab.py --baseline OLD_FLASH_PY [--modes fwd bwd] [--tune-json TUNE.json ...]
+[--head-dims 64 128] [--seqlens 1024 4096 16384] --json PATH.
 
 ``sigattn bench``'s shapes (16k tokens, hidden 2048, bf16), head dims 64 and 128, causal and full; medians of
 triton.testing.do_bench, the two versions interleaved three times, so that clock drift hits both. Each
@@ -29,6 +30,7 @@ def load_baseline(path: str):
     source = Path(path).read_text().replace('"sigattn::', '"sigattn_baseline::')
     spec = importlib.util.spec_from_loader("baseline_flash", loader=None)
     module = importlib.util.module_from_spec(spec)
+    module.__package__ = "sigattn.ops.sigmoid_attn"  # its relative imports: this tree's hopper, hopper_bwd, host
     module.__file__ = path  # triton's jit reads kernel source through inspect, which needs a file
     sys.modules["baseline_flash"] = module
     exec(compile(source, path, "exec"), module.__dict__)
@@ -40,6 +42,8 @@ def main() -> None:
     parser.add_argument("--baseline", required=True)
     parser.add_argument("--modes", nargs="+", choices=["fwd", "bwd"], default=["fwd"])
     parser.add_argument("--tune-json", nargs="*", default=[])
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--seqlens", nargs="+", type=int, default=[1024, 4096, 16384])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     kernels = {"baseline": load_baseline(args.baseline), "this": flash}
@@ -49,7 +53,8 @@ def main() -> None:
             kernel, dim, mask = key.split("-")
             getattr(flash, tables[kernel])[(int(dim[1:]), mask == "causal")] = flash.TileConfig(*row["config"])
     rows = []
-    for head_dim, causal, seqlen in [(d, c, s) for d in (64, 128) for c in (False, True) for s in (1024, 4096, 16384)]:
+    shapes = [(d, c, s) for d in args.head_dims for c in (False, True) for s in args.seqlens]
+    for head_dim, causal, seqlen in shapes:
         batch, heads = 16384 // seqlen, 2048 // head_dim
         q, k, v, do = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in "qkvo")
         pairs = seqlen * (seqlen + 1) / 2 if causal else seqlen * seqlen

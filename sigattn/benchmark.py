@@ -226,19 +226,24 @@ def make_inputs(layout: str, shape: Shape, device="cuda") -> list[Tensor]:
     return [torch.randn(dims, device=device, dtype=DTYPES[shape.dtype], requires_grad=True) for _ in range(3)]
 
 
+def timed_call(attn: Attn, inputs: list[Tensor], mode: str) -> Callable[[], object]:
+    """What one timing of ``mode`` runs: the forward, the backward of one saved forward, or both."""
+    q, k, v = inputs
+    dout = torch.randn_like(q)  # the output has the shape of q
+    if mode == "fwd":
+        return lambda: attn(q, k, v)
+    if mode == "bwd":
+        out = attn(q, k, v)
+        return lambda: out.backward(dout, retain_graph=True)
+    return lambda: attn(q, k, v).backward(dout)
+
+
 def measure_cuda(attn: Attn, layout: str, shape: Shape, mode: str, timing=TIMING) -> tuple[float, float]:
     """(median ms, peak MiB beyond what was allocated before) of one mode of ``attn`` on fresh inputs."""
     from triton.testing import do_bench
 
     q, k, v = inputs = make_inputs(layout, shape)
-    dout = torch.randn_like(q)  # the output has the shape of q
-    if mode == "fwd":
-        step = lambda: attn(q, k, v)
-    elif mode == "bwd":
-        out = attn(q, k, v)
-        step = lambda: out.backward(dout, retain_graph=True)
-    else:
-        step = lambda: attn(q, k, v).backward(dout)
+    step = timed_call(attn, inputs, mode)
     warmup, rep = timing
     ms = do_bench(step, warmup=warmup, rep=rep, grad_to_none=inputs, return_mode="median")
     for t in inputs:

@@ -164,14 +164,14 @@ def _half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI:
 @triton.jit
 def _allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Window mask of query i, key j (broadcastable as in _half_logits): i + off - left <= j <= i + off + right
-    (causal is right = 0)."""
+    (causal is right = 0), for callers with at least one bound; one comparison per bound."""
     diag = i + diag_offset
-    ok = j >= 0
-    if HAS_LEFT:
-        ok = ok & (j >= diag - window_left)
-    if HAS_RIGHT:
-        ok = ok & (j <= diag + window_right)
-    return ok
+    if HAS_LEFT and HAS_RIGHT:
+        return (j >= diag - window_left) & (j <= diag + window_right)
+    elif HAS_LEFT:
+        return j >= diag - window_left
+    else:
+        return j <= diag + window_right
 
 
 @triton.jit
@@ -339,9 +339,13 @@ def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn,
             v = _load_rows(V, v_rows, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
         s = _dot(q, tl.trans(k), None)  # [BM, BN]
         i, j = offs_m[:, None], offs_n[None, :]
-        p = _sigmoid_of_half(_half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI))
+        z = _half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI)
+        # The mask goes on z (sigmoid(-inf) = 0), not on P: a select on P is moved past P's conversion to
+        # 16 bits, where it costs byte permutes; on z it stays one FSEL per score (D64 causal on sm_90, with
+        # _allowed's single comparison: a masked tile's loop 377 -> 298 instructions per warp, 217 unmasked).
         if MASKED and (HAS_LEFT or HAS_RIGHT):
-            p = tl.where(_allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)
+            z = tl.where(_allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT), z, float("-inf"))
+        p = _sigmoid_of_half(z)
         acc = _dot(p.to(v.dtype), v, acc)  # [BM, BD]
     return acc
 
