@@ -1,10 +1,12 @@
-"""Sweep tile configs of the three kernels on a GPU: python benchmarks/tune_tiles.py --json PATH.
+"""Sweep tile configs of the three kernels on a GPU: python benchmarks/tune_tiles.py --json PATH
+[--kernels fwd dkdv dq] [--seqlens 4096 ...] [--head-dims 64 128] [--masks full causal].
 
-flash-attn's standard setup (16k tokens, hidden 2048, bf16) at one or more sequence lengths (--seqlens),
-head dims 64 and 128, causal and full. Each kernel's table entry is varied with the others fixed; medians
-from triton.testing.do_bench. The best config of a (kernel, head dim, mask) has the highest geometric mean
-of TFLOP/s over the sequence lengths. The winners go into the tables in sigattn/ops/sigmoid_attn/flash.py,
-citing the JSON this writes.
+flash-attn's standard setup (16k tokens, hidden 2048, bf16) at one or more sequence lengths. On sm_90 the
+dense forward at head dim 128 and the backward at 64 and 128 (beyond 128-512 queries, unless
+deterministic) run on the Gluon kernels, which these tables do not steer. Each kernel's table entry is
+varied with the others fixed; medians from triton.testing.do_bench. The best config of a (kernel, head
+dim, mask) has the highest geometric mean of TFLOP/s over the sequence lengths. The winners go into the
+tables in sigattn/ops/sigmoid_attn/flash.py, citing the JSON this writes.
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--seqlens", type=int, nargs="+", default=[4096])
     parser.add_argument("--kernels", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
+    parser.add_argument("--head-dims", type=int, nargs="+", choices=[64, 128], default=[64, 128])
+    parser.add_argument("--masks", nargs="+", choices=["full", "causal"], default=["full", "causal"])
     args = parser.parse_args()
     rows = []
-    settings = [(d, c, s) for d in (64, 128) for c in (False, True) for s in args.seqlens]
+    causals = [mask == "causal" for mask in args.masks]
+    settings = [(d, c, s) for d in args.head_dims for c in causals for s in args.seqlens]
     for head_dim, causal, seqlen in settings:
         batch, heads = 16384 // seqlen, 2048 // head_dim
         shape = (batch, seqlen, heads, head_dim)
