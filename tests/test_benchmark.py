@@ -71,6 +71,22 @@ def test_row_tflops_and_schema():
 # -------------------------------------------------------------------------------------------- options
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_timed_call_runs_what_its_mode_times(mode):
+    calls = []
+
+    def attn(q, k, v):
+        calls.append("forward")
+        return sigmoid_attn_reference(q, k, v)
+
+    inputs = bench.make_inputs("bshd", Shape(1, 2, 8, 4, False, "bf16"), device="cpu")
+    step = bench.timed_call(attn, inputs, mode)
+    built = len(calls)  # the backward mode runs its one forward while it is built, untimed
+    step()
+    assert (built, len(calls)) == {"fwd": (0, 1), "bwd": (1, 1), "fwd+bwd": (0, 1)}[mode]
+    assert all((t.grad is None) == (mode == "fwd") for t in inputs)
+
+
 def test_default_plan_is_the_full_sweep():
     plan = bench.make_plan(parse())
     assert plan.shapes == bench.sweep_shapes(
