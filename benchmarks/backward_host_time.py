@@ -4,12 +4,13 @@ python benchmarks/backward_host_time.py OUT.json"""
 
 # ruff: noqa: B023 (each timed closure runs within the loop iteration that made it)
 
-import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+from sigattn.benchmark import write_json
 from sigattn.check import versions
 from sigattn.ops.sigmoid_attn import flash, hopper_bwd
 
@@ -62,6 +63,4 @@ def main():
 
 
 if __name__ == "__main__":
-    out = {"meta": versions(" ".join(["python"] + sys.argv)), "rows": main()}
-    with open(sys.argv[1], "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(Path(sys.argv[1]), versions(" ".join(["python", *sys.argv])), main())

@@ -7,10 +7,12 @@ python benchmarks/backward_short_sequences.py OUT.json"""
 import itertools
 import json
 import sys
+from pathlib import Path
 
 import torch
 from host_overhead import graph_us  # benchmarks/ is on the path of a script run from it
 
+from sigattn.benchmark import write_json
 from sigattn.check import versions
 from sigattn.ops.sigmoid_attn import flash
 
@@ -35,6 +37,4 @@ def main() -> list[dict]:
 
 
 if __name__ == "__main__":
-    out = {"meta": versions(" ".join(["python"] + sys.argv)), "rows": main()}
-    with open(sys.argv[1], "w") as f:
-        json.dump(out, f, indent=1)
+    write_json(Path(sys.argv[1]), versions(" ".join(["python", *sys.argv])), main())
