@@ -14,6 +14,7 @@ The ranks sum their gradients in another order than one process does, so "the sa
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import traceback
@@ -113,7 +114,10 @@ def _worker(rank: int, world_size: int, text_file: str, root: str) -> None:
             errors[name] = "".join(traceback.format_exception_only(type(error), error)).strip()
         dist.barrier()
     (root / f"rank{rank}.json").write_text(json.dumps(errors))
-    dist.destroy_process_group()
+    # Leave without tearing gloo down: its teardown aborted a rank now and then ("terminate called without
+    # an active exception", 2 of 7 fresh-clone CI runs), after every job had finished and the rank's results
+    # were on disk, and the parent then failed the test on the exit signal.
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")
