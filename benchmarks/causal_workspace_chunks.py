@@ -2,17 +2,13 @@
 32 MiB (then heaviest key tiles first), in the public fwd, bwd and fwd+bwd against cuDNN.
 python benchmarks/causal_workspace_chunks.py OUT.json"""
 
-# ruff: noqa: B023 (each timed closure runs within the loop iteration that made it)
-
 import json
 import sys
+from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-import sigattn
+from sigattn import benchmark
 from sigattn.check import versions
 from sigattn.ops.sigmoid_attn import hopper_bwd
 
@@ -31,52 +27,31 @@ class workspace_keys:  # hopper_bwd.WORKSPACE_KEYS within a with block
 
 rows = []
 for D, S in ((128, 2048), (128, 4096), (128, 8192), (64, 4096), (64, 8192)):
-    B, H = 16384 // S, 2048 // D
-    flops = 4 * B * H * S * S * D / 2
-    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    do = torch.randn_like(q)
-    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
-    dot = do.transpose(1, 2)
-
-    def ours_fwd():
-        return sigattn.sigmoid_attn_func(q, k, v, causal=True)
-
-    o = ours_fwd()
-
-    def ours_bwd():
-        o.backward(do, retain_graph=True)
-
-    def ours_fb():
-        ours_fwd().backward(do)
-
-    def cud_fwd():
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
-
-    oc = cud_fwd()
-
-    def cud_bwd():
-        oc.backward(dot, retain_graph=True)
-
-    def cud_fb():
-        cud_fwd().backward(dot)
+    (shape,) = benchmark.sweep_shapes([D], [S], [True], "bf16")
+    B, H = shape.batch, shape.heads
+    calls = {}
+    for provider in ("sdpa-cudnn", "sigattn"):
+        inputs = benchmark.make_inputs(benchmark.PROVIDERS[provider].layout, shape)
+        attn = benchmark.PROVIDERS[provider].build(shape)
+        for mode in benchmark.MODES:
+            calls[provider, mode] = benchmark.timed_call(attn, inputs, mode), inputs
 
     row = dict(D=D, S=S, chunks_now=hopper_bwd._chunks(B, H, S * D * 4, S))
     for _ in range(2):  # interleaved twice
-        for name, fn, mult, pol in (
-            ("cudnn fwd", cud_fwd, 1, None),
-            ("cudnn bwd", cud_bwd, 2.5, None),
-            ("cudnn fwd+bwd", cud_fb, 3.5, None),
-            ("ours fwd", ours_fwd, 1, None),
-            ("ours bwd", ours_bwd, 2.5, 8192),
-            ("ours bwd chunks32", ours_bwd, 2.5, 1),
-            ("ours fwd+bwd", ours_fb, 3.5, 8192),
-            ("ours fwd+bwd chunks32", ours_fb, 3.5, 1),
+        for name, (provider, mode), keys in (
+            ("cudnn fwd", ("sdpa-cudnn", "fwd"), None),
+            ("cudnn bwd", ("sdpa-cudnn", "bwd"), None),
+            ("cudnn fwd+bwd", ("sdpa-cudnn", "fwd+bwd"), None),
+            ("ours fwd", ("sigattn", "fwd"), None),
+            ("ours bwd", ("sigattn", "bwd"), 8192),
+            ("ours bwd chunks32", ("sigattn", "bwd"), 1),
+            ("ours fwd+bwd", ("sigattn", "fwd+bwd"), 8192),
+            ("ours fwd+bwd chunks32", ("sigattn", "fwd+bwd"), 1),
         ):
-            with workspace_keys(pol if pol is not None else hopper_bwd.WORKSPACE_KEYS):
-                ms = do_bench(fn, warmup=200, rep=500, grad_to_none=[q, k, v, qt, kt, vt], return_mode="median")
-            row.setdefault(name, []).append(round(mult * flops / ms / 1e9, 1))
+            fn, inputs = calls[provider, mode]
+            with workspace_keys(keys if keys is not None else hopper_bwd.WORKSPACE_KEYS):
+                ms = do_bench(fn, warmup=200, rep=500, grad_to_none=inputs, return_mode="median")
+            row.setdefault(name, []).append(round(benchmark.attention_flops(shape, mode) / ms / 1e9, 1))
     print(json.dumps(row), flush=True)
     rows.append(row)
-with open(sys.argv[1], "w") as f:
-    json.dump({"meta": versions(" ".join(["python"] + sys.argv)), "rows": rows}, f, indent=1)
+benchmark.write_json(Path(sys.argv[1]), versions(" ".join(["python", *sys.argv])), rows)
