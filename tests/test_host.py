@@ -127,7 +127,9 @@ def test_forward_kernel_specialises_on_nothing_outside_its_key():
     descriptors = [host.descriptor(q, 64)] * 4
     aligned, unaligned = torch.empty(4), torch.empty(5)[1:]
     specs = [
-        specialization(hopper.sigmoid_attn_fwd_kernel_sm90, (*descriptors, bias, *ints, 0.1, -0.3, 2, True, True))
+        specialization(
+            hopper.sigmoid_attn_fwd_kernel_sm90, (*descriptors, bias, *ints, 0.1, -0.3, 2, True, True, 2, 4, 240)
+        )
         for bias, ints in ((aligned, (2048, 2048, 0)), (unaligned, (17, 1, 1)), (aligned, (1, 33, -16)))
     ]
     assert specs[0] == specs[1] == specs[2]
@@ -138,8 +140,12 @@ def test_backward_kernel_specialises_on_nothing_outside_its_key():
     workspace = torch.empty(2, 256, 4, 64, dtype=torch.float32)
     descriptors = [host.descriptor(t, 64)] * 4 + [host.descriptor(workspace, 64, 64)] + [host.descriptor(t, 64)] * 2
     kernel = hopper_bwd.sigmoid_attn_bwd_kernel_sm90
+    aligned, unaligned = torch.empty(4), torch.empty(5)[1:]
     specs = [
-        specialization(kernel, (*descriptors, *ints, 0.1, 0.05, -0.3, 1, True, 4, True))
-        for ints in ((0, 0, 2048, 0), (1, 16, 17, 1), (32, 1, 1, -15))
-    ]
+        specialization(kernel, (*descriptors, bias, dbias, *ints, 0.1, 0.05, -0.3, 1, True, 4, True, True))
+        for bias, dbias, ints in (
+            (aligned, aligned, (4, 0, 0, 2048, 0)), (unaligned, aligned, (3, 1, 16, 17, 1)),
+            (aligned, unaligned, (16, 32, 1, 1, -15)),
+        )
+    ]  # fmt: skip
     assert specs[0] == specs[1] == specs[2]

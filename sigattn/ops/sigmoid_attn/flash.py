@@ -16,8 +16,8 @@ split the keys across programs, whose fp32 partial outputs simply add (README.md
 The backward is two kernels, dK/dV (one program per key tile and kv head, looping over the query heads
 of its GQA group, so dK/dV are reduced over the group in registers) and dQ; neither uses atomics, so it is
 deterministic.
-On Hopper (sm_90) the dense forward at head dim 128 runs instead on a warp-specialised Gluon kernel
-(``hopper.py``), 13-23% faster than the Triton one there, and the dense backward at head dims 64 and 128
+On Hopper (sm_90) the dense forward at head dims 64 and 128 runs instead on a warp-specialised Gluon kernel
+(``hopper.py``), 13-23% faster than the Triton one at D128, and the dense backward at head dims 64 and 128
 on one (``hopper_bwd.py``) that adds dQ by TMA reductions, unless the call asks for determinism.
 """
 
@@ -924,11 +924,11 @@ def _backward_into(
             grad.zero_()
         return (*grads, torch.zeros_like(head_bias) if head_bias is not None else None)
     if not rows.varlen and backward_on_sm90(do, q, k, v, grads, params, head_bias, alibi):
-        hopper_bwd.flash_bwd_sm90(
+        dbias = hopper_bwd.flash_bwd_sm90(
             do, q, k, v, grads, scale=params.scale, const_bias=params.const_bias, default_bias=params.default_bias,
-            causal=params.window_right == 0, top_left=params.top_left,
+            causal=params.window_right == 0, top_left=params.top_left, head_bias=head_bias,
         )  # fmt: skip
-        return (*grads, None)
+        return (*grads, dbias)
     dbias = _launch_bwd(do, q, k, v, params, head_bias, alibi, rows, grads)
     return (*grads, dbias)
 

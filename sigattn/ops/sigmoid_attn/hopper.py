@@ -1,4 +1,4 @@
-"""The dense forward for Hopper (sm_90) at head dim 128, in Gluon, Triton's lower-level language.
+"""The dense forward for Hopper (sm_90) at head dims 64 and 128, in Gluon, Triton's lower-level language.
 
 Triton 3.6 warp-specialises only on Blackwell, and its scheduler leaves the tensor cores idle while a tile's
 sigmoid runs: the plain Triton forward stays at 72-76% of the matmul peak at D = 128. This kernel schedules
@@ -6,18 +6,18 @@ by hand, as FlashAttention-3 does:
 
 * one loader warp issues TMA copies of Q and of the K and V tiles into a ring of ``STAGES`` buffers,
   signalling each tile's arrival on an mbarrier; the consumers free a slot once its P V product is done;
-* two consumer warpgroups each own 64 of the tile's 128 query rows and run unsynchronised, so the warp
-  schedulers overlap one group's sigmoid with the other's matrix products;
+* two or three consumer warpgroups (``CONFIGS``) each own 64 query rows and run unsynchronised, so the
+  warp schedulers overlap one group's sigmoid with the others' matrix products; under a causal mask each
+  group stops at its own diagonal, and a group whose rows are all past Sq computes nothing;
 * within a group, the products of tile j (S = Q Kᵀ, then P V of tile j - 1) are issued asynchronously and
   only S is awaited: the sigmoid of tile j runs while P V of tile j - 1 is still on the tensor cores.
 
-On an H100 (bf16, 16k tokens, hidden 2048, seqlen 2k-16k) it runs 626-689 TFLOP/s full and 519-661 causal,
-against the Triton kernel's 552-558 and 451-540 and cuDNN's softmax 586-629 and 470-555, with outputs equal
-to the Triton kernel's bit for bit at those shapes (benchmarks/results/hopper_forward_h100_2026-11-25.json).
-At D = 64 the sigmoid's special-function ops take as many cycles as the products and the Triton kernel
-stays ahead (full: 479-502 against 413-453), so it keeps that head dim. An explicit ping-pong of the two
-groups (FlashAttention-3's) measured no better than leaving them to the schedulers, and 128-wide key tiles
-were slower (same file).
+On an H100 (bf16, 16k tokens, hidden 2048, seqlen 2k-16k) the two-group kernel ran 626-689 TFLOP/s at
+D = 128 full and 519-661 causal, against the Triton kernel's 552-558 and 451-540 and cuDNN's softmax
+586-629 and 470-555 (benchmarks/results/hopper_forward_h100_2026-11-25.json). At D = 64 a tile's tanh
+takes about as many cycles as its products and two groups stayed 10-17% behind the Triton kernel; three
+groups catch up from 2k tokens and pass it at long sequences (``CONFIGS``). An explicit ping-pong of the
+groups (FlashAttention-3's) measured no better than leaving them to the schedulers.
 
 It covers the forward of dense rows without ALiBi or sliding windows; every other call runs on the Triton
 kernels (``unsupported`` says why). Gluon does not run in the Triton interpreter: the CPU tests compile it
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -44,20 +45,44 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from . import host
 
 # (Constexprs: the kernels read them as globals.)
-HEAD_DIM = gl.constexpr(128)
-BLOCK_M = gl.constexpr(128)  # query rows per program: 64 per consumer warpgroup
-# 64-wide key tiles in a ring of 4: 626-689 TFLOP/s full against 611-672 with 3 stages and 512-562 with
-# 128-wide tiles, whose score tile leaves too few registers (hopper_forward_h100_2026-11-25.json).
-BLOCK_N = gl.constexpr(64)
-STAGES = gl.constexpr(4)
-# Registers: 12 warps (two consumer groups, the loader rounded up to a group) at 168 each fill the SM's
-# 64k; the loader gives back all but 24, which lifts each consumer thread to 240.
+ROWS = gl.constexpr(64)  # query rows per consumer warpgroup
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    consumers: int  # consumer warpgroups: a program owns 64 x consumers query rows
+    block_n: int  # keys per tile
+    stages: int  # K and V tiles in flight
+
+    @property
+    def registers(self) -> tuple[int, int]:
+        """(registers per thread at launch, per consumer thread): the consumer groups and the loader warp,
+        rounded up to a group, fill the SM's 64k registers at launch; the loader then gives back all but
+        LOADER_REGISTERS (two groups: 12 warps at 168, consumers up to 240; three: 16 at 128, up to 160)."""
+        return {2: (168, 240), 3: (128, 160)}[self.consumers]
+
+
+# Per (head dim, causal), from interleaved runs against the Triton forward on an H200 (bf16, 16k tokens,
+# hidden 2048; benchmarks/results/hopper_forward_*_h200_2026-12-03.json). Three consumer groups give the
+# warp schedulers a third group to overlap with the other two's products: D128 full +5-8% over two from 512
+# to 16k tokens; D64 on Triton's level from 2k (D64 full 16k 526 against 496 TFLOP/s, causal 520 against 484)
+# where two groups were 7-15% behind it. D128 causal keeps two: three were even at 2k-16k and behind at 1k.
+# On an H100 64-wide key tiles in a ring of 4 beat 3 stages (626-689 TFLOP/s against 611-672) and 128-wide
+# tiles (512-562; hopper_forward_h100_2026-11-25.json); at D64 128-wide tiles were 10-20% slower here too.
+CONFIGS = {
+    (128, False): ForwardConfig(3, 64, 4),
+    (128, True): ForwardConfig(2, 64, 4),
+    (64, False): ForwardConfig(3, 64, 4),
+    (64, True): ForwardConfig(3, 64, 4),
+}
+HEAD_DIMS = tuple(sorted({head_dim for head_dim, _ in CONFIGS}))
+# The backward's two consumer groups (hopper_bwd.py): ForwardConfig.registers of two groups.
 MAX_REGISTERS = 168
 CONSUMER_REGISTERS, LOADER_REGISTERS = gl.constexpr(240), gl.constexpr(24)
 
 
 @gluon.jit
-def _key_tiles(m0, seqlen_k, diag_offset, CAUSAL: gl.constexpr):
+def _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     """(key tiles to visit, tiles before the first one that needs the causal mask) for the query rows
     m0 .. m0 + BLOCK_M - 1. At least one tile, so rows with no allowed key still write their zeros."""
     if CAUSAL:
@@ -81,6 +106,7 @@ def _probabilities(
     s_layout: gl.constexpr,
     p_layout: gl.constexpr,
     ROWS: gl.constexpr,
+    BLOCK_N: gl.constexpr,
     CAUSAL: gl.constexpr,
     dtype: gl.constexpr,
 ):
@@ -100,12 +126,14 @@ def _probabilities(
 
 @gluon.jit
 def _loader(
-    q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, h_kv, m0, n_tiles
-):
-    """One warp: Q's two halves, then K and V tile by tile into the ring, each as soon as its slot is free."""
-    mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_ready, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [b, m0 + BLOCK_M // 2, h, 0], q_ready, q_smem.index(1))
+    q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, h_kv, m0, n_tiles,
+    CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr
+):  # fmt: skip
+    """One warp: each consumer's Q rows, then K and V tile by tile into the ring, each as soon as its slot
+    is free."""
+    mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
+    for w in gl.static_range(CONSUMERS):
+        tma.async_copy_global_to_shared(q_desc, [b, m0 + w * ROWS, h, 0], q_ready, q_smem.index(w))
     for j in range(n_tiles):
         slot = j % STAGES
         # A fresh mbarrier counts as having completed the phase before 0: the first round does not wait.
@@ -117,29 +145,14 @@ def _loader(
 
 
 @gluon.jit
-def _consumer(
-    o_desc,
-    q_smem,
-    k_bufs,
-    v_bufs,
-    q_ready,
-    k_ready,
-    v_ready,
-    slot_free,
-    b,
-    h,
-    m0,
-    n_tiles,
-    n_unmasked,
-    diag_offset,
-    half_scale,
-    half_bias,
-    HALF: gl.constexpr,
-    CAUSAL: gl.constexpr,
-):
-    """One warpgroup: query rows m0 + 64 HALF .. + 63 against every key tile; writes their output."""
-    ROWS: gl.constexpr = BLOCK_M // 2
-    dtype: gl.constexpr = q_smem.dtype
+def _attend(
+    o_desc, q_rows, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, seqlen_k, diag_offset,
+    half_scale, half_bias, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+    CAUSAL: gl.constexpr
+):  # fmt: skip
+    """Query rows m0 .. m0 + 63 against the key tiles they see: writes their output, releases those tiles
+    and returns how many there were."""
+    dtype: gl.constexpr = q_rows.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
     )
@@ -147,9 +160,8 @@ def _consumer(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
     )
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    m0 = m0 + HALF * ROWS
-    q_half = q_smem.index(HALF)
-    q = q_half.reshape([ROWS, HEAD_DIM])
+    n_mine, n_unmasked = _key_tiles(m0, seqlen_k, diag_offset, ROWS, BLOCK_N, CAUSAL)
+    q = q_rows.reshape([ROWS, HEAD_DIM])
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)  # [64, D]
 
@@ -159,9 +171,9 @@ def _consumer(
     s = warpgroup_mma(q, k, s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
     p = _probabilities(
-        s, 0, m0, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout, ROWS, CAUSAL, dtype
+        s, 0, m0, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout, ROWS, BLOCK_N, CAUSAL, dtype
     )
-    for j in range(1, n_tiles):
+    for j in range(1, n_mine):
         slot, prev = j % STAGES, (j - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
         mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
@@ -171,21 +183,45 @@ def _consumer(
         acc_token = warpgroup_mma(p, v, acc, is_async=True)  # tile j - 1's P V
         s = warpgroup_mma_wait(1, deps=(s_token,))  # S done, P V still running
         p_next = _probabilities(
-            s, j, m0, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout, ROWS, CAUSAL, dtype
+            s, j, m0, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout, ROWS, BLOCK_N, CAUSAL, dtype
         )
         acc, _ = warpgroup_mma_wait(0, deps=(acc_token, p))
         mbarrier.arrive(slot_free.index(prev), count=1)
         p = p_next
-    last = (n_tiles - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    last = (n_mine - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n_mine - 1) // STAGES) & 1)
     v = v_bufs.index(last).reshape([BLOCK_N, HEAD_DIM])
     acc_token = warpgroup_mma(p, v, acc, is_async=True)
     acc, _ = warpgroup_mma_wait(0, deps=(acc_token, p))
+    mbarrier.arrive(slot_free.index(last), count=1)
     # Q is read no more: its buffer stages the output (rows past Sq are clipped by the descriptor).
     q.store(acc.to(dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, m0, h, 0], q_half)
+    tma.async_copy_shared_to_global(o_desc, [b, m0, h, 0], q_rows)
     tma.store_wait(0)
+    return n_mine
+
+
+@gluon.jit
+def _consumer(
+    o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles, seqlen_q, seqlen_k,
+    diag_offset, half_scale, half_bias, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr
+):  # fmt: skip
+    """One warpgroup: query rows m0 + 64 W .. + 63. The program's loader streams ``n_tiles`` key tiles,
+    enough for its last rows; a group that needs fewer (its causal diagonal comes earlier, or its rows are
+    past Sq) releases the rest unread."""
+    m0 = m0 + W * ROWS
+    n_mine = 0
+    if m0 < seqlen_q:
+        n_mine = _attend(o_desc, q_smem.index(W), k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0,
+                         seqlen_k, diag_offset, half_scale, half_bias, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)  # fmt: skip
+    for j in range(n_mine, n_tiles):
+        # Released only once loaded: an earlier arrival would count towards the release of the tile the
+        # slot holds now, which other groups may still be reading.
+        slot = j % STAGES
+        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        mbarrier.arrive(slot_free.index(slot), count=1)
 
 
 # One compiled kernel per constexprs and dtypes (host.launch).
@@ -204,20 +240,26 @@ def sigmoid_attn_fwd_kernel_sm90(
     GROUP: gl.constexpr,
     CAUSAL: gl.constexpr,
     HEAD_BIAS: gl.constexpr,
+    CONSUMERS: gl.constexpr,
+    STAGES: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
 ):
-    """One program: 128 query rows of head h of batch row b. Descriptors are 4-d (B, S, H, D) with blocks
-    [1, rows, 1, D]: keys past Sk load as zeros, outputs past Sq are not written."""
+    """One program: 64 x CONSUMERS query rows of head h of batch row b. Descriptors are 4-d (B, S, H, D)
+    with blocks [1, rows, 1, D]: keys past Sk load as zeros, outputs past Sq are not written."""
     i_m = gl.program_id(0)
     if CAUSAL:  # the longest rows first, so the last wave is made of short ones
         i_m = gl.num_programs(0) - 1 - i_m
     h, b = gl.program_id(1), gl.program_id(2)
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+    BLOCK_M: gl.constexpr = ROWS * CONSUMERS
     m0 = i_m * BLOCK_M
     half_bias = half_scale_bias
     if HEAD_BIAS:
         half_bias = 0.5 * gl.load(head_bias_ptr + h).to(gl.float32)
-    n_tiles, n_unmasked = _key_tiles(m0, seqlen_k, diag_offset, CAUSAL)
+    n_tiles, _ = _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, CAUSAL)
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -228,18 +270,30 @@ def sigmoid_attn_fwd_kernel_sm90(
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(slot_free.index(i), count=2)  # both consumer groups release a slot
+        mbarrier.init(slot_free.index(i), count=CONSUMERS)  # every consumer group releases a slot
 
-    # HALF, the second to last argument of a consumer: which 64 of the rows its group owns.
+    # W, the fifth to last argument of a consumer: which 64 of the rows its group owns.
     # fmt: off
-    gl.warp_specialize([
-        (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
-                     n_unmasked, diag_offset, half_scale, half_bias, 0, CAUSAL)),
-        (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
-                     n_unmasked, diag_offset, half_scale, half_bias, 1, CAUSAL)),
-        (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
-                   h // GROUP, m0, n_tiles)),
-    ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
+    if CONSUMERS == 2:
+        gl.warp_specialize([
+            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
+                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
+                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
+                       h // GROUP, m0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, LOADER_REGISTERS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
+                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
+                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
+                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
+                       h // GROUP, m0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
+        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGISTERS])
     # fmt: on
 
 
@@ -270,10 +324,10 @@ def unsupported(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, window: tuple[int, int], alibi: Tensor | None
 ) -> str | None:
     """Why this kernel cannot run a dense forward with these arguments, or None if it can (on an sm_90 GPU):
-    it needs head dim 128, bf16 or fp16, no ALiBi, a full or causal mask (window (-1, -1) or (-1, 0)), at
+    it needs head dim 64 or 128, bf16 or fp16, no ALiBi, a full or causal mask (window (-1, -1) or (-1, 0)), at
     least one key, and tensors TMA can address (contiguous last dim, 16-byte aligned base and strides)."""
-    if q.shape[-1] != int(HEAD_DIM):
-        return f"head dim {q.shape[-1]}, not {int(HEAD_DIM)}"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head dim {q.shape[-1]}, not one of {HEAD_DIMS}"
     return unsupported_common(q, k, window, alibi, (q, k, v, out))
 
 
@@ -293,12 +347,16 @@ def flash_fwd_sm90(
     seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
     bias = -math.log(seqlen_k) if default_bias else const_bias
     group = num_heads // num_kv_heads
-    rows, block_n = int(BLOCK_M) // 2, int(BLOCK_N)
+    config = CONFIGS[(q.shape[-1], causal)]
+    rows = int(ROWS)
+    max_registers, consumer_registers = config.registers
     args = (
-        host.descriptor(q, rows), host.descriptor(k, block_n), host.descriptor(v, block_n),
+        host.descriptor(q, rows), host.descriptor(k, config.block_n), host.descriptor(v, config.block_n),
         host.descriptor(out, rows), head_bias, seqlen_q, seqlen_k, 0 if top_left else seqlen_k - seqlen_q,
-        0.5 * scale, 0.5 * bias, group, causal, head_bias is not None,
+        0.5 * scale, 0.5 * bias, group, causal, head_bias is not None, config.consumers, config.stages,
+        consumer_registers,
     )  # fmt: skip
-    key = (q.dtype, k.dtype, v.dtype, out.dtype, group, causal, None if head_bias is None else head_bias.dtype)
-    grid = (host.cdiv(seqlen_q, int(BLOCK_M)), num_heads, batch)
-    host.launch(sigmoid_attn_fwd_kernel_sm90, grid, args, key, num_warps=4, maxnreg=MAX_REGISTERS)
+    key = (q.shape[-1], config, q.dtype, k.dtype, v.dtype, out.dtype, group, causal,
+           None if head_bias is None else head_bias.dtype)  # fmt: skip
+    grid = (host.cdiv(seqlen_q, rows * config.consumers), num_heads, batch)
+    host.launch(sigmoid_attn_fwd_kernel_sm90, grid, args, key, num_warps=4, maxnreg=max_registers)

@@ -19,10 +19,15 @@ The workspace is (B, Sq, Hq, D) fp32 within a budget (``_chunks``): longer calls
 or kv heads, so the backward holds at most 32 MiB beyond its inputs and gradients from 8k keys on (more,
 in proportion, at shorter ones). dQ = scale x the workspace, cast, once each chunk is done.
 
-It covers dense rows without ALiBi, sliding windows or a per-head bias (whose gradient, a sum of dS over
-each tile, spilled ~450 bytes of registers here); ``deterministic=True`` and every other call run on the
-Triton kernels (``unsupported`` says why), as do calls of at most ``TRITON_UP_TO_QUERIES`` queries, which
-are faster there.
+A per-head bias gets its gradient from the same products: the group whose turn it is at dQ also multiplies
+the tile's dS by a block of ones (an 8-column product) and accumulates the sums per head. At D128 that
+costs ~550 bytes of register spills and the kernel runs 0.89-0.99x the Triton backward with a per-head bias
+(H200), so there the Triton kernels keep it; at D64 it is 1.01-1.16x faster than them
+(benchmarks/results/hopper_backward_headbias_h200_2026-12-03.json).
+
+It covers dense rows without ALiBi or sliding windows; ``deterministic=True`` and every other call run on
+the Triton kernels (``unsupported`` says why), as do calls of at most ``TRITON_UP_TO_QUERIES`` queries,
+which are faster there.
 """
 
 from __future__ import annotations
@@ -48,9 +53,11 @@ from . import hopper, host
 KEYS = gl.constexpr(64)  # keys per consumer warpgroup: a program owns 2 * KEYS
 ROWS = gl.constexpr(64)  # query rows per tile
 DQ_COLS = gl.constexpr(64)  # dQ is computed and reduced in column blocks of this width
+ONES = gl.constexpr(8)  # columns of the block of ones that sums dS (the narrowest wgmma)
 # Q and dO ring depth per head dim: shared memory at D = 128 holds two stages (225 KiB of 227 in all).
 STAGES = {64: 4, 128: 2}
 HEAD_DIMS = tuple(STAGES)
+HEAD_BIAS_HEAD_DIMS = (64,)  # with a per-head bias (module docstring)
 # The fp32 dQ workspace of one launch: at most WORKSPACE_BYTES, times 8192 / Sk for shorter keys. Longer
 # calls run in chunks; a chunk of 32 MiB is ~1.3 ms of work at 8k keys but 0.1 ms at 512, less than the host
 # needs to launch it (~0.1 ms with its descriptors, zeroing and conversion).
@@ -79,6 +86,13 @@ def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 
 # fmt: off
+@gluon.jit
+def _add(a, b):
+    # gl.sum's combine function is a triton.jit one, which the CPU tests' TRITON_INTERPRET=1 turns into an
+    # interpreted function that Gluon cannot call.
+    return a + b
+
+
 @gluon.jit
 def _program(HEAVY_FIRST: gl.constexpr):
     """(batch row, kv head) in the launch's chunk and key tile of this program. By default a head's key
@@ -109,15 +123,15 @@ def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv
 
 
 @gluon.jit
-def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem,
-              kv_ready, q_ready, slot_free, ds_ready, ds_free, done,
+def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, ones_smem,
+              kv_ready, q_ready, slot_free, ds_ready, ds_free, done, head_bias_ptr, dbias_ptr, num_heads,
               b0, h0, n0, q_lo, n_q, n_iter, mask_end, diag_offset, scale, half_scale, half_bias,
               W: gl.constexpr, GROUP: gl.constexpr, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, HEAVY_FIRST: gl.constexpr):
-    """One warpgroup: keys n0 + 64 W .. + 63 against every query tile; its dK and dV rows, and the dQ of
-    every other tile."""
+              STAGES: gl.constexpr, HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr):
+    """One warpgroup: keys n0 + 64 W .. + 63 against every query tile; its dK and dV rows, the dQ of
+    every other tile, and with HEAD_BIAS its sum of dS per head into dbias_ptr[b, h, key tile, W]."""
     dtype: gl.constexpr = q_bufs.dtype
-    b_ws, h_ws, _key_tile = _program(HEAVY_FIRST)  # (read again: fewer live registers than passing them)
+    b_ws, h_ws, key_tile = _program(HEAVY_FIRST)  # (read again: fewer live registers than passing them)
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, ROWS, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -131,12 +145,25 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
     dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)
     dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, kv_layout)
     key = n0 + W * KEYS + gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout))
+    # With HEAD_BIAS, the tensor cores sum dS: the tiles this group computes dQ for, times a block of ones.
+    # 4 registers, where summing each score tile in registers spilled ~450 bytes at D128.
+    sum_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, ONES, 16])
+    sum_zero = gl.zeros([ROWS, ONES], gl.float32, sum_layout)
+    dsum = sum_zero
+    if HEAD_BIAS:
+        ones = ones_smem.index(W)
+        ones.store(gl.full([KEYS, ONES], 1.0, dtype, gl.BlockedLayout([1, 1], [32, 1], [4, 1], [1, 0])))
+        fence_async_shared()
     k = k_smem.index(W).reshape([KEYS, HEAD_DIM])
     v = v_smem.index(W).reshape([KEYS, HEAD_DIM])
     mbarrier.wait(kv_ready, 0)
     for t in range(n_iter):
         slot = t % STAGES
         m0 = (q_lo + t % n_q) * ROWS
+        if HEAD_BIAS:
+            h = (h0 + h_ws) * GROUP + t // n_q
+            half_bias = 0.5 * gl.load(head_bias_ptr + h).to(gl.float32)
         mbarrier.wait(q_ready.index(slot), (t // STAGES) & 1)
         q = q_bufs.index(slot).reshape([ROWS, HEAD_DIM])
         do = do_bufs.index(slot).reshape([ROWS, HEAD_DIM])
@@ -153,7 +180,8 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
         pt = gl.convert_layout((0.5 * th + 0.5).to(dtype), a_layout)
         dv = warpgroup_mma(pt, do, dv, is_async=True)
         dpt = warpgroup_mma_wait(1, deps=(dpt,))
-        dst = (dpt * (0.25 - 0.25 * th * th)).to(dtype)
+        dst = dpt * (0.25 - 0.25 * th * th)
+        dst = dst.to(dtype)
         # dSᵀ halves are double-buffered: a half waits for the dQ of the tile two back to have read it.
         ds_slot = t % 2
         mbarrier.wait(ds_free.index(ds_slot), ((t // 2) & 1) ^ 1)
@@ -175,11 +203,21 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
                 dq = warpgroup_mma(ds_smem.index(2 * ds_slot + 1).permute((1, 0)), k1, dq, is_async=True)
                 dq = warpgroup_mma_wait(0, deps=(dq,))
                 dq_smem.index(DQ_BLOCKS * W + c).reshape([ROWS, DQ_COLS]).store(dq)
+            if HEAD_BIAS:
+                dsum = warpgroup_mma(ds_smem.index(2 * ds_slot).permute((1, 0)), ones, dsum, is_async=True)
+                dsum = warpgroup_mma(ds_smem.index(2 * ds_slot + 1).permute((1, 0)), ones, dsum, is_async=True)
+                dsum = warpgroup_mma_wait(0, deps=(dsum,))
             mbarrier.arrive(ds_free.index(ds_slot), count=1)
             fence_async_shared()
             for c in gl.static_range(DQ_BLOCKS):
                 _tma_reduce_add(dq_desc, [b_ws, m0, h_ws * GROUP + t // n_q, c * DQ_COLS],
                                 dq_smem.index(DQ_BLOCKS * W + c))
+        if HEAD_BIAS:  # noqa: SIM102
+            if t % n_q == n_q - 1:  # the head's last query tile: this group's sum (of every column: / ONES)
+                n_key_tiles = gl.num_programs(2) if HEAVY_FIRST else gl.num_programs(0)
+                partial = ((b0 + b_ws) * num_heads + h) * n_key_tiles + key_tile
+                gl.store(dbias_ptr + partial * 2 + W, gl.reduce(gl.reduce(dsum, 1, _add), 0, _add) / ONES)
+                dsum = sum_zero
     tma.store_wait(0)
     # Once both groups are past every tile the Q and dO ring is free: it stages dK and dV for TMA stores,
     # which clip the rows past Sk.
@@ -195,15 +233,17 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
 
 
 # One compiled kernel for every chunk, per constexprs and dtypes (host.launch).
-@gluon.jit(do_not_specialize=["b0", "h0", "seqlen_q", "diag_offset"])
-def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc,
-                                 b0, h0, seqlen_q, diag_offset, scale, half_scale, half_bias,
+@gluon.jit(do_not_specialize=["num_heads", "b0", "h0", "seqlen_q", "diag_offset"],
+           do_not_specialize_on_alignment=["head_bias_ptr", "dbias_ptr"])
+def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, head_bias_ptr, dbias_ptr,
+                                 num_heads, b0, h0, seqlen_q, diag_offset, scale, half_scale, half_bias,
                                  GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                                 HEAVY_FIRST: gl.constexpr):
+                                 HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr):
     """One program: keys i_n * 128 .. + 127 of kv head h_kv of batch row b. Descriptors are 4-d
     (B, S, H, D) with blocks [1, 64, 1, D] ([1, 64, 1, 64] for the fp32 dQ workspace): keys past Sk and
     queries past Sq load as zeros, and so add nothing. A launch covers batch rows b0 + and kv heads h0 + its
-    grid; the workspace holds only theirs."""
+    grid; the workspace holds only theirs. With HEAD_BIAS, head h's bias is head_bias_ptr[h] and dbias_ptr
+    receives each consumer's sum of dS: (B, num_heads, key tiles, 2) fp32 values."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     b_ws, h_ws, i_n = _program(HEAVY_FIRST)
     b, h_kv = b0 + b_ws, h0 + h_ws
@@ -226,6 +266,8 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
     ds_smem = gl.allocate_shared_memory(q_desc.dtype, [4, KEYS, ROWS], ds_layout)  # [tile parity, group]
     dq_smem = gl.allocate_shared_memory(dq_desc.dtype, [2 * (HEAD_DIM // DQ_COLS)] + dq_desc.block_type.shape,
                                         dq_desc.layout)
+    ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS, ONES], q_desc.dtype)
+    ones_smem = gl.allocate_shared_memory(q_desc.dtype, [2, KEYS, ONES], ones_layout)  # one per consumer
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -241,18 +283,18 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
         mbarrier.init(ds_ready.index(i), count=2)  # both halves written
         mbarrier.init(ds_free.index(i), count=1)  # read by the group whose turn it was
 
-    # W, the sixth to last argument of a consumer: which 64 of the keys its group owns.
+    # W, the seventh to last argument of a consumer: which 64 of the keys its group owns.
     gl.warp_specialize([
-        (_consumer, (dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem,
+        (_consumer, (dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, ones_smem,
                      kv_ready, q_ready, slot_free, ds_ready, ds_free, done,
-                     b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, diag_offset, scale,
-                     half_scale, half_bias,
-                     0, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST)),
-        (_consumer, (dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem,
+                     head_bias_ptr, dbias_ptr, num_heads, b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, diag_offset,
+                     scale, half_scale, half_bias,
+                     0, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS)),
+        (_consumer, (dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, ones_smem,
                      kv_ready, q_ready, slot_free, ds_ready, ds_free, done,
-                     b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, diag_offset, scale,
-                     half_scale, half_bias,
-                     1, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST)),
+                     head_bias_ptr, dbias_ptr, num_heads, b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, diag_offset,
+                     scale, half_scale, half_bias,
+                     1, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS)),
         (_loader, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free,
                    b, h_kv, n0, q_lo, n_q, n_q * GROUP, GROUP, STAGES)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
@@ -264,15 +306,15 @@ def unsupported(
     alibi: Tensor | None, head_bias: Tensor | None, deterministic: bool,
 ) -> str | None:  # fmt: skip
     """Why this kernel does not run a dense backward with these arguments, or None if it does (on an sm_90
-    GPU): head dim 64 or 128, bf16 or fp16, no ALiBi, no per-head bias, a full or causal mask, a
+    GPU): head dim 64 or 128 (64 with a per-head bias), bf16 or fp16, no ALiBi, a full or causal mask, a
     non-deterministic backward allowed, at least one key, more queries than ``TRITON_UP_TO_QUERIES`` (shorter
     calls are faster on the Triton kernels), and tensors TMA can address."""
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim {q.shape[-1]}, not one of {HEAD_DIMS}"
     if deterministic:
         return "deterministic: dQ is reduced by atomic additions"
-    if head_bias is not None:
-        return "per-head bias"
+    if head_bias is not None and q.shape[-1] not in HEAD_BIAS_HEAD_DIMS:
+        return f"per-head bias at head dim {q.shape[-1]}: the Triton backward is faster"
     if host.cdiv(k.shape[1], 2 * int(KEYS)) > MAX_GRID_ROWS:
         return f"{k.shape[1]} keys: more than {MAX_GRID_ROWS} tiles of {2 * int(KEYS)}"
     reason = hopper.unsupported_common(q, k, window, alibi, (q, k, v, do, *grads))
@@ -305,9 +347,10 @@ def _chunks(batch: int, num_kv_heads: int, per_kv_head: int, seqlen_k: int) -> t
 
 def flash_bwd_sm90(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, grads: tuple[Tensor, Tensor, Tensor], *, scale: float,
-    const_bias: float, default_bias: bool, causal: bool, top_left: bool,
-) -> None:  # fmt: skip
-    """Writes (dq, dk, dv) of ``hopper.flash_fwd_sm90``'s attention into ``grads``."""
+    const_bias: float, default_bias: bool, causal: bool, top_left: bool, head_bias: Tensor | None,
+) -> Tensor | None:  # fmt: skip
+    """Writes (dq, dk, dv) of ``hopper.flash_fwd_sm90``'s attention into ``grads``; returns the gradient of
+    ``head_bias`` (None without one)."""
     dq, dk, dv = grads
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
@@ -322,18 +365,22 @@ def flash_bwd_sm90(
         host.descriptor(workspace, rows, int(DQ_COLS)), host.descriptor(dk, keys), host.descriptor(dv, keys),
     )  # fmt: skip
     key_tiles = host.cdiv(seqlen_k, 2 * keys)
+    # Every (row, head, key tile, consumer) sum is written: no zeroing needed.
+    dbias = None if head_bias is None else torch.empty(batch, num_heads, key_tiles, 2, device=q.device)
     heavy_first = causal and workspace.numel() * 4 <= L2_BYTES
     stages = STAGES[head_dim]
-    key = (head_dim, *(t.dtype for t in (q, k, v, do, dk, dv)), group, causal, stages, heavy_first)
+    key = (head_dim, *(t.dtype for t in (q, k, v, do, dk, dv)), group, causal, stages, heavy_first,
+           None if head_bias is None else head_bias.dtype)  # fmt: skip
     diag_offset = 0 if top_left else seqlen_k - seqlen_q
     for b0 in range(0, batch, rows_per_launch):
         for h0 in range(0, num_kv_heads, kv_heads_per_launch):
             n_rows, n_kv_heads = min(rows_per_launch, batch - b0), min(kv_heads_per_launch, num_kv_heads - h0)
             grid = (n_kv_heads, n_rows, key_tiles) if heavy_first else (key_tiles, n_kv_heads, n_rows)
-            args = (*descriptors, b0, h0, seqlen_q, diag_offset, scale, 0.5 * scale, 0.5 * bias,
-                    group, causal, stages, heavy_first)  # fmt: skip
+            args = (*descriptors, head_bias, dbias, num_heads, b0, h0, seqlen_q, diag_offset, scale, 0.5 * scale,
+                    0.5 * bias, group, causal, stages, heavy_first, head_bias is not None)  # fmt: skip
             if b0 or h0:
                 workspace.zero_()
             host.launch(sigmoid_attn_bwd_kernel_sm90, grid, args, key, num_warps=4, maxnreg=MAX_REGISTERS)
             heads = slice(h0 * group, (h0 + n_kv_heads) * group)
             torch.mul(workspace[:n_rows, :, : n_kv_heads * group], scale, out=dq[b0 : b0 + n_rows, :, heads])
+    return None if dbias is None else dbias.sum(dim=(0, 2, 3)).to(head_bias.dtype)
