@@ -46,6 +46,10 @@ from . import host
 
 # (Constexprs: the kernels read them as globals.)
 ROWS = gl.constexpr(64)  # query rows per consumer warpgroup
+# Two consumer groups, as the backward (hopper_bwd.py) always has: 12 warps at 168 registers fill the SM's
+# 64k at launch; the loader gives back all but 24, which lifts each consumer thread to 240.
+MAX_REGISTERS = 168
+CONSUMER_REGISTERS, LOADER_REGISTERS = gl.constexpr(240), gl.constexpr(24)
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,8 @@ class ForwardConfig:
     def registers(self) -> tuple[int, int]:
         """(registers per thread at launch, per consumer thread): the consumer groups and the loader warp,
         rounded up to a group, fill the SM's 64k registers at launch; the loader then gives back all but
-        LOADER_REGISTERS (two groups: 12 warps at 168, consumers up to 240; three: 16 at 128, up to 160)."""
-        return {2: (168, 240), 3: (128, 160)}[self.consumers]
+        LOADER_REGISTERS (three groups: 16 warps at 128, consumers up to 160)."""
+        return {2: (MAX_REGISTERS, int(CONSUMER_REGISTERS)), 3: (128, 160)}[self.consumers]
 
 
 # Per (head dim, causal), from interleaved runs against the Triton forward on an H200 (bf16, 16k tokens,
@@ -76,9 +80,6 @@ CONFIGS = {
     (64, True): ForwardConfig(3, 64, 4),
 }
 HEAD_DIMS = tuple(sorted({head_dim for head_dim, _ in CONFIGS}))
-# The backward's two consumer groups (hopper_bwd.py): ForwardConfig.registers of two groups.
-MAX_REGISTERS = 168
-CONSUMER_REGISTERS, LOADER_REGISTERS = gl.constexpr(240), gl.constexpr(24)
 
 
 @gluon.jit
@@ -203,14 +204,13 @@ def _attend(
 
 
 @gluon.jit
-def _consumer(
-    o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles, seqlen_q, seqlen_k,
-    diag_offset, half_scale, half_bias, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CAUSAL: gl.constexpr
-):  # fmt: skip
+def _consumer(shared, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+              CAUSAL: gl.constexpr):  # fmt: skip
     """One warpgroup: query rows m0 + 64 W .. + 63. The program's loader streams ``n_tiles`` key tiles,
     enough for its last rows; a group that needs fewer (its causal diagonal comes earlier, or its rows are
-    past Sq) releases the rest unread."""
+    past Sq) releases the rest unread. ``shared``: the arguments every group gets (the kernel's tuple)."""
+    (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles, seqlen_q, seqlen_k,
+     diag_offset, half_scale, half_bias) = shared  # fmt: skip
     m0 = m0 + W * ROWS
     n_mine = 0
     if m0 < seqlen_q:
@@ -272,25 +272,22 @@ def sigmoid_attn_fwd_kernel_sm90(
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(slot_free.index(i), count=CONSUMERS)  # every consumer group releases a slot
 
-    # W, the fifth to last argument of a consumer: which 64 of the rows its group owns.
+    shared = (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles, seqlen_q,
+              seqlen_k, diag_offset, half_scale, half_bias)  # fmt: skip
+    # The second number of a consumer's arguments: which 64 of the program's rows its group owns.
     # fmt: off
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
-                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
-                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
                        h // GROUP, m0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
-                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
-                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-            (_consumer, (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles,
-                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
                        h // GROUP, m0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGISTERS])
