@@ -6,7 +6,7 @@ by hand, as FlashAttention-3 does:
 
 * one loader warp issues TMA copies of Q and of the K and V tiles into a ring of ``STAGES`` buffers,
   signalling each tile's arrival on an mbarrier; the consumers free a slot once its P V product is done;
-* two or three consumer warpgroups (``CONFIGS``) each own 64 query rows and run unsynchronised, so the
+* two to four consumer warpgroups (``CONFIGS``) each own 64 query rows and run unsynchronised, so the
   warp schedulers overlap one group's sigmoid with the others' matrix products; under a causal mask each
   group stops at its own diagonal, and a group whose rows are all past Sq computes nothing;
 * within a group, the products of tile j (S = Q Kᵀ, then P V of tile j - 1) are issued asynchronously and
@@ -15,9 +15,9 @@ by hand, as FlashAttention-3 does:
 On an H100 (bf16, 16k tokens, hidden 2048, seqlen 2k-16k) the two-group kernel ran 626-689 TFLOP/s at
 D = 128 full and 519-661 causal, against the Triton kernel's 552-558 and 451-540 and cuDNN's softmax
 586-629 and 470-555 (benchmarks/results/hopper_forward_h100_2026-11-25.json). At D = 64 a tile's tanh
-takes about as many cycles as its products and two groups stayed 10-17% behind the Triton kernel; three
-groups catch up from 2k tokens and pass it at long sequences (``CONFIGS``). An explicit ping-pong of the
-groups (FlashAttention-3's) measured no better than leaving them to the schedulers.
+takes about as many cycles as its products: two groups stayed 10-17% behind the Triton kernel, three
+caught up with it, four run 6-15% ahead (``CONFIGS``). An explicit ping-pong of the groups
+(FlashAttention-3's) measured no better than leaving them to the schedulers.
 
 It covers the forward of dense rows without ALiBi or sliding windows; every other call runs on the Triton
 kernels (``unsupported`` says why). Gluon does not run in the Triton interpreter: the CPU tests compile it
@@ -62,22 +62,25 @@ class ForwardConfig:
     def registers(self) -> tuple[int, int]:
         """(registers per thread at launch, per consumer thread): the consumer groups and the loader warp,
         rounded up to a group, fill the SM's 64k registers at launch; the loader then gives back all but
-        LOADER_REGISTERS (three groups: 16 warps at 128, consumers up to 160)."""
-        return {2: (MAX_REGISTERS, int(CONSUMER_REGISTERS)), 3: (128, 160)}[self.consumers]
+        LOADER_REGISTERS (three groups: 16 warps at 128, consumers up to 160; four: 20 warps at 96, consumers
+        up to 112, enough for D = 64 without spills)."""
+        return {2: (MAX_REGISTERS, int(CONSUMER_REGISTERS)), 3: (128, 160), 4: (96, 112)}[self.consumers]
 
 
 # Per (head dim, causal), from interleaved runs against the Triton forward on an H200 (bf16, 16k tokens,
-# hidden 2048; benchmarks/results/hopper_forward_*_h200_2026-12-03.json). Three consumer groups give the
-# warp schedulers a third group to overlap with the other two's products: D128 full +5-8% over two from 512
-# to 16k tokens; D64 on Triton's level from 2k (D64 full 16k 526 against 496 TFLOP/s, causal 520 against 484)
-# where two groups were 7-15% behind it. D128 causal keeps two: three were even at 2k-16k and behind at 1k.
+# hidden 2048; benchmarks/results/hopper_forward_*_h200_2026-12-03.json). More consumer groups give the warp
+# schedulers more groups to overlap with the others' products. D128 full: three groups 5-8% ahead of two from
+# 512 to 16k tokens. D128 causal keeps two (three were even at 2k-16k and behind at 1k). Four spill at D128
+# (584 bytes: its accumulators do not fit in 112 registers). D64: two groups were 7-15% behind Triton, three
+# on its level, four 3-14% ahead of three at 1k-16k (full 4k 548 against 498 and Triton's 485 TFLOP/s,
+# causal 4k 486 against 458 and 436; ..._consumers4_d64_...).
 # On an H100 64-wide key tiles in a ring of 4 beat 3 stages (626-689 TFLOP/s against 611-672) and 128-wide
 # tiles (512-562; hopper_forward_h100_2026-11-25.json); at D64 128-wide tiles were 10-20% slower here too.
 CONFIGS = {
     (128, False): ForwardConfig(3, 64, 4),
     (128, True): ForwardConfig(2, 64, 4),
-    (64, False): ForwardConfig(3, 64, 4),
-    (64, True): ForwardConfig(3, 64, 4),
+    (64, False): ForwardConfig(4, 64, 4),
+    (64, True): ForwardConfig(4, 64, 4),
 }
 HEAD_DIMS = tuple(sorted({head_dim for head_dim, _ in CONFIGS}))
 
@@ -283,7 +286,7 @@ def sigmoid_attn_fwd_kernel_sm90(
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
                        h // GROUP, m0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGISTERS])
-    else:
+    elif CONSUMERS == 3:
         gl.warp_specialize([
             (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
             (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
@@ -291,6 +294,15 @@ def sigmoid_attn_fwd_kernel_sm90(
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
                        h // GROUP, m0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGISTERS])
+    else:
+        gl.warp_specialize([
+            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (shared, 3, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
+                       h // GROUP, m0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
+        ], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGISTERS])
     # fmt: on
 
 
