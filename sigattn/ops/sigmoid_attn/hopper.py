@@ -46,10 +46,21 @@ from . import host
 
 # (Constexprs: the kernels read them as globals.)
 ROWS = gl.constexpr(64)  # query rows per consumer warpgroup
-# Two consumer groups, as the backward (hopper_bwd.py) always has: 12 warps at 168 registers fill the SM's
-# 64k at launch; the loader gives back all but 24, which lifts each consumer thread to 240.
-MAX_REGISTERS = 168
-CONSUMER_REGISTERS, LOADER_REGISTERS = gl.constexpr(240), gl.constexpr(24)
+LOADER_REGISTERS = gl.constexpr(24)  # per loader thread, once it has given back the rest
+
+
+def register_split(consumers: int) -> tuple[int, int]:
+    """(registers per thread at launch, per consumer thread) of a program with ``consumers`` warpgroups and
+    a loader warp, rounded up to a group: at launch they share the SM's 64k registers equally; the loader
+    then gives back all but LOADER_REGISTERS, which the consumers share (all in steps of 8). Two groups: 168
+    and 240; three: 128 and 160; four: 96 and 112, enough for D = 64 without spills."""
+    launch = 65536 // (128 * (consumers + 1)) // 8 * 8
+    return launch, (launch + (launch - int(LOADER_REGISTERS)) // consumers) // 8 * 8
+
+
+# Two consumer groups, as the backward (hopper_bwd.py) always has.
+MAX_REGISTERS = register_split(2)[0]
+CONSUMER_REGISTERS = gl.constexpr(register_split(2)[1])
 
 
 @dataclass(frozen=True)
@@ -60,11 +71,8 @@ class ForwardConfig:
 
     @property
     def registers(self) -> tuple[int, int]:
-        """(registers per thread at launch, per consumer thread): the consumer groups and the loader warp,
-        rounded up to a group, fill the SM's 64k registers at launch; the loader then gives back all but
-        LOADER_REGISTERS (three groups: 16 warps at 128, consumers up to 160; four: 20 warps at 96, consumers
-        up to 112, enough for D = 64 without spills)."""
-        return {2: (MAX_REGISTERS, int(CONSUMER_REGISTERS)), 3: (128, 160), 4: (96, 112)}[self.consumers]
+        """(registers per thread at launch, per consumer thread): ``register_split``."""
+        return register_split(self.consumers)
 
 
 # Per (head dim, causal), from interleaved runs against the Triton forward on an H200 (bf16, 16k tokens,
