@@ -1,8 +1,12 @@
-"""Large-batch decode, where cuDNN led by 2-5%, on a GPU: python benchmarks/decode_large_batch.py OUT.json.
+"""Large-batch decode, where cuDNN led by 2-8%, on a GPU:
+python benchmarks/decode_large_batch.py OUT.json [BATCH:CACHE:HEADS:KV_HEADS ...] (default: SHAPES).
 
-KV-cache tiles, warps, stages, splits and TMA on/off against SDPA's cuDNN backend on the same inputs, all
-graph-replayed with the L2 flushed (``sigattn bench --decode``'s timing). Chose
-KVCACHE_MANY_PROGRAMS_CONFIGS (benchmarks/results/decode_large_batch_h100_2026-11-25.json)."""
+KV-cache tiles, warps, stages and splits against SDPA's cuDNN backend on the same inputs, all
+graph-replayed with the L2 flushed (``sigattn bench --decode``'s timing). Each config replaces every
+contiguous-cache table (KVCACHE_CONFIGS and the two many-programs ones), so it is what runs whatever the
+plan's rule. Chose KVCACHE_MANY_PROGRAMS_CONFIGS and KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS
+(benchmarks/results/decode_large_batch_h100_2026-11-25.json, whose version also swept TMA loads: -1.7% to
++1%; decode_large_batch_h200_2026-12-03.json)."""
 
 import math
 import sys
@@ -27,7 +31,8 @@ SHAPES = [  # (batch, cache length, heads, kv heads)
     (4, 32768, 32, 32),
     (64, 1024, 32, 8),
 ]
-CONFIGS = [(64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 4, 2), (128, 4, 3), (64, 2, 3)]  # (block_n, warps, stages)
+# (block_n, warps, stages)
+CONFIGS = [(64, 4, 3), (64, 4, 2), (32, 4, 3), (128, 4, 2), (128, 4, 3), (64, 2, 3), (128, 8, 3), (64, 8, 3)]
 
 
 def measure(B, S, Hq, Hkv):
@@ -45,47 +50,33 @@ def measure(B, S, Hq, Hkv):
     cud = bench_graph(cudnn, n=50)
     params = flash.flash_params(scale=D**-0.5, bias=-math.log(S), causal=False, window_size=(-1, -1))[0]
     out = torch.empty_like(q)
-    # Printed only; from the second shape on it sees the tiles the previous shape left in KVCACHE_CONFIGS.
-    plan = flash.kvcache_plan(B, 1, Hq, Hkv, D, S, q.device)
+    plan = flash.kvcache_plan(B, 1, Hq, Hkv, D, S, q.device)  # printed: the plan of the committed tables
     best = None
     print(f"B{B} S{S} {Hq}/{Hkv}: cudnn {cud:.1f} us {kvb / cud / 1e3:.0f} GB/s; plan {plan}", flush=True)
     rows = []
+    tables = (flash.KVCACHE_CONFIGS, flash.KVCACHE_MANY_PROGRAMS_CONFIGS, flash.KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS)
+    committed = [table[128] for table in tables]
     for bn, w, st in CONFIGS:
-        flash.KVCACHE_CONFIGS[128] = TileConfig(64, bn, w, st)
+        for table in tables:
+            table[128] = TileConfig(64, bn, w, st)
         for splits in (1, 2, 4):
-            for tma in (False, True):
-                flash.USE_TMA = tma
-                us = bench_graph(
-                    partial(flash.flash_kvcache_fwd, q, k, v, None, params, out=out, num_splits=splits), n=50
-                )
-                rows.append(
-                    dict(
-                        batch=B,
-                        cache_len=S,
-                        heads=Hq,
-                        kv_heads=Hkv,
-                        config=[64, bn, w, st],
-                        splits=splits,
-                        tma=tma,
-                        us=us,
-                        cudnn_us=cud,
-                        gbps=kvb / us / 1e3,
-                    )
-                )
-                if best is None or us < best[0]:
-                    best = (us, bn, w, st, splits, tma)
-                print(
-                    f"   {bn},{w}w,{st}s splits {splits} tma {int(tma)}: {us:7.1f} us  vs cudnn {cud / us:.3f}",
-                    flush=True,
-                )
+            us = bench_graph(partial(flash.flash_kvcache_fwd, q, k, v, None, params, out=out, num_splits=splits), n=50)
+            rows.append(dict(batch=B, cache_len=S, heads=Hq, kv_heads=Hkv, config=[64, bn, w, st], splits=splits,
+                             us=us, cudnn_us=cud, gbps=kvb / us / 1e3))  # fmt: skip
+            if best is None or us < best[0]:
+                best = (us, bn, w, st, splits)
+            print(f"   {bn},{w}w,{st}s splits {splits}: {us:7.1f} us  vs cudnn {cud / us:.3f}", flush=True)
+    for table, config in zip(tables, committed, strict=True):
+        table[128] = config
     print(f"  BEST {best} vs cudnn {cud / best[0]:.3f}", flush=True)
     return rows
 
 
 def main() -> None:
     out_path = sys.argv[1]
+    shapes = [tuple(map(int, arg.split(":"))) for arg in sys.argv[2:]] or SHAPES
     rows = []
-    for shape in SHAPES:
+    for shape in shapes:
         rows += measure(*shape)
         torch.cuda.empty_cache()  # the last shape's cache is garbage now
     write_result(out_path, rows)

@@ -215,7 +215,7 @@ def _cumulative(lengths: tuple[int, ...], device) -> torch.Tensor:
 
 
 def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
-    from .ops.sigmoid_attn.flash import flash_params, flash_varlen_bwd, flash_varlen_fwd
+    from .ops.sigmoid_attn import flash
 
     total_q, total_k = sum(case.seqlens_q), sum(case.seqlens_k)
     q = randn(total_q, case.heads, case.head_dim)
@@ -227,11 +227,14 @@ def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
     lens = (cu_q, cu_k, max(case.seqlens_q), max(case.seqlens_k))
     opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window)
 
-    params, head_bias = flash_params(bias=bias, **opts)
+    params, head_bias = flash.flash_params(bias=bias, **opts)
     out = torch.full_like(q, math.nan)
     grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
-    flash_varlen_fwd(q, k, v, *lens, params, head_bias, alibi, out=out)
-    dq, dk, dv, dbias = flash_varlen_bwd(do, q, k, v, *lens, params, head_bias, alibi, grads=grads)
+    flash.flash_varlen_fwd(q, k, v, *lens, params, head_bias, alibi, out=out)
+    with _gluon_backward_at_every_length():
+        dq, dk, dv, dbias = flash.flash_varlen_bwd(do, q, k, v, *lens, params, head_bias, alibi, grads=grads)
+        backward_on = flash.backward_on_sm90(do, q, k, v, grads, params, head_bias, alibi, lens[2:])
+    forward_on = flash.forward_on_sm90(q, k, v, out, params, alibi, varlen=True)
 
     def reference(q, k, v, **kw):
         return sigmoid_attn_varlen_reference(q, k, v, cu_q, cu_k, **kw)
@@ -239,7 +242,8 @@ def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
     results = _reference_results(reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
     names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
     ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
-    row = {"id": case.id, **asdict(case), "ok": True}
+    row = {"id": case.id, **asdict(case), "forward_kernel": "gluon-sm90" if forward_on else "triton",
+           "backward_kernel": "gluon-sm90" if backward_on else "triton", "ok": True}  # fmt: skip
     return _judge(row, names, ours, results[True], results[False], q.dtype)
 
 
@@ -339,6 +343,11 @@ def grid(quick: bool) -> list[AnyCase]:
     lens_q, lens_k = (1, 0, 513, 77, 1023, 200), (17, 9, 513, 300, 1023, 0)
     cases += [VarlenCase(lens_q, lens_k, 8, 2, d, **m) for d in (64, 128) for m in varlen_masks]
     cases += [VarlenCase(lens_q, lens_k, 8, hkv, d, dtype="float16", causal=True) for d in (96, 256) for hkv in (8, 1)]
+    # The Gluon kernels: GQA and fp16; tiles that end exactly at a sequence's end, and a long sequence of
+    # many tiles beside short ones.
+    cases += [VarlenCase(lens_q, lens_k, 8, 1, d, dtype="float16", causal=c) for d in (64, 128) for c in (False, True)]
+    lens = (128, 64, 3000, 1, 256)
+    cases += [VarlenCase(lens, lens, 4, 2, d, causal=c) for d in (64, 128) for c in (False, True)]
     caches = (0, 1, 1000, 4097)
     for d, (hq, hkv), page in itertools.product((64, 128, 256), ((32, 8), (32, 32), (8, 1)), (0, 16, 256)):
         cases.append(KVCacheCase(caches, 1, 8192, hq, hkv, d, page_size=page))

@@ -71,6 +71,13 @@ def test_kvcache_plan_splits_small_batches_and_widens_tiles_for_large_ones(monke
     assert cfg.block_n == flash.KVCACHE_PAGED_CONFIGS[128].block_n
     # head dims without a wide table keep theirs
     assert flash.kvcache_plan(8, 1, 4, 1, 256, 8192, cpu)[0].block_n == flash.KVCACHE_CONFIGS[256].block_n
+    # a short cache with as many programs: the shallower ring
+    short = flash.KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS[128]
+    for capacity in (1024, flash.KVCACHE_SHORT_KEYS):
+        cfg, _, splits = flash.kvcache_plan(8, 1, 4, 1, 128, capacity, cpu)
+        assert (cfg.block_n, cfg.num_warps, cfg.num_stages, splits) == (short.block_n, short.num_warps,
+                                                                       short.num_stages, 1)  # fmt: skip
+    assert flash.kvcache_plan(8, 1, 4, 1, 128, flash.KVCACHE_SHORT_KEYS + 1, cpu)[0].block_n == many.block_n
 
 
 def test_exact_logic_in_float32():

@@ -38,7 +38,7 @@ def _pristine_triton_language():
                 setattr(namespace, name, value)
 
 
-def compile_sm90(head_dim: int, dtype: torch.dtype, causal: bool, head_bias: bool, group: int):
+def compile_sm90(head_dim: int, dtype: torch.dtype, causal: bool, head_bias: bool, group: int, varlen: bool = False):
     q = torch.empty(2, 256, 4, head_dim, dtype=dtype)
     config = hopper.CONFIGS[(head_dim, causal)]
     rows = int(hopper.ROWS)
@@ -47,14 +47,18 @@ def compile_sm90(head_dim: int, dtype: torch.dtype, causal: bool, head_bias: boo
         v_desc=host.descriptor(q, config.block_n), o_desc=host.descriptor(q, rows),
     )  # fmt: skip
     signature = {name: mangle_type(d) for name, d in args.items()}
-    signature["head_bias_ptr"] = "*fp32" if head_bias else "constexpr"
-    signature.update(seqlen_q="i32", seqlen_k="i32", diag_offset="i32", half_scale="fp32", half_scale_bias="fp32")
+    signature.update(o_ptr=mangle_type(q), head_bias_ptr="*fp32", cu_seqlens_q="*i32", cu_seqlens_k="*i32")
+    signature.update(seqlen_q="i32", seqlen_k="i32", diag_offset="i32", stride_om="i32", stride_oh="i32")
+    signature.update(half_scale="fp32", half_scale_bias="fp32")
     max_registers, consumer_registers = config.registers
-    constants = dict(GROUP=group, CAUSAL=causal, HEAD_BIAS=head_bias, CONSUMERS=config.consumers,
-                     STAGES=config.stages, CONSUMER_REGS=consumer_registers)  # fmt: skip
-    if not head_bias:
+    constants = dict(GROUP=group, CAUSAL=causal, HEAD_BIAS=head_bias, SEQUENCE_BIAS=varlen and not head_bias,
+                     VARLEN=varlen, CONSUMERS=config.consumers, STAGES=config.stages,
+                     CONSUMER_REGS=consumer_registers)  # fmt: skip
+    if not head_bias:  # launched with None: Triton makes them constants
         constants["head_bias_ptr"] = None
-    signature.update({name: "constexpr" for name in constants if name != "head_bias_ptr"})
+    if not varlen:
+        constants.update(cu_seqlens_q=None, cu_seqlens_k=None)
+    signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(
         KERNEL, signature, constexprs={(KERNEL.arg_names.index(n),): v for n, v in constants.items()}
     )
@@ -72,20 +76,25 @@ def ptxas_report(ptx: str, tmp_path) -> str:
 
 
 @pytest.mark.parametrize(
-    "head_dim,dtype,causal,head_bias,group",
+    "head_dim,dtype,causal,head_bias,group,varlen",
     [
-        (128, torch.bfloat16, False, False, 1),
-        (128, torch.bfloat16, True, True, 4),
-        (128, torch.float16, True, False, 1),
-        (128, torch.float16, False, True, 2),
-        (64, torch.bfloat16, True, False, 1),
-        (64, torch.float16, False, True, 2),
+        (128, torch.bfloat16, False, False, 1, False),
+        (128, torch.bfloat16, True, True, 4, False),
+        (128, torch.float16, True, False, 1, False),
+        (128, torch.float16, False, True, 2, False),
+        (64, torch.bfloat16, True, False, 1, False),
+        (64, torch.float16, False, True, 2, False),
+        (128, torch.bfloat16, False, False, 2, True),
+        (128, torch.bfloat16, True, False, 1, True),
+        (64, torch.bfloat16, False, True, 1, True),
+        (64, torch.float16, True, False, 4, True),
     ],
     ids=["D128-bf16-full", "D128-bf16-causal-headbias-G4", "D128-fp16-causal", "D128-fp16-full-headbias-G2",
-         "D64-bf16-causal", "D64-fp16-full-headbias-G2"],
+         "D64-bf16-causal", "D64-fp16-full-headbias-G2", "varlen-D128-bf16-full-G2", "varlen-D128-bf16-causal",
+         "varlen-D64-bf16-full-headbias", "varlen-D64-fp16-causal-G4"],
 )  # fmt: skip
-def test_compiles_for_sm90a_without_spills(head_dim, dtype, causal, head_bias, group, tmp_path):
-    compiled = compile_sm90(head_dim, dtype, causal, head_bias, group)
+def test_compiles_for_sm90a_without_spills(head_dim, dtype, causal, head_bias, group, varlen, tmp_path):
+    compiled = compile_sm90(head_dim, dtype, causal, head_bias, group, varlen)
     consumer_registers = hopper.CONFIGS[(head_dim, causal)].registers[1]
     ptx = compiled.asm["ptx"]
     # The schedule the module docstring describes: products awaited one group at a time, registers moved
@@ -125,7 +134,8 @@ def test_cpu_tensors_never_take_the_sm90_kernel():
     assert not hopper.runs_on_sm90(*_tensors(), (-1, -1), None)
 
 
-def compile_bwd_sm90(head_dim: int, dtype: torch.dtype, causal: bool, group: int, head_bias: bool = False):
+def compile_bwd_sm90(head_dim: int, dtype: torch.dtype, causal: bool, group: int, head_bias: bool = False,
+                     varlen: bool = False):  # fmt: skip
     kernel = hopper_bwd.sigmoid_attn_bwd_kernel_sm90
     t = torch.empty(2, 256, 4, head_dim, dtype=dtype)
     workspace = torch.empty(2, 256, 4, head_dim, dtype=torch.float32)
@@ -136,12 +146,16 @@ def compile_bwd_sm90(head_dim: int, dtype: torch.dtype, causal: bool, group: int
         dk_desc=host.descriptor(t, keys), dv_desc=host.descriptor(t, keys),
     )  # fmt: skip
     signature = {name: mangle_type(d) for name, d in descriptors.items()}
-    signature.update(head_bias_ptr="*fp32", dbias_ptr="*fp32", num_heads="i32", b0="i32", h0="i32", seqlen_q="i32")
-    signature.update(diag_offset="i32", scale="fp32", half_scale="fp32", half_bias="fp32")
+    signature.update(dk_ptr=mangle_type(t), dv_ptr=mangle_type(t), head_bias_ptr="*fp32", dbias_ptr="*fp32")
+    signature.update(cu_seqlens_q="*i32", cu_seqlens_k="*i32", num_heads="i32", b0="i32", h0="i32")
+    signature.update(seqlen_q="i32", seqlen_k="i32", diag_offset="i32")
+    signature.update(scale="fp32", half_scale="fp32", half_scale_bias="fp32")
     constants = dict(GROUP=group, CAUSAL=causal, STAGES=hopper_bwd.STAGES[head_dim], HEAVY_FIRST=causal,
-                     HEAD_BIAS=head_bias)  # fmt: skip
+                     HEAD_BIAS=head_bias, SEQUENCE_BIAS=varlen and not head_bias, VARLEN=varlen)  # fmt: skip
     if not head_bias:  # launched with None: Triton makes them constants
         constants.update(head_bias_ptr=None, dbias_ptr=None)
+    if not varlen:
+        constants.update(dk_ptr=None, dv_ptr=None, cu_seqlens_q=None, cu_seqlens_k=None)
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(
         kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()}
@@ -161,8 +175,9 @@ def compile_bwd_sm90(head_dim: int, dtype: torch.dtype, causal: bool, group: int
     ],
     ids=["D128-bf16-full", "D128-fp16-causal-G2", "D64-bf16-causal-G4", "D64-fp16-full", "D64-bf16-causal-G2-headbias"],
 )
-def test_backward_compiles_for_sm90a(head_dim, dtype, causal, group, head_bias, max_spill, tmp_path):
-    ptx = compile_bwd_sm90(head_dim, dtype, causal, group, head_bias).asm["ptx"]
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_backward_compiles_for_sm90a(head_dim, dtype, causal, group, head_bias, max_spill, varlen, tmp_path):
+    ptx = compile_bwd_sm90(head_dim, dtype, causal, group, head_bias, varlen).asm["ptx"]
     # dQ leaves through TMA reductions; registers move from the loader warp to the two consumer groups.
     assert "cp.reduce.async.bulk.tensor" in ptx and ".add" in ptx
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240;", ptx)
@@ -222,7 +237,7 @@ def test_backward_dispatch_never_takes_cpu_tensors_or_deterministic_calls(monkey
     # On an sm_90 GPU the rule is hopper_bwd.unsupported's; determinism comes from either switch.
     seen = []
     monkeypatch.setattr(flash, "INTERPRET", False)
-    monkeypatch.setattr(hopper_bwd, "runs_on_sm90", lambda *args: seen.append(args[-1]) or True)
+    monkeypatch.setattr(hopper_bwd, "runs_on_sm90", lambda *args: seen.append(args[8]) or True)  # deterministic
     assert flash.backward_on_sm90(do, q, k, v, grads, params, None, None)
     deterministic = flash.flash_params(scale=0.1, bias=None, causal=True, window_size=(-1, -1), deterministic=True)
     flash.backward_on_sm90(do, q, k, v, grads, deterministic[0], None, None)
@@ -232,6 +247,31 @@ def test_backward_dispatch_never_takes_cpu_tensors_or_deterministic_calls(monkey
     finally:
         torch.use_deterministic_algorithms(False)
     assert seen == [False, True, True]
+
+
+def test_packed_sequences_dispatch_as_one_row_by_their_longest_lengths(monkeypatch):
+    """Packed (total, H, D) tensors reach the Gluon rules as (1, total, H, D), the backward's short-call rule
+    reads the longest sequence (not the total), and a top-left diagonal stays on the Triton kernels."""
+    q, k = torch.empty(600, 4, 128, dtype=torch.bfloat16), torch.empty(300, 2, 128, dtype=torch.bfloat16)
+    v, do, out = torch.empty_like(k), torch.empty_like(q), torch.empty_like(q)
+    grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(k))
+    why = hopper_bwd.unsupported(*(t[None] for t in (q, k, v, do)), tuple(g[None] for g in grads), (-1, 0), None,
+                                 None, False, max_seqlens=(128, 300))  # fmt: skip
+    assert why == "128 queries: the Triton backward is faster up to 256"
+    assert hopper_bwd.unsupported(*(t[None] for t in (q, k, v, do)), tuple(g[None] for g in grads), (-1, 0), None,
+                                  None, False, max_seqlens=(257, 300)) is None  # fmt: skip
+    seen = []
+    monkeypatch.setattr(flash, "INTERPRET", False)
+    monkeypatch.setattr(hopper, "runs_on_sm90", lambda *args: seen.append(args[0].shape) or True)
+    monkeypatch.setattr(hopper_bwd, "runs_on_sm90", lambda *args: seen.append((args[0].shape, args[-1])) or True)
+    causal = flash.flash_params(scale=0.1, bias=None, causal=True, window_size=(-1, -1))[0]
+    assert flash.forward_on_sm90(q, k, v, out, causal, None, varlen=True)
+    assert flash.backward_on_sm90(do, q, k, v, grads, causal, None, None, max_seqlens=(300, 200))
+    assert seen == [(1, 600, 4, 128), ((1, 600, 4, 128), (300, 200))]
+    top_left = flash.FlashParams(0.1, 0.0, True, -1, 0, True)
+    assert not flash.forward_on_sm90(q, k, v, out, top_left, None, varlen=True)
+    assert not flash.backward_on_sm90(do, q, k, v, grads, top_left, None, None, max_seqlens=(300, 200))
+    assert flash.forward_on_sm90(q[None], k[None], v[None], out[None], top_left, None)  # dense: any diagonal
 
 
 @pytest.mark.parametrize(

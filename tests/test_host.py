@@ -126,12 +126,17 @@ def test_forward_kernel_specialises_on_nothing_outside_its_key():
     q = torch.empty(2, 256, 4, 128, dtype=torch.bfloat16)
     descriptors = [host.descriptor(q, 64)] * 4
     aligned, unaligned = torch.empty(4), torch.empty(5)[1:]
+    cu, cu_unaligned = torch.zeros(4, dtype=torch.int32), torch.zeros(5, dtype=torch.int32)[1:]
+    kernel = hopper.sigmoid_attn_fwd_kernel_sm90
+    constexprs = (2, True, True, True, True, 2, 4, 240)
     specs = [
-        specialization(
-            hopper.sigmoid_attn_fwd_kernel_sm90, (*descriptors, bias, *ints, 0.1, -0.3, 2, True, True, 2, 4, 240)
+        specialization(kernel, (*descriptors, out, bias, cu_q, cu_k, *ints, 0.1, -0.3, *constexprs))
+        for out, bias, cu_q, cu_k, ints in (
+            (q, aligned, cu, cu, (2048, 2048, 0, 512, 128)),
+            (torch.empty(q.numel() + 1, dtype=q.dtype)[1:], unaligned, cu_unaligned, cu, (17, 1, 1, 1, 16)),
+            (q, aligned, cu, cu_unaligned, (1, 33, -16, 32, 1)),
         )
-        for bias, ints in ((aligned, (2048, 2048, 0)), (unaligned, (17, 1, 1)), (aligned, (1, 33, -16)))
-    ]
+    ]  # fmt: skip
     assert specs[0] == specs[1] == specs[2]
 
 
@@ -141,11 +146,14 @@ def test_backward_kernel_specialises_on_nothing_outside_its_key():
     descriptors = [host.descriptor(t, 64)] * 4 + [host.descriptor(workspace, 64, 64)] + [host.descriptor(t, 64)] * 2
     kernel = hopper_bwd.sigmoid_attn_bwd_kernel_sm90
     aligned, unaligned = torch.empty(4), torch.empty(5)[1:]
+    cu, cu_unaligned = torch.zeros(4, dtype=torch.int32), torch.zeros(5, dtype=torch.int32)[1:]
+    constexprs = (1, True, 4, True, True, True, True)
     specs = [
-        specialization(kernel, (*descriptors, bias, dbias, *ints, 0.1, 0.05, -0.3, 1, True, 4, True, True))
-        for bias, dbias, ints in (
-            (aligned, aligned, (4, 0, 0, 2048, 0)), (unaligned, aligned, (3, 1, 16, 17, 1)),
-            (aligned, unaligned, (16, 32, 1, 1, -15)),
+        specialization(kernel, (*descriptors, dk, t, bias, dbias, cu_q, cu, *ints, 0.1, 0.05, -0.3, *constexprs))
+        for dk, bias, dbias, cu_q, ints in (
+            (t, aligned, aligned, cu, (4, 0, 0, 2048, 2048, 0)),
+            (torch.empty(t.numel() + 1, dtype=t.dtype)[1:], unaligned, aligned, cu_unaligned, (3, 1, 16, 17, 33, 1)),
+            (t, aligned, unaligned, cu, (16, 32, 1, 1, 16, -15)),
         )
     ]  # fmt: skip
     assert specs[0] == specs[1] == specs[2]

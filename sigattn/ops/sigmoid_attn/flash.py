@@ -101,6 +101,16 @@ KVCACHE_CONFIGS = {
 KVCACHE_MANY_PROGRAMS_CONFIGS = {
     128: TileConfig(64, 128, 4, 3),
 }
+# ... except for caches of at most KVCACHE_SHORT_KEYS keys: a program then reads 16 or fewer 128-wide tiles, and
+# three stages of them (192 KiB) leave room for one program per SM, so filling its pipeline is a large share
+# of its time; 64-wide tiles in two stages (64 KiB) fit three. On an H200 (CUDA-graph replays, L2 flushed):
+# B64 Hkv8 1k 74.5 us against 79.2, B16 and B64 Hkv32 1k 75.0 and 247.7 against 78.8 and 252.5, B64 Hkv8 2k
+# 132.6 against 136.7, 1.005-1.021x cuDNN (benchmarks/results/decode_large_batch_h200_2026-12-03.json); on
+# the H100 1k 1.017x against 0.999x, and at 8k (B64 Hkv32) 0.975x against 1.012x.
+KVCACHE_SHORT_KEYS = 2048
+KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS = {
+    128: TileConfig(64, 64, 4, 2),
+}
 # Paged caches read a page id per key (or per tile when pages are whole tiles): wider tiles amortise it.
 # D128, pages of 16-256 in shuffled order: 2.6-3.0 TB/s with 128-wide tiles against 2.3-2.7 with 64-wide
 # (contiguous: 2.8-3.1), benchmarks/results/tune_decode_paged_h100_2026-11-24.json.
@@ -762,20 +772,37 @@ def _empty_like(t: Tensor) -> Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def forward_on_sm90(q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: FlashParams, alibi: Tensor | None) -> bool:
-    """Whether ``flash_fwd`` runs this dense forward on the Gluon kernel of ``hopper.py``."""
+def _as_batch_row(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Packed (total, H, D) tensors as the one-row (1, total, H, D) tensors of the Gluon kernels."""
+    return tuple(t.unsqueeze(0) for t in tensors)
+
+
+def forward_on_sm90(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: FlashParams, alibi: Tensor | None, varlen: bool = False
+) -> bool:
+    """Whether ``flash_fwd`` (``flash_varlen_fwd`` with ``varlen``) runs this forward on the Gluon kernel of
+    ``hopper.py``. (It takes packed sequences with their causal diagonal at the bottom right only.)"""
     window = (params.window_left, params.window_right)
-    return not INTERPRET and hopper.runs_on_sm90(q, k, v, out, window, alibi)
+    if INTERPRET or (varlen and params.top_left):
+        return False
+    if varlen:
+        q, k, v, out = _as_batch_row(q, k, v, out)
+    return hopper.runs_on_sm90(q, k, v, out, window, alibi)
 
 
 def backward_on_sm90(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, grads: tuple[Tensor, Tensor, Tensor], params: FlashParams,
-    head_bias: Tensor | None, alibi: Tensor | None,
+    head_bias: Tensor | None, alibi: Tensor | None, max_seqlens: tuple[int, int] | None = None,
 ) -> bool:  # fmt: skip
-    """Whether ``flash_bwd`` runs this dense backward on the Gluon kernel of ``hopper_bwd.py``."""
+    """Whether ``flash_bwd`` (``flash_varlen_bwd`` with ``max_seqlens``, the longest query and key lengths)
+    runs this backward on the Gluon kernel of ``hopper_bwd.py``."""
     window = (params.window_left, params.window_right)
     deterministic = params.deterministic or torch.are_deterministic_algorithms_enabled()
-    return not INTERPRET and hopper_bwd.runs_on_sm90(q, k, v, do, grads, window, alibi, head_bias, deterministic)
+    if INTERPRET or (max_seqlens is not None and params.top_left):
+        return False
+    if max_seqlens is not None:
+        do, q, k, v, *grads = _as_batch_row(do, q, k, v, *grads)
+    return hopper_bwd.runs_on_sm90(q, k, v, do, grads, window, alibi, head_bias, deterministic, max_seqlens)
 
 
 def flash_fwd(
@@ -824,6 +851,13 @@ def flash_varlen_fwd(
     out = _empty_like(q) if out is None else out
     if out.numel() == 0:
         return out
+    if forward_on_sm90(q, k, v, out, params, alibi, varlen=True):
+        hopper.flash_fwd_sm90(
+            *_as_batch_row(q, k, v, out), scale=params.scale, const_bias=params.const_bias,
+            default_bias=params.default_bias, causal=params.window_right == 0, top_left=False, head_bias=head_bias,
+            cu_seqlens=(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+        )  # fmt: skip
+        return out
     rows = Rows(cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
     cfg = _config(FWD_CONFIGS, padded_head_dim(q.shape[-1]), params.window_right >= 0)
     _launch_fwd(q, k, v, out, params, head_bias, alibi, rows, cfg)
@@ -845,7 +879,8 @@ def kvcache_plan(
     fit), so each K/V tile is read once per group. Splits give a small batch about one program per SM
     (the best of 1-128 splits on an H100 in benchmarks/results/tune_decode_h100_2026-11-24.json; more only
     add partial sums), each with at least 4 key tiles; a power of two, so few variants compile. With two
-    or more programs per SM and no split, KVCACHE_MANY_PROGRAMS_CONFIGS' wider tiles."""
+    or more programs per SM and no split, KVCACHE_MANY_PROGRAMS_CONFIGS' wider tiles (for caches of up to
+    KVCACHE_SHORT_KEYS, KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS' shallower ring)."""
     group = num_heads // num_kv_heads
     table = KVCACHE_PAGED_CONFIGS if paged else KVCACHE_CONFIGS
     block_d = max(64, padded_head_dim(head_dim))
@@ -856,7 +891,8 @@ def kvcache_plan(
     tiles_q = host.cdiv(seqlen_q, block_m // group if pack else block_m)
     programs = tiles_q * batch * (num_kv_heads if pack else num_heads)
     if not (INTERPRET or paged) and programs >= 2 * _sm_count(device) and block_d in KVCACHE_MANY_PROGRAMS_CONFIGS:
-        base = KVCACHE_MANY_PROGRAMS_CONFIGS[block_d]
+        short = capacity <= KVCACHE_SHORT_KEYS
+        base = (KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS if short else KVCACHE_MANY_PROGRAMS_CONFIGS)[block_d]
     cfg = TileConfig(block_m, base.block_n, base.num_warps, base.num_stages)
     want = max(1, _sm_count(device) // programs)
     most = max(1, host.cdiv(capacity, cfg.block_n) // 4)
@@ -923,10 +959,15 @@ def _backward_into(
         for grad in grads:
             grad.zero_()
         return (*grads, torch.zeros_like(head_bias) if head_bias is not None else None)
-    if not rows.varlen and backward_on_sm90(do, q, k, v, grads, params, head_bias, alibi):
+    max_seqlens = (rows.seqlen_q, rows.seqlen_k) if rows.varlen else None
+    if backward_on_sm90(do, q, k, v, grads, params, head_bias, alibi, max_seqlens):
+        tensors, cu_seqlens = (do, q, k, v, *grads), None
+        if rows.varlen:
+            tensors, cu_seqlens = _as_batch_row(*tensors), (rows.cu_seqlens_q, rows.cu_seqlens_k, *max_seqlens)
         dbias = hopper_bwd.flash_bwd_sm90(
-            do, q, k, v, grads, scale=params.scale, const_bias=params.const_bias, default_bias=params.default_bias,
-            causal=params.window_right == 0, top_left=params.top_left, head_bias=head_bias,
+            *tensors[:4], tensors[4:], scale=params.scale, const_bias=params.const_bias,
+            default_bias=params.default_bias, causal=params.window_right == 0, top_left=params.top_left,
+            head_bias=head_bias, cu_seqlens=cu_seqlens,
         )  # fmt: skip
         return (*grads, dbias)
     dbias = _launch_bwd(do, q, k, v, params, head_bias, alibi, rows, grads)

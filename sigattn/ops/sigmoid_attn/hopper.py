@@ -19,9 +19,13 @@ takes about as many cycles as its products: two groups stayed 10-17% behind the 
 caught up with it, four run 6-15% ahead (``CONFIGS``). An explicit ping-pong of the groups
 (FlashAttention-3's) measured no better than leaving them to the schedulers.
 
-It covers the forward of dense rows without ALiBi or sliding windows; every other call runs on the Triton
-kernels (``unsupported`` says why). Gluon does not run in the Triton interpreter: the CPU tests compile it
-for sm_90a and check the dispatch rule, and ``python -m sigattn.check`` runs it on the GPU.
+It covers the forward of dense rows and of packed sequences (varlen) without ALiBi or sliding windows; every
+other call runs on the Triton kernels (``unsupported`` says why). Packed sequences are one (1, total, H, D)
+row to TMA, so a tile that runs past a sequence's end loads the next sequence's tokens: its keys are masked
+(P = 0; a dense row's keys past Sk load as zeros instead) and its output rows leave by register stores, not
+a TMA store that would overwrite the next sequence's rows. Gluon does not run in the Triton interpreter: the
+CPU tests compile it for sm_90a and check the dispatch rule, and ``python -m sigattn.check`` runs it on the
+GPU.
 """
 
 from __future__ import annotations
@@ -94,15 +98,20 @@ HEAD_DIMS = tuple(sorted({head_dim for head_dim, _ in CONFIGS}))
 
 
 @gluon.jit
-def _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-    """(key tiles to visit, tiles before the first one that needs the causal mask) for the query rows
-    m0 .. m0 + BLOCK_M - 1. At least one tile, so rows with no allowed key still write their zeros."""
+def _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+               VARLEN: gl.constexpr):  # fmt: skip
+    """(key tiles to visit, tiles before the first one that needs a mask) for the query rows m0 .. m0 +
+    BLOCK_M - 1. At least one tile, so rows with no allowed key still write their zeros. Dense rows mask
+    only the causal diagonal (their keys past Sk load as zeros); a packed sequence's keys past its end are
+    the next sequence's, so its last partial tile is masked too."""
     if CAUSAL:
         hi = gl.minimum(seqlen_k, m0 + BLOCK_M + diag_offset)
         n_unmasked = gl.maximum(m0 + diag_offset + 1, 0) // BLOCK_N
     else:
         hi = seqlen_k
         n_unmasked = gl.cdiv(seqlen_k, BLOCK_N)
+    if VARLEN:
+        n_unmasked = gl.minimum(n_unmasked, seqlen_k // BLOCK_N)
     return gl.maximum(gl.cdiv(hi, BLOCK_N), 1), n_unmasked
 
 
@@ -111,6 +120,7 @@ def _probabilities(
     s,
     j,
     m0,
+    seqlen_k,
     diag_offset,
     n_unmasked,
     half_scale,
@@ -120,47 +130,92 @@ def _probabilities(
     ROWS: gl.constexpr,
     BLOCK_N: gl.constexpr,
     CAUSAL: gl.constexpr,
+    VARLEN: gl.constexpr,
     dtype: gl.constexpr,
 ):
     """P = sigmoid(scale s + bias) of score tile j as the next product's register operand: 0.5 tanh(z / 2)
-    + 0.5 with one tanh.approx per score; keys past the diagonal 0 (keys past Sk need nothing: their V rows
-    load as zeros)."""
+    + 0.5 with one tanh.approx per score; keys past the diagonal 0, and with VARLEN keys past the sequence's
+    end (a dense row's keys past Sk need nothing: their V rows load as zeros)."""
     z = s * half_scale + half_bias
     t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=gl.float32, is_pure=True, pack=1)
     p = 0.5 * t + 0.5
-    if CAUSAL:  # noqa: SIM102 (a separate `if` on the constexpr: full attention compiles without the branch)
+    if CAUSAL or VARLEN:  # noqa: SIM102 (a separate `if` on the constexpr: full attention compiles without it)
         if j >= n_unmasked:
             i = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
             k = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            p = gl.where(k[None, :] <= i[:, None] + diag_offset, p, 0.0)
+            if CAUSAL:
+                allowed = k[None, :] <= i[:, None] + diag_offset
+                if VARLEN:
+                    allowed = allowed & (k[None, :] < seqlen_k)
+            else:
+                allowed = k[None, :] < seqlen_k
+            p = gl.where(allowed, p, 0.0)
     return gl.convert_layout(p.to(dtype), p_layout)
 
 
 @gluon.jit
 def _loader(
-    q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, h_kv, m0, n_tiles,
-    CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr
+    q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, h_kv, q0, k_start,
+    n_tiles, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr
 ):  # fmt: skip
-    """One warp: each consumer's Q rows, then K and V tile by tile into the ring, each as soon as its slot
-    is free."""
+    """One warp: each consumer's Q rows (from token q0), then K and V tile by tile (from token k_start) into
+    the ring, each as soon as its slot is free."""
     mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
     for w in gl.static_range(CONSUMERS):
-        tma.async_copy_global_to_shared(q_desc, [b, m0 + w * ROWS, h, 0], q_ready, q_smem.index(w))
+        tma.async_copy_global_to_shared(q_desc, [b, q0 + w * ROWS, h, 0], q_ready, q_smem.index(w))
     for j in range(n_tiles):
         slot = j % STAGES
+        n0 = k_start + j * BLOCK_N
         # A fresh mbarrier counts as having completed the phase before 0: the first round does not wait.
         mbarrier.wait(slot_free.index(slot), ((j // STAGES) & 1) ^ 1)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, h_kv, 0], k_ready.index(slot), k_bufs.index(slot))
+        tma.async_copy_global_to_shared(k_desc, [b, n0, h_kv, 0], k_ready.index(slot), k_bufs.index(slot))
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, h_kv, 0], v_ready.index(slot), v_bufs.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [b, n0, h_kv, 0], v_ready.index(slot), v_bufs.index(slot))
+
+
+@gluon.jit
+def sequence(cu_seqlens_q, cu_seqlens_k, b):
+    """(first query token, Sq, first key token, Sk) of packed sequence b."""
+    q_start = gl.load(cu_seqlens_q + b)
+    k_start = gl.load(cu_seqlens_k + b)
+    return q_start, gl.load(cu_seqlens_q + b + 1) - q_start, k_start, gl.load(cu_seqlens_k + b + 1) - k_start
+
+
+@gluon.jit
+def sequence_half_bias(seqlen_k):
+    """Half the default bias of a sequence of ``seqlen_k`` keys: -log(Sk) / 2, or 0 with no key."""
+    return gl.where(seqlen_k > 0, -0.5 * gl.log(gl.maximum(seqlen_k, 1).to(gl.float32)), 0.0)
+
+
+@gluon.jit
+def store_rows(ptr, value, start, r0, length, h, stride_m, stride_h, layout: gl.constexpr):
+    """Register stores of a tile ``value`` [rows, D] (in ``layout``) of head h at the rows r0 + of a packed
+    sequence that begins at token ``start``, but for the rows past its ``length`` (a TMA store would write
+    the whole tile, over the next sequence's first rows)."""
+    ROWS_: gl.constexpr = value.shape[0]
+    D: gl.constexpr = value.shape[1]
+    row = r0 + gl.arange(0, ROWS_, layout=gl.SliceLayout(1, layout))
+    col = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+    offsets = (start + row).to(gl.int64)[:, None] * stride_m + h * stride_h + col[None, :]
+    gl.store(ptr + offsets, value, mask=(row < length)[:, None] & (col < D)[None, :])
+
+
+@gluon.jit
+def _store_tile(o_desc, q_rows, value, b, row, h):
+    """A TMA store of 64 output rows from token ``row`` on. Q is read no more: its buffer stages them (a
+    dense row's rows past Sq are clipped by the descriptor)."""
+    q_rows.reshape(value.shape).store(value)
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [b, row, h, 0], q_rows)
+    tma.store_wait(0)
 
 
 @gluon.jit
 def _attend(
-    o_desc, q_rows, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, seqlen_k, diag_offset,
-    half_scale, half_bias, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-    CAUSAL: gl.constexpr
+    o_desc, q_rows, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, seqlen_q, seqlen_k, diag_offset,
+    half_scale, half_bias, q_start, o_ptr, stride_om, stride_oh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr
 ):  # fmt: skip
     """Query rows m0 .. m0 + 63 against the key tiles they see: writes their output, releases those tiles
     and returns how many there were."""
@@ -172,7 +227,7 @@ def _attend(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
     )
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    n_mine, n_unmasked = _key_tiles(m0, seqlen_k, diag_offset, ROWS, BLOCK_N, CAUSAL)
+    n_mine, n_unmasked = _key_tiles(m0, seqlen_k, diag_offset, ROWS, BLOCK_N, CAUSAL, VARLEN)
     q = q_rows.reshape([ROWS, HEAD_DIM])
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)  # [64, D]
@@ -182,9 +237,8 @@ def _attend(
     k = k_bufs.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
     s = warpgroup_mma(q, k, s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
-    p = _probabilities(
-        s, 0, m0, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout, ROWS, BLOCK_N, CAUSAL, dtype
-    )
+    p = _probabilities(s, 0, m0, seqlen_k, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout,
+                       ROWS, BLOCK_N, CAUSAL, VARLEN, dtype)  # fmt: skip
     for j in range(1, n_mine):
         slot, prev = j % STAGES, (j - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
@@ -194,9 +248,8 @@ def _attend(
         s_token = warpgroup_mma(q, k, s_zero, use_acc=False, is_async=True)  # [64, BN]
         acc_token = warpgroup_mma(p, v, acc, is_async=True)  # tile j - 1's P V
         s = warpgroup_mma_wait(1, deps=(s_token,))  # S done, P V still running
-        p_next = _probabilities(
-            s, j, m0, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout, ROWS, BLOCK_N, CAUSAL, dtype
-        )
+        p_next = _probabilities(s, j, m0, seqlen_k, diag_offset, n_unmasked, half_scale, half_bias, s_layout,
+                                p_layout, ROWS, BLOCK_N, CAUSAL, VARLEN, dtype)  # fmt: skip
         acc, _ = warpgroup_mma_wait(0, deps=(acc_token, p))
         mbarrier.arrive(slot_free.index(prev), count=1)
         p = p_next
@@ -206,27 +259,30 @@ def _attend(
     acc_token = warpgroup_mma(p, v, acc, is_async=True)
     acc, _ = warpgroup_mma_wait(0, deps=(acc_token, p))
     mbarrier.arrive(slot_free.index(last), count=1)
-    # Q is read no more: its buffer stages the output (rows past Sq are clipped by the descriptor).
-    q.store(acc.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, m0, h, 0], q_rows)
-    tma.store_wait(0)
+    if VARLEN:
+        if m0 + ROWS > seqlen_q:
+            store_rows(o_ptr, acc.to(dtype), q_start, m0, seqlen_q, h, stride_om, stride_oh, o_layout)
+        else:
+            _store_tile(o_desc, q_rows, acc.to(dtype), b, q_start + m0, h)
+    else:
+        _store_tile(o_desc, q_rows, acc.to(dtype), b, m0, h)
     return n_mine
 
 
 @gluon.jit
 def _consumer(shared, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr):  # fmt: skip
+              CAUSAL: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
     """One warpgroup: query rows m0 + 64 W .. + 63. The program's loader streams ``n_tiles`` key tiles,
     enough for its last rows; a group that needs fewer (its causal diagonal comes earlier, or its rows are
     past Sq) releases the rest unread. ``shared``: the arguments every group gets (the kernel's tuple)."""
     (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles, seqlen_q, seqlen_k,
-     diag_offset, half_scale, half_bias) = shared  # fmt: skip
+     diag_offset, half_scale, half_bias, q_start, o_ptr, stride_om, stride_oh) = shared  # fmt: skip
     m0 = m0 + W * ROWS
     n_mine = 0
     if m0 < seqlen_q:
         n_mine = _attend(o_desc, q_smem.index(W), k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0,
-                         seqlen_k, diag_offset, half_scale, half_bias, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)  # fmt: skip
+                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, q_start, o_ptr, stride_om, stride_oh,
+                         HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)  # fmt: skip
     for j in range(n_mine, n_tiles):
         # Released only once loaded: an earlier arrival would count towards the release of the tile the
         # slot holds now, which other groups may still be reading.
@@ -236,27 +292,40 @@ def _consumer(shared, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.const
 
 
 # One compiled kernel per constexprs and dtypes (host.launch).
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag_offset"], do_not_specialize_on_alignment=["head_bias_ptr"])
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag_offset", "stride_om", "stride_oh"],
+           do_not_specialize_on_alignment=["o_ptr", "head_bias_ptr", "cu_seqlens_q", "cu_seqlens_k"])  # fmt: skip
 def sigmoid_attn_fwd_kernel_sm90(
     q_desc,
     k_desc,
     v_desc,
     o_desc,
+    o_ptr,
     head_bias_ptr,
+    cu_seqlens_q,
+    cu_seqlens_k,
     seqlen_q,
     seqlen_k,
     diag_offset,
+    stride_om,
+    stride_oh,
     half_scale,
     half_scale_bias,
     GROUP: gl.constexpr,
     CAUSAL: gl.constexpr,
     HEAD_BIAS: gl.constexpr,
+    SEQUENCE_BIAS: gl.constexpr,
+    VARLEN: gl.constexpr,
     CONSUMERS: gl.constexpr,
     STAGES: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
 ):
     """One program: 64 x CONSUMERS query rows of head h of batch row b. Descriptors are 4-d (B, S, H, D)
-    with blocks [1, rows, 1, D]: keys past Sk load as zeros, outputs past Sq are not written."""
+    with blocks [1, rows, 1, D]: keys past Sk load as zeros, outputs past Sq are not written. With VARLEN the
+    tensors are packed sequences seen as (1, total, H, D), sequence b at tokens cu_seqlens[b] ..
+    cu_seqlens[b + 1] - 1 (a bottom-right causal diagonal; o_ptr, stride_om and stride_oh address the
+    output's last partial tile); seqlen_q and seqlen_k are then the longest lengths and unused.
+    The bias is head_bias_ptr[h] with HEAD_BIAS, else -log of the sequence's key count (0 with no key) with
+    SEQUENCE_BIAS (packed sequences), else twice half_scale_bias."""
     i_m = gl.program_id(0)
     if CAUSAL:  # the longest rows first, so the last wave is made of short ones
         i_m = gl.num_programs(0) - 1 - i_m
@@ -266,9 +335,19 @@ def sigmoid_attn_fwd_kernel_sm90(
     BLOCK_M: gl.constexpr = ROWS * CONSUMERS
     m0 = i_m * BLOCK_M
     half_bias = half_scale_bias
+    q_start = 0
+    k_start = 0
+    if VARLEN:
+        q_start, seqlen_q, k_start, seqlen_k = sequence(cu_seqlens_q, cu_seqlens_k, b)
+        diag_offset = seqlen_k - seqlen_q
+        b = 0
+        if m0 >= seqlen_q:  # the grid is sized for the longest sequence
+            return
+        if SEQUENCE_BIAS:
+            half_bias = sequence_half_bias(seqlen_k)
     if HEAD_BIAS:
         half_bias = 0.5 * gl.load(head_bias_ptr + h).to(gl.float32)
-    n_tiles, _ = _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    n_tiles, _ = _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, CAUSAL, VARLEN)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -284,32 +363,32 @@ def sigmoid_attn_fwd_kernel_sm90(
         mbarrier.init(slot_free.index(i), count=CONSUMERS)  # every consumer group releases a slot
 
     shared = (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles, seqlen_q,
-              seqlen_k, diag_offset, half_scale, half_bias)  # fmt: skip
+              seqlen_k, diag_offset, half_scale, half_bias, q_start, o_ptr, stride_om, stride_oh)  # fmt: skip
     # The second number of a consumer's arguments: which 64 of the program's rows its group owns.
     # fmt: off
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
+            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
-                       h // GROUP, m0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
+                       h // GROUP, q_start + m0, k_start, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGISTERS])
     elif CONSUMERS == 3:
         gl.warp_specialize([
-            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
+            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
+            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
-                       h // GROUP, m0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
+                       h // GROUP, q_start + m0, k_start, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
-            (_consumer, (shared, 3, HEAD_DIM, BLOCK_N, STAGES, CAUSAL)),
+            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
+            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
+            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
+            (_consumer, (shared, 3, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
-                       h // GROUP, m0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
+                       h // GROUP, q_start + m0, k_start, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGISTERS])
     # fmt: on
 
@@ -355,25 +434,33 @@ def runs_on_sm90(q: Tensor, k: Tensor, v: Tensor, out: Tensor, window: tuple[int
 
 def flash_fwd_sm90(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: float, const_bias: float, default_bias: bool,
-    causal: bool, top_left: bool, head_bias: Tensor | None,
+    causal: bool, top_left: bool, head_bias: Tensor | None, cu_seqlens: tuple[Tensor, Tensor, int, int] | None = None,
 ) -> None:  # fmt: skip
     """Writes the forward into ``out``. Bias: ``head_bias[h]`` when given, else -log(Sk) with
     ``default_bias``, else ``const_bias``; ``top_left`` puts the causal diagonal at (0, 0) instead of
-    (Sq - Sk, 0)."""
+    (Sq - Sk, 0). ``cu_seqlens`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k): the tensors are
+    packed sequences seen as (1, total, H, D), with the bottom-right diagonal."""
     batch, seqlen_q, num_heads, _ = q.shape
     seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
-    bias = -math.log(seqlen_k) if default_bias else const_bias
+    cu_seqlens_q = cu_seqlens_k = None
+    if cu_seqlens is not None:
+        cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k = cu_seqlens
+        batch = cu_seqlens_q.shape[0] - 1
     group = num_heads // num_kv_heads
     config = CONFIGS[(q.shape[-1], causal)]
     rows = int(ROWS)
     max_registers, consumer_registers = config.registers
+    bias = -math.log(seqlen_k) if default_bias and cu_seqlens is None else const_bias
+    sequence_bias = default_bias and cu_seqlens is not None and head_bias is None
     args = (
         host.descriptor(q, rows), host.descriptor(k, config.block_n), host.descriptor(v, config.block_n),
-        host.descriptor(out, rows), head_bias, seqlen_q, seqlen_k, 0 if top_left else seqlen_k - seqlen_q,
-        0.5 * scale, 0.5 * bias, group, causal, head_bias is not None, config.consumers, config.stages,
+        host.descriptor(out, rows), out, head_bias, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k,
+        0 if top_left else seqlen_k - seqlen_q, out.stride(1), out.stride(2), 0.5 * scale, 0.5 * bias, group, causal,
+        head_bias is not None, sequence_bias, cu_seqlens is not None, config.consumers, config.stages,
         consumer_registers,
     )  # fmt: skip
-    key = (q.shape[-1], config, q.dtype, k.dtype, v.dtype, out.dtype, group, causal,
-           None if head_bias is None else head_bias.dtype)  # fmt: skip
+    key = (q.shape[-1], config, q.dtype, k.dtype, v.dtype, out.dtype, group, causal, sequence_bias,
+           cu_seqlens is not None, None if head_bias is None else head_bias.dtype)  # fmt: skip
     grid = (host.cdiv(seqlen_q, rows * config.consumers), num_heads, batch)
-    host.launch(sigmoid_attn_fwd_kernel_sm90, grid, args, key, num_warps=4, maxnreg=max_registers)
+    if grid[0] and batch:
+        host.launch(sigmoid_attn_fwd_kernel_sm90, grid, args, key, num_warps=4, maxnreg=max_registers)

@@ -16,8 +16,9 @@ Triton 3.6 emits one atomic per element, which made it slower (benchmarks/NOTES.
   (``cp.reduce.async.bulk.tensor``), in two 64-column halves so the accumulator fits beside dK and dV.
 
 The workspace is (B, Sq, Hq, D) fp32 within a budget (``_chunks``): longer calls run in chunks of batch rows
-or kv heads, so the backward holds at most 32 MiB beyond its inputs and gradients from 8k keys on (more,
-in proportion, at shorter ones). dQ = scale x the workspace, cast, once each chunk is done.
+or kv heads (packed sequences: of kv heads, over (1, total, Hq, D)), so the backward holds at most 32 MiB
+beyond its inputs and gradients from 8k keys on (more, in proportion, at shorter ones). dQ = scale x the
+workspace, cast, once each chunk is done.
 
 A per-head bias gets its gradient from the same products: the group whose turn it is at dQ also multiplies
 the tile's dS by a block of ones (an 8-column product) and accumulates the sums per head. At D128 that
@@ -25,9 +26,13 @@ costs ~550 bytes of register spills and the kernel runs 0.89-0.99x the Triton ba
 (H200), so there the Triton kernels keep it; at D64 it is 1.01-1.16x faster than them
 (benchmarks/results/hopper_backward_headbias_h200_2026-12-03.json).
 
-It covers dense rows without ALiBi or sliding windows; ``deterministic=True`` and every other call run on
-the Triton kernels (``unsupported`` says why), as do calls of at most ``TRITON_UP_TO_QUERIES`` queries,
-which are faster there.
+Packed sequences (varlen) run here as in the forward (``hopper.py``): a tile past a sequence's end has
+its keys and queries masked (P = 0 and dS = 0, so they add nothing to dK, dV or dQ), and the dK and dV
+rows of a key tile that ends past it leave by register stores.
+
+It covers dense rows and packed sequences without ALiBi or sliding windows; ``deterministic=True`` and
+every other call run on the Triton kernels (``unsupported`` says why), as do calls of at most
+``TRITON_UP_TO_QUERIES`` queries (for packed sequences: the longest), which are faster there.
 """
 
 from __future__ import annotations
@@ -105,8 +110,9 @@ def _program(HEAVY_FIRST: gl.constexpr):
 
 @gluon.jit
 def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free,
-            b, h_kv, n0, q_lo, n_q, n_iter, GROUP: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: the program's K and V halves, then Q and dO tile by tile, head by head of the group."""
+            b, h_kv, n0, q_start, q_lo, n_q, n_iter, GROUP: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: the program's K and V halves (from token n0), then Q and dO tile by tile (from token
+    q_start), head by head of the group."""
     mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
     for w in gl.static_range(2):
         tma.async_copy_global_to_shared(k_desc, [b, n0 + w * KEYS, h_kv, 0], kv_ready, k_smem.index(w))
@@ -114,7 +120,7 @@ def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv
     for t in range(n_iter):
         slot = t % STAGES
         h = h_kv * GROUP + t // n_q
-        m0 = (q_lo + t % n_q) * ROWS
+        m0 = q_start + (q_lo + t % n_q) * ROWS
         # A fresh mbarrier counts as having completed the phase before 0: the first round does not wait.
         mbarrier.wait(slot_free.index(slot), ((t // STAGES) & 1) ^ 1)
         mbarrier.expect(q_ready.index(slot), 2 * q_desc.block_type.nbytes)
@@ -123,15 +129,36 @@ def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv
 
 
 @gluon.jit
+def _store_tiles(dk_desc, dv_desc, out_k, out_v, dk, dv, b, n0, h):
+    """TMA stores of a group's dK and dV rows, staged in the Q and dO ring, which is free once both groups
+    are past every tile (a dense row's rows past Sk are clipped by the descriptor)."""
+    dtype: gl.constexpr = out_k.dtype
+    out_k.reshape(dk.shape).store(dk.to(dtype))
+    out_v.reshape(dv.shape).store(dv.to(dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [b, n0, h, 0], out_k)
+    tma.async_copy_shared_to_global(dv_desc, [b, n0, h, 0], out_v)
+    tma.store_wait(0)
+
+
+@gluon.jit
 def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, ones_smem,
               kv_ready, q_ready, slot_free, ds_ready, ds_free, done, head_bias_ptr, dbias_ptr, num_heads,
               b0, h0, n0, q_lo, n_q, n_iter, mask_end, diag_offset, scale, half_scale, half_bias,
+              cu_seqlens_q, cu_seqlens_k, dk_ptr, dv_ptr,
               W: gl.constexpr, GROUP: gl.constexpr, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr):
+              STAGES: gl.constexpr, HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr, VARLEN: gl.constexpr):
     """One warpgroup: keys n0 + 64 W .. + 63 against every query tile; its dK and dV rows, the dQ of
     every other tile, and with HEAD_BIAS its sum of dS per head into dbias_ptr[b, h, key tile, W]."""
     dtype: gl.constexpr = q_bufs.dtype
     b_ws, h_ws, key_tile = _program(HEAVY_FIRST)  # (read again: fewer live registers than passing them)
+    # Where the batch row's tokens are: (row of the workspace, first query, first key); packed sequences
+    # share row 0.
+    b_dq = b_ws
+    q_start = 0
+    if VARLEN:
+        q_start, seqlen_q, k_start, seqlen_k = hopper.sequence(cu_seqlens_q, cu_seqlens_k, b0 + b_ws)
+        b_dq = 0
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, ROWS, 16])
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -177,6 +204,12 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
             if m0 < mask_end:
                 row = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
                 th = gl.where(key[:, None] <= row[None, :] + diag_offset, th, -1.0)  # P = 0 and dS = 0
+        if VARLEN:  # noqa: SIM102
+            # A packed sequence's keys and queries past its end are the next sequence's (a dense row's load as
+            # zeros, which add nothing).
+            if (m0 + ROWS > seqlen_q) | (n0 + 2 * KEYS > seqlen_k):
+                row = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
+                th = gl.where((key[:, None] < seqlen_k) & (row[None, :] < seqlen_q), th, -1.0)
         pt = gl.convert_layout((0.5 * th + 0.5).to(dtype), a_layout)
         dv = warpgroup_mma(pt, do, dv, is_async=True)
         dpt = warpgroup_mma_wait(1, deps=(dpt,))
@@ -209,7 +242,7 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
             mbarrier.arrive(ds_free.index(ds_slot), count=1)
             fence_async_shared()
             for c in gl.static_range(DQ_BLOCKS):
-                _tma_reduce_add(dq_desc, [b_ws, m0, h_ws * GROUP + t // n_q, c * DQ_COLS],
+                _tma_reduce_add(dq_desc, [b_dq, q_start + m0, h_ws * GROUP + t // n_q, c * DQ_COLS],
                                 dq_smem.index(DQ_BLOCKS * W + c))
         if HEAD_BIAS:  # noqa: SIM102
             if t % n_q == n_q - 1:  # the head's last query tile: this group's sum (of every column: / ONES)
@@ -218,42 +251,67 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
                 gl.store(dbias_ptr + partial * 2 + W, gl.reduce(gl.reduce(dsum, 1, _add), 0, _add) / ONES)
                 dsum = sum_zero
     tma.store_wait(0)
-    # Once both groups are past every tile the Q and dO ring is free: it stages dK and dV for TMA stores,
-    # which clip the rows past Sk.
     mbarrier.arrive(done, count=1)
     mbarrier.wait(done, 0)
-    out_k, out_v = q_bufs.index(W), do_bufs.index(W)
-    out_k.reshape([KEYS, HEAD_DIM]).store((dk * scale).to(dtype))
-    out_v.reshape([KEYS, HEAD_DIM]).store(dv.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [b0 + b_ws, n0 + W * KEYS, h0 + h_ws, 0], out_k)
-    tma.async_copy_shared_to_global(dv_desc, [b0 + b_ws, n0 + W * KEYS, h0 + h_ws, 0], out_v)
-    tma.store_wait(0)
+    n_mine = n0 + W * KEYS
+    if VARLEN:
+        if n_mine + KEYS > seqlen_k:
+            hopper.store_rows(dk_ptr, (dk * scale).to(dtype), k_start, n_mine, seqlen_k, h0 + h_ws,
+                              dk_desc.strides[1], dk_desc.strides[2], kv_layout)  # fmt: skip
+            hopper.store_rows(dv_ptr, dv.to(dtype), k_start, n_mine, seqlen_k, h0 + h_ws, dv_desc.strides[1],
+                              dv_desc.strides[2], kv_layout)  # fmt: skip
+        else:
+            _store_tiles(dk_desc, dv_desc, q_bufs.index(W), do_bufs.index(W), dk * scale, dv, 0, k_start + n_mine,
+                         h0 + h_ws)  # fmt: skip
+    else:
+        _store_tiles(dk_desc, dv_desc, q_bufs.index(W), do_bufs.index(W), dk * scale, dv, b0 + b_ws, n_mine,
+                     h0 + h_ws)  # fmt: skip
 
 
 # One compiled kernel for every chunk, per constexprs and dtypes (host.launch).
-@gluon.jit(do_not_specialize=["num_heads", "b0", "h0", "seqlen_q", "diag_offset"],
-           do_not_specialize_on_alignment=["head_bias_ptr", "dbias_ptr"])
-def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, head_bias_ptr, dbias_ptr,
-                                 num_heads, b0, h0, seqlen_q, diag_offset, scale, half_scale, half_bias,
-                                 GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
-                                 HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr):
+@gluon.jit(do_not_specialize=["num_heads", "b0", "h0", "seqlen_q", "seqlen_k", "diag_offset"],
+           do_not_specialize_on_alignment=["dk_ptr", "dv_ptr", "head_bias_ptr", "dbias_ptr", "cu_seqlens_q",
+                                           "cu_seqlens_k"])
+def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, dk_ptr, dv_ptr,
+                                 head_bias_ptr, dbias_ptr, cu_seqlens_q, cu_seqlens_k, num_heads, b0, h0, seqlen_q,
+                                 seqlen_k, diag_offset, scale, half_scale, half_scale_bias, GROUP: gl.constexpr,
+                                 CAUSAL: gl.constexpr,
+                                 STAGES: gl.constexpr, HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr,
+                                 SEQUENCE_BIAS: gl.constexpr, VARLEN: gl.constexpr):
     """One program: keys i_n * 128 .. + 127 of kv head h_kv of batch row b. Descriptors are 4-d
     (B, S, H, D) with blocks [1, 64, 1, D] ([1, 64, 1, 64] for the fp32 dQ workspace): keys past Sk and
     queries past Sq load as zeros, and so add nothing. A launch covers batch rows b0 + and kv heads h0 + its
     grid; the workspace holds only theirs. With HEAD_BIAS, head h's bias is head_bias_ptr[h] and dbias_ptr
-    receives each consumer's sum of dS: (B, num_heads, key tiles, 2) fp32 values."""
+    receives each consumer's sum of dS: (B, num_heads, key tiles, 2) fp32 values. The bias is
+    -log of the sequence's key count (0 with no key) with SEQUENCE_BIAS (packed sequences), else twice
+    half_scale_bias.
+
+    With VARLEN the tensors are packed sequences seen as (1, total, H, D) and the workspace as (1, total_q,
+    heads, D); sequence b is at tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1 (bottom-right diagonal),
+    seqlen_q and seqlen_k are the longest lengths (unused), and dk_ptr and dv_ptr (None for dense rows)
+    address the rows of a key tile that ends past its sequence."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     b_ws, h_ws, i_n = _program(HEAVY_FIRST)
     b, h_kv = b0 + b_ws, h0 + h_ws
     n0 = i_n * 2 * KEYS
+    b_coord, q_start, k_start = b, 0, 0
+    half_bias = half_scale_bias
+    if VARLEN:
+        q_start, seqlen_q, k_start, seqlen_k = hopper.sequence(cu_seqlens_q, cu_seqlens_k, b)
+        diag_offset = seqlen_k - seqlen_q
+        b_coord = 0
+        if n0 >= seqlen_k:  # the grid is sized for the longest sequence
+            return
+        if SEQUENCE_BIAS:
+            half_bias = hopper.sequence_half_bias(seqlen_k)
     q_hi = gl.cdiv(seqlen_q, ROWS)
     q_lo = 0
     mask_end = 0
     if CAUSAL:
-        # From the first tile whose rows see a key of the program (at least one tile: keys no query sees
-        # get zero gradients from a fully masked one); tiles from mask_end on see all 128 keys.
-        q_lo = gl.minimum(gl.maximum(n0 - diag_offset, 0) // ROWS, q_hi - 1)
+        # From the first tile whose rows see a key of the program (at least one tile, when there are any:
+        # keys no query sees get zero gradients from a fully masked one); tiles from mask_end on see all
+        # 128 keys.
+        q_lo = gl.maximum(gl.minimum(gl.maximum(n0 - diag_offset, 0) // ROWS, q_hi - 1), 0)
         mask_end = n0 + 2 * KEYS - 1 - diag_offset
     n_q = q_hi - q_lo
 
@@ -282,63 +340,65 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
         mbarrier.init(ds_ready.index(i), count=2)  # both halves written
         mbarrier.init(ds_free.index(i), count=1)  # read by the group whose turn it was
 
-    # W, the seventh to last argument of a consumer: which 64 of the keys its group owns.
+    # W, the eighth to last argument of a consumer: which 64 of the keys its group owns.
     gl.warp_specialize([
         (_consumer, (dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, ones_smem,
                      kv_ready, q_ready, slot_free, ds_ready, ds_free, done,
                      head_bias_ptr, dbias_ptr, num_heads, b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, diag_offset,
-                     scale, half_scale, half_bias,
-                     0, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS)),
+                     scale, half_scale, half_bias, cu_seqlens_q, cu_seqlens_k, dk_ptr, dv_ptr,
+                     0, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS, VARLEN)),
         (_consumer, (dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, ones_smem,
                      kv_ready, q_ready, slot_free, ds_ready, ds_free, done,
                      head_bias_ptr, dbias_ptr, num_heads, b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, diag_offset,
-                     scale, half_scale, half_bias,
-                     1, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS)),
+                     scale, half_scale, half_bias, cu_seqlens_q, cu_seqlens_k, dk_ptr, dv_ptr,
+                     1, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS, VARLEN)),
         (_loader, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free,
-                   b, h_kv, n0, q_lo, n_q, n_q * GROUP, GROUP, STAGES)),
+                   b_coord, h_kv, k_start + n0, q_start, q_lo, n_q, n_q * GROUP, GROUP, STAGES)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
 # fmt: on
 
 
 def unsupported(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, grads: tuple[Tensor, Tensor, Tensor], window: tuple[int, int],
-    alibi: Tensor | None, head_bias: Tensor | None, deterministic: bool,
+    alibi: Tensor | None, head_bias: Tensor | None, deterministic: bool, max_seqlens: tuple[int, int] | None = None,
 ) -> str | None:  # fmt: skip
-    """Why this kernel does not run a dense backward with these arguments, or None if it does (on an sm_90
-    GPU): head dim 64 or 128 (64 with a per-head bias), bf16 or fp16, no ALiBi, a full or causal mask, a
+    """Why this kernel does not run a backward with these arguments, or None if it does (on an sm_90 GPU):
+    head dim 64 or 128 (64 with a per-head bias), bf16 or fp16, no ALiBi, a full or causal mask, a
     non-deterministic backward allowed, at least one key, more queries than ``TRITON_UP_TO_QUERIES`` (shorter
-    calls are faster on the Triton kernels), and tensors TMA can address."""
+    calls are faster on the Triton kernels), and tensors TMA can address. ``max_seqlens``: (longest queries,
+    longest keys) of packed sequences, whose tensors are seen as (1, total, H, D)."""
+    seqlen_q, seqlen_k = max_seqlens or (q.shape[1], k.shape[1])
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim {q.shape[-1]}, not one of {HEAD_DIMS}"
     if deterministic:
         return "deterministic: dQ is reduced by atomic additions"
     if head_bias is not None and q.shape[-1] not in HEAD_BIAS_HEAD_DIMS:
         return f"per-head bias at head dim {q.shape[-1]}: the Triton backward is faster"
-    if host.cdiv(k.shape[1], 2 * int(KEYS)) > MAX_GRID_ROWS:
-        return f"{k.shape[1]} keys: more than {MAX_GRID_ROWS} tiles of {2 * int(KEYS)}"
+    if host.cdiv(seqlen_k, 2 * int(KEYS)) > MAX_GRID_ROWS:
+        return f"{seqlen_k} keys: more than {MAX_GRID_ROWS} tiles of {2 * int(KEYS)}"
     reason = hopper.unsupported_common(q, k, window, alibi, (q, k, v, do, *grads))
     if reason is None and q.shape[1] == 0:
         return "no queries"
     shortest = TRITON_UP_TO_QUERIES[(q.shape[-1], window[1] == 0)]
-    if reason is None and q.shape[1] <= shortest:
-        return f"{q.shape[1]} queries: the Triton backward is faster up to {shortest}"
+    if reason is None and seqlen_q <= shortest:
+        return f"{seqlen_q} queries: the Triton backward is faster up to {shortest}"
     return reason
 
 
 def runs_on_sm90(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, grads: tuple[Tensor, Tensor, Tensor], window: tuple[int, int],
-    alibi: Tensor | None, head_bias: Tensor | None, deterministic: bool,
+    alibi: Tensor | None, head_bias: Tensor | None, deterministic: bool, max_seqlens: tuple[int, int] | None = None,
 ) -> bool:  # fmt: skip
     """Whether ``flash_bwd`` takes this kernel: on an sm_90 GPU, arguments ``unsupported`` accepts."""
     if not (q.is_cuda and hopper.is_sm90(q.device)):
         return False
-    return unsupported(q, k, v, do, grads, window, alibi, head_bias, deterministic) is None
+    return unsupported(q, k, v, do, grads, window, alibi, head_bias, deterministic, max_seqlens) is None
 
 
 def _chunks(batch: int, num_kv_heads: int, per_kv_head: int, seqlen_k: int) -> tuple[int, int]:
     """(batch rows, kv heads) per launch, so the workspace stays within its budget (at least one kv head
     of one row) and the grid within CUDA's 65535 rows."""
-    budget = WORKSPACE_BYTES * max(1, WORKSPACE_KEYS // seqlen_k)
+    budget = WORKSPACE_BYTES * max(1, WORKSPACE_KEYS // max(seqlen_k, 1))
     if per_kv_head * num_kv_heads <= budget:
         return max(1, min(batch, MAX_GRID_ROWS, budget // (per_kv_head * num_kv_heads))), num_kv_heads
     return 1, max(1, budget // per_kv_head)
@@ -347,16 +407,29 @@ def _chunks(batch: int, num_kv_heads: int, per_kv_head: int, seqlen_k: int) -> t
 def flash_bwd_sm90(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, grads: tuple[Tensor, Tensor, Tensor], *, scale: float,
     const_bias: float, default_bias: bool, causal: bool, top_left: bool, head_bias: Tensor | None,
+    cu_seqlens: tuple[Tensor, Tensor, int, int] | None = None,
 ) -> Tensor | None:  # fmt: skip
     """Writes (dq, dk, dv) of ``hopper.flash_fwd_sm90``'s attention into ``grads``; returns the gradient of
-    ``head_bias`` (None without one)."""
+    ``head_bias`` (None without one). ``cu_seqlens`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k): packed sequences seen as (1, total, H, D), as in the forward."""
     dq, dk, dv = grads
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
-    bias = -math.log(seqlen_k) if default_bias else const_bias
-    rows_per_launch, kv_heads_per_launch = _chunks(batch, num_kv_heads, seqlen_q * group * head_dim * 4, seqlen_k)
-    workspace = torch.zeros(rows_per_launch, seqlen_q, kv_heads_per_launch * group, head_dim, dtype=torch.float32,
+    per_kv_head = seqlen_q * group * head_dim * 4  # workspace bytes per kv head of a tensor row
+    if cu_seqlens is None:
+        cu_seqlens_q = cu_seqlens_k = None
+        rows_per_launch, kv_heads_per_launch = _chunks(batch, num_kv_heads, per_kv_head, seqlen_k)
+        workspace_rows = rows_per_launch
+        bias = -math.log(seqlen_k) if default_bias else const_bias
+    else:  # one launch covers every sequence; the tensors and the workspace have one row
+        cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k = cu_seqlens
+        batch = rows_per_launch = cu_seqlens_q.shape[0] - 1
+        kv_heads_per_launch = _chunks(1, num_kv_heads, per_kv_head, seqlen_k)[1]
+        workspace_rows = 1
+        bias = const_bias
+    sequence_bias = default_bias and cu_seqlens is not None and head_bias is None
+    workspace = torch.zeros(workspace_rows, q.shape[1], kv_heads_per_launch * group, head_dim, dtype=torch.float32,
                             device=q.device)  # fmt: skip
     rows, keys = int(ROWS), int(KEYS)
     descriptors = (
@@ -364,22 +437,30 @@ def flash_bwd_sm90(
         host.descriptor(workspace, rows, int(DQ_COLS)), host.descriptor(dk, keys), host.descriptor(dv, keys),
     )  # fmt: skip
     key_tiles = host.cdiv(seqlen_k, 2 * keys)
-    # Every (row, head, key tile, consumer) sum is written: no zeroing needed.
-    dbias = None if head_bias is None else torch.empty(batch, num_heads, key_tiles, 2, device=q.device)
+    # Every (row, head, key tile, consumer) sum of dense rows is written; a packed sequence's tiles past its
+    # end write nothing.
+    dbias = None
+    if head_bias is not None:
+        dbias = (torch.empty if cu_seqlens is None else torch.zeros)(batch, num_heads, key_tiles, 2, device=q.device)
     heavy_first = causal and workspace.numel() * 4 <= L2_BYTES
     stages = STAGES[head_dim]
     key = (head_dim, *(t.dtype for t in (q, k, v, do, dk, dv)), group, causal, stages, heavy_first,
-           None if head_bias is None else head_bias.dtype)  # fmt: skip
+           None if head_bias is None else head_bias.dtype, sequence_bias, cu_seqlens is not None)  # fmt: skip
     diag_offset = 0 if top_left else seqlen_k - seqlen_q
+    packed = (None, None) if cu_seqlens is None else (dk, dv)
     for b0 in range(0, batch, rows_per_launch):
         for h0 in range(0, num_kv_heads, kv_heads_per_launch):
             n_rows, n_kv_heads = min(rows_per_launch, batch - b0), min(kv_heads_per_launch, num_kv_heads - h0)
             grid = (n_kv_heads, n_rows, key_tiles) if heavy_first else (key_tiles, n_kv_heads, n_rows)
-            args = (*descriptors, head_bias, dbias, num_heads, b0, h0, seqlen_q, diag_offset, scale, 0.5 * scale,
-                    0.5 * bias, group, causal, stages, heavy_first, head_bias is not None)  # fmt: skip
+            args = (*descriptors, *packed, head_bias, dbias, cu_seqlens_q, cu_seqlens_k, num_heads, b0, h0, seqlen_q,
+                    seqlen_k, diag_offset, scale, 0.5 * scale, 0.5 * bias, group, causal, stages, heavy_first,
+                    head_bias is not None, sequence_bias, cu_seqlens is not None)  # fmt: skip
             if b0 or h0:
                 workspace.zero_()
-            host.launch(sigmoid_attn_bwd_kernel_sm90, grid, args, key, num_warps=4, maxnreg=MAX_REGISTERS)
+            if key_tiles:
+                host.launch(sigmoid_attn_bwd_kernel_sm90, grid, args, key, num_warps=4, maxnreg=MAX_REGISTERS)
             heads = slice(h0 * group, (h0 + n_kv_heads) * group)
-            torch.mul(workspace[:n_rows, :, : n_kv_heads * group], scale, out=dq[b0 : b0 + n_rows, :, heads])
+            tensor_rows = min(n_rows, workspace_rows)
+            torch.mul(workspace[:tensor_rows, :, : n_kv_heads * group], scale,
+                      out=dq[b0 : b0 + tensor_rows, :, heads])  # fmt: skip
     return None if dbias is None else dbias.sum(dim=(0, 2, 3)).to(head_bias.dtype)
