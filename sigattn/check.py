@@ -358,8 +358,10 @@ def grid(quick: bool) -> list[AnyCase]:
         KVCacheCase(caches, 113, 8192, 16, 4, 128, dtype="float16", window=(300, -1), alibi=True, head_bias=True),
         KVCacheCase(caches, 3, 8192, 12, 4, 80, causal=False, page_size=16),  # group 3: not packed
     ]
-    # 40 rows: 320 or 1280 programs, the wide tiles of KVCACHE_MANY_PROGRAMS_CONFIGS on an H100
+    # 40 rows: 320 or 1280 programs, the wide tiles of KVCACHE_MANY_PROGRAMS_CONFIGS on an H100 or H200, and
+    # for a 2k cache KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS'
     cases += [KVCacheCase(tuple(range(0, 4040, 101)), 1, 4096, 32, hkv, 128) for hkv in (8, 32)]
+    cases += [KVCacheCase(tuple(range(0, 2040, 51)), 1, 2048, 32, hkv, 128) for hkv in (8, 32)]
     return list(dict.fromkeys(cases))
 
 
