@@ -26,11 +26,15 @@ providers ``sigattn-varlen`` (sigmoid_attn_varlen_func), ``sigattn-dense`` (sigm
 tokens as a batch of equal sequences; only for equal lengths) and ``sigattn-loop`` (sigmoid_attn_func on
 each sequence in turn). ``lengths`` is "equal" (seqlen each) or "mixed" (random lengths with mean seqlen,
 the same for every provider). TFLOP/s count the unmasked pairs of every sequence, backward 2.5x forward.
+Timed both ways too: ``ms`` and ``tflops`` from CUDA-graph replays (the kernels' throughput, which the
+comparison is about: at 512-1k tokens per sequence a call's GPU work is shorter than the host's time to
+issue it), ``ms_eager`` and ``tflops_eager`` from Python.
 
 JSON: ``{"meta": {..., "copy_gbps"}, "rows": [...]}``; decode rows ``{"provider", "mode": "decode", "batch",
 "cache_len", "heads", "kv_heads", "headdim", "dtype", "ms", "gbps", "ms_eager", "gbps_eager"}``, varlen
 rows ``{"provider", "mode", "lengths", "total_tokens", "seqlen", "batch", "heads", "headdim", "causal",
-"dtype", "ms", "tflops"}``.
+"dtype", "ms", "tflops", "ms_eager", "tflops_eager"}`` (``ms`` and ``tflops`` None, with the reason among the
+skips, if a step could not be captured in a graph).
 """
 
 from __future__ import annotations
@@ -285,28 +289,41 @@ def run_varlen(quick: bool, progress=print) -> tuple[list[dict], list]:
             try:
                 step = _varlen_step(provider, lengths, mode)
                 step()
-                ms = _bench(step, quick)
+                ms_eager = _bench(step, quick)
             except Exception as error:
                 skips.append((provider, seqlen, describe_error(error)))
                 continue
+            try:
+                ms = _bench_graph(step, quick)
+            except Exception as error:  # the eager time still stands
+                skips.append((provider, seqlen, f"graph replay: {describe_error(error)}"))
+                ms = None
+            flops = _varlen_flops(lengths, mode)
             rows.append({"provider": provider, "mode": mode, "lengths": "mixed" if mixed else "equal",
                          "total_tokens": VARLEN_TOKENS, "seqlen": seqlen, "batch": len(lengths),
                          "heads": VARLEN_HEADS, "headdim": VARLEN_HEADDIM, "causal": True, "dtype": "bf16",
-                         "ms": round(ms, 5),
-                         "tflops": round(_varlen_flops(lengths, mode) / (ms * 1e-3) / 1e12, 2)})  # fmt: skip
+                         "ms": None if ms is None else round(ms, 5),
+                         "tflops": None if ms is None else round(flops / (ms * 1e-3) / 1e12, 2),
+                         "ms_eager": round(ms_eager, 5),
+                         "tflops_eager": round(flops / (ms_eager * 1e-3) / 1e12, 2)})  # fmt: skip
         progress(f"varlen seqlen={seqlen} {'mixed' if mixed else 'equal'} {mode}: done")
     return rows, skips
 
 
 def format_varlen(rows: list[dict], skips: list) -> str:
-    header = ["lengths", "seqlen", "mode", *[f"{p} TFLOP/s" for p in VARLEN_PROVIDERS], "varlen/dense", "varlen/loop"]
+    header = ["lengths", "seqlen", "mode", *[f"{p} TFLOP/s" for p in VARLEN_PROVIDERS], "varlen/dense",
+              "varlen/loop", "eager: varlen/dense", "eager: varlen/loop"]  # fmt: skip
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
-    for key in dict.fromkeys((r["lengths"], r["seqlen"], r["mode"]) for r in rows):
-        cell = {r["provider"]: r["tflops"] for r in rows if (r["lengths"], r["seqlen"], r["mode"]) == key}
+
+    def ratios(cell: dict) -> list[str]:
         ours = cell.get("sigattn-varlen")
-        line = [key[0], str(key[1]), key[2], *[f"{cell[p]:.0f}" if p in cell else "-" for p in VARLEN_PROVIDERS]]
-        line += [f"{ours / cell[p]:.2f}" if ours and p in cell else "-" for p in ("sigattn-dense", "sigattn-loop")]
-        lines.append("| " + " | ".join(line) + " |")
+        return [f"{ours / cell[p]:.2f}" if ours and cell.get(p) else "-" for p in ("sigattn-dense", "sigattn-loop")]
+
+    for key in dict.fromkeys((r["lengths"], r["seqlen"], r["mode"]) for r in rows):
+        here = [r for r in rows if (r["lengths"], r["seqlen"], r["mode"]) == key]
+        graph, eager = ({r["provider"]: r[field] for r in here} for field in ("tflops", "tflops_eager"))
+        line = [key[0], str(key[1]), key[2], *[f"{graph[p]:.0f}" if graph.get(p) else "-" for p in VARLEN_PROVIDERS]]
+        lines.append("| " + " | ".join(line + ratios(graph) + ratios(eager)) + " |")
     lines += [f"skipped {p} at seqlen {s}: {why}" for p, s, why in skips]
     return "\n".join(lines)
 

@@ -407,3 +407,20 @@ def test_decode_table_ratios():
     assert cells[7:11] == ["0.50", "0.80", "2.00x", "0.50x"]
     assert len(cells) == 13
     assert lines[-1] == "skipped sdpa-math: OutOfMemoryError: ..."
+
+
+def test_varlen_table_ratios_from_graph_and_eager_times():
+    from sigattn import benchmark_inference as inf
+
+    def row(provider, tflops, tflops_eager):
+        return {"provider": provider, "lengths": "equal", "seqlen": 512, "mode": "fwd", "tflops": tflops,
+                "tflops_eager": tflops_eager}  # fmt: skip
+
+    rows = [row("sigattn-varlen", 300, 100), row("sigattn-dense", 320, 200), row("sigattn-loop", 10, 5)]
+    line = inf.format_varlen(rows, []).splitlines()[2]
+    assert line == "| equal | 512 | fwd | 300 | 320 | 10 | 0.94 | 30.00 | 0.50 | 20.00 |"
+    # a step that could not be captured keeps its eager ratio; the skip says why
+    rows[1]["tflops"] = None
+    table = inf.format_varlen(rows, [("sigattn-dense", 512, "graph replay: RuntimeError")])
+    assert table.splitlines()[2] == "| equal | 512 | fwd | 300 | - | 10 | - | 30.00 | 0.50 | 20.00 |"
+    assert table.splitlines()[-1] == "skipped sigattn-dense at seqlen 512: graph replay: RuntimeError"
