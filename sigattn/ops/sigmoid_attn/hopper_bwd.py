@@ -275,15 +275,14 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
 def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, dk_ptr, dv_ptr,
                                  head_bias_ptr, dbias_ptr, cu_seqlens_q, cu_seqlens_k, num_heads, b0, h0, seqlen_q,
                                  seqlen_k, diag_offset, scale, half_scale, half_scale_bias, GROUP: gl.constexpr,
-                                 CAUSAL: gl.constexpr,
-                                 STAGES: gl.constexpr, HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr,
-                                 SEQUENCE_BIAS: gl.constexpr, VARLEN: gl.constexpr):
+                                 CAUSAL: gl.constexpr, STAGES: gl.constexpr, HEAVY_FIRST: gl.constexpr,
+                                 HEAD_BIAS: gl.constexpr, SEQUENCE_BIAS: gl.constexpr, VARLEN: gl.constexpr):
     """One program: keys i_n * 128 .. + 127 of kv head h_kv of batch row b. Descriptors are 4-d
     (B, S, H, D) with blocks [1, 64, 1, D] ([1, 64, 1, 64] for the fp32 dQ workspace): keys past Sk and
     queries past Sq load as zeros, and so add nothing. A launch covers batch rows b0 + and kv heads h0 + its
     grid; the workspace holds only theirs. With HEAD_BIAS, head h's bias is head_bias_ptr[h] and dbias_ptr
-    receives each consumer's sum of dS: (B, num_heads, key tiles, 2) fp32 values. The bias is
-    -log of the sequence's key count (0 with no key) with SEQUENCE_BIAS (packed sequences), else twice
+    receives each consumer's sum of dS: (B, num_heads, key tiles, 2) fp32 values. Otherwise the bias is -log
+    of the sequence's key count (0 with no key) with SEQUENCE_BIAS (packed sequences), else twice
     half_scale_bias.
 
     With VARLEN the tensors are packed sequences seen as (1, total, H, D) and the workspace as (1, total_q,
