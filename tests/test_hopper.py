@@ -48,7 +48,7 @@ def compile_sm90(head_dim: int, dtype: torch.dtype, causal: bool, head_bias: boo
     )  # fmt: skip
     signature = {name: mangle_type(d) for name, d in args.items()}
     signature.update(o_ptr=mangle_type(q), head_bias_ptr="*fp32", cu_seqlens_q="*i32", cu_seqlens_k="*i32")
-    signature.update(seqlen_q="i32", seqlen_k="i32", diag_offset="i32", stride_om="i32", stride_oh="i32")
+    signature.update(seqlen_q="i32", seqlen_k="i32", diag_offset="i32")
     signature.update(half_scale="fp32", half_scale_bias="fp32")
     max_registers, consumer_registers = config.registers
     constants = dict(GROUP=group, CAUSAL=causal, HEAD_BIAS=head_bias, SEQUENCE_BIAS=varlen and not head_bias,

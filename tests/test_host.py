@@ -132,9 +132,9 @@ def test_forward_kernel_specialises_on_nothing_outside_its_key():
     specs = [
         specialization(kernel, (*descriptors, out, bias, cu_q, cu_k, *ints, 0.1, -0.3, *constexprs))
         for out, bias, cu_q, cu_k, ints in (
-            (q, aligned, cu, cu, (2048, 2048, 0, 512, 128)),
-            (torch.empty(q.numel() + 1, dtype=q.dtype)[1:], unaligned, cu_unaligned, cu, (17, 1, 1, 1, 16)),
-            (q, aligned, cu, cu_unaligned, (1, 33, -16, 32, 1)),
+            (q, aligned, cu, cu, (2048, 2048, 0)),
+            (torch.empty(q.numel() + 1, dtype=q.dtype)[1:], unaligned, cu_unaligned, cu, (17, 1, 1)),
+            (q, aligned, cu, cu_unaligned, (1, 33, -16)),
         )
     ]  # fmt: skip
     assert specs[0] == specs[1] == specs[2]

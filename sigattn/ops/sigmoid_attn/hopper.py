@@ -189,10 +189,12 @@ def sequence_half_bias(seqlen_k):
 
 
 @gluon.jit
-def store_rows(ptr, value, start, r0, length, h, stride_m, stride_h, layout: gl.constexpr):
+def store_rows(ptr, desc, value, start, r0, length, h, layout: gl.constexpr):
     """Register stores of a tile ``value`` [rows, D] (in ``layout``) of head h at the rows r0 + of a packed
     sequence that begins at token ``start``, but for the rows past its ``length`` (a TMA store would write
-    the whole tile, over the next sequence's first rows)."""
+    the whole tile, over the next sequence's first rows). ``ptr`` is the tensor of the TMA descriptor
+    ``desc``, whose strides address it."""
+    stride_m, stride_h = desc.strides[1], desc.strides[2]
     ROWS_: gl.constexpr = value.shape[0]
     D: gl.constexpr = value.shape[1]
     row = r0 + gl.arange(0, ROWS_, layout=gl.SliceLayout(1, layout))
@@ -214,7 +216,7 @@ def _store_tile(o_desc, q_rows, value, b, row, h):
 @gluon.jit
 def _attend(
     o_desc, q_rows, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, seqlen_q, seqlen_k, diag_offset,
-    half_scale, half_bias, q_start, o_ptr, stride_om, stride_oh, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+    half_scale, half_bias, q_start, o_ptr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr
 ):  # fmt: skip
     """Query rows m0 .. m0 + 63 against the key tiles they see: writes their output, releases those tiles
@@ -261,7 +263,7 @@ def _attend(
     mbarrier.arrive(slot_free.index(last), count=1)
     if VARLEN:
         if m0 + ROWS > seqlen_q:
-            store_rows(o_ptr, acc.to(dtype), q_start, m0, seqlen_q, h, stride_om, stride_oh, o_layout)
+            store_rows(o_ptr, o_desc, acc.to(dtype), q_start, m0, seqlen_q, h, o_layout)
         else:
             _store_tile(o_desc, q_rows, acc.to(dtype), b, q_start + m0, h)
     else:
@@ -276,13 +278,13 @@ def _consumer(shared, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.const
     enough for its last rows; a group that needs fewer (its causal diagonal comes earlier, or its rows are
     past Sq) releases the rest unread. ``shared``: the arguments every group gets (the kernel's tuple)."""
     (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles, seqlen_q, seqlen_k,
-     diag_offset, half_scale, half_bias, q_start, o_ptr, stride_om, stride_oh) = shared  # fmt: skip
+     diag_offset, half_scale, half_bias, q_start, o_ptr) = shared  # fmt: skip
     m0 = m0 + W * ROWS
     n_mine = 0
     if m0 < seqlen_q:
         n_mine = _attend(o_desc, q_smem.index(W), k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0,
-                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, q_start, o_ptr, stride_om, stride_oh,
-                         HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)  # fmt: skip
+                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, q_start, o_ptr, HEAD_DIM, BLOCK_N,
+                         STAGES, CAUSAL, VARLEN)  # fmt: skip
     for j in range(n_mine, n_tiles):
         # Released only once loaded: an earlier arrival would count towards the release of the tile the
         # slot holds now, which other groups may still be reading.
@@ -292,7 +294,7 @@ def _consumer(shared, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.const
 
 
 # One compiled kernel per constexprs and dtypes (host.launch).
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag_offset", "stride_om", "stride_oh"],
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag_offset"],
            do_not_specialize_on_alignment=["o_ptr", "head_bias_ptr", "cu_seqlens_q", "cu_seqlens_k"])  # fmt: skip
 def sigmoid_attn_fwd_kernel_sm90(
     q_desc,
@@ -306,8 +308,6 @@ def sigmoid_attn_fwd_kernel_sm90(
     seqlen_q,
     seqlen_k,
     diag_offset,
-    stride_om,
-    stride_oh,
     half_scale,
     half_scale_bias,
     GROUP: gl.constexpr,
@@ -322,8 +322,8 @@ def sigmoid_attn_fwd_kernel_sm90(
     """One program: 64 x CONSUMERS query rows of head h of batch row b. Descriptors are 4-d (B, S, H, D)
     with blocks [1, rows, 1, D]: keys past Sk load as zeros, outputs past Sq are not written. With VARLEN the
     tensors are packed sequences seen as (1, total, H, D), sequence b at tokens cu_seqlens[b] ..
-    cu_seqlens[b + 1] - 1 (a bottom-right causal diagonal; o_ptr, stride_om and stride_oh address the
-    output's last partial tile); seqlen_q and seqlen_k are then the longest lengths and unused.
+    cu_seqlens[b + 1] - 1 (a bottom-right causal diagonal; o_ptr, o_desc's tensor, takes the stores of a
+    last partial tile); seqlen_q and seqlen_k are then the longest lengths and unused.
     The bias is head_bias_ptr[h] with HEAD_BIAS, else -log of the sequence's key count (0 with no key) with
     SEQUENCE_BIAS (packed sequences), else twice half_scale_bias."""
     i_m = gl.program_id(0)
@@ -363,7 +363,7 @@ def sigmoid_attn_fwd_kernel_sm90(
         mbarrier.init(slot_free.index(i), count=CONSUMERS)  # every consumer group releases a slot
 
     shared = (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles, seqlen_q,
-              seqlen_k, diag_offset, half_scale, half_bias, q_start, o_ptr, stride_om, stride_oh)  # fmt: skip
+              seqlen_k, diag_offset, half_scale, half_bias, q_start, o_ptr)  # fmt: skip
     # The second number of a consumer's arguments: which 64 of the program's rows its group owns.
     # fmt: off
     if CONSUMERS == 2:
@@ -455,7 +455,7 @@ def flash_fwd_sm90(
     args = (
         host.descriptor(q, rows), host.descriptor(k, config.block_n), host.descriptor(v, config.block_n),
         host.descriptor(out, rows), out, head_bias, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k,
-        0 if top_left else seqlen_k - seqlen_q, out.stride(1), out.stride(2), 0.5 * scale, 0.5 * bias, group, causal,
+        0 if top_left else seqlen_k - seqlen_q, 0.5 * scale, 0.5 * bias, group, causal,
         head_bias is not None, sequence_bias, cu_seqlens is not None, config.consumers, config.stages,
         consumer_registers,
     )  # fmt: skip

@@ -256,10 +256,8 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
     n_mine = n0 + W * KEYS
     if VARLEN:
         if n_mine + KEYS > seqlen_k:
-            hopper.store_rows(dk_ptr, (dk * scale).to(dtype), k_start, n_mine, seqlen_k, h0 + h_ws,
-                              dk_desc.strides[1], dk_desc.strides[2], kv_layout)  # fmt: skip
-            hopper.store_rows(dv_ptr, dv.to(dtype), k_start, n_mine, seqlen_k, h0 + h_ws, dv_desc.strides[1],
-                              dv_desc.strides[2], kv_layout)  # fmt: skip
+            hopper.store_rows(dk_ptr, dk_desc, (dk * scale).to(dtype), k_start, n_mine, seqlen_k, h0 + h_ws, kv_layout)
+            hopper.store_rows(dv_ptr, dv_desc, dv.to(dtype), k_start, n_mine, seqlen_k, h0 + h_ws, kv_layout)
         else:
             _store_tiles(dk_desc, dv_desc, q_bufs.index(W), do_bufs.index(W), dk * scale, dv, 0, k_start + n_mine,
                          h0 + h_ws)  # fmt: skip
