@@ -32,8 +32,11 @@ CONFIGS = [TileConfig(16, 64, 4, 3), TileConfig(16, 128, 4, 3), TileConfig(16, 6
 
 def launch_and_sum(launch, part, out, splits):
     launch()
-    grid = (triton.cdiv(out.numel(), 1024),)
-    sigmoid_attn_sum_splits_kernel[grid](part, out, out.numel(), NUM_SPLITS=splits, BLOCK=1024)
+    splits_p2 = triton.next_power_of_2(splits)
+    block = max(32, flash.SUM_SPLITS_ELEMENTS // splits_p2)  # as flash_kvcache_fwd launches it
+    sigmoid_attn_sum_splits_kernel[(triton.cdiv(out.numel(), block),)](
+        part, out, out.numel(), NUM_SPLITS=splits, SPLITS_P2=splits_p2, BLOCK=block
+    )
 
 
 def measure(B, S, Hq, Hkv, empty_us):

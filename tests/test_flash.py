@@ -149,6 +149,24 @@ def test_every_output_element_written():
     assert (out[:, :16] == 0).all()  # Sq=20, Sk=4: rows 0..15 see nothing
 
 
+@pytest.mark.parametrize("pack_gqa", [False, True], ids=["per-head", "packed"])
+def test_kvcache_split_sum_into_a_strided_out(pack_gqa):
+    """Split keys into a caller's ``out`` that is a view into a wider poisoned buffer: the splits' sum lands
+    in the view, the other columns stay untouched, and a second call gives the same values."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 2, 4, 32, generator=gen).to(DEVICE, torch.float16)
+    k_cache, v_cache = (torch.randn(3, 96, 2, 32, generator=gen).to(DEVICE, torch.float16) for _ in "kv")
+    lens = torch.tensor([0, 50, 96], dtype=torch.int32, device=DEVICE)
+    params, _ = flash.flash_params(scale=32**-0.5, bias=None, causal=True, window_size=(-1, -1))
+    whole = flash.flash_kvcache_fwd(q, k_cache, v_cache, lens, params, num_splits=1, pack_gqa=pack_gqa)
+    wide = torch.full((3, 2, 4, 64), math.nan, dtype=q.dtype, device=DEVICE)
+    out = wide[..., 16:48]
+    for _ in range(2):
+        flash.flash_kvcache_fwd(q, k_cache, v_cache, lens, params, out=out, num_splits=3, pack_gqa=pack_gqa)
+        torch.testing.assert_close(out, whole, atol=2e-3, rtol=0)
+    assert wide[..., :16].isnan().all() and wide[..., 48:].isnan().all()
+
+
 def test_triton_backend_declines_with_reasons():
     from sigattn.backends import BACKENDS, AttnCall
 

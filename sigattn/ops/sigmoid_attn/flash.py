@@ -936,7 +936,10 @@ def flash_kvcache_fwd(
     if splits == 1:
         launch(out=out)
         return out
-    # The splits' partial outputs add exactly (no normalisation): a fixed-order fp32 sum, deterministic.
+    # The splits' partial outputs add exactly (no normalisation): a fixed-order fp32 sum, deterministic. A
+    # second kernel sums them: the last split program to finish could, but its arrival counts need zeroing
+    # every call, and that memset cost what this launch does (1-5% slower at B1-4 on an H200,
+    # benchmarks/results/decode_split_sum_ab_h200_2026-12-03.json).
     partial = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
     launch(out=partial, num_splits=splits)
     if not out.is_contiguous():
