@@ -11,11 +11,10 @@ import sys
 from functools import partial
 
 import torch
-import triton
 from graph_timing import bench_copy, bench_graph, write_result
 
 from sigattn.ops.sigmoid_attn import flash
-from sigattn.ops.sigmoid_attn.flash import Rows, TileConfig, _launch_fwd, sigmoid_attn_sum_splits_kernel
+from sigattn.ops.sigmoid_attn.flash import Rows, TileConfig, _launch_fwd
 
 SHAPES = [  # (batch, cache length, heads, kv heads)
     (1, 8192, 32, 8),
@@ -30,13 +29,9 @@ SHAPES = [  # (batch, cache length, heads, kv heads)
 CONFIGS = [TileConfig(16, 64, 4, 3), TileConfig(16, 128, 4, 3), TileConfig(16, 64, 4, 4), TileConfig(16, 128, 4, 4)]
 
 
-def launch_and_sum(launch, part, out, splits):
+def launch_and_sum(launch, part, out):
     launch()
-    splits_p2 = triton.next_power_of_2(splits)
-    block = max(32, flash.SUM_SPLITS_ELEMENTS // splits_p2)  # as flash_kvcache_fwd launches it
-    sigmoid_attn_sum_splits_kernel[(triton.cdiv(out.numel(), block),)](
-        part, out, out.numel(), NUM_SPLITS=splits, SPLITS_P2=splits_p2, BLOCK=block
-    )
+    flash.sum_splits(part, out)
 
 
 def measure(B, S, Hq, Hkv, empty_us):
@@ -74,7 +69,7 @@ def measure(B, S, Hq, Hkv, empty_us):
                 continue
             part = torch.empty(splits, *q.shape, dtype=torch.float32, device="cuda")
             launch = partial(_launch_fwd, q, k, v, part, params, None, None, rws, cfg, pack_gqa=pack, num_splits=splits)
-            m_us, b_us = bench_graph(launch), bench_graph(partial(launch_and_sum, launch, part, out, splits))
+            m_us, b_us = bench_graph(launch), bench_graph(partial(launch_and_sum, launch, part, out))
             rows.append(
                 dict(
                     **shape,

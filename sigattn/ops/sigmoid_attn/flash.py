@@ -944,12 +944,19 @@ def flash_kvcache_fwd(
     launch(out=partial, num_splits=splits)
     if not out.is_contiguous():
         return out.copy_(partial.sum(dim=0))
+    sum_splits(partial, out)
+    return out
+
+
+def sum_splits(partial: Tensor, out: Tensor) -> None:
+    """out (contiguous) = the sum over dim 0 of ``partial`` (splits, *out.shape) fp32, by
+    ``sigmoid_attn_sum_splits_kernel``."""
+    splits = partial.shape[0]
     splits_p2 = triton.next_power_of_2(splits)
     block = max(32, SUM_SPLITS_ELEMENTS // splits_p2)
     sigmoid_attn_sum_splits_kernel[(host.cdiv(out.numel(), block),)](
         partial, out, out.numel(), NUM_SPLITS=splits, SPLITS_P2=splits_p2, BLOCK=block
     )
-    return out
 
 
 def _backward_into(
