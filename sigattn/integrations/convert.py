@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import random
 import re
 from collections.abc import Iterable
@@ -320,15 +321,54 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
 
 
-def load_pretrained(path: str | Path):
-    """The model of a local directory (its ``architectures`` class, else AutoModel) and its tokenizer, or
-    None when it has none. Never downloads."""
+def read_model_config(path: str | Path) -> dict:
+    """``path/config.json``, checked for what loading needs: a ``model_type`` transformers knows and, if it
+    names ``architectures``, a first one that is a transformers model class. Each problem is a one-line
+    ValueError naming the file (transformers' own errors span lines, and take a missing folder for a Hub
+    model name)."""
     import transformers
 
-    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    names = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, names[0], None) if names else None
-    model_class = model_class or transformers.AutoModel
+    folder, version = Path(path), transformers.__version__
+    file = folder / "config.json"
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such directory (convert reads a local model directory; nothing is downloaded)")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{file}: no such file: {folder} is not a transformers model directory") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{file}: expected a JSON object, got text that is not JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: expected a JSON object, got a JSON {type(config).__name__}")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        given = repr(model_type) if "model_type" in config else "none"
+        raise ValueError(
+            f"{file}: expected a model_type that transformers {version} knows, got {given}; "
+            "upgrade transformers or fix the file"
+        )
+    names = config.get("architectures") or []
+    if names and not _is_model_class(getattr(transformers, str(names[0]), None)):
+        raise ValueError(
+            f"{file}: architecture {names[0]!r} is not a model class of transformers {version} (a model's own code "
+            "is never run); upgrade transformers, or remove architectures to load the base model (AutoModel)"
+        )
+    return config
+
+
+def _is_model_class(obj) -> bool:
+    import transformers
+
+    return isinstance(obj, type) and issubclass(obj, transformers.PreTrainedModel)
+
+
+def load_pretrained(path: str | Path):
+    """The model of a local directory (its ``architectures`` class, else AutoModel) and its tokenizer, or
+    None when it has none. Never downloads; a bad config.json is a ValueError naming it (``read_model_config``)."""
+    import transformers
+
+    names = read_model_config(path).get("architectures") or []
+    model_class = getattr(transformers, names[0]) if names else transformers.AutoModel
     model = model_class.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -390,5 +430,6 @@ __all__ = [
     "convert_to_sigmoid",
     "docstring_sentences",
     "load_pretrained",
+    "read_model_config",
     "text_batches",
 ]

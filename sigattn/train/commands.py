@@ -17,10 +17,11 @@ from pathlib import Path
 from ..data import CorpusUnavailableError
 from .compare import compare, write_comparison
 from .config import ConfigError, setting_names
+from .metrics import MetricsError
 from .presets import build_config, preset_names
 from .trainer import TrainError, train
 
-USER_ERRORS = (ConfigError, TrainError, CorpusUnavailableError)
+USER_ERRORS = (ConfigError, TrainError, CorpusUnavailableError, MetricsError)
 
 
 def positive_int(text: str) -> int:

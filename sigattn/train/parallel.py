@@ -13,15 +13,18 @@ and the logged loss are those of the one-process step on the whole batch.
 
 With ``parallel`` set, the model and optimizer are checkpointed with DCP in the folder ``checkpoint/``
 (``get_state_dict``/``set_state_dict``: keys are the plain module's, shards are resharded on load), so a
-run resumes on any number of processes, DDP or FSDP. Without torchrun (no process group) a run with
-``parallel`` set trains in one process and still reads and writes that format: ``--resume`` on one
-process continues a run started on N.
+run resumes on any number of processes, DDP or FSDP. DCP reads its shards with ``weights_only=True`` but
+its metadata files with plain ``pickle.load``, which calls whatever a file names: ``load_checkpoint`` first
+unpickles them allowing only what DCP writes there, so a file naming anything else is refused unloaded.
+Without torchrun (no process group) a run with ``parallel`` set trains in one process and still reads and
+writes that format: ``--resume`` on one process continues a run started on N.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -30,11 +33,30 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .checkpoint import CheckpointError, describe_load_error
+from .checkpoint import load_checkpoint as load_plain_data
 
 CHECKPOINT_DIR = "checkpoint"
 LOOP_STATE = "loop.pt"  # inside CHECKPOINT_DIR: step, random-number states, loop state (rank 0 writes it)
+# What DCP's metadata files name (checked on torch 2.13, DDP and FSDP runs): its metadata dataclasses and
+# enum, the storage record of its file system writer, torch.Size, dtypes and layouts, and the checkpoint's path.
+METADATA_CLASSES = {
+    name
+    for name, obj in vars(dcp_metadata).items()
+    if isinstance(obj, type) and obj.__module__ == dcp_metadata.__name__
+}
+METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+}
 
 
 class ParallelError(RuntimeError):
@@ -191,18 +213,53 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer, loop_state: dict, pa
     parallel.barrier()
 
 
-def load_loop_state(out: Path) -> dict:
-    """The non-model state of ``out/checkpoint/`` (on every rank)."""
-    return torch.load(_checkpoint_dir(out) / LOOP_STATE, map_location="cpu", weights_only=True)
+def load_loop_state(out: Path) -> object:
+    """The non-model state of ``out/checkpoint/`` (on every rank); ``CheckpointError`` if it cannot be loaded
+    (truncated, corrupt, or naming objects other than plain data, which are never unpickled)."""
+    return load_plain_data(_checkpoint_dir(out) / LOOP_STATE)
 
 
 def load_checkpoint(out: Path, model: nn.Module, optimizer, parallel: Parallel) -> None:
-    """Loads the model and optimizer state from ``out/checkpoint/`` into this rank's (sharded) model."""
+    """Loads the model and optimizer state from ``out/checkpoint/`` into this rank's (sharded) model;
+    ``CheckpointError`` if a metadata file names anything DCP does not write there, or a file is corrupt."""
+    folder = _checkpoint_dir(out)
+    for path in sorted(folder.glob("*.metadata")):  # .metadata, and the per-rank files DCP falls back to
+        _check_metadata(path)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    with _one_process_quietly(parallel):
-        dcp.load(state, checkpoint_id=_checkpoint_dir(out), no_dist=not parallel.distributed)
+    try:
+        with _one_process_quietly(parallel):
+            dcp.load(state, checkpoint_id=folder, no_dist=not parallel.distributed)
+    except CheckpointException as error:  # a BaseException: it wraps each rank's error
+        failure = next(iter(error.failures.values()))[0]
+        raise CheckpointError(folder, f"a shard cannot be loaded: {describe_load_error(failure)}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles only the objects of ``METADATA_CLASSES`` and ``METADATA_GLOBALS`` and torch's dtypes."""
+
+    def find_class(self, module: str, name: str):
+        known = (module == dcp_metadata.__name__ and name in METADATA_CLASSES) or (module, name) in METADATA_GLOBALS
+        if known or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise _Refused(f"{module}.{name}")
+
+
+def _check_metadata(path: Path) -> None:
+    """Raises CheckpointError unless ``path`` unpickles with only what DCP writes in a metadata file."""
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except _Refused as error:
+        reason = f"it names {error}, which DCP metadata never holds and which could run code when loaded"
+        raise CheckpointError(path, f"{reason}; it was not loaded") from None
+    except Exception as error:  # corrupt bytes fail in many ways; nothing but the restricted unpickler ran
+        raise CheckpointError(path, f"the file is truncated or corrupt ({type(error).__name__}: {error})") from None
 
 
 def _checkpoint_dir(out: Path) -> Path:

@@ -12,7 +12,10 @@ A run writes into its output folder:
 
 Resuming (``resume=True``) continues from checkpoint.pt to the same losses an uninterrupted run reaches
 (bit for bit on the CPU): batches are a function of (seed, step), the random-number state, optimizer state
-and the pending loss average are restored, and metrics.jsonl is cut back to the checkpoint's step.
+and the pending loss average are restored, and metrics.jsonl is cut back to the checkpoint's step (the
+checkpoint is the truth: rows logged after it, and a last line torn by the interruption, are dropped). A
+checkpoint that is truncated, corrupt or holds objects other than plain data is refused with a TrainError
+that names it (``checkpoint.load_checkpoint``), as is a run folder that cannot be written.
 Ctrl-C (or SIGTERM) stops after the current step and writes a checkpoint; a second one stops at once.
 
 With ``train.parallel`` = ddp or fsdp the run is data-parallel under torchrun (``parallel.py``): each rank
@@ -29,6 +32,7 @@ import math
 import platform
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +44,7 @@ from torch import nn
 
 from ..data import CorpusUnavailableError
 from . import parallel as par
-from .checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import ConfigError, RunConfig
 from .diagnostics import SpikeDetector, attention_stats
 from .metrics import MetricsWriter, read_metrics
@@ -50,6 +54,8 @@ from .tasks import make_task
 Log = Callable[[str], None]
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+STATE_KEYS = ("config", "step", "rng", "task", "loop")  # besides "format"; checkpoint.pt adds the next two
+MODEL_KEYS = ("model", "optimizer")
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}  # fmt: skip
 
@@ -92,6 +98,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainError("train.device is 'cuda' but CUDA is not available; use train.device=cpu or auto")
     return torch.device(name)
+
+
+def prepare_run_folder(out: Path) -> None:
+    """Creates ``out`` and writes (and deletes) a file there, so that a folder the run cannot write is a
+    TrainError now, before the data and model are built, rather than an OSError at its first file."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise TrainError(
+            f"cannot write to the run folder {out} ({error.strerror or error}: {error.filename or out}): make it "
+            "writable or choose another --out"
+        ) from None
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -163,6 +183,7 @@ class Trainer:
                 f"compile='cudagraphs' needs a CUDA device and parallel='none', got device {device.type!r} and "
                 f"parallel={settings.parallel!r}: use compile='on' instead"
             )
+        prepare_run_folder(self.out)
         try:
             self.parallel = par.setup(settings.parallel, device)
             self.rows = par.local_rows(settings.batch_size, self.parallel)  # this rank's share of the batch
@@ -171,7 +192,6 @@ class Trainer:
                 self.parallel.close()
             raise TrainError(str(error)) from None
         self.device = par.rank_device(device, self.parallel)
-        self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(settings.seed)  # the same initial model on every rank
         try:
             self.task = make_task(config, state["task"] if state else None)
@@ -220,16 +240,19 @@ class Trainer:
         """The saved state less the model and optimizer (which DCP loads after wrapping, ``_restore``)."""
         path = self.out / CHECKPOINT
         sharded = self.config.train.parallel != "none"
-        if sharded and par.checkpoint_exists(self.out):
-            state = par.load_loop_state(self.out)
-            path = self.out / par.CHECKPOINT_DIR
-        elif not sharded and path.exists():
-            state = load_checkpoint(path)
-        else:
-            name = f"{par.CHECKPOINT_DIR}/ (train.parallel={self.config.train.parallel})" if sharded else CHECKPOINT
-            raise TrainError(f"--resume: no {name} in {self.out} to resume from")
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise TrainError(f"--resume: {path} has format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        try:
+            if sharded and par.checkpoint_exists(self.out):
+                state = par.load_loop_state(self.out)
+                path = self.out / par.CHECKPOINT_DIR
+            elif not sharded and path.exists():
+                state = load_checkpoint(path)
+            else:
+                name = f"{par.CHECKPOINT_DIR}/ (train.parallel={self.config.train.parallel})" if sharded else CHECKPOINT
+                raise TrainError(f"--resume: no {name} in {self.out} to resume from")
+        except CheckpointError as error:
+            # A sharded checkpoint is its folder (loop.pt and the shards): deleting loop.pt alone would orphan them.
+            raise _cannot_resume(str(error), error.path.parent if sharded else error.path) from None
+        _check_state(state, path, STATE_KEYS if sharded else STATE_KEYS + MODEL_KEYS)
         diffs = config_diff(state["config"], self.config.to_dict())
         if diffs:
             raise TrainError(
@@ -243,7 +266,10 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         else:
-            par.load_checkpoint(self.out, self.model, self.optimizer, self.parallel)
+            try:
+                par.load_checkpoint(self.out, self.model, self.optimizer, self.parallel)
+            except CheckpointError as error:
+                raise _cannot_resume(str(error), error.path if error.path.is_dir() else error.path.parent) from None
         loop = state["loop"]
         self.step = state["step"]
         self.spikes.load_state_dict(loop["spikes"])
@@ -454,6 +480,23 @@ class Trainer:
             self.log(f"no plots: {error}")
 
 
+def _cannot_resume(problem: str, delete: Path) -> TrainError:
+    return TrainError(
+        f"cannot resume from {problem}. Delete {delete} to start over (without --resume), or restore it from a backup"
+    )
+
+
+def _check_state(state, path: Path, keys: tuple[str, ...]) -> None:
+    """Raises TrainError unless ``state`` is a checkpoint of this format holding ``keys``."""
+    if not isinstance(state, dict):
+        raise _cannot_resume(f"{path}: expected a sigattn checkpoint (a dict), got a {type(state).__name__}", path)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"--resume: {path} has format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    missing = [key for key in keys if key not in state]
+    if missing:
+        raise _cannot_resume(f"{path}: the checkpoint lacks {', '.join(missing)}", path)
+
+
 def _postfix(row: dict) -> str:
     parts = [f"loss {row['train_loss']:.3f}"]
     if "val_loss" in row:
@@ -496,7 +539,8 @@ def train(
     """Runs (or with ``resume`` continues) a training run of ``config`` in ``out_dir``.
 
     ``until_step`` stops early at that step, with a checkpoint (as an interruption would).
-    Raises ``TrainError`` or ``ConfigError`` for problems the user can fix."""
+    Raises ``TrainError``, ``ConfigError`` or ``MetricsError`` (a damaged metrics.jsonl line) for problems
+    the user can fix."""
     trainer = Trainer(config, out_dir, resume=resume, log=log)
     try:
         return trainer.fit(until_step)
