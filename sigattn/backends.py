@@ -27,6 +27,7 @@ from .ops.sigmoid_attn.reference import (
     sigmoid_attn_reference,
     sigmoid_attn_varlen_reference,
 )
+from .ops.sigmoid_attn.traceable import sigmoid_attn_traceable, sigmoid_attn_varlen_traceable
 
 ENV_VAR = "SIGATTN_BACKEND"
 CallKind = Literal["dense", "varlen", "kvcache"]
@@ -59,6 +60,10 @@ class AttnCall:
     block_table: Tensor | None = None
     options: dict = field(init=False)
 
+    @property
+    def qkv(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.q, self.k, self.v
+
     def __post_init__(self):
         self.options = dict(
             scale=self.scale,
@@ -82,11 +87,15 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """Plain PyTorch: any device, every option. ``dense`` is the (B, S, H, D) attention it builds on."""
+    """Plain PyTorch: any device, every option. ``dense`` is the (B, S, H, D) attention it builds on, and
+    ``traced_dense`` the one it uses while ``torch.compile`` traces (``ops/sigmoid_attn/traceable.py``:
+    no control flow on values, so ``fullgraph=True`` and dynamic shapes work); ``exact`` computes in float64."""
 
-    def __init__(self, name: str, dense, description: str):
+    def __init__(self, name: str, dense, traced_dense, exact: bool, description: str):
         self.name = name
         self.dense = dense
+        self.traced_dense = traced_dense
+        self.exact = exact
         self.description = description
 
     def not_supported_reasons(self, call: AttnCall) -> list[str]:
@@ -95,19 +104,65 @@ class TorchBackend:
         return []
 
     def __call__(self, call: AttnCall) -> Tensor:
+        out = self._attend(call)
+        return _CanonicalGrad.apply(out) if out.requires_grad else out
+
+    def _attend(self, call: AttnCall) -> Tensor:
+        traced = torch.compiler.is_compiling()
+        dense = self.traced_dense if traced else self.dense
+        # A paged cache is a pool of pages, read by gathering (a fresh copy); any other q, k, v is copied too.
+        q, k, v = (t if call.block_table is not None and t is not call.q else _canonical(t) for t in call.qkv)
         if call.kind == "varlen":
+            if traced:
+                return sigmoid_attn_varlen_traceable(
+                    q, k, v, call.cu_seqlens_q, call.cu_seqlens_k, alibi_slopes=call.alibi_slopes, exact=self.exact,
+                    **call.options,
+                )  # fmt: skip
             return sigmoid_attn_varlen_reference(
-                call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k,
-                alibi_slopes=call.alibi_slopes, dense=self.dense, **call.options,
+                q, k, v, call.cu_seqlens_q, call.cu_seqlens_k, alibi_slopes=call.alibi_slopes, dense=dense,
+                **call.options,
             )  # fmt: skip
         if call.kind == "kvcache":
             return sigmoid_attn_kvcache_reference(
-                call.q, call.k, call.v, call.seqlens_k, block_table=call.block_table,
-                alibi_slopes=call.alibi_slopes, dense=self.dense, **call.options,
+                q, k, v, call.seqlens_k, block_table=call.block_table, alibi_slopes=call.alibi_slopes, dense=dense,
+                **call.options,
             )  # fmt: skip
-        return self.dense(
-            call.q, call.k, call.v, alibi_slopes=call.alibi_slopes, attn_mask=call.attn_mask, **call.options
-        )
+        mask = _canonical_mask(call.attn_mask)
+        return dense(q, k, v, alibi_slopes=call.alibi_slopes, attn_mask=mask, **call.options)
+
+
+# PyTorch's CPU matrix products choose their algorithm, and so their rounding, by the operands' layout: a
+# permuted v, or even the stride of a size-1 dim, changed an output by an ulp. The PyTorch backends compute
+# from fresh row-major copies, so that every layout of an argument gives the bits of a contiguous one.
+
+
+def _canonical(t: Tensor) -> Tensor:
+    """A fresh row-major copy of t (standard strides, size-1 dims included), differentiable."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _canonical_mask(mask: Tensor | None) -> Tensor | None:
+    """The mask as a fresh row-major copy of its distinct values: an expanded (stride 0) dim becomes size 1,
+    so a broadcast mask is not materialised."""
+    if mask is None:
+        return None
+    for dim, (size, stride) in enumerate(zip(mask.shape, mask.stride(), strict=True)):
+        if stride == 0 and size > 1:
+            mask = mask.narrow(dim, 0, 1)
+    return _canonical(mask)
+
+
+class _CanonicalGrad(torch.autograd.Function):
+    """The identity, whose backward hands on a fresh row-major copy of the output gradient (its layout would
+    otherwise steer the backward's products as the inputs' did)."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor) -> Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _canonical(grad)
 
 
 def _exact(q, k, v, **options) -> Tensor:
@@ -178,10 +233,12 @@ class TritonBackend:
 BACKENDS: dict[str, Backend] = {
     "triton": TritonBackend(),
     "torch": TorchBackend(
-        "torch", sigmoid_attn_blocked, "memory-efficient blocked PyTorch (O(S*D) memory, recomputing backward)"
-    ),
+        "torch", sigmoid_attn_blocked, sigmoid_attn_traceable, False,
+        "memory-efficient blocked PyTorch (O(S*D) memory, recomputing backward); under torch.compile, "
+        "materialised scores (O(S^2))",
+    ),  # fmt: skip
     "reference": TorchBackend(
-        "reference", _exact, "exact reference: materialises the scores, computes in float64"
+        "reference", _exact, _exact, True, "exact reference: materialises the scores, computes in float64"
     ),
 }
 AUTO_ORDER: list[str] = ["triton", "torch"]

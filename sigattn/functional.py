@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import validation as check
-from .backends import AttnCall, dispatch
+from .backends import AttnCall, dispatch, select_backend
 from .ops.sigmoid_attn.cache import append_kv
 
 
@@ -22,10 +22,12 @@ def _resolve_scale(scale, head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
-def _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, batch) -> tuple[int, int]:
+def _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, batch, longest) -> tuple[int, int]:
+    """Checks the options shared by every function; returns the window with bounds of ``longest`` or more
+    (the most queries or keys a sequence of the call can have) as -1, unbounded."""
     num_heads = q.shape[-2]
     check.check_bias(bias, num_heads, q)
-    window = check.check_window(window_size)
+    window = check.check_window(window_size, longest)
     check.check_alibi(alibi_slopes, batch, num_heads, q)
     check.check_flag(causal, "causal")
     check.check_flag(deterministic, "deterministic")
@@ -87,7 +89,8 @@ def sigmoid_attn_func(
     for t, n in ((q, "q"), (k, "k"), (v, "v")):
         check.check_tensor(t, n, 4, "(batch, seqlen, nheads, headdim)")
     check.check_qkv(q, k, v, ("q", "k", "v"), ("(B, Sq, Hq, D)", "(B, Sk, Hkv, D)"))
-    window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, q.shape[0])
+    longest = max(q.shape[1], k.shape[1])
+    window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, q.shape[0], longest)
     call = AttnCall(
         "dense", q, k, v, _resolve_scale(scale, q.shape[-1]), bias, causal, window, alibi_slopes, deterministic
     )
@@ -140,7 +143,9 @@ def sigmoid_attn_varlen_func(
             f"got {tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}"
         )
     batch = cu_seqlens_q.shape[0] - 1
-    window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, batch)
+    # No sequence is longer than the packed tensors (max_seqlen_* may be larger; they only size grids).
+    longest = max(q.shape[0], k.shape[0])
+    window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, batch, longest)
     call = AttnCall(
         "varlen", q, k, v, _resolve_scale(scale, q.shape[-1]), bias, causal, window, alibi_slopes, deterministic,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
@@ -173,6 +178,13 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
                                  f"{k_cache.shape[2]}, {k_cache.shape[3]}), got {tuple(t.shape)}")  # fmt: skip
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
+            # An expanded view maps several cache slots to one element: the append would write it twice.
+            if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape, strict=True)):
+                raise ValueError(
+                    f"{n} must own its memory to take appended k and v, got an expanded view with strides "
+                    f"{t.stride()} (a 0 stride); pass a cache made by torch.empty or torch.zeros"
+                )
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (k, v, k_cache, v_cache)):
         raise ValueError(
             "sigmoid_attn_with_kvcache is for inference: k, v, k_cache and v_cache must not require grad "
@@ -275,9 +287,8 @@ def sigmoid_attn_with_kvcache(
         (batch, seqlen_q, nheads, headdim), in the dtype of q.
     """
     cache_seqlens, capacity = _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
-    window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, q.shape[0])
-    if k is not None:
-        append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table)
+    longest = max(q.shape[1], capacity)
+    window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, q.shape[0], longest)
     num_new = 0 if k is None else k.shape[1]
     # None: every row holds the whole cache (no lengths tensor to build on each decode step).
     seqlens_k = None if cache_seqlens is None else cache_seqlens + num_new
@@ -285,7 +296,12 @@ def sigmoid_attn_with_kvcache(
         "kvcache", q, k_cache, v_cache, _resolve_scale(scale, q.shape[-1]), bias, causal, window,
         alibi_slopes, deterministic, seqlens_k=seqlens_k, block_table=block_table,
     )  # fmt: skip
-    return dispatch(call)
+    # Every check, the backend's included, comes before the append: a call that raises leaves the cache as
+    # it was.
+    backend = select_backend(call)
+    if k is not None:
+        append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table)
+    return backend(call)
 
 
 def scaled_dot_product_sigmoid_attention(
@@ -334,7 +350,7 @@ def scaled_dot_product_sigmoid_attention(
     check.check_attn_mask(attn_mask, (batch, num_heads, seqlen_q, k.shape[1]), query)
     if attn_mask is not None and attn_mask.dim() < 4:
         attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    _check_options(q, bias, (-1, -1), None, is_causal, False, batch)
+    _check_options(q, bias, (-1, -1), None, is_causal, False, batch, max(seqlen_q, k.shape[1]))
     call = AttnCall(
         "dense", q, k, v, _resolve_scale(scale, q.shape[-1]), bias, is_causal, (-1, -1), None, False,
         top_left=True, attn_mask=attn_mask,

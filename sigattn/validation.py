@@ -7,6 +7,7 @@ captured or torch.compile is tracing, where values are unknown.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 
@@ -84,13 +85,20 @@ def check_qkv(
 
 
 def check_scale(scale) -> None:
+    """None, or a finite positive number: a scale of 0 makes every weight sigmoid(bias), a negative one
+    inverts the attention; neither is a model anyone trains, so both are taken for mistakes."""
     if scale is None:
         return
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a float or None, got {describe(scale)}")
+    # (torch.compile may trace a number symbolically, as it does a model's scale under dynamic shapes.)
+    if not torch.compiler.is_compiling() and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0 (or None for 1 / sqrt(headdim)), got {scale!r}")
 
 
 def check_bias(bias, num_heads: int, q: Tensor) -> None:
+    """None, a finite float, or a floating-point (Hq,) tensor on q's device whose values are finite (read
+    only where ``values_checkable``: on a GPU that would synchronise)."""
     if bias is None:
         return
     if isinstance(bias, Tensor):
@@ -102,19 +110,26 @@ def check_bias(bias, num_heads: int, q: Tensor) -> None:
             raise TypeError(f"bias must be a floating-point tensor, got {bias.dtype}")
         if bias.device != q.device:
             raise ValueError(f"bias must be on the device of the query ({q.device}), got {bias.device}")
+        if values_checkable(bias.device) and not bool(torch.isfinite(bias.detach()).all()):
+            raise ValueError(f"bias must be finite, got {bias.detach().tolist()}")
         return
     if isinstance(bias, bool) or not isinstance(bias, numbers.Real):
         raise TypeError(f"bias must be a float, a tensor of shape (Hq,) or None, got {describe(bias)}")
+    if not torch.compiler.is_compiling() and not math.isfinite(bias):
+        raise ValueError(f"bias must be finite (an infinite bias makes every weight 0 or 1), got {bias!r}")
 
 
-def check_window(window_size) -> tuple[int, int]:
+def check_window(window_size, longest: int) -> tuple[int, int]:
+    """(left, right) with -1 for an unbounded side. A bound of at least ``longest`` (the most queries or keys
+    any sequence of the call can have) excludes no key, so it becomes -1: the masks then never compute
+    with it, and ``sys.maxsize`` cannot overflow their int64 (PyTorch) or int32 (kernel) arithmetic."""
     ok = isinstance(window_size, (tuple, list)) and len(window_size) == 2
     if not ok or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {describe(window_size)}")
     left, right = (int(w) for w in window_size)
     if left < -1 or right < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1 means unbounded), got {(left, right)}")
-    return left, right
+    return tuple(-1 if w >= longest else w for w in (left, right))
 
 
 def check_alibi(alibi_slopes, batch: int, num_heads: int, q: Tensor) -> None:
@@ -135,6 +150,8 @@ def check_alibi(alibi_slopes, batch: int, num_heads: int, q: Tensor) -> None:
         raise ValueError(f"alibi_slopes must be on the device of the query ({q.device}), got {alibi_slopes.device}")
     if alibi_slopes.requires_grad and torch.is_grad_enabled():
         raise ValueError("alibi_slopes must not require grad: ALiBi slopes are fixed, no gradient is computed for them")
+    if values_checkable(alibi_slopes.device) and not bool(torch.isfinite(alibi_slopes).all()):
+        raise ValueError(f"alibi_slopes must be finite, got {alibi_slopes.tolist()}")
 
 
 def check_flag(value, name: str) -> None:

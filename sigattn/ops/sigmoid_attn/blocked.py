@@ -58,16 +58,13 @@ class _Tiles:
         self.k = k.transpose(1, 2).to(self.dtype)[:, :, None]
         self.v = v.transpose(1, 2).to(self.dtype)[:, :, None]
         self.seqlens_k = seqlens_k
-        lengths = (
+        # Cache slots past a row's length may hold anything, NaN included: they are masked, and ``operands``
+        # zeroes them in the tiles that hold them.
+        self.lengths = (
             seqlens_k.long()
             if seqlens_k is not None
             else torch.full((batch,), seqlen_k, dtype=torch.long, device=q.device)
         )
-        if seqlens_k is not None:
-            # Cache slots past a row's length may hold anything, NaN included: they are not keys.
-            in_seq = (torch.arange(seqlen_k, device=q.device) < lengths[:, None])[:, None, None, :, None]
-            self.k, self.v = self.k.where(in_seq, 0), self.v.where(in_seq, 0)
-        self.lengths = lengths
 
         bias_rows = torch.zeros(1, num_heads, dtype=self.dtype, device=q.device)
         if head_bias is not None:
@@ -75,23 +72,20 @@ class _Tiles:
         elif opts.const_bias is not None:
             bias_rows = bias_rows + opts.const_bias
         else:
-            bias_rows = bias_rows + default_bias(lengths).to(self.dtype)[:, None]
+            bias_rows = bias_rows + default_bias(self.lengths).to(self.dtype)[:, None]
         self.bias = bias_rows.reshape(-1, hkv, g, 1, 1)
 
         self.alibi = None
         if alibi_slopes is not None:
             slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None]
             self.alibi = slopes.to(self.dtype).reshape(-1, hkv, g, 1, 1)
-        self.offsets = key_offsets(seqlen_q, lengths, opts.top_left).to(self.dtype)[:, None, None, None, None]
+        self.offsets = key_offsets(seqlen_q, self.lengths, opts.top_left).to(self.dtype)[:, None, None, None, None]
 
         self.attn_mask = None
         if attn_mask is not None:
             self.attn_mask = attn_mask.expand(batch, num_heads, seqlen_q, seqlen_k)
         self.needs_mask = (
-            opts.causal
-            or opts.window_size != (-1, -1)
-            or seqlens_k is not None
-            or (attn_mask is not None and attn_mask.dtype == torch.bool)
+            opts.causal or opts.window_size != (-1, -1) or seqlens_k is not None or attn_mask is not None
         )
 
     def mask_tile(self, rows: slice, cols: slice) -> Tensor | None | bool:
@@ -109,8 +103,9 @@ class _Tiles:
             rows=torch.arange(rows.start, rows.stop, device=device),
             cols=torch.arange(cols.start, cols.stop, device=device),
         )[:, :, None]
-        if self.attn_mask is not None and self.attn_mask.dtype == torch.bool:
-            mask = mask & self._mask_block(rows, cols)
+        if self.attn_mask is not None:
+            block = self._mask_block(rows, cols)
+            mask = mask & (block if block.dtype == torch.bool else block != -math.inf)
         if not bool(mask.any()):
             return False
         return None if bool(mask.all()) else mask
@@ -119,9 +114,29 @@ class _Tiles:
         block = self.attn_mask[:, :, rows, cols]
         return block.reshape(block.shape[0], -1, self.group, *block.shape[2:])
 
-    def probs(self, rows: slice, cols: slice, mask: Tensor | None) -> Tensor:
-        """sigmoid(logits) of one tile, (B, Hkv, G, BQ, BK), exactly 0 where masked."""
-        logits = self.q[..., rows, :] @ self.k[..., cols, :].transpose(-1, -2)
+    def operands(self, rows: slice, cols: slice, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v of one tile. Where only some pairs are allowed, the queries that see no key of the tile and
+        the keys that no query of the tile sees are zeroed, as the reference zeroes what no query may look
+        at: a NaN there cannot reach the tile's products through 0 x NaN."""
+        q, k, v = self.q[..., rows, :], self.k[..., cols, :], self.v[..., cols, :]
+        if mask is None:
+            return q, k, v
+        key_seen = self.key_seen(mask)
+        return q.where(self.query_sees(mask), 0), k.where(key_seen, 0), v.where(key_seen, 0)
+
+    @staticmethod
+    def query_sees(mask: Tensor) -> Tensor:
+        """(B, Hkv or 1, G or 1, BQ, 1): the tile's queries that see one of its keys."""
+        return mask.any(dim=-1, keepdim=True)
+
+    @staticmethod
+    def key_seen(mask: Tensor) -> Tensor:
+        """(B, Hkv or 1, 1, BK, 1): the tile's keys that a query of the tile (of any head of the group) sees."""
+        return mask.any(dim=-2, keepdim=True).any(dim=2, keepdim=True).transpose(-1, -2)
+
+    def probs(self, q: Tensor, k: Tensor, rows: slice, cols: slice, mask: Tensor | None) -> Tensor:
+        """sigmoid(logits) of one tile, (B, Hkv, G, BQ, BK), from its ``operands``; exactly 0 where masked."""
+        logits = q @ k.transpose(-1, -2)
         logits = logits * self.opts.scale + self.bias
         if self.alibi is not None:
             i = torch.arange(rows.start, rows.stop, device=self.q.device, dtype=self.dtype)
@@ -150,7 +165,9 @@ class _BlockedSigmoidAttn(torch.autograd.Function):
         tiles = _Tiles(q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k, opts)
         out = torch.zeros_like(tiles.q)
         for rows, cols, mask in tiles.tiles():
-            out[..., rows, :] += tiles.probs(rows, cols, mask) @ tiles.v[..., cols, :]
+            q_i, k_j, v_j = tiles.operands(rows, cols, mask)
+            o_i = tiles.probs(q_i, k_j, rows, cols, mask) @ v_j
+            out[..., rows, :] += o_i if mask is None else o_i.where(tiles.query_sees(mask), 0)
         ctx.save_for_backward(q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k)
         ctx.opts = opts
         batch, seqlen_q, num_heads, head_dim = q.shape
@@ -172,15 +189,26 @@ class _BlockedSigmoidAttn(torch.autograd.Function):
         dmask = torch.zeros_like(attn_mask, dtype=tiles.dtype) if want_mask else None
 
         for rows, cols, mask in tiles.tiles():
-            p = tiles.probs(rows, cols, mask)  # [B, Hkv, G, BQ, BK]
-            do_i, q_i = do[..., rows, :], tiles.q[..., rows, :]
-            dv[..., cols, :] += torch.einsum("bhgij,bhgid->bhjd", p, do_i)
-            dp = do_i @ tiles.v[..., cols, :].transpose(-1, -2)
+            q_i, k_j, v_j = tiles.operands(rows, cols, mask)
+            do_i = do[..., rows, :]
+            if mask is not None:
+                do_i = do_i.where(tiles.query_sees(mask), 0)
+            p = tiles.probs(q_i, k_j, rows, cols, mask)  # [B, Hkv, G, BQ, BK]
+            dp = do_i @ v_j.transpose(-1, -2)
             ds = dp * p * (1 - p)
             if mask is not None:
                 ds = ds.where(mask, 0)
-            dq[..., rows, :] += (ds @ tiles.k[..., cols, :]) * opts.scale
-            dk[..., cols, :] += torch.einsum("bhgij,bhgid->bhjd", ds, q_i) * opts.scale
+            dq_i = ds @ k_j
+            dk_j = torch.einsum("bhgij,bhgid->bhjd", ds, q_i)
+            dv_j = torch.einsum("bhgij,bhgid->bhjd", p, do_i)
+            if mask is not None:
+                # The rows and keys that see nothing in the tile get exactly 0 from it (0 x NaN is not 0).
+                key_seen = tiles.key_seen(mask)[:, :, 0]
+                dq_i = dq_i.where(tiles.query_sees(mask), 0)
+                dk_j, dv_j = dk_j.where(key_seen, 0), dv_j.where(key_seen, 0)
+            dq[..., rows, :] += dq_i * opts.scale
+            dk[..., cols, :] += dk_j * opts.scale
+            dv[..., cols, :] += dv_j
             if dbias is not None:
                 dbias += ds.sum(dim=(0, 3, 4))
             if dmask is not None:

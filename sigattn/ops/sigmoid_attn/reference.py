@@ -14,9 +14,18 @@ allowed for query i iff j < Sk_b and
 
     off_b + i - left <= j <= off_b + i + right      (a bound of -1 is unbounded; causal sets right = 0)
 
-and, for an SDPA boolean ``attn_mask``, the mask is True. Masked keys contribute exactly 0, so a query
-with no allowed key outputs 0. A float ``attn_mask`` is added to the logits. ``bias=None`` means
-``-log(Sk_b)`` (see README.md for why).
+and, for an SDPA ``attn_mask``, the boolean mask is True or the float mask is not -inf (a float mask is
+added to the logits). Masked keys contribute exactly 0, so a query with no allowed key outputs 0.
+``bias=None`` means ``-log(Sk_b)`` (see README.md for why).
+
+Non-finite values. What no query may look at never reaches any output or gradient: cache slots past
+``Sk_b`` (unused pages included), keys that every query of a head masks (padding, a boolean mask column of
+False, keys outside every window), and the query and output-gradient rows of queries with no allowed key.
+Their gradients are 0. A NaN or inf in a key or value that some query of the head may see follows the
+arithmetic: its own products are NaN or inf, and, as in PyTorch's math backend and FlashAttention, it may
+also reach rows that mask it, through 0 x NaN in the weight-times-value sums; which of those rows it
+reaches depends on the backend's tiles. Likewise a non-finite query or output-gradient row of a query that
+sees some key may reach the gradients of keys that query masks.
 """
 
 from __future__ import annotations
@@ -47,7 +56,8 @@ def allowed_keys(
     rows: Tensor | None = None,
     cols: Tensor | None = None,
 ) -> Tensor:
-    """Boolean (B, 1, len(rows), len(cols)) mask of the keys each query may attend to.
+    """Boolean mask of the keys each query may attend to, broadcastable to (B, 1, len(rows), len(cols)) (its
+    query dim is 1 when no window or causal mask makes it depend on the query).
 
     ``rows``/``cols`` select a block of query/key positions (default: all), so the blocked backend
     builds the same mask tile by tile.
@@ -117,39 +127,46 @@ def sigmoid_attn_reference(
     ``attn_mask`` is SDPA's: (B or 1, Hq or 1, Sq, Sk), boolean (True = allowed) or float (added).
     """
     batch, seqlen_q, num_heads, head_dim = q.shape
-    seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
+    seqlen_k = k.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     dtype = torch.float64 if upcast else q.dtype
     if seqlens_k is None:
         seqlens_k = torch.full((batch,), seqlen_k, device=q.device, dtype=torch.int64)
-    group = num_heads // num_kv_heads
-    qc, kc, vc = (t.to(dtype) for t in (q, k, v))
-    # Cache slots past a row's length may hold anything, NaN included: they are not keys at all.
-    in_seq = (torch.arange(seqlen_k, device=q.device) < seqlens_k[:, None])[:, :, None, None]
-    kc, vc = kc.where(in_seq, 0), vc.where(in_seq, 0)
-    kc = kc.repeat_interleave(group, dim=2)
-    vc = vc.repeat_interleave(group, dim=2)
-
-    logits = torch.einsum("bihd,bjhd->bhij", qc * scale, kc)  # [B, Hq, Sq, Sk]
-    logits = logits + logit_bias(bias, seqlens_k, num_heads).to(dtype)[:, :, None, None]
-    rows = torch.arange(seqlen_q, device=q.device)
-    cols = torch.arange(seqlen_k, device=q.device)
+    allowed = allowed_keys(
+        seqlen_q, seqlen_k, seqlens_k, causal=causal, window_size=window_size, top_left=top_left
+    )  # [B, 1, Sq, Sk]
+    if attn_mask is not None:
+        allowed = allowed & (attn_mask if attn_mask.dtype == torch.bool else attn_mask != -math.inf)
+    terms = logit_bias(bias, seqlens_k, num_heads).to(dtype)[:, :, None, None]  # [B or 1, Hq, 1, 1]
     if alibi_slopes is not None:
         # The float32 slopes times the distance in float64 when upcasting: in float32 the product
         # rounds (about 1e-7 relative), which is no longer the truth.
         slopes = alibi_slopes.double() if upcast else alibi_slopes
-        dist_bias = alibi_distance_bias(slopes, seqlen_q, seqlens_k, top_left=top_left, rows=rows, cols=cols)
-        logits = logits + dist_bias.to(dtype)
+        rows = torch.arange(seqlen_q, device=q.device)
+        cols = torch.arange(seqlen_k, device=q.device)
+        terms = terms + alibi_distance_bias(slopes, seqlen_q, seqlens_k, top_left=top_left, rows=rows, cols=cols)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
-        logits = logits + attn_mask.to(dtype)
-    allowed = allowed_keys(
-        seqlen_q, seqlen_k, seqlens_k, causal=causal, window_size=window_size, top_left=top_left
-    )
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        allowed = allowed & attn_mask
-    probs = torch.where(allowed, torch.sigmoid(logits), torch.zeros((), dtype=dtype, device=q.device))
-    out = torch.einsum("bhij,bjhd->bihd", probs, vc)
+        terms = terms + attn_mask.to(dtype)
+    out = attend(q.to(dtype), k.to(dtype), v.to(dtype), scale, terms.to(dtype), allowed)
     return out if upcast else out.to(q.dtype)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, terms: Tensor, allowed: Tensor) -> Tensor:
+    """sum over allowed j of sigmoid(scale q_i . k_j + terms) v_j, in the dtype of q: q (B, Sq, Hq, D), k and
+    v (B, Sk, Hkv, D); ``terms`` (the additive logit terms) and ``allowed`` broadcast to (B, Hq, Sq, Sk).
+
+    What no query may look at is zeroed before any product (module docstring): the keys no query of a head
+    sees, and the queries (and, through the output, the output gradients) of rows that see no key."""
+    group = q.shape[2] // k.shape[2]
+    key_seen = allowed.any(dim=2).transpose(1, 2)[..., None]  # [B, Sk, Hq or 1, 1]
+    query_sees = allowed.any(dim=3).transpose(1, 2)[..., None]  # [B, Sq, Hq or 1, 1]
+    q = q.where(query_sees, 0)
+    k = k.repeat_interleave(group, dim=2).where(key_seen, 0)
+    v = v.repeat_interleave(group, dim=2).where(key_seen, 0)
+    logits = torch.einsum("bihd,bjhd->bhij", q * scale, k) + terms  # [B, Hq, Sq, Sk]
+    # Masked before the sigmoid, so that their gradient is exactly 0 even where a logit is NaN.
+    probs = torch.sigmoid(logits.masked_fill(~allowed, -math.inf))
+    return torch.einsum("bhij,bjhd->bihd", probs, v).where(query_sees, 0)
 
 
 def sigmoid_attn_varlen_reference(
@@ -175,8 +192,8 @@ def sigmoid_attn_varlen_reference(
         vs = v[starts_k[b] : starts_k[b + 1]][None]
         slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         outs.append(dense(qs, ks, vs, alibi_slopes=slopes, **options)[0])
-    if not outs:
-        return q.new_zeros(q.shape)
+    if not outs:  # no sequence: an empty output that autograd still connects to the inputs
+        return dense(q[None, :0], k[None, :0], v[None, :0], **options)[0]
     return torch.cat(outs, dim=0)
 
 
@@ -184,6 +201,8 @@ def gather_paged_cache(cache: Tensor, block_table: Tensor) -> Tensor:
     """A paged cache (num_blocks, page_size, Hkv, D) read through block_table (B, max_blocks) as a
     contiguous (B, max_blocks * page_size, Hkv, D) cache."""
     batch, max_blocks = block_table.shape
+    if cache.shape[0] == 0:  # no page at all: every row is empty, and there is nothing to gather
+        return cache.new_zeros(batch, max_blocks * cache.shape[1], *cache.shape[2:])
     # Entries past a row's last page are padding (often -1); what they read is masked out.
     pages = cache[block_table.long().clamp(0, cache.shape[0] - 1)]  # [B, max_blocks, page_size, Hkv, D]
     return pages.reshape(batch, max_blocks * cache.shape[1], *cache.shape[2:])

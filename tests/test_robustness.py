@@ -1,0 +1,411 @@
+"""Regression tests for the defects a fuzzing pass found (issue 24), each on every backend that serves it.
+
+* strided or expanded auxiliary tensors (a per-head bias, ALiBi slopes, cu_seqlens, cache_seqlens,
+  block_table, attn_mask) give exactly the result of contiguous copies;
+* window bounds at the integer limits are unbounded, not overflowed;
+* a rejected KV-cache call leaves the cache bit-identical;
+* values that no query may look at (cache slots past a row's length, unused pages, keys past a packed
+  sequence's end, keys every query masks, dO rows of queries with no key) never reach an output or
+  gradient, and an inf in a query reaches no other row;
+* scale, bias and ALiBi slopes that are not finite (or a scale <= 0) are rejected;
+* varlen with no sequence stays connected to autograd.
+
+The Triton backend runs in the interpreter on the CPU (conftest sets TRITON_INTERPRET=1), in half precision.
+The property-based suite (tests/test_fuzz.py) covers the same ground at random.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+import sigattn
+from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (backend, dtype): the PyTorch backends in float32, the kernels in bfloat16.
+BACKENDS = [("torch", torch.float32), ("reference", torch.float32), ("triton", torch.bfloat16)]
+BACKEND_IDS = [b for b, _ in BACKENDS]
+
+
+def randn(*shape, dtype=torch.float32, requires_grad=False):
+    return torch.randn(*shape, device=DEVICE).to(dtype).requires_grad_(requires_grad)
+
+
+def strided(t: torch.Tensor, junk=None) -> torch.Tensor:
+    """The values of ``t`` as a non-contiguous view: column 0 of a (..., 2) allocation whose column 1 is junk
+    (NaN for floats, a huge index for integers, unless given)."""
+    if junk is None:
+        junk = float("nan") if t.is_floating_point() else 1 << 30
+    pair = torch.stack([t.detach(), torch.full_like(t.detach(), junk)], dim=-1)
+    return pair[..., 0].requires_grad_(t.requires_grad) if t.is_floating_point() else pair[..., 0]
+
+
+def grads_of(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout, allow_unused=True)
+
+
+def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, NaN included."""
+    return a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1. strided auxiliary tensors
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+def test_strided_bias_and_alibi_equal_contiguous(backend, dtype):
+    q, k, v = (randn(2, 19, 4, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = (torch.randn(4, device=DEVICE) - 2).to(dtype).requires_grad_()
+    slopes = torch.rand(2, 4, device=DEVICE) * 0.3
+    cases = {
+        "column of a table": (strided(bias), strided(slopes)),
+        "transposed": (bias, slopes.t().contiguous().t()),
+        "expanded": (bias[:1].detach().expand(4).requires_grad_(), slopes[:1].expand(2, 4)),
+    }
+    dout = randn(2, 19, 4, 16, dtype=dtype)
+    with sigattn.use_backend(backend):
+        for name, (b, a) in cases.items():
+            outs = []
+            for bb, aa in ((b, a), (b.detach().contiguous().requires_grad_(), a.contiguous())):
+                out = sigattn.sigmoid_attn_func(q, k, v, bias=bb, alibi_slopes=aa, causal=True)
+                outs.append((out, *grads_of(out, (q, k, v, bb), dout)))
+            for got, want in zip(*outs, strict=True):
+                assert bitwise_equal(got, want), name
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+def test_strided_cu_seqlens_equal_contiguous(backend, dtype):
+    lengths = [5, 0, 13]
+    cu = torch.tensor([0, 5, 5, 18], dtype=torch.int32, device=DEVICE)
+    q, k, v = (randn(18, 4, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    dout = randn(18, 4, 16, dtype=dtype)
+    table = torch.stack([cu, cu * 1000 + 7], dim=1)  # two columns of one table
+    with sigattn.use_backend(backend):
+        results = []
+        for cu_q, cu_k in ((table[:, 0], table[:, 0]), (cu, cu)):
+            out = sigattn.sigmoid_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths), max(lengths), causal=True)
+            results.append((out, *grads_of(out, (q, k, v), dout)))
+    for got, want in zip(*results, strict=True):
+        assert bitwise_equal(got, want)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+def test_strided_block_table_and_cache_seqlens_equal_contiguous(backend, dtype):
+    batch, page, pages_per_row = 3, 4, 5
+    k_cache, v_cache = (randn(batch * pages_per_row + 2, page, 2, 16, dtype=dtype) for _ in range(2))
+    block_table = torch.randperm(batch * pages_per_row, device=DEVICE).to(torch.int32).reshape(batch, -1)
+    column_major = block_table.t().contiguous().t()
+    cache_seqlens = torch.tensor([3, 20, 11], dtype=torch.int32, device=DEVICE)
+    q = randn(batch, 2, 4, 16, dtype=dtype)
+    with sigattn.use_backend(backend), torch.no_grad():
+        want = sigattn.sigmoid_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                                 block_table=block_table, causal=True)  # fmt: skip
+        got = sigattn.sigmoid_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=strided(cache_seqlens),
+                                                block_table=column_major, causal=True)  # fmt: skip
+    assert bitwise_equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_strided_attn_mask_equals_contiguous(backend):
+    query, key, value = (randn(2, 3, 9, 8, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 1, 9, 9, device=DEVICE) > 0.3
+    additive = randn(9, 9, requires_grad=True)
+    with sigattn.use_backend(backend):
+        for m in (mask, additive):
+            outs = []
+            for mm in (strided(m, junk=0), m.detach().contiguous().requires_grad_(m.requires_grad)):
+                out = sigattn.scaled_dot_product_sigmoid_attention(query, key, value, attn_mask=mm)
+                inputs = (query, key, value) + ((mm,) if mm.requires_grad else ())
+                outs.append((out, *grads_of(out, inputs, torch.ones_like(out))))
+            for got, want in zip(*outs, strict=True):
+                assert bitwise_equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 2. window bounds at the integer limits
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("window", [(sys.maxsize, sys.maxsize), (-1, sys.maxsize), (2**31 - 1, 2**31 - 1),
+                                    (2**31, 2**63 - 1), (9, 9)])  # fmt: skip
+def test_window_bounds_past_the_sequence_are_unbounded(backend, dtype, window):
+    q = randn(1, 7, 2, 16, dtype=dtype)
+    k, v = (randn(1, 9, 2, 16, dtype=dtype) for _ in range(2))
+    with sigattn.use_backend(backend), torch.no_grad():
+        assert bitwise_equal(sigattn.sigmoid_attn_func(q, k, v, window_size=window), sigattn.sigmoid_attn_func(q, k, v))
+        causal = sigattn.sigmoid_attn_func(q, k, v, causal=True)
+        assert bitwise_equal(sigattn.sigmoid_attn_func(q, k, v, window_size=(window[0], 0)), causal)
+        cu = torch.tensor([0, 7], dtype=torch.int32, device=DEVICE)
+        cu_k = torch.tensor([0, 9], dtype=torch.int32, device=DEVICE)
+        packed = sigattn.sigmoid_attn_varlen_func(q[0], k[0], v[0], cu, cu_k, 7, 9, window_size=window)
+        assert bitwise_equal(packed, sigattn.sigmoid_attn_varlen_func(q[0], k[0], v[0], cu, cu_k, 7, 9))
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3. a rejected KV-cache call changes nothing
+
+
+def _cache_call(head_dim=16, q_requires_grad=False, **options):
+    """A KV-cache call appending 3 tokens to a bfloat16 cache, with ``options`` as keyword arguments."""
+    k_cache, v_cache, k, v = (randn(2, n, 2, head_dim, dtype=torch.bfloat16) for n in (12, 12, 3, 3))
+    q = randn(2, 3, 4, head_dim, dtype=torch.bfloat16, requires_grad=q_requires_grad)
+    lengths = torch.tensor([2, 5], dtype=torch.int32, device=DEVICE)
+    return dict(q=q, k_cache=k_cache, v_cache=v_cache, k=k, v=v, cache_seqlens=lengths, **options)
+
+
+@pytest.mark.parametrize(
+    "call,backend",
+    [
+        (dict(scale=float("nan")), "auto"),
+        (dict(scale=0.0), "auto"),
+        (dict(bias=float("inf")), "auto"),
+        (dict(window_size=(-2, 0)), "auto"),
+        (dict(alibi_slopes=torch.ones(3, device=DEVICE)), "auto"),
+        (dict(head_dim=300), "triton"),  # the kernels take D <= 256
+        (dict(q_requires_grad=True), "triton"),  # the KV-cache kernel is for inference
+    ],
+    ids=["scale-nan", "scale-0", "bias-inf", "window", "alibi-shape", "triton-headdim", "triton-q-grad"],
+)
+def test_rejected_kvcache_call_leaves_the_cache_bit_identical(call, backend):
+    args = _cache_call(**call)
+    before = (args["k_cache"].clone(), args["v_cache"].clone())
+    with sigattn.use_backend(backend), pytest.raises((ValueError, TypeError)):
+        sigattn.sigmoid_attn_with_kvcache(**args)
+    assert bitwise_equal(args["k_cache"], before[0]) and bitwise_equal(args["v_cache"], before[1])
+
+
+def test_expanded_cache_is_rejected_before_anything_is_written():
+    args = _cache_call()
+    args["v_cache"] = args["v_cache"][:, :1].expand(2, 12, 2, 16)
+    before = args["k_cache"].clone()
+    with pytest.raises(ValueError, match="v_cache must own its memory"):
+        sigattn.sigmoid_attn_with_kvcache(**args)
+    assert bitwise_equal(args["k_cache"], before)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 4. what no query may look at never reaches an output or a gradient
+
+
+def _finite_and_equal(poisoned, clean):
+    for got, want in zip(poisoned, clean, strict=True):
+        assert torch.isfinite(got).all()
+        assert bitwise_equal(got, want)
+
+
+def _dense_case(backend, dtype, poison, **options):
+    """Runs sigmoid_attn_func (or with ``sdpa`` the SDPA-style function) on clean inputs and on inputs where
+    ``poison(q, k, v, dout)`` wrote NaN and inf where no query may look; both must agree bit for bit."""
+    sdpa = options.pop("sdpa", False)
+    shape_q, shape_k = options.pop("shapes")
+    clean = [randn(*shape_q, dtype=dtype), randn(*shape_k, dtype=dtype), randn(*shape_k, dtype=dtype),
+             randn(*shape_q, dtype=dtype)]  # fmt: skip
+    dirty = [t.clone() for t in clean]
+    poison(*dirty)
+    results = []
+    with sigattn.use_backend(backend):
+        for q, k, v, dout in (dirty, clean):
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            if sdpa:
+                out = sigattn.scaled_dot_product_sigmoid_attention(q, k, v, **options)
+            else:
+                out = sigattn.sigmoid_attn_func(q, k, v, **options)
+            results.append((out, *grads_of(out, (q, k, v), dout)))
+    _finite_and_equal(*results)
+
+
+def _nan_inf(t):
+    t[..., 0] = float("nan")
+    t[..., -1] = float("inf")
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+def test_keys_outside_every_window_never_reach_anything(backend, dtype):
+    # Sq = 20, Sk = 40, window (3, 2), bottom-right: query i sees keys i + 20 - 3 .. i + 22, so keys 0..16 and
+    # none past 41 are seen; keys 0..16 hold NaN and inf.
+    def poison(q, k, v, dout):
+        _nan_inf(k[:, :17])
+        _nan_inf(v[:, :17])
+
+    _dense_case(backend, dtype, poison, shapes=((1, 20, 2, 16), (1, 40, 2, 16)), window_size=(3, 2))
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+def test_keys_past_the_queries_of_a_top_left_causal_mask_never_reach_anything(backend, dtype):
+    # SDPA's is_causal with Sq = 9 < Sk = 30: keys 9.. are never seen.
+    def poison(q, k, v, dout):
+        _nan_inf(k[:, :, 9:])
+        _nan_inf(v[:, :, 9:])
+
+    _dense_case(backend, dtype, poison, shapes=((1, 2, 9, 16), (1, 2, 30, 16)), sdpa=True, is_causal=True)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+def test_queries_with_no_key_pass_nothing_on(backend, dtype):
+    # Bottom-right causal, Sq = 30 > Sk = 11: queries 0..18 see no key; their q and dO hold NaN and inf.
+    def poison(q, k, v, dout):
+        _nan_inf(q[:, :19])
+        _nan_inf(dout[:, :19])
+
+    _dense_case(backend, dtype, poison, shapes=((1, 30, 2, 16), (1, 11, 2, 16)), causal=True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_keys_a_mask_hides_from_every_query_never_reach_anything(backend):
+    mask = torch.rand(1, 2, 13, 21, device=DEVICE) > 0.4
+    mask[..., 5] = False  # key 5: masked for every query (bool), key 8 by -inf
+    additive = torch.zeros(1, 2, 13, 21, device=DEVICE)
+    additive[..., 8] = -math.inf
+
+    def poison(q, k, v, dout):
+        for t in (k, v):
+            _nan_inf(t[:, :, 5:6])
+
+    def poison_additive(q, k, v, dout):
+        for t in (k, v):
+            _nan_inf(t[:, :, 8:9])
+
+    shapes = ((1, 2, 13, 16), (1, 2, 21, 16))
+    _dense_case(backend, torch.float32, poison, shapes=shapes, sdpa=True, attn_mask=mask)
+    _dense_case(backend, torch.float32, poison_additive, shapes=shapes, sdpa=True, attn_mask=additive)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+def test_a_packed_sequence_never_reaches_its_neighbours(backend, dtype):
+    lengths = [7, 21, 5]
+    cu = torch.tensor([0, 7, 28, 33], dtype=torch.int32, device=DEVICE)
+    clean = [randn(33, 4, 16, dtype=dtype) for _ in range(4)]  # q, k, v, dout
+    dirty = [t.clone() for t in clean]
+    for t in dirty:  # the middle sequence is all NaN and inf
+        t[7:28] = float("nan")
+        t[7:28, :, 3] = float("inf")
+    results = []
+    with sigattn.use_backend(backend):
+        for q, k, v, dout in (dirty, clean):
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            out = sigattn.sigmoid_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+            others = torch.cat([torch.arange(0, 7), torch.arange(28, 33)]).to(DEVICE)
+            results.append([t[others] for t in (out, *grads_of(out, (q, k, v), dout))])
+    _finite_and_equal(*results)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+def test_unused_cache_slots_and_pages_never_reach_the_output(backend, dtype):
+    page, batch = 4, 2
+    k_cache, v_cache = (randn(7, page, 2, 16, dtype=dtype) for _ in range(2))
+    block_table = torch.tensor([[5, 1, 3], [0, 2, -1]], dtype=torch.int32, device=DEVICE)
+    lengths = torch.tensor([9, 6], dtype=torch.int32, device=DEVICE)
+    q = randn(batch, 3, 4, 16, dtype=dtype)
+    outs = []
+    with sigattn.use_backend(backend), torch.no_grad():
+        for poisoned in (True, False):
+            kc, vc = k_cache.clone(), v_cache.clone()
+            if poisoned:
+                for c in (kc, vc):
+                    c[[4, 6]] = float("nan")  # pages no row uses
+                    c[3, 1:] = float("inf")  # row 0's positions 9..11
+                    c[2, 2:] = float("nan")  # row 1's positions 6..7
+            outs.append(sigattn.sigmoid_attn_with_kvcache(q, kc, vc, cache_seqlens=lengths, block_table=block_table,
+                                                          causal=True))  # fmt: skip
+    assert torch.isfinite(outs[0]).all() and bitwise_equal(*outs)
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+def test_an_inf_in_a_query_reaches_only_its_own_row(backend, dtype):
+    # Odd lengths, so the kernels' last tiles hold zero padding rows (inf x 0 would be NaN there).
+    q, k, v, dout = (randn(1, n, 2, 16, dtype=dtype) for n in (13, 21, 21, 13))
+    q[0, 4, 1, 0] = float("inf")
+    k[0, :, 1, 0] = torch.rand(21, device=DEVICE).to(dtype) + 0.5  # every score of that query is +inf
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with sigattn.use_backend(backend):
+        out = sigattn.sigmoid_attn_func(q, k, v)
+        dq, dk, dv = grads_of(out, (q, k, v), dout)
+    truth = sigmoid_attn_reference(q.detach().double(), k.detach().double(), v.detach().double())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0, 4, 1].double(), truth[0, 4, 1], atol=0.05, rtol=0.02)
+    assert torch.isfinite(dv).all()
+    assert torch.isfinite(dq).all()
+    # dK of head 1 is inf x 0 in column 0 for every key (the math says so); other columns and heads finite.
+    assert torch.isfinite(dk[:, :, 0]).all() and torch.isfinite(dk[:, :, 1, 1:]).all()
+
+
+# ------------------------------------------------------------------------------------------------------
+# 7. arguments that are not finite, and a scale <= 0
+
+
+@pytest.mark.parametrize(
+    "options,match",
+    [
+        (dict(scale=float("nan")), "scale"),
+        (dict(scale=float("inf")), "scale"),
+        (dict(scale=-float("inf")), "scale"),
+        (dict(scale=0), "scale"),
+        (dict(scale=-0.1), "scale"),
+        (dict(bias=float("nan")), "bias"),
+        (dict(bias=-float("inf")), "bias"),
+        (dict(bias=torch.tensor([0.0, float("nan")])), "bias"),
+        (dict(alibi_slopes=torch.tensor([0.1, float("nan")])), "alibi_slopes"),
+    ],
+    ids=lambda x: repr(x) if isinstance(x, str) else None,
+)
+def test_non_finite_options_are_rejected(options, match):
+    q, k, v = (torch.randn(1, 4, 2, 8) for _ in range(3))
+    options = {n: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for n, t in options.items()}
+    with pytest.raises(ValueError, match=match):
+        sigattn.sigmoid_attn_func(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), **options)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 8. varlen with no sequence
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+def test_varlen_with_no_sequence_is_connected_to_autograd(backend, dtype):
+    q, k, v = (randn(0, 4, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    cu = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    with sigattn.use_backend(backend):
+        out = sigattn.sigmoid_attn_varlen_func(q, k, v, cu, cu, 0, 0)
+        out.sum().backward()
+    assert out.shape == (0, 4, 16) and all(t.grad is not None and t.grad.shape == t.shape for t in (q, k, v))
+
+
+# ------------------------------------------------------------------------------------------------------
+# 5. torch.compile(fullgraph=True, dynamic=True) of the torch backend
+
+
+def test_every_function_compiles_with_fullgraph_and_dynamic_shapes():
+    """On the torch backend (the CPU's), one compiled function calls all four public functions (with masks
+    that make the blocked path read values); its outputs, gradients and cache match the eager calls."""
+    torch._dynamo.reset()
+    alibi = torch.rand(2, 4, device=DEVICE) * 0.2
+    bool_mask = torch.rand(2, 1, 13, 13, device=DEVICE) > 0.3
+    cu = torch.tensor([0, 4, 4, 13], dtype=torch.int32, device=DEVICE)
+    lengths = torch.tensor([3, 7], dtype=torch.int32, device=DEVICE)
+
+    def every_function(q, k, v, k_cache, v_cache):
+        dense = sigattn.sigmoid_attn_func(q, k, v, causal=True, window_size=(5, -1), alibi_slopes=alibi)
+        sdpa = sigattn.scaled_dot_product_sigmoid_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                            attn_mask=bool_mask, enable_gqa=True)  # fmt: skip
+        packed = sigattn.sigmoid_attn_varlen_func(q[0], k[0], v[0], cu, cu, 9, 9, causal=True)
+        new = [t[:, :2].detach() for t in (q, k, v)]
+        with torch.no_grad():
+            cached = sigattn.sigmoid_attn_with_kvcache(new[0], k_cache, v_cache, *new[1:], cache_seqlens=lengths,
+                                                       causal=True)  # fmt: skip
+        return dense.sum() + sdpa.sum() + packed.sum(), cached
+
+    q = randn(2, 13, 4, 8, requires_grad=True)
+    k, v = (randn(2, 13, 2, 8, requires_grad=True) for _ in range(2))
+    caches = [randn(2, 16, 2, 8) for _ in range(2)]
+    results = []
+    with sigattn.use_backend("torch"):
+        for fn in (torch.compile(every_function, fullgraph=True, dynamic=True), every_function):
+            fresh = [c.clone() for c in caches]
+            total, cached = fn(q, k, v, *fresh)
+            results.append((total, cached, *fresh, *torch.autograd.grad(total, (q, k, v))))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
