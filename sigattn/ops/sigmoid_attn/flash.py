@@ -185,6 +185,44 @@ def _allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT: tl.constexp
 
 
 @triton.jit
+def _sees_a_key(i, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr,
+                HAS_RIGHT: tl.constexpr):
+    """Whether query i has an allowed key: [i + off - left, i + off + right] meets [0, Sk)."""
+    sees = (i >= 0) & (seqlen_k > 0)
+    if HAS_LEFT:
+        sees = sees & (i + diag_offset - window_left < seqlen_k)
+    if HAS_RIGHT:
+        sees = sees & (i + diag_offset + window_right >= 0)
+    return sees
+
+
+@triton.jit
+def _seen_by_a_query(j, diag_offset, seqlen_q, window_left, window_right, HAS_LEFT: tl.constexpr,
+                     HAS_RIGHT: tl.constexpr):
+    """Whether key j is allowed for some query: [j - off - right, j - off + left] meets [0, Sq)."""
+    seen = (j >= 0) & (seqlen_q > 0)
+    if HAS_RIGHT:
+        seen = seen & (j - diag_offset - window_right < seqlen_q)
+    if HAS_LEFT:
+        seen = seen & (j - diag_offset + window_left >= 0)
+    return seen
+
+
+@triton.jit
+def _visible_keys(m0, rows, diag_offset, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr,
+                  HAS_RIGHT: tl.constexpr):
+    """[lo, hi): the keys that a query of rows m0 .. m0 + rows - 1 (those before Sq) may see. Masked tiles load
+    only these: a key no query of the tile sees reads as 0, so a NaN there cannot reach a product."""
+    lo = 0
+    hi = seqlen_k
+    if HAS_LEFT:
+        lo = tl.maximum(m0 + diag_offset - window_left, 0)
+    if HAS_RIGHT:
+        hi = tl.minimum(tl.minimum(m0 + rows, seqlen_q) - 1 + diag_offset + window_right + 1, seqlen_k)
+    return lo, hi
+
+
+@triton.jit
 def _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Key-tile bounds for query rows [m0, m0 + BM): tiles in [lo, hi) hold an allowed key; tiles in
@@ -304,16 +342,16 @@ def _kv_offsets(n0, offs_n, Pages, stride_kp, stride_kn, stride_vp, stride_vn, s
 
 
 @triton.jit
-def _load_rows(ptr, row_offsets, offs_rows, offs_d, n_rows,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
-    """A [rows, BLOCK_D] tile at ptr + row_offsets; rows with offs_rows >= n_rows (when CHECK_ROWS) and
+def _load_rows(ptr, row_offsets, rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """A [rows, BLOCK_D] tile at ptr + row_offsets; rows where ``rows_ok`` is false (when CHECK_ROWS) and
     columns past HEAD_DIM read as 0, without touching memory."""
     ptrs = ptr + row_offsets[:, None] + offs_d[None, :]
     if CHECK_ROWS:
         if BLOCK_D == HEAD_DIM:
-            return tl.load(ptrs, mask=offs_rows[:, None] < n_rows, other=0.0)
+            return tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
         else:
-            return tl.load(ptrs, mask=(offs_rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            return tl.load(ptrs, mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     else:
         if BLOCK_D == HEAD_DIM:
             return tl.load(ptrs)
@@ -333,28 +371,39 @@ def _store_rows(ptr, value, row_offsets, offs_rows, offs_d, n_rows, HEAD_DIM: tl
 
 @triton.jit
 def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn, stride_vp, stride_vn, offs_m, offs_d,
-               lo, hi, seqlen_k, half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
-               PAGE_SIZE: tl.constexpr, TMA: tl.constexpr):
+               lo, hi, seqlen_k, key_lo, key_hi, half_scale, half_bias, half_slope, diag_offset, window_left,
+               window_right, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr,
+               PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, TMA: tl.constexpr):
+    """acc += P V over key tiles [lo, hi). MASKED tiles load only the keys [key_lo, key_hi) that a row of the
+    tile may see (others read as 0) and mask every score but the allowed ones, the keys past Sk included: a
+    query with an inf times a zero key row would otherwise give a NaN score."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        key_ok = (offs_n >= key_lo) & (offs_n < key_hi)
         if TMA:  # rows past Sk are outside the descriptor's shape: they load as zeros
             k = KDesc.load([b, n0, h_kv, 0]).reshape(BLOCK_N, BLOCK_D)
             v = VDesc.load([b, n0, h_kv, 0]).reshape(BLOCK_N, BLOCK_D)
+            if MASKED:
+                v = tl.where(key_ok[:, None], v, 0.0)
         else:
             k_rows, v_rows = _kv_offsets(n0, offs_n, Pages, stride_kp, stride_kn, stride_vp, stride_vn, seqlen_k,
                                          BLOCK_N, MASKED, PAGED, PAGE_SIZE)
-            k = _load_rows(K, k_rows, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
-            v = _load_rows(V, v_rows, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+            k = _load_rows(K, k_rows, key_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+            v = _load_rows(V, v_rows, key_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s = _dot(q, tl.trans(k), None)  # [BM, BN]
         i, j = offs_m[:, None], offs_n[None, :]
         z = _half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI)
         # The mask goes on z (sigmoid(-inf) = 0), not on P: a select on P is moved past P's conversion to
         # 16 bits, where it costs byte permutes; on z it stays one FSEL per score (D64 causal on sm_90, with
         # _allowed's single comparison: a masked tile's loop 377 -> 298 instructions per warp, 217 unmasked).
-        if MASKED and (HAS_LEFT or HAS_RIGHT):
-            z = tl.where(_allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT), z, float("-inf"))
+        if MASKED:
+            if HAS_LEFT or HAS_RIGHT:
+                allowed = key_ok[None, :] & _allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT,
+                                                     HAS_RIGHT)
+            else:
+                allowed = key_ok[None, :]
+            z = tl.where(allowed, z, float("-inf"))
         p = _sigmoid_of_half(z)
         acc = _dot(p.to(v.dtype), v, acc)  # [BM, BD]
     return acc
@@ -403,7 +452,7 @@ def sigmoid_attn_fwd_kernel(
         half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, heads,
                                             _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS), ALIBI, HEAD_BIAS)
     Q += b64 * stride_qb + q_start * stride_qm
-    q = _load_rows(Q, offs_m * stride_qm + heads * stride_qh, offs_m, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, True)
+    q = _load_rows(Q, offs_m * stride_qm + heads * stride_qh, offs_m < seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
     if PAGED:
         K += h_kv * stride_kh
         V += h_kv * stride_vh
@@ -417,15 +466,23 @@ def sigmoid_attn_fwd_kernel(
     lo, full_lo, full_hi, hi = _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
                                           BLOCK_Q, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     lo, full_lo, full_hi, hi = _split_key_tiles(lo, full_lo, full_hi, hi, split, BLOCK_N, NUM_SPLITS)
+    key_lo, key_hi = _visible_keys(m0, BLOCK_Q, diag_offset, seqlen_q, seqlen_k, window_left, window_right,
+                                   HAS_LEFT, HAS_RIGHT)
     acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
-                     offs_d, lo, full_lo, seqlen_k, half_scale, half_bias, half_slope, diag_offset, window_left,
-                     window_right, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE, TMA)
+                     offs_d, lo, full_lo, seqlen_k, key_lo, key_hi, half_scale, half_bias, half_slope, diag_offset,
+                     window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED,
+                     PAGE_SIZE, TMA)
     acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
-                     offs_d, full_lo, full_hi, seqlen_k, half_scale, half_bias, half_slope, diag_offset, window_left,
-                     window_right, HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE, TMA)
+                     offs_d, full_lo, full_hi, seqlen_k, key_lo, key_hi, half_scale, half_bias, half_slope,
+                     diag_offset, window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
+                     ALIBI, PAGED, PAGE_SIZE, TMA)
     acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
-                     offs_d, full_hi, hi, seqlen_k, half_scale, half_bias, half_slope, diag_offset, window_left,
-                     window_right, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE, TMA)
+                     offs_d, full_hi, hi, seqlen_k, key_lo, key_hi, half_scale, half_bias, half_slope, diag_offset,
+                     window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED,
+                     PAGE_SIZE, TMA)
+    if HAS_LEFT or HAS_RIGHT:  # a query with no allowed key outputs 0, whatever the values it masks hold
+        acc = tl.where(_sees_a_key(offs_m, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT,
+                                   HAS_RIGHT)[:, None], acc, 0.0)
     Out += split * stride_os + b64 * stride_ob + q_start * stride_om
     _store_rows(Out, acc.to(Out.dtype.element_ty), offs_m * stride_om + heads * stride_oh, offs_m, offs_d,
                 seqlen_q, HEAD_DIM)
@@ -449,24 +506,41 @@ def sigmoid_attn_sum_splits_kernel(Partial, Out, numel, NUM_SPLITS: tl.constexpr
 
 
 @triton.jit
-def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, lo, hi, seqlen_q,
+def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, lo, hi, seqlen_q, key_first, key_last,
                     half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr):
+    """dK, dV of the key tile over query tiles [lo, hi). MASKED tiles load only the queries before Sq that see a
+    key of the tile's [key_first, key_last] (others read as 0) and mask P and dS to the allowed pairs."""
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, offs_m * stride_qm, offs_m, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, MASKED)
-        do = _load_rows(DO, offs_m * stride_dom, offs_m, offs_d, seqlen_q, HEAD_DIM, BLOCK_D, MASKED)
+        if MASKED:
+            rows_ok = offs_m < seqlen_q
+            if HAS_RIGHT:
+                rows_ok = rows_ok & (offs_m + diag_offset + window_right >= key_first)
+            if HAS_LEFT:
+                rows_ok = rows_ok & (offs_m + diag_offset - window_left <= key_last)
+        else:
+            rows_ok = offs_m < seqlen_q
+        q = _load_rows(Q, offs_m * stride_qm, rows_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_rows(DO, offs_m * stride_dom, rows_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         # Transposed tiles (keys along rows): P^T and dS^T come out of the score dots in the layout the dV and
         # dK dots read from registers, with no transpose through shared memory.
         i, j = offs_m[None, :], offs_n[:, None]
         st = _dot(k, tl.trans(q), None)  # [BN, BM]
         pt = _sigmoid_of_half(_half_logits(st, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI))
-        if MASKED and (HAS_LEFT or HAS_RIGHT):
-            pt = tl.where(_allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT), pt, 0.0)
-        dv = _dot(pt.to(do.dtype), do, dv)  # [BN, BD]
         dpt = _dot(v, tl.trans(do), None)  # [BN, BM]
         dst = dpt * pt * (1.0 - pt)
+        if MASKED:
+            # Rows past Sq too: a key row holding an inf times their zero query is a NaN score.
+            if HAS_LEFT or HAS_RIGHT:
+                allowed = rows_ok[None, :] & _allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT,
+                                                      HAS_RIGHT)
+            else:
+                allowed = rows_ok[None, :]
+            pt = tl.where(allowed, pt, 0.0)
+            dst = tl.where(allowed, dst, 0.0)
+        dv = _dot(pt.to(do.dtype), do, dv)  # [BN, BD]
         dk = _dot(dst.to(q.dtype), q, dk)  # [BN, BD]
     return dk, dv
 
@@ -495,10 +569,11 @@ def sigmoid_attn_bwd_kernel_dkdv(
     row_half_bias = _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b64 * stride_kb + k_start * stride_kn + h_kv * stride_kh, offs_n * stride_kn, offs_n, offs_d,
-                   seqlen_k, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + b64 * stride_vb + k_start * stride_vn + h_kv * stride_vh, offs_n * stride_vn, offs_n, offs_d,
-                   seqlen_k, HEAD_DIM, BLOCK_D, True)
+    k = _load_rows(K + b64 * stride_kb + k_start * stride_kn + h_kv * stride_kh, offs_n * stride_kn,
+                   offs_n < seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + b64 * stride_vb + k_start * stride_vn + h_kv * stride_vh, offs_n * stride_vn,
+                   offs_n < seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    key_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _query_tiles(n0, diag_offset, seqlen_q, window_left, window_right,
@@ -509,14 +584,18 @@ def sigmoid_attn_bwd_kernel_dkdv(
         DOh = DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh
         half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, row_half_bias, ALIBI, HEAD_BIAS)
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, lo, full_lo, seqlen_q,
-                                 half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
+                                 n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
+                                 window_right, HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_lo, full_hi,
-                                 seqlen_q, half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI)
+                                 seqlen_q, n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
+                                 window_right, HEAD_DIM, BLOCK_M, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI)
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_hi, hi, seqlen_q,
-                                 half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
+                                 n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
+                                 window_right, HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
+    if HAS_LEFT or HAS_RIGHT:  # a key no query may see gets exactly 0, whatever the rows that mask it hold
+        seen = _seen_by_a_query(offs_n, diag_offset, seqlen_q, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        dk = tl.where(seen[:, None], dk, 0.0)
+        dv = tl.where(seen[:, None], dv, 0.0)
     _store_rows(DK + b64 * stride_dkb + k_start * stride_dkn + h_kv * stride_dkh, (dk * scale).to(DK.dtype.element_ty),
                 offs_n * stride_dkn, offs_n, offs_d, seqlen_k, HEAD_DIM)
     _store_rows(DV + b64 * stride_dvb + k_start * stride_dvn + h_kv * stride_dvh, dv.to(DV.dtype.element_ty),
@@ -528,22 +607,29 @@ def sigmoid_attn_bwd_kernel_dkdv(
 
 
 @triton.jit
-def _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, seqlen_k,
+def _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, key_lo, key_hi,
                   half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr,
                   HEAD_BIAS: tl.constexpr):
+    """dQ of the query tile over key tiles [lo, hi); MASKED tiles as in ``_fwd_tiles``, with dS masked too."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, offs_n * stride_kn, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(V, offs_n * stride_vn, offs_n, offs_d, seqlen_k, HEAD_DIM, BLOCK_D, MASKED)
+        key_ok = (offs_n >= key_lo) & (offs_n < key_hi)
+        k = _load_rows(K, offs_n * stride_kn, key_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(V, offs_n * stride_vn, key_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s = _dot(q, tl.trans(k), None)  # [BM, BN]
         i, j = offs_m[:, None], offs_n[None, :]
         p = _sigmoid_of_half(_half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI))
-        if MASKED and (HAS_LEFT or HAS_RIGHT):
-            p = tl.where(_allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT), p, 0.0)
         dp = _dot(do, tl.trans(v), None)  # [BM, BN]
         ds = dp * p * (1.0 - p)
+        if MASKED:
+            if HAS_LEFT or HAS_RIGHT:
+                allowed = key_ok[None, :] & _allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT,
+                                                     HAS_RIGHT)
+            else:
+                allowed = key_ok[None, :]
+            ds = tl.where(allowed, ds, 0.0)
         dq = _dot(ds.to(k.dtype), k, dq)  # [BM, BD]
         if HEAD_BIAS:
             dsum += tl.sum(ds, axis=1)
@@ -577,28 +663,35 @@ def sigmoid_attn_bwd_kernel_dq(
     V += b64 * stride_vb + k_start * stride_vn + (h // GROUP) * stride_vh
     half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h,
                                         _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS), ALIBI, HEAD_BIAS)
-    q = _load_rows(Q + b64 * stride_qb + q_start * stride_qm + h * stride_qh, offs_m * stride_qm, offs_m, offs_d,
-                   seqlen_q, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh, offs_m * stride_dom, offs_m, offs_d,
-                    seqlen_q, HEAD_DIM, BLOCK_D, True)
+    q = _load_rows(Q + b64 * stride_qb + q_start * stride_qm + h * stride_qh, offs_m * stride_qm, offs_m < seqlen_q,
+                   offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh, offs_m * stride_dom,
+                    offs_m < seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
                                           BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, full_lo, seqlen_k,
+    key_lo, key_hi = _visible_keys(m0, BLOCK_M, diag_offset, seqlen_q, seqlen_k, window_left, window_right,
+                                   HAS_LEFT, HAS_RIGHT)
+    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, full_lo, key_lo, key_hi,
                              half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
                              HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, HEAD_BIAS)
-    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, full_lo, full_hi, seqlen_k,
-                             half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, full_lo, full_hi, key_lo,
+                             key_hi, half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
                              HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI, HEAD_BIAS)
-    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, full_hi, hi, seqlen_k,
+    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, full_hi, hi, key_lo, key_hi,
                              half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
                              HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, HEAD_BIAS)
+    if HAS_LEFT or HAS_RIGHT:  # a query with no allowed key gets exactly 0, whatever the keys it masks hold
+        dq = tl.where(_sees_a_key(offs_m, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT,
+                                  HAS_RIGHT)[:, None], dq, 0.0)
     _store_rows(DQ + b64 * stride_dqb + q_start * stride_dqm + h * stride_dqh, (dq * scale).to(DQ.dtype.element_ty),
                 offs_m * stride_dqm, offs_m, offs_d, seqlen_q, HEAD_DIM)
     if HEAD_BIAS:
         # One partial sum per (b, h, query tile), reduced on the host in a fixed order: deterministic.
         n_tiles = tl.num_programs(0)
+        # Rows past Sq (zero queries and dO) score NaN against a key row holding an inf: left out.
+        dsum = tl.where(offs_m < seqlen_q, dsum, 0.0)
         tl.store(DBiasPartial + (b * tl.num_programs(1) + h) * n_tiles + i_m, tl.sum(dsum, axis=0))
 
 
@@ -643,6 +736,12 @@ class Rows:
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dense(t: Tensor | None) -> Tensor | None:
+    """The kernels index the small tensors (a per-head bias, ALiBi slopes, cu_seqlens, cache lengths, block
+    tables) as dense row-major arrays: a strided or expanded view is copied here, once per call."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
 
 
 def _strides(t: Tensor, packed: bool) -> tuple[int, int, int]:
@@ -817,6 +916,7 @@ def flash_fwd(
     """Forward of dense sigmoid attention. q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D), any strides.
     ``out`` (shape of q, last dim contiguous) receives the result when given (tests poison it)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    head_bias, alibi = _dense(head_bias), _dense(alibi)
     out = _empty_like(q) if out is None else out
     if out.numel() == 0:
         return out
@@ -848,6 +948,7 @@ def flash_varlen_fwd(
     """Forward over packed sequences: q (total_q, Hq, D), k and v (total_k, Hkv, D), int32 cumulative
     lengths; the max lengths only size the grid (nothing reads the lengths on the host)."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    cu_seqlens_q, cu_seqlens_k, head_bias, alibi = (_dense(t) for t in (cu_seqlens_q, cu_seqlens_k, head_bias, alibi))
     out = _empty_like(q) if out is None else out
     if out.numel() == 0:
         return out
@@ -918,6 +1019,7 @@ def flash_kvcache_fwd(
     k_cache/v_cache, (B, capacity, Hkv, D), or paged (num_blocks, page_size, Hkv, D) through block_table
     (B, max_blocks). ``num_splits``/``pack_gqa`` override ``kvcache_plan`` (tests force each path)."""
     q, k_cache, v_cache = (_last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+    seqlens_k, block_table, head_bias, alibi = (_dense(t) for t in (seqlens_k, block_table, head_bias, alibi))
     out = _empty_like(q) if out is None else out
     if out.numel() == 0:
         return out
@@ -964,6 +1066,7 @@ def _backward_into(
     alibi: Tensor | None, rows: Rows, grads: tuple[Tensor, Tensor, Tensor] | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:  # fmt: skip
     q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
+    head_bias, alibi = _dense(head_bias), _dense(alibi)
     grads = tuple(_empty_like(t) for t in (q, k, v)) if grads is None else grads
     if q.numel() == 0 or k.numel() == 0:
         for grad in grads:
@@ -1016,7 +1119,7 @@ def flash_varlen_bwd(
     grads: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Backward of ``flash_varlen_fwd``, deterministic like ``flash_bwd``."""
-    rows = Rows(cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+    rows = Rows(cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, _dense(cu_seqlens_q), _dense(cu_seqlens_k))
     return _backward_into(do, q, k, v, params, head_bias, alibi, rows, grads)
 
 
