@@ -38,7 +38,10 @@ def _pristine_triton_language():
                 setattr(namespace, name, value)
 
 
-def compile_sm90(head_dim: int, dtype: torch.dtype, causal: bool, head_bias: bool, group: int, varlen: bool = False):
+def compile_sm90(
+    head_dim: int, dtype: torch.dtype, causal: bool, head_bias: bool, group: int, varlen: bool = False,
+    key_tail: bool = False,
+):  # fmt: skip
     q = torch.empty(2, 256, 4, head_dim, dtype=dtype)
     config = hopper.CONFIGS[(head_dim, causal)]
     rows = int(hopper.ROWS)
@@ -52,7 +55,7 @@ def compile_sm90(head_dim: int, dtype: torch.dtype, causal: bool, head_bias: boo
     signature.update(half_scale="fp32", half_scale_bias="fp32")
     max_registers, consumer_registers = config.registers
     constants = dict(GROUP=group, CAUSAL=causal, HEAD_BIAS=head_bias, SEQUENCE_BIAS=varlen and not head_bias,
-                     VARLEN=varlen, CONSUMERS=config.consumers, STAGES=config.stages,
+                     VARLEN=varlen, KEY_TAIL=varlen or key_tail, CONSUMERS=config.consumers, STAGES=config.stages,
                      CONSUMER_REGS=consumer_registers)  # fmt: skip
     if not head_bias:  # launched with None: Triton makes them constants
         constants["head_bias_ptr"] = None
@@ -76,25 +79,29 @@ def ptxas_report(ptx: str, tmp_path) -> str:
 
 
 @pytest.mark.parametrize(
-    "head_dim,dtype,causal,head_bias,group,varlen",
+    "head_dim,dtype,causal,head_bias,group,varlen,key_tail",
     [
-        (128, torch.bfloat16, False, False, 1, False),
-        (128, torch.bfloat16, True, True, 4, False),
-        (128, torch.float16, True, False, 1, False),
-        (128, torch.float16, False, True, 2, False),
-        (64, torch.bfloat16, True, False, 1, False),
-        (64, torch.float16, False, True, 2, False),
-        (128, torch.bfloat16, False, False, 2, True),
-        (128, torch.bfloat16, True, False, 1, True),
-        (64, torch.bfloat16, False, True, 1, True),
-        (64, torch.float16, True, False, 4, True),
+        (128, torch.bfloat16, False, False, 1, False, False),
+        (128, torch.bfloat16, True, True, 4, False, False),
+        (128, torch.float16, True, False, 1, False, False),
+        (128, torch.float16, False, True, 2, False, False),
+        (64, torch.bfloat16, True, False, 1, False, False),
+        (64, torch.float16, False, True, 2, False, False),
+        (128, torch.bfloat16, False, False, 1, False, True),
+        (128, torch.bfloat16, True, False, 2, False, True),
+        (64, torch.bfloat16, False, False, 1, False, True),
+        (128, torch.bfloat16, False, False, 2, True, True),
+        (128, torch.bfloat16, True, False, 1, True, True),
+        (64, torch.bfloat16, False, True, 1, True, True),
+        (64, torch.float16, True, False, 4, True, True),
     ],
     ids=["D128-bf16-full", "D128-bf16-causal-headbias-G4", "D128-fp16-causal", "D128-fp16-full-headbias-G2",
-         "D64-bf16-causal", "D64-fp16-full-headbias-G2", "varlen-D128-bf16-full-G2", "varlen-D128-bf16-causal",
+         "D64-bf16-causal", "D64-fp16-full-headbias-G2", "D128-bf16-full-tail", "D128-bf16-causal-tail-G2",
+         "D64-bf16-full-tail", "varlen-D128-bf16-full-G2", "varlen-D128-bf16-causal",
          "varlen-D64-bf16-full-headbias", "varlen-D64-fp16-causal-G4"],
 )  # fmt: skip
-def test_compiles_for_sm90a_without_spills(head_dim, dtype, causal, head_bias, group, varlen, tmp_path):
-    compiled = compile_sm90(head_dim, dtype, causal, head_bias, group, varlen)
+def test_compiles_for_sm90a_without_spills(head_dim, dtype, causal, head_bias, group, varlen, key_tail, tmp_path):
+    compiled = compile_sm90(head_dim, dtype, causal, head_bias, group, varlen, key_tail)
     consumer_registers = hopper.CONFIGS[(head_dim, causal)].registers[1]
     ptx = compiled.asm["ptx"]
     # The schedule the module docstring describes: products awaited one group at a time, registers moved
@@ -135,7 +142,7 @@ def test_cpu_tensors_never_take_the_sm90_kernel():
 
 
 def compile_bwd_sm90(head_dim: int, dtype: torch.dtype, causal: bool, group: int, head_bias: bool = False,
-                     varlen: bool = False):  # fmt: skip
+                     varlen: bool = False, tail: bool = False):  # fmt: skip
     kernel = hopper_bwd.sigmoid_attn_bwd_kernel_sm90
     t = torch.empty(2, 256, 4, head_dim, dtype=dtype)
     workspace = torch.empty(2, 256, 4, head_dim, dtype=torch.float32)
@@ -148,10 +155,11 @@ def compile_bwd_sm90(head_dim: int, dtype: torch.dtype, causal: bool, group: int
     signature = {name: mangle_type(d) for name, d in descriptors.items()}
     signature.update(dk_ptr=mangle_type(t), dv_ptr=mangle_type(t), head_bias_ptr="*fp32", dbias_ptr="*fp32")
     signature.update(cu_seqlens_q="*i32", cu_seqlens_k="*i32", num_heads="i32", b0="i32", h0="i32")
-    signature.update(seqlen_q="i32", seqlen_k="i32", diag_offset="i32")
+    signature.update(seqlen_q="i32", seqlen_k="i32", diag_offset="i32", q_shift="i32")
     signature.update(scale="fp32", half_scale="fp32", half_scale_bias="fp32")
     constants = dict(GROUP=group, CAUSAL=causal, STAGES=hopper_bwd.STAGES[head_dim], HEAVY_FIRST=causal,
-                     HEAD_BIAS=head_bias, SEQUENCE_BIAS=varlen and not head_bias, VARLEN=varlen)  # fmt: skip
+                     HEAD_BIAS=head_bias, SEQUENCE_BIAS=varlen and not head_bias, VARLEN=varlen,
+                     TAIL=varlen or tail)  # fmt: skip
     if not head_bias:  # launched with None: Triton makes them constants
         constants.update(head_bias_ptr=None, dbias_ptr=None)
     if not varlen:
@@ -175,9 +183,10 @@ def compile_bwd_sm90(head_dim: int, dtype: torch.dtype, causal: bool, group: int
     ],
     ids=["D128-bf16-full", "D128-fp16-causal-G2", "D64-bf16-causal-G4", "D64-fp16-full", "D64-bf16-causal-G2-headbias"],
 )
-@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
-def test_backward_compiles_for_sm90a(head_dim, dtype, causal, group, head_bias, max_spill, varlen, tmp_path):
-    ptx = compile_bwd_sm90(head_dim, dtype, causal, group, head_bias, varlen).asm["ptx"]
+@pytest.mark.parametrize("varlen,tail", [(False, False), (False, True), (True, True)],
+                         ids=["dense", "dense-tail", "varlen"])  # fmt: skip
+def test_backward_compiles_for_sm90a(head_dim, dtype, causal, group, head_bias, max_spill, varlen, tail, tmp_path):
+    ptx = compile_bwd_sm90(head_dim, dtype, causal, group, head_bias, varlen, tail).asm["ptx"]
     # dQ leaves through TMA reductions; registers move from the loader warp to the two consumer groups.
     assert "cp.reduce.async.bulk.tensor" in ptx and ".add" in ptx
     assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240;", ptx)
@@ -187,9 +196,13 @@ def test_backward_compiles_for_sm90a(head_dim, dtype, causal, group, head_bias, 
     assert ("wgmma.mma_async.sync.aligned.m64n8k16" in ptx) == head_bias
     report = ptxas_report(ptx, tmp_path)
     # D128 keeps dK, dV (128 registers), the score tiles and a dQ block within 240: ptxas spills a few
-    # scalars (36-120 bytes; the H100 numbers in benchmarks/results are with them), never the products.
+    # scalars (36-120 bytes; the H100 numbers in benchmarks/results are with them), never the products. The
+    # masks of tiles that end past Sq or Sk add up to 32 bytes; packed sequences' zeroing of the rows past a
+    # sequence's end (in the loader, at 24 registers) up to 300 at D128 and 64 at D64 (its cost is measured
+    # in benchmarks/NOTES.md).
+    allowed = max_spill + 32 * tail + {128: 300, 64: 64}[head_dim] * varlen
     spilled = int(re.search(r"(\d+) bytes spill stores", report).group(1))
-    assert spilled <= max_spill, report
+    assert spilled <= allowed, report
     assert "C7512" not in report, report  # wgmma serialised for lack of registers
 
 

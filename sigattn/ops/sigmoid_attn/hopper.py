@@ -99,18 +99,19 @@ HEAD_DIMS = tuple(sorted({head_dim for head_dim, _ in CONFIGS}))
 
 @gluon.jit
 def _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-               VARLEN: gl.constexpr):  # fmt: skip
+               KEY_TAIL: gl.constexpr):  # fmt: skip
     """(key tiles to visit, tiles before the first one that needs a mask) for the query rows m0 .. m0 +
-    BLOCK_M - 1. At least one tile, so rows with no allowed key still write their zeros. Dense rows mask
-    only the causal diagonal (their keys past Sk load as zeros); a packed sequence's keys past its end are
-    the next sequence's, so its last partial tile is masked too."""
+    BLOCK_M - 1. At least one tile, so rows with no allowed key still write their zeros. The causal diagonal
+    is masked, and with KEY_TAIL (keys that end inside a tile) the last partial tile: a packed sequence's
+    keys past its end are the next sequence's, and a dense row's keys past Sk load as zeros, whose score is
+    NaN against a query holding an inf."""
     if CAUSAL:
         hi = gl.minimum(seqlen_k, m0 + BLOCK_M + diag_offset)
         n_unmasked = gl.maximum(m0 + diag_offset + 1, 0) // BLOCK_N
     else:
         hi = seqlen_k
         n_unmasked = gl.cdiv(seqlen_k, BLOCK_N)
-    if VARLEN:
+    if KEY_TAIL:
         n_unmasked = gl.minimum(n_unmasked, seqlen_k // BLOCK_N)
     return gl.maximum(gl.cdiv(hi, BLOCK_N), 1), n_unmasked
 
@@ -130,27 +131,51 @@ def _probabilities(
     ROWS: gl.constexpr,
     BLOCK_N: gl.constexpr,
     CAUSAL: gl.constexpr,
-    VARLEN: gl.constexpr,
+    KEY_TAIL: gl.constexpr,
     dtype: gl.constexpr,
 ):
     """P = sigmoid(scale s + bias) of score tile j as the next product's register operand: 0.5 tanh(z / 2)
-    + 0.5 with one tanh.approx per score; keys past the diagonal 0, and with VARLEN keys past the sequence's
-    end (a dense row's keys past Sk need nothing: their V rows load as zeros)."""
+    + 0.5 with one tanh.approx per score; keys past the diagonal 0, and with KEY_TAIL keys past Sk."""
     z = s * half_scale + half_bias
     t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=gl.float32, is_pure=True, pack=1)
     p = 0.5 * t + 0.5
-    if CAUSAL or VARLEN:  # noqa: SIM102 (a separate `if` on the constexpr: full attention compiles without it)
+    if CAUSAL or KEY_TAIL:  # noqa: SIM102 (a separate `if` on the constexpr: full attention compiles without it)
         if j >= n_unmasked:
             i = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
             k = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             if CAUSAL:
                 allowed = k[None, :] <= i[:, None] + diag_offset
-                if VARLEN:
+                if KEY_TAIL:
                     allowed = allowed & (k[None, :] < seqlen_k)
             else:
                 allowed = k[None, :] < seqlen_k
             p = gl.where(allowed, p, 0.0)
     return gl.convert_layout(p.to(dtype), p_layout)
+
+
+# Layouts of the [8, 64] pieces ``keep_rows`` zeroes: 8 rows are the period of the 128-byte swizzle (a
+# shared tile can be cut only at its multiples), 64 columns of 16 bits are 128 bytes. Over a warpgroup 4 values
+# a thread (a D64 forward consumer, at 112 registers, spilled with 8), over one warp 16.
+ZEROING_WARPGROUP = gl.constexpr(gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0]))
+ZEROING_WARP = gl.constexpr(gl.BlockedLayout([2, 8], [4, 8], [1, 1], [1, 0]))
+
+
+@gluon.jit
+def keep_rows(tile, lo, hi, layout: gl.constexpr):
+    """Zero the rows of a shared [rows, cols] tile outside [lo, hi) in [8, 64] pieces of ``layout`` (one of
+    the ZEROING_ layouts, for the warps that call it): rows TMA loaded from past a packed sequence's end (the
+    next sequence's), or of queries that see no key. A NaN there would otherwise reach the products through
+    0 x NaN. Then a fence, so that the tensor cores (the async proxy) see the zeros."""
+    ROWS_: gl.constexpr = tile.shape[0]
+    COLS: gl.constexpr = tile.shape[1]
+    for r0 in gl.static_range(0, ROWS_, 8):
+        if (r0 < lo) | (r0 + 8 > hi):
+            row = r0 + gl.arange(0, 8, layout=gl.SliceLayout(1, layout))
+            keep = ((row >= lo) & (row < hi))[:, None]
+            for c0 in gl.static_range(0, COLS, 64):
+                piece = tile.slice(r0, 8, dim=0).slice(c0, 64, dim=1)
+                piece.store(gl.where(keep, piece.load(layout), gl.zeros([8, 64], tile.dtype, layout)))
+    fence_async_shared()
 
 
 @gluon.jit
@@ -217,7 +242,7 @@ def _store_tile(o_desc, q_rows, value, b, row, h):
 def _attend(
     o_desc, q_rows, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, seqlen_q, seqlen_k, diag_offset,
     half_scale, half_bias, q_start, o_ptr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr
+    STAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr, KEY_TAIL: gl.constexpr
 ):  # fmt: skip
     """Query rows m0 .. m0 + 63 against the key tiles they see: writes their output, releases those tiles
     and returns how many there were."""
@@ -229,7 +254,7 @@ def _attend(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
     )
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    n_mine, n_unmasked = _key_tiles(m0, seqlen_k, diag_offset, ROWS, BLOCK_N, CAUSAL, VARLEN)
+    n_mine, n_unmasked = _key_tiles(m0, seqlen_k, diag_offset, ROWS, BLOCK_N, CAUSAL, KEY_TAIL)
     q = q_rows.reshape([ROWS, HEAD_DIM])
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)  # [64, D]
@@ -240,7 +265,7 @@ def _attend(
     s = warpgroup_mma(q, k, s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
     p = _probabilities(s, 0, m0, seqlen_k, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout,
-                       ROWS, BLOCK_N, CAUSAL, VARLEN, dtype)  # fmt: skip
+                       ROWS, BLOCK_N, CAUSAL, KEY_TAIL, dtype)  # fmt: skip
     for j in range(1, n_mine):
         slot, prev = j % STAGES, (j - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
@@ -251,16 +276,24 @@ def _attend(
         acc_token = warpgroup_mma(p, v, acc, is_async=True)  # tile j - 1's P V
         s = warpgroup_mma_wait(1, deps=(s_token,))  # S done, P V still running
         p_next = _probabilities(s, j, m0, seqlen_k, diag_offset, n_unmasked, half_scale, half_bias, s_layout,
-                                p_layout, ROWS, BLOCK_N, CAUSAL, VARLEN, dtype)  # fmt: skip
+                                p_layout, ROWS, BLOCK_N, CAUSAL, KEY_TAIL, dtype)  # fmt: skip
         acc, _ = warpgroup_mma_wait(0, deps=(acc_token, p))
         mbarrier.arrive(slot_free.index(prev), count=1)
         p = p_next
     last = (n_mine - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((n_mine - 1) // STAGES) & 1)
     v = v_bufs.index(last).reshape([BLOCK_N, HEAD_DIM])
+    if VARLEN:  # noqa: SIM102 (the tile past the sequence's end, always a group's last: the next one's values)
+        if (n_mine - 1) * BLOCK_N + BLOCK_N > seqlen_k:
+            # Each group that reads the tile zeroes it: they write the same values, each fencing its own.
+            keep_rows(v, 0, seqlen_k - (n_mine - 1) * BLOCK_N, ZEROING_WARPGROUP)
     acc_token = warpgroup_mma(p, v, acc, is_async=True)
     acc, _ = warpgroup_mma_wait(0, deps=(acc_token, p))
     mbarrier.arrive(slot_free.index(last), count=1)
+    if CAUSAL:  # noqa: SIM102
+        if m0 + diag_offset < 0:  # rows that see no key output 0, whatever the values they mask hold
+            row = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+            acc = gl.where((row + diag_offset >= 0)[:, None], acc, 0.0)
     if VARLEN:
         if m0 + ROWS > seqlen_q:
             store_rows(o_ptr, o_desc, acc.to(dtype), q_start, m0, seqlen_q, h, o_layout)
@@ -273,7 +306,7 @@ def _attend(
 
 @gluon.jit
 def _consumer(shared, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, VARLEN: gl.constexpr):  # fmt: skip
+              CAUSAL: gl.constexpr, VARLEN: gl.constexpr, KEY_TAIL: gl.constexpr):  # fmt: skip
     """One warpgroup: query rows m0 + 64 W .. + 63. The program's loader streams ``n_tiles`` key tiles,
     enough for its last rows; a group that needs fewer (its causal diagonal comes earlier, or its rows are
     past Sq) releases the rest unread. ``shared``: the arguments every group gets (the kernel's tuple)."""
@@ -284,7 +317,7 @@ def _consumer(shared, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.const
     if m0 < seqlen_q:
         n_mine = _attend(o_desc, q_smem.index(W), k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0,
                          seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, q_start, o_ptr, HEAD_DIM, BLOCK_N,
-                         STAGES, CAUSAL, VARLEN)  # fmt: skip
+                         STAGES, CAUSAL, VARLEN, KEY_TAIL)  # fmt: skip
     for j in range(n_mine, n_tiles):
         # Released only once loaded: an earlier arrival would count towards the release of the tile the
         # slot holds now, which other groups may still be reading.
@@ -315,6 +348,7 @@ def sigmoid_attn_fwd_kernel_sm90(
     HEAD_BIAS: gl.constexpr,
     SEQUENCE_BIAS: gl.constexpr,
     VARLEN: gl.constexpr,
+    KEY_TAIL: gl.constexpr,
     CONSUMERS: gl.constexpr,
     STAGES: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
@@ -325,7 +359,8 @@ def sigmoid_attn_fwd_kernel_sm90(
     cu_seqlens[b + 1] - 1 (a bottom-right causal diagonal; o_ptr, o_desc's tensor, takes the stores of a
     last partial tile); seqlen_q and seqlen_k are then the longest lengths and unused.
     The bias is head_bias_ptr[h] with HEAD_BIAS, else -log of the sequence's key count (0 with no key) with
-    SEQUENCE_BIAS (packed sequences), else twice half_scale_bias."""
+    SEQUENCE_BIAS (packed sequences), else twice half_scale_bias. KEY_TAIL: the keys of some row end inside a
+    tile (always with VARLEN), whose keys past the end are masked."""
     i_m = gl.program_id(0)
     if CAUSAL:  # the longest rows first, so the last wave is made of short ones
         i_m = gl.num_programs(0) - 1 - i_m
@@ -347,7 +382,7 @@ def sigmoid_attn_fwd_kernel_sm90(
             half_bias = sequence_half_bias(seqlen_k)
     if HEAD_BIAS:
         half_bias = 0.5 * gl.load(head_bias_ptr + h).to(gl.float32)
-    n_tiles, _ = _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, CAUSAL, VARLEN)
+    n_tiles, _ = _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, CAUSAL, KEY_TAIL)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -368,29 +403,37 @@ def sigmoid_attn_fwd_kernel_sm90(
     # fmt: off
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
-            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
+            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
+            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
                        h // GROUP, q_start + m0, k_start, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGISTERS])
     elif CONSUMERS == 3:
         gl.warp_specialize([
-            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
-            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
-            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
+            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
+            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
+            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
                        h // GROUP, q_start + m0, k_start, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
-            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
-            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
-            (_consumer, (shared, 3, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN)),
+            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
+            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
+            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
+            (_consumer, (shared, 3, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
                        h // GROUP, q_start + m0, k_start, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGISTERS])
     # fmt: on
+
+
+def visible_keys(seqlen_q: int, seqlen_k: int, diag_offset: int, causal: bool) -> int | None:
+    """How many leading keys of a dense row some query may see, when a causal mask hides the others (None
+    otherwise): the last query, at key position Sq - 1 + diag_offset, sees up to it (fewer than Sk with the
+    top-left diagonal and Sk > Sq). The kernels' K and V descriptors stop there, so the keys past it load as
+    zeros: a NaN in them cannot reach the products through 0 x NaN."""
+    return max(0, min(seqlen_k, seqlen_q + diag_offset)) if causal else None
 
 
 @functools.lru_cache
@@ -452,15 +495,18 @@ def flash_fwd_sm90(
     max_registers, consumer_registers = config.registers
     bias = -math.log(seqlen_k) if default_bias and cu_seqlens is None else const_bias
     sequence_bias = default_bias and cu_seqlens is not None and head_bias is None
+    varlen = cu_seqlens is not None
+    key_tail = varlen or seqlen_k % config.block_n != 0
+    diag_offset = 0 if top_left else seqlen_k - seqlen_q
+    seen = visible_keys(seqlen_q, seqlen_k, diag_offset, causal and not varlen)
     args = (
-        host.descriptor(q, rows), host.descriptor(k, config.block_n), host.descriptor(v, config.block_n),
-        host.descriptor(out, rows), out, head_bias, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k,
-        0 if top_left else seqlen_k - seqlen_q, 0.5 * scale, 0.5 * bias, group, causal,
-        head_bias is not None, sequence_bias, cu_seqlens is not None, config.consumers, config.stages,
-        consumer_registers,
+        host.descriptor(q, rows), host.descriptor(k, config.block_n, length=seen),
+        host.descriptor(v, config.block_n, length=seen), host.descriptor(out, rows), out, head_bias, cu_seqlens_q,
+        cu_seqlens_k, seqlen_q, seqlen_k, diag_offset, 0.5 * scale, 0.5 * bias, group, causal,
+        head_bias is not None, sequence_bias, varlen, key_tail, config.consumers, config.stages, consumer_registers,
     )  # fmt: skip
-    key = (q.shape[-1], config, q.dtype, k.dtype, v.dtype, out.dtype, group, causal, sequence_bias,
-           cu_seqlens is not None, None if head_bias is None else head_bias.dtype)  # fmt: skip
+    key = (q.shape[-1], config, q.dtype, k.dtype, v.dtype, out.dtype, group, causal, sequence_bias, varlen, key_tail,
+           None if head_bias is None else head_bias.dtype)  # fmt: skip
     grid = (host.cdiv(seqlen_q, rows * config.consumers), num_heads, batch)
     if grid[0] and batch:
         host.launch(sigmoid_attn_fwd_kernel_sm90, grid, args, key, num_warps=4, maxnreg=max_registers)

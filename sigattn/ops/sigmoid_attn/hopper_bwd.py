@@ -109,23 +109,71 @@ def _program(HEAVY_FIRST: gl.constexpr):
 
 
 @gluon.jit
-def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free,
-            b, h_kv, n0, q_start, q_lo, n_q, n_iter, GROUP: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: the program's K and V halves (from token n0), then Q and dO tile by tile (from token
-    q_start), head by head of the group."""
-    mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
+def _copy_kv(k_desc, v_desc, k_smem, v_smem, barrier, b, n0, h_kv):
+    mbarrier.expect(barrier, 4 * k_desc.block_type.nbytes)
     for w in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [b, n0 + w * KEYS, h_kv, 0], kv_ready, k_smem.index(w))
-        tma.async_copy_global_to_shared(v_desc, [b, n0 + w * KEYS, h_kv, 0], kv_ready, v_smem.index(w))
+        tma.async_copy_global_to_shared(k_desc, [b, n0 + w * KEYS, h_kv, 0], barrier, k_smem.index(w))
+        tma.async_copy_global_to_shared(v_desc, [b, n0 + w * KEYS, h_kv, 0], barrier, v_smem.index(w))
+
+
+@gluon.jit
+def _copy_q_do(q_desc, do_desc, q_tile, do_tile, barrier, b, m0, h):
+    mbarrier.expect(barrier, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], barrier, q_tile)
+    tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], barrier, do_tile)
+
+
+@gluon.jit
+def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free, staging,
+            b, h_kv, n0, q_start, q_lo, n_q, n_iter, n_keys, seqlen_q, first_row, GROUP: gl.constexpr,
+            STAGES: gl.constexpr, VARLEN: gl.constexpr):
+    """One warp: the program's K and V halves (from token n0), then Q and dO tile by tile (from token
+    q_start), head by head of the group.
+
+    Packed sequences (VARLEN): rows that must read as zeros are zeroed here before the consumers are told a
+    tile has arrived (it lands on ``staging`` first): the keys past the program's first ``n_keys`` and the
+    query rows past ``seqlen_q`` (the next sequence's), and the query rows before ``first_row`` (queries that
+    see no key). A NaN there would otherwise reach dK, dV or dQ through 0 x NaN. (Dense rows need none of
+    it: their descriptors end where their rows do.) In the consumers, which hold dK and dV, the same zeroing
+    spilled more registers where they are needed most."""
+    staged = 0
+    if VARLEN:
+        if n_keys < 2 * KEYS:
+            _copy_kv(k_desc, v_desc, k_smem, v_smem, staging, b, n0, h_kv)
+            mbarrier.wait(staging, 0)
+            for w in gl.static_range(2):
+                hopper.keep_rows(k_smem.index(w).reshape([KEYS, k_desc.block_type.shape[3]]), 0, n_keys - w * KEYS,
+                                  hopper.ZEROING_WARP)
+                hopper.keep_rows(v_smem.index(w).reshape([KEYS, v_desc.block_type.shape[3]]), 0, n_keys - w * KEYS,
+                                  hopper.ZEROING_WARP)
+            mbarrier.arrive(kv_ready, count=1)
+            staged = 1
+        else:
+            _copy_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, b, n0, h_kv)
+    else:
+        _copy_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, b, n0, h_kv)
     for t in range(n_iter):
         slot = t % STAGES
         h = h_kv * GROUP + t // n_q
-        m0 = q_start + (q_lo + t % n_q) * ROWS
+        m_rel = (q_lo + t % n_q) * ROWS
         # A fresh mbarrier counts as having completed the phase before 0: the first round does not wait.
         mbarrier.wait(slot_free.index(slot), ((t // STAGES) & 1) ^ 1)
-        mbarrier.expect(q_ready.index(slot), 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_ready.index(slot), q_bufs.index(slot))
-        tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], q_ready.index(slot), do_bufs.index(slot))
+        q_tile, do_tile = q_bufs.index(slot), do_bufs.index(slot)
+        if VARLEN:
+            if (m_rel < first_row) | (m_rel + ROWS > seqlen_q):
+                _copy_q_do(q_desc, do_desc, q_tile, do_tile, staging, b, q_start + m_rel, h)
+                mbarrier.wait(staging, staged & 1)
+                staged += 1
+                head_dim: gl.constexpr = q_desc.block_type.shape[3]
+                hopper.keep_rows(q_tile.reshape([ROWS, head_dim]), first_row - m_rel, seqlen_q - m_rel,
+                                  hopper.ZEROING_WARP)
+                hopper.keep_rows(do_tile.reshape([ROWS, head_dim]), first_row - m_rel, seqlen_q - m_rel,
+                                  hopper.ZEROING_WARP)
+                mbarrier.arrive(q_ready.index(slot), count=1)
+            else:
+                _copy_q_do(q_desc, do_desc, q_tile, do_tile, q_ready.index(slot), b, q_start + m_rel, h)
+        else:
+            _copy_q_do(q_desc, do_desc, q_tile, do_tile, q_ready.index(slot), b, q_start + m_rel, h)
 
 
 @gluon.jit
@@ -144,10 +192,11 @@ def _store_tiles(dk_desc, dv_desc, out_k, out_v, dk, dv, b, n0, h):
 @gluon.jit
 def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, ones_smem,
               kv_ready, q_ready, slot_free, ds_ready, ds_free, done, head_bias_ptr, dbias_ptr, num_heads,
-              b0, h0, n0, q_lo, n_q, n_iter, mask_end, diag_offset, scale, half_scale, half_bias,
+              b0, h0, n0, q_lo, n_q, n_iter, mask_end, seqlen_q, seqlen_k, diag_offset, scale, half_scale, half_bias,
               cu_seqlens_q, cu_seqlens_k, dk_ptr, dv_ptr,
               W: gl.constexpr, GROUP: gl.constexpr, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
-              STAGES: gl.constexpr, HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr, VARLEN: gl.constexpr):
+              STAGES: gl.constexpr, HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr, VARLEN: gl.constexpr,
+              TAIL: gl.constexpr):
     """One warpgroup: keys n0 + 64 W .. + 63 against every query tile; its dK and dV rows, the dQ of
     every other tile, and with HEAD_BIAS its sum of dS per head into dbias_ptr[b, h, key tile, W]."""
     dtype: gl.constexpr = q_bufs.dtype
@@ -204,16 +253,22 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
             if m0 < mask_end:
                 row = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
                 th = gl.where(key[:, None] <= row[None, :] + diag_offset, th, -1.0)  # P = 0 and dS = 0
-        if VARLEN:  # noqa: SIM102
-            # A packed sequence's keys and queries past its end are the next sequence's (a dense row's load as
-            # zeros, which add nothing).
+        if TAIL:  # noqa: SIM102
+            # Keys and queries past the ends: a packed sequence's are the next sequence's; a dense row's load as
+            # zeros, whose scores are NaN against a row holding an inf.
             if (m0 + ROWS > seqlen_q) | (n0 + 2 * KEYS > seqlen_k):
                 row = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
                 th = gl.where((key[:, None] < seqlen_k) & (row[None, :] < seqlen_q), th, -1.0)
         pt = gl.convert_layout((0.5 * th + 0.5).to(dtype), a_layout)
         dv = warpgroup_mma(pt, do, dv, is_async=True)
         dpt = warpgroup_mma_wait(1, deps=(dpt,))
-        dst = (dpt * (0.25 - 0.25 * th * th)).to(dtype)
+        dst = dpt * (0.25 - 0.25 * th * th)
+        if VARLEN:  # noqa: SIM102
+            # dS = 0 past the ends even where dP is NaN (a value of this sequence holding an inf times the next
+            # one's zeroed rows): dQ would carry it into the next sequence's rows. (th = -1 elsewhere is dS = 0.)
+            if (m0 + ROWS > seqlen_q) | (n0 + 2 * KEYS > seqlen_k):
+                dst = gl.where(th == -1.0, 0.0, dst)
+        dst = dst.to(dtype)
         # dSᵀ halves are double-buffered: a half waits for the dQ of the tile two back to have read it.
         ds_slot = t % 2
         mbarrier.wait(ds_free.index(ds_slot), ((t // 2) & 1) ^ 1)
@@ -267,14 +322,15 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
 
 
 # One compiled kernel for every chunk, per constexprs and dtypes (host.launch).
-@gluon.jit(do_not_specialize=["num_heads", "b0", "h0", "seqlen_q", "seqlen_k", "diag_offset"],
+@gluon.jit(do_not_specialize=["num_heads", "b0", "h0", "seqlen_q", "seqlen_k", "diag_offset", "q_shift"],
            do_not_specialize_on_alignment=["dk_ptr", "dv_ptr", "head_bias_ptr", "dbias_ptr", "cu_seqlens_q",
                                            "cu_seqlens_k"])
 def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, dk_ptr, dv_ptr,
                                  head_bias_ptr, dbias_ptr, cu_seqlens_q, cu_seqlens_k, num_heads, b0, h0, seqlen_q,
-                                 seqlen_k, diag_offset, scale, half_scale, half_scale_bias, GROUP: gl.constexpr,
-                                 CAUSAL: gl.constexpr, STAGES: gl.constexpr, HEAVY_FIRST: gl.constexpr,
-                                 HEAD_BIAS: gl.constexpr, SEQUENCE_BIAS: gl.constexpr, VARLEN: gl.constexpr):
+                                 seqlen_k, diag_offset, q_shift, scale, half_scale, half_scale_bias,
+                                 GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                                 HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr, SEQUENCE_BIAS: gl.constexpr,
+                                 VARLEN: gl.constexpr, TAIL: gl.constexpr):
     """One program: keys i_n * 128 .. + 127 of kv head h_kv of batch row b. Descriptors are 4-d
     (B, S, H, D) with blocks [1, 64, 1, D] ([1, 64, 1, 64] for the fp32 dQ workspace): keys past Sk and
     queries past Sq load as zeros, and so add nothing. A launch covers batch rows b0 + and kv heads h0 + its
@@ -286,7 +342,11 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
     With VARLEN the tensors are packed sequences seen as (1, total, H, D) and the workspace as (1, total_q,
     heads, D); sequence b is at tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1 (bottom-right diagonal),
     seqlen_q and seqlen_k are the longest lengths (unused), and dk_ptr and dv_ptr (None for dense rows)
-    address the rows of a key tile that ends past its sequence."""
+    address the rows of a key tile that ends past its sequence.
+
+    TAIL: queries or keys end inside a tile (always with VARLEN), whose rows past the end are masked.
+    q_shift: q_desc and do_desc describe dense rows from query q_shift on, so that the queries before it,
+    which see no key (a causal diagonal below the top-left corner), load as zeros (at negative coordinates)."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     b_ws, h_ws, i_n = _program(HEAVY_FIRST)
     b, h_kv = b0 + b_ws, h0 + h_ws
@@ -323,12 +383,14 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
     ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS, ONES], q_desc.dtype)
     ones_smem = gl.allocate_shared_memory(q_desc.dtype, [2, KEYS, ONES], ones_layout)  # one per consumer
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    staging = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())  # tiles the loader cleans
     done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     slot_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
+    mbarrier.init(staging, count=1)
     mbarrier.init(done, count=2)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
@@ -337,20 +399,23 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
         mbarrier.init(ds_ready.index(i), count=2)  # both halves written
         mbarrier.init(ds_free.index(i), count=1)  # read by the group whose turn it was
 
-    # W, the eighth to last argument of a consumer: which 64 of the keys its group owns.
+    # W, the ninth to last argument of a consumer: which 64 of the keys its group owns.
     gl.warp_specialize([
         (_consumer, (dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, ones_smem,
                      kv_ready, q_ready, slot_free, ds_ready, ds_free, done,
-                     head_bias_ptr, dbias_ptr, num_heads, b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, diag_offset,
+                     head_bias_ptr, dbias_ptr, num_heads, b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, seqlen_q,
+                     seqlen_k, diag_offset,
                      scale, half_scale, half_bias, cu_seqlens_q, cu_seqlens_k, dk_ptr, dv_ptr,
-                     0, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS, VARLEN)),
+                     0, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS, VARLEN, TAIL)),
         (_consumer, (dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, ones_smem,
                      kv_ready, q_ready, slot_free, ds_ready, ds_free, done,
-                     head_bias_ptr, dbias_ptr, num_heads, b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, diag_offset,
+                     head_bias_ptr, dbias_ptr, num_heads, b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, seqlen_q,
+                     seqlen_k, diag_offset,
                      scale, half_scale, half_bias, cu_seqlens_q, cu_seqlens_k, dk_ptr, dv_ptr,
-                     1, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS, VARLEN)),
+                     1, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS, VARLEN, TAIL)),
         (_loader, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free,
-                   b_coord, h_kv, k_start + n0, q_start, q_lo, n_q, n_q * GROUP, GROUP, STAGES)),
+                   staging, b_coord, h_kv, k_start + n0, q_start - q_shift, q_lo, n_q, n_q * GROUP, seqlen_k - n0,
+                   seqlen_q, -diag_offset if CAUSAL else 0, GROUP, STAGES, VARLEN)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
 # fmt: on
 
@@ -429,8 +494,18 @@ def flash_bwd_sm90(
     workspace = torch.zeros(workspace_rows, q.shape[1], kv_heads_per_launch * group, head_dim, dtype=torch.float32,
                             device=q.device)  # fmt: skip
     rows, keys = int(ROWS), int(KEYS)
+    varlen = cu_seqlens is not None
+    diag_offset = 0 if top_left else seqlen_k - seqlen_q
+    tail = varlen or seqlen_q % rows != 0 or seqlen_k % (2 * keys) != 0
+    # What no query sees reads as zeros through the descriptors of dense rows: the keys past the last query's
+    # (a top-left causal diagonal) and the queries before the first that sees a key (a causal diagonal below
+    # the top-left corner). Packed sequences' rows are zeroed in shared memory (_loader).
+    dense_causal = causal and not varlen
+    seen = hopper.visible_keys(seqlen_q, seqlen_k, diag_offset, dense_causal)
+    q_shift = max(0, -diag_offset) if dense_causal else 0
     descriptors = (
-        host.descriptor(q, rows), host.descriptor(k, keys), host.descriptor(v, keys), host.descriptor(do, rows),
+        host.descriptor(q[:, q_shift:], rows), host.descriptor(k, keys, length=seen),
+        host.descriptor(v, keys, length=seen), host.descriptor(do[:, q_shift:], rows),
         host.descriptor(workspace, rows, int(DQ_COLS)), host.descriptor(dk, keys), host.descriptor(dv, keys),
     )  # fmt: skip
     key_tiles = host.cdiv(seqlen_k, 2 * keys)
@@ -442,16 +517,15 @@ def flash_bwd_sm90(
     heavy_first = causal and workspace.numel() * 4 <= L2_BYTES
     stages = STAGES[head_dim]
     key = (head_dim, *(t.dtype for t in (q, k, v, do, dk, dv)), group, causal, stages, heavy_first,
-           None if head_bias is None else head_bias.dtype, sequence_bias, cu_seqlens is not None)  # fmt: skip
-    diag_offset = 0 if top_left else seqlen_k - seqlen_q
+           None if head_bias is None else head_bias.dtype, sequence_bias, varlen, tail)  # fmt: skip
     packed = (None, None) if cu_seqlens is None else (dk, dv)
     for b0 in range(0, batch, rows_per_launch):
         for h0 in range(0, num_kv_heads, kv_heads_per_launch):
             n_rows, n_kv_heads = min(rows_per_launch, batch - b0), min(kv_heads_per_launch, num_kv_heads - h0)
             grid = (n_kv_heads, n_rows, key_tiles) if heavy_first else (key_tiles, n_kv_heads, n_rows)
             args = (*descriptors, *packed, head_bias, dbias, cu_seqlens_q, cu_seqlens_k, num_heads, b0, h0, seqlen_q,
-                    seqlen_k, diag_offset, scale, 0.5 * scale, 0.5 * bias, group, causal, stages, heavy_first,
-                    head_bias is not None, sequence_bias, cu_seqlens is not None)  # fmt: skip
+                    seqlen_k, diag_offset, q_shift, scale, 0.5 * scale, 0.5 * bias, group, causal, stages,
+                    heavy_first, head_bias is not None, sequence_bias, varlen, tail)  # fmt: skip
             if b0 or h0:
                 workspace.zero_()
             if key_tiles:
