@@ -4,6 +4,10 @@ The rule is flash-attn's: for the output and every gradient,
     max|kernel - float64 reference| <= 2 * max|PyTorch in the same precision - float64 reference| + rounding
 where rounding = eps(dtype) * max|reference| is the final cast of a float32 accumulator to the output dtype.
 Outputs and gradients are poisoned with NaN before each run, so an unwritten element fails.
+
+Robustness rows (``RobustnessCase``) call the public functions on the kernels twice and require the same bits:
+with auxiliary tensors as strided or expanded views and as contiguous copies, and with NaN and inf where no
+query may look (the reference module's rule) and with finite values there.
 On the CPU the same grid (smaller) runs through TRITON_INTERPRET=1.
 """
 
@@ -117,8 +121,23 @@ class KVCacheCase:
         return "-".join(parts)
 
 
+@dataclass(frozen=True)
+class RobustnessCase:
+    """One of ``ROBUSTNESS_CHECKS`` at head dim ``head_dim`` (64 and 128 reach the sm_90 kernels)."""
+
+    check: str
+    head_dim: int
+    seqlen_q: int
+    seqlen_k: int
+    dtype: str = "bfloat16"
+
+    @property
+    def id(self) -> str:
+        return f"robust-{self.check}-Sq{self.seqlen_q}-Sk{self.seqlen_k}-D{self.head_dim}-{_DTYPE_ID[self.dtype]}"
+
+
 _DTYPE_ID = {"bfloat16": "bf16", "float16": "fp16"}
-AnyCase = Case | VarlenCase | KVCacheCase
+AnyCase = Case | VarlenCase | KVCacheCase | RobustnessCase
 
 
 def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -157,7 +176,8 @@ def run_case(case: AnyCase, device: str | torch.device, seed: int = 0) -> dict:
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    runner = {Case: _run_dense, VarlenCase: _run_varlen, KVCacheCase: _run_kvcache}[type(case)]
+    runner = {Case: _run_dense, VarlenCase: _run_varlen, KVCacheCase: _run_kvcache,
+              RobustnessCase: _run_robustness}[type(case)]  # fmt: skip
     return runner(case, device, randn, gen)
 
 
@@ -301,6 +321,252 @@ def _poison_unused_slots(k_cache, v_cache, seqlens_k, block_table) -> None:
     v_cache[index] = math.nan
 
 
+# ------------------------------------------------------------------------------------------------------
+# robustness: the same bits whatever the strides of the small tensors and whatever no query may look at
+
+
+def _outputs(fn, inputs: list[torch.Tensor], dout: torch.Tensor | None) -> list[torch.Tensor]:
+    """fn(*leaves) and, unless ``dout`` is None (an inference call), the gradients of <fn, dout> w.r.t. the
+    floating leaves but ALiBi slopes (the only 2-d floating inputs), from leaves that are detached views of
+    ``inputs`` (their strides unchanged), on the kernels."""
+    from . import use_backend
+
+    def wants_grad(t):
+        return dout is not None and t.is_floating_point() and t.dim() != 2
+
+    leaves = [t.detach().requires_grad_(wants_grad(t)) for t in inputs]  # views keep their strides
+    with use_backend("triton"), _gluon_backward_at_every_length(), torch.set_grad_enabled(dout is not None):
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], dout) if dout is not None else ()
+    return [out.detach(), *grads]
+
+
+def same_bits(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
+    """Equal bit for bit (NaN included) and finite."""
+    return all(
+        x.shape == y.shape and torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
+        and bool(torch.isfinite(x).all())
+        for x, y in zip(got, want, strict=True)
+    )  # fmt: skip
+
+
+def _run_robustness(case: RobustnessCase, device, randn, gen) -> dict:
+    """Runs the check's call on its clean and its dirty inputs (``dirty_dout`` the output gradient of the
+    dirty run, None for an inference call) and compares the results with its ``compare``."""
+    clean, dirty, fn, dout, dirty_dout, compare = ROBUSTNESS_CHECKS[case.check](case, device, randn, gen)
+    ok = compare(_outputs(fn, dirty, dirty_dout), _outputs(fn, clean, dout))
+    return {"id": case.id, **asdict(case), "ok": ok}
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """t's values as a non-contiguous view: column 0 of a (..., 2) tensor whose column 1 is junk."""
+    junk = torch.full_like(t, math.nan if t.is_floating_point() else 1 << 30)
+    return torch.stack([t, junk], dim=-1)[..., 0]
+
+
+def _dense_qkv(case, randn, heads=4, kv_heads=2):
+    q = randn(1, case.seqlen_q, heads, case.head_dim)
+    k, v = (randn(1, case.seqlen_k, kv_heads, case.head_dim) for _ in range(2))
+    return q, k, v, randn(*q.shape)
+
+
+def _strided_bias_alibi(case, device, randn, gen):
+    """A per-head bias that is a column of a table (and, at head dims the sm_90 kernels do not take, ALiBi
+    slopes stored transposed)."""
+    from . import sigmoid_attn_func
+
+    q, k, v, dout = _dense_qkv(case, randn)
+    bias = torch.randn(4, generator=gen).to(device) - 2
+    slopes = (torch.rand(1, 4, generator=gen) * 0.3).to(device).expand(1, 4)
+    if case.head_dim in (64, 128):  # the sm_90 kernels take a per-head bias but no ALiBi
+
+        def call(q, k, v, bias):
+            return sigmoid_attn_func(q, k, v, bias=bias, causal=True)
+
+        return [q, k, v, bias], [q, k, v, _strided(bias)], call, dout, dout, same_bits
+
+    def call_alibi(q, k, v, bias, slopes):
+        return sigmoid_attn_func(q, k, v, bias=bias, alibi_slopes=slopes, causal=True)
+
+    clean = [q, k, v, bias, slopes.contiguous()]
+    return clean, [q, k, v, _strided(bias), slopes], call_alibi, dout, dout, same_bits
+
+
+def _strided_cu_seqlens(case, device, randn, gen):
+    """cu_seqlens that are a column of a table."""
+    from . import sigmoid_attn_varlen_func
+
+    lengths = (case.seqlen_q, 0, case.seqlen_k, 5)
+    cu = _cumulative(lengths, device)
+    q, k, v, dout = (randn(sum(lengths), 4, case.head_dim) for _ in range(4))
+
+    def call(q, k, v, cu):
+        return sigmoid_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+
+    return [q, k, v, cu], [q, k, v, _strided(cu)], call, dout, dout, same_bits
+
+
+def _kvcache_strided_tables(case, device, randn, gen):
+    """A column-major block table and cache lengths that are a column of a table."""
+    from . import sigmoid_attn_with_kvcache
+
+    page, batch, pages = 16, 3, case.seqlen_k // 16 + 1
+    k_cache, v_cache = (randn(batch * pages, page, 2, case.head_dim) for _ in range(2))
+    table = torch.randperm(batch * pages, generator=gen).to(device=device, dtype=torch.int32).reshape(batch, pages)
+    lengths = torch.tensor([1, case.seqlen_k // 2, case.seqlen_k], dtype=torch.int32, device=device)
+    q = randn(batch, 1, 8, case.head_dim)
+
+    def call(q, k_cache, v_cache, lengths, table):
+        return sigmoid_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, block_table=table)
+
+    clean = [q, k_cache, v_cache, lengths, table]
+    return clean, [q, k_cache, v_cache, _strided(lengths), table.t().contiguous().t()], call, None, None, same_bits
+
+
+def _poisoned(t: torch.Tensor, index) -> torch.Tensor:
+    """A copy of t with NaN at ``index`` and inf in the last column there."""
+    t = t.clone()
+    t[index] = math.nan
+    t[index][..., -1] = math.inf
+    return t
+
+
+def _top_left_keys_past_the_queries(case, device, randn, gen):
+    """SDPA's is_causal with Sk > Sq: keys past Sq are never seen (NaN and inf there)."""
+    from . import scaled_dot_product_sigmoid_attention
+
+    q, k, v, dout = (t.transpose(1, 2) for t in _dense_qkv(case, randn))
+    unseen = (slice(None), slice(None), slice(case.seqlen_q, None))
+
+    def call(q, k, v):
+        return scaled_dot_product_sigmoid_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    return [q, k, v], [q, _poisoned(k, unseen), _poisoned(v, unseen)], call, dout, dout, same_bits
+
+
+def _queries_with_no_key(case, device, randn, gen):
+    """Bottom-right causal with Sq > Sk: the first Sq - Sk queries see no key (NaN and inf in their queries
+    and output gradients)."""
+    from . import sigmoid_attn_func
+
+    q, k, v, dout = _dense_qkv(case, randn)
+    blind = (slice(None), slice(0, case.seqlen_q - case.seqlen_k))
+
+    def call(q, k, v):
+        return sigmoid_attn_func(q, k, v, causal=True)
+
+    return [q, k, v], [_poisoned(q, blind), k, v], call, dout, _poisoned(dout, blind), same_bits
+
+
+def _window_keys_outside(case, device, randn, gen):
+    """A sliding window (9 left, 7 right) leaves the first keys unseen (NaN and inf there)."""
+    from . import sigmoid_attn_func
+
+    q, k, v, dout = _dense_qkv(case, randn)
+    unseen = (slice(None), slice(0, case.seqlen_k - case.seqlen_q - 9))
+
+    def call(q, k, v):
+        return sigmoid_attn_func(q, k, v, window_size=(9, 7))
+
+    return [q, k, v], [q, _poisoned(k, unseen), _poisoned(v, unseen)], call, dout, dout, same_bits
+
+
+def _packed_neighbour(case, device, randn, gen):
+    """Three packed sequences, the middle one all NaN and inf (its queries, keys, values and output
+    gradients): the others' outputs and gradients keep their bits."""
+    from . import sigmoid_attn_varlen_func
+
+    lengths = (case.seqlen_q, case.seqlen_k, case.seqlen_q + 5)
+    cu = _cumulative(lengths, device)
+    q, k, v, dout = (randn(sum(lengths), 4, case.head_dim) for _ in range(4))
+    middle = slice(lengths[0], lengths[0] + lengths[1])
+    outer = torch.cat([torch.arange(0, lengths[0]), torch.arange(lengths[0] + lengths[1], sum(lengths))]).to(device)
+
+    def call(q, k, v):
+        return sigmoid_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)
+
+    def compare(got, want):
+        return same_bits([t[outer] for t in got], [t[outer] for t in want])
+
+    dirty = [_poisoned(t, middle) for t in (q, k, v)]
+    return [q, k, v], dirty, call, dout, _poisoned(dout, middle), compare
+
+
+def _inf_in_a_query(case, device, randn, gen):
+    """An inf in one query whose every score is then +inf: its output stays finite (every weight is 1), and
+    no other query's output or dQ changes. Lengths end inside tiles, whose zero padding gave inf x 0 = NaN."""
+    from . import sigmoid_attn_func
+
+    q, k, v, dout = _dense_qkv(case, randn)
+    k[..., 0] = k[..., 0].abs() + 0.5
+    dirty_q = q.clone()
+    dirty_q[0, 5, 1, 0] = math.inf
+    others = torch.ones(q.shape[1:3], dtype=torch.bool, device=device)
+    others[5, 1] = False
+
+    def call(q, k, v):
+        return sigmoid_attn_func(q, k, v)
+
+    def compare(got, want):
+        # dK and dV of that query's kv head change with it (and dK is inf x 0 = NaN in its column 0).
+        expected = v[0, :, 0].float().sum(dim=0)  # its weights are all 1: the sum of the values
+        close = torch.allclose(got[0][0, 5, 1].float(), expected, rtol=0.02, atol=0.05 * expected.abs().max().item())
+        return close and same_bits([got[0][0][others], got[1][0][others]], [want[0][0][others], want[1][0][others]])
+
+    return [q, k, v], [dirty_q, k, v], call, dout, dout, compare
+
+
+def _kvcache_unused_pages(case, device, randn, gen):
+    """NaN and inf in every cache slot past a row's length and in every page no row uses."""
+    from . import sigmoid_attn_with_kvcache
+
+    page, batch, pages = 16, 3, case.seqlen_k // 16 + 1
+    k_cache, v_cache = (randn(batch * pages + 3, page, 2, case.head_dim) for _ in range(2))
+    table = torch.arange(batch * pages, device=device, dtype=torch.int32).reshape(batch, pages)
+    lengths = torch.tensor([1, case.seqlen_k // 2, case.seqlen_k], dtype=torch.int32, device=device)
+    q = randn(batch, 3, 8, case.head_dim)
+    dirty = [k_cache.clone(), v_cache.clone()]
+    _poison_unused_slots(*dirty, lengths, table)
+    for cache in dirty:
+        cache[batch * pages :] = math.inf
+
+    def call(q, k_cache, v_cache):
+        return sigmoid_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths, block_table=table, causal=True)
+
+    return [q, k_cache, v_cache], [q, *dirty], call, None, None, same_bits
+
+
+ROBUSTNESS_CHECKS = {
+    "strided-bias-alibi": _strided_bias_alibi,
+    "strided-cu-seqlens": _strided_cu_seqlens,
+    "kvcache-strided-tables": _kvcache_strided_tables,
+    "topleft-unseen-keys": _top_left_keys_past_the_queries,
+    "queries-with-no-key": _queries_with_no_key,
+    "window-unseen-keys": _window_keys_outside,
+    "packed-nan-neighbour": _packed_neighbour,
+    "inf-query": _inf_in_a_query,
+    "kvcache-unused-pages": _kvcache_unused_pages,
+}
+
+
+# Lengths per check: queries with no key need Sq > Sk, unseen keys Sk > Sq (by more than the window's 9).
+_ROBUSTNESS_LENGTHS = {"queries-with-no-key": (1100, 700), "topleft-unseen-keys": (700, 1100),
+                       "window-unseen-keys": (700, 1100)}  # fmt: skip
+
+
+def robustness_grid(quick: bool) -> list[RobustnessCase]:
+    """Every check at head dims the sm_90 kernels take (64, 128) and one they do not (96; 16 and 24 on the
+    CPU), with lengths that end inside tiles (scaled down 20-fold on the CPU)."""
+    shapes = [(d, "bfloat16") for d in (16, 24)] if quick else [(64, "bfloat16"), (128, "float16"), (96, "bfloat16")]
+    cases = []
+    for name in ROBUSTNESS_CHECKS:
+        sq, sk = _ROBUSTNESS_LENGTHS.get(name, (1000, 1001))
+        if quick:
+            sq, sk = sq // 20 + 1, sk // 20
+        cases += [RobustnessCase(name, d, sq, sk, dt) for d, dt in shapes]
+    return cases
+
+
 def grid(quick: bool) -> list[AnyCase]:
     """Odd lengths, Sq != Sk, every head dim, both dtypes, all masks, GQA/MQA, ALiBi, per-head bias; packed
     sequences (empty ones included); KV caches contiguous and paged, decode and chunked prefill, empty
@@ -399,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "sigattn.check", *argv])
     quick = args.quick or device == "cpu"
     rows, meta = [], versions()
-    cases = [c for c in grid(quick) if args.filter is None or re.search(args.filter, c.id)]
+    cases = [c for c in grid(quick) + robustness_grid(quick) if args.filter is None or re.search(args.filter, c.id)]
     for case in cases:
         row = run_case(case, device)
         rows.append(row)

@@ -1,0 +1,137 @@
+"""The public functions of this tree against another tree's on a GPU, interleaved:
+python benchmarks/tree_ab.py --baseline OTHER_ROOT [--rounds 2] --json PATH.
+
+OTHER_ROOT holds another version of the ``sigattn`` package (e.g. ``git archive OLD sigattn | tar -x -C
+OTHER_ROOT``). Each round runs this script once per tree in a subprocess (``--worker``, with that tree first on
+sys.path), baseline first, so clock drift and warm-up hit both; a row is the median over rounds of each tree's
+``triton.testing.do_bench`` median, and the ratio is this tree's time over the baseline's (below 1: faster).
+
+The cases are the paths a change to the kernels' masking can move: the headline dense shapes of ``sigattn
+bench`` (16k tokens, hidden 2048, bf16) on the sm_90 kernels, lengths that end inside tiles, packed sequences,
+a sliding window and ALiBi (the Triton kernels), and KV-cache decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+TOKENS, HIDDEN = 16384, 2048
+
+
+def cases():
+    """(name, mode, builder): builder() returns the call to time."""
+    import torch
+
+    import sigattn
+
+    def dense(seqlen, head_dim, backward, **options):
+        def build():
+            batch, heads = max(TOKENS // seqlen, 1), HIDDEN // head_dim
+            q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16,
+                                   requires_grad=backward) for _ in range(3))  # fmt: skip
+            if not backward:
+                return lambda: sigattn.sigmoid_attn_func(q, k, v, **options)
+            out = sigattn.sigmoid_attn_func(q, k, v, **options)
+            dout = torch.randn_like(out)
+            return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+        return build
+
+    def varlen(lengths, backward):
+        def build():
+            cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+            q, k, v = (torch.randn(sum(lengths), 16, 128, device="cuda", dtype=torch.bfloat16,
+                                   requires_grad=backward) for _ in range(3))  # fmt: skip
+            call = lambda: sigattn.sigmoid_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)  # noqa: E731
+            if not backward:
+                return call
+            out = call()
+            dout = torch.randn_like(out)
+            return lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+
+        return build
+
+    def decode(cache_len):
+        def build():
+            k_cache, v_cache = (torch.randn(8, cache_len, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+            q = torch.randn(8, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+            lengths = torch.full((8,), cache_len - 3, dtype=torch.int32, device="cuda")
+            return lambda: sigattn.sigmoid_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lengths)
+
+        return build
+
+    mixed = [3000, 517, 1, 1800, 4096, 777, 2048, 1024, 3119]
+    out = []
+    for backward in (False, True):
+        mode = "bwd" if backward else "fwd"
+        for head_dim, seqlen, causal in ((128, 2048, False), (128, 16384, False), (128, 2048, True),
+                                         (128, 16384, True), (64, 16384, False), (64, 16384, True)):  # fmt: skip
+            mask = "causal" if causal else "full"
+            out.append((f"dense-D{head_dim}-{mask}-{seqlen}", mode, dense(seqlen, head_dim, backward, causal=causal)))
+        out.append(("dense-D128-causal-2001 (ends inside tiles)", mode, dense(2001, 128, backward, causal=True)))
+        out.append(("dense-D128-full-2001 (ends inside tiles)", mode, dense(2001, 128, backward)))
+        out.append(("window-D128-(512,0)-4096 (triton)", mode, dense(4096, 128, backward, window_size=(512, 0))))
+        out.append(("varlen-D128-causal-16x1k", mode, varlen([1024] * 16, backward)))
+        out.append(("varlen-D128-causal-mixed", mode, varlen(mixed, backward)))
+    out += [(f"decode-B8-Hq32-Hkv8-D128-{n}", "fwd", decode(n)) for n in (1024, 8192, 65536)]
+    return out
+
+
+def worker(path: str) -> None:
+    import torch
+    import triton
+
+    import sigattn
+
+    rows = []
+    for name, mode, build in cases():
+        call = build()
+        rows.append({"case": name, "mode": mode, "ms": triton.testing.do_bench(call, warmup=50, rep=300)})
+        del call
+        torch.cuda.empty_cache()
+    Path(path).write_text(json.dumps({"sigattn": sigattn.__file__, "rows": rows}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", help="a folder holding the other tree's sigattn package")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", help="write {meta, rows} here")
+    parser.add_argument("--worker", metavar="PATH", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker)
+        return
+    here = str(Path(__file__).resolve().parents[1])
+    trees = {"baseline": str(Path(args.baseline).resolve()), "this": here}
+    times: dict[tuple[str, str, str], list[float]] = {}
+    for r in range(args.rounds):
+        for tree, root in trees.items():
+            part = Path(f"/tmp/tree_ab_{tree}_{r}.json")
+            env = {**os.environ, "PYTHONPATH": root}
+            subprocess.run([sys.executable, __file__, "--worker", str(part)], env=env, check=True, cwd=root)
+            result = json.loads(part.read_text())
+            assert result["sigattn"].startswith(root), result["sigattn"]
+            for row in result["rows"]:
+                times.setdefault((row["case"], row["mode"], tree), []).append(row["ms"])
+    rows = []
+    for case, mode, _ in sorted({k for k in times if k[2] == "this"}, key=lambda k: (k[1], k[0])):
+        base, this = (statistics.median(times[(case, mode, t)]) for t in trees)
+        runs = {f"{t}_runs": times[(case, mode, t)] for t in trees}
+        rows.append({"case": case, "mode": mode, "baseline_ms": base, "this_ms": this, "ratio": this / base, **runs})
+        print(f"{mode:4s} {case:45s} baseline {base:8.3f} ms  this {this:8.3f} ms  ratio {this / base:.3f}")
+    if args.json:
+        sys.path.insert(0, here)
+        from sigattn.check import versions
+
+        Path(args.json).write_text(json.dumps({"meta": versions(" ".join(sys.argv)), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
