@@ -185,6 +185,16 @@ def _allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT: tl.constexp
 
 
 @triton.jit
+def _counted(ok, i, j, diag_offset, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """The pairs of a masked tile that count: ``ok`` (the tile's rows or keys that are in the sequence and
+    seen, broadcast) and, with a window bound, ``_allowed``."""
+    if HAS_LEFT or HAS_RIGHT:
+        return ok & _allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+    else:
+        return ok
+
+
+@triton.jit
 def _sees_a_key(i, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr,
                 HAS_RIGHT: tl.constexpr):
     """Whether query i has an allowed key: [i + off - left, i + off + right] meets [0, Sk)."""
@@ -398,12 +408,8 @@ def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn,
         # 16 bits, where it costs byte permutes; on z it stays one FSEL per score (D64 causal on sm_90, with
         # _allowed's single comparison: a masked tile's loop 377 -> 298 instructions per warp, 217 unmasked).
         if MASKED:
-            if HAS_LEFT or HAS_RIGHT:
-                allowed = key_ok[None, :] & _allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT,
-                                                     HAS_RIGHT)
-            else:
-                allowed = key_ok[None, :]
-            z = tl.where(allowed, z, float("-inf"))
+            z = tl.where(_counted(key_ok[None, :], i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                         z, float("-inf"))
         p = _sigmoid_of_half(z)
         acc = _dot(p.to(v.dtype), v, acc)  # [BM, BD]
     return acc
@@ -533,11 +539,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, 
         dst = dpt * pt * (1.0 - pt)
         if MASKED:
             # Rows past Sq too: a key row holding an inf times their zero query is a NaN score.
-            if HAS_LEFT or HAS_RIGHT:
-                allowed = rows_ok[None, :] & _allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT,
-                                                      HAS_RIGHT)
-            else:
-                allowed = rows_ok[None, :]
+            allowed = _counted(rows_ok[None, :], i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(allowed, pt, 0.0)
             dst = tl.where(allowed, dst, 0.0)
         dv = _dot(pt.to(do.dtype), do, dv)  # [BN, BD]
@@ -624,12 +626,8 @@ def _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, l
         dp = _dot(do, tl.trans(v), None)  # [BM, BN]
         ds = dp * p * (1.0 - p)
         if MASKED:
-            if HAS_LEFT or HAS_RIGHT:
-                allowed = key_ok[None, :] & _allowed(i, j, diag_offset, window_left, window_right, HAS_LEFT,
-                                                     HAS_RIGHT)
-            else:
-                allowed = key_ok[None, :]
-            ds = tl.where(allowed, ds, 0.0)
+            ds = tl.where(_counted(key_ok[None, :], i, j, diag_offset, window_left, window_right, HAS_LEFT,
+                                   HAS_RIGHT), ds, 0.0)
         dq = _dot(ds.to(k.dtype), k, dq)  # [BM, BD]
         if HEAD_BIAS:
             dsum += tl.sum(ds, axis=1)
