@@ -1,5 +1,5 @@
 """The public functions of this tree against another tree's on a GPU, interleaved:
-python benchmarks/tree_ab.py --baseline OTHER_ROOT [--rounds 2] --json PATH.
+python benchmarks/tree_ab.py --baseline OTHER_ROOT [--rounds 2] [--cases REGEX] --json PATH.
 
 OTHER_ROOT holds another version of the ``sigattn`` package (e.g. ``git archive OLD sigattn | tar -x -C
 OTHER_ROOT``). Each round runs this script once per tree in a subprocess (``--worker``, with that tree first on
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def cases():
     return out
 
 
-def worker(path: str) -> None:
+def worker(path: str, pattern: str) -> None:
     import torch
     import triton
 
@@ -91,6 +92,8 @@ def worker(path: str) -> None:
 
     rows = []
     for name, mode, build in cases():
+        if not re.search(pattern, name):
+            continue
         call = build()
         rows.append({"case": name, "mode": mode, "ms": triton.testing.do_bench(call, warmup=50, rep=300)})
         del call
@@ -102,11 +105,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="a folder holding the other tree's sigattn package")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--cases", default="", help="only the cases whose name matches this regex")
     parser.add_argument("--json", help="write {meta, rows} here")
     parser.add_argument("--worker", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker)
+        worker(args.worker, args.cases)
         return
     here = str(Path(__file__).resolve().parents[1])
     trees = {"baseline": str(Path(args.baseline).resolve()), "this": here}
@@ -115,7 +119,8 @@ def main() -> None:
         for tree, root in trees.items():
             part = Path(f"/tmp/tree_ab_{tree}_{r}.json")
             env = {**os.environ, "PYTHONPATH": root}
-            subprocess.run([sys.executable, __file__, "--worker", str(part)], env=env, check=True, cwd=root)
+            command = [sys.executable, __file__, "--worker", str(part), "--cases", args.cases]
+            subprocess.run(command, env=env, check=True, cwd=root)
             result = json.loads(part.read_text())
             assert result["sigattn"].startswith(root), result["sigattn"]
             for row in result["rows"]:

@@ -341,21 +341,39 @@ def _outputs(fn, inputs: list[torch.Tensor], dout: torch.Tensor | None) -> list[
     return [out.detach(), *grads]
 
 
+def _differences(got: list[torch.Tensor], want: list[torch.Tensor]) -> list[str]:
+    """What keeps ``got`` (an output, then gradients) from agreeing with ``want``: each result finite and equal
+    bit for bit, but dQ (the second), which the sm_90 backward adds from several programs in no fixed order
+    (not bit-reproducible even on equal inputs), within 4 units of its dtype's last place of its largest value."""
+    found = []
+    for index, (x, y) in enumerate(zip(got, want, strict=True)):
+        if x.shape != y.shape or not bool(torch.isfinite(x).all()):
+            found.append(f"result {index}: shape {tuple(x.shape)}, {int((~torch.isfinite(x)).sum())} not finite")
+            continue
+        if index == 1:
+            diff = (x.float() - y.float()).abs().max().item() if x.numel() else 0.0
+            if diff > 4 * torch.finfo(x.dtype).eps * (y.float().abs().max().item() if y.numel() else 0.0):
+                found.append(f"dq: max difference {diff:.3g}")
+        elif not torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)):
+            found.append(f"result {index}: max difference {(x.float() - y.float()).abs().max().item():.3g}")
+    return found
+
+
 def same_bits(got: list[torch.Tensor], want: list[torch.Tensor]) -> bool:
-    """Equal bit for bit (NaN included) and finite."""
-    return all(
-        x.shape == y.shape and torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8))
-        and bool(torch.isfinite(x).all())
-        for x, y in zip(got, want, strict=True)
-    )  # fmt: skip
+    """``_differences`` finds none."""
+    return not _differences(got, want)
 
 
 def _run_robustness(case: RobustnessCase, device, randn, gen) -> dict:
     """Runs the check's call on its clean and its dirty inputs (``dirty_dout`` the output gradient of the
-    dirty run, None for an inference call) and compares the results with its ``compare``."""
+    dirty run, None for an inference call) and compares the results with its ``compare``; a failing row
+    records the differences of the whole results (``detail``)."""
     clean, dirty, fn, dout, dirty_dout, compare = ROBUSTNESS_CHECKS[case.check](case, device, randn, gen)
-    ok = compare(_outputs(fn, dirty, dirty_dout), _outputs(fn, clean, dout))
-    return {"id": case.id, **asdict(case), "ok": ok}
+    got, want = _outputs(fn, dirty, dirty_dout), _outputs(fn, clean, dout)
+    row = {"id": case.id, **asdict(case), "ok": compare(got, want)}
+    if not row["ok"]:
+        row["detail"] = "; ".join(_differences(got, want))
+    return row
 
 
 def _strided(t: torch.Tensor) -> torch.Tensor:
@@ -492,6 +510,12 @@ def _packed_neighbour(case, device, randn, gen):
     return [q, k, v], dirty, call, dout, _poisoned(dout, middle), compare
 
 
+def _packed_neighbour_forward(case, device, randn, gen):
+    """``_packed_neighbour``'s call as inference: the outputs alone."""
+    clean, dirty, call, _, _, compare = _packed_neighbour(case, device, randn, gen)
+    return clean, dirty, call, None, None, compare
+
+
 def _inf_in_a_query(case, device, randn, gen):
     """An inf in one query whose every score is then +inf: its output stays finite (every weight is 1), and
     no other query's output or dQ changes. Lengths end inside tiles, whose zero padding gave inf x 0 = NaN."""
@@ -543,6 +567,7 @@ ROBUSTNESS_CHECKS = {
     "topleft-unseen-keys": _top_left_keys_past_the_queries,
     "queries-with-no-key": _queries_with_no_key,
     "window-unseen-keys": _window_keys_outside,
+    "packed-nan-neighbour-forward": _packed_neighbour_forward,
     "packed-nan-neighbour": _packed_neighbour,
     "inf-query": _inf_in_a_query,
     "kvcache-unused-pages": _kvcache_unused_pages,
@@ -671,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         names = [k[: -len("_err")] for k in row if k.endswith("_err") and not k.endswith("_pt_err")]
         errs = " ".join(f"{n}={row[n + '_err']:.1e}/{row[n + '_pt_err']:.1e}" for n in names)
-        print(f"{'ok  ' if row['ok'] else 'FAIL'} {case.id:60s} {errs}", flush=True)
+        print(f"{'ok  ' if row['ok'] else 'FAIL'} {case.id:60s} {errs} {row.get('detail', '')}", flush=True)
         if args.json:  # after every case, so a run cut short still leaves its record
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -386,16 +386,16 @@ def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr,
                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, TMA: tl.constexpr):
     """acc += P V over key tiles [lo, hi). MASKED tiles load only the keys [key_lo, key_hi) that a row of the
-    tile may see (others read as 0) and mask every score but the allowed ones, the keys past Sk included: a
-    query with an inf times a zero key row would otherwise give a NaN score."""
+    tile may see (others read as 0), by pointers even with TMA (zeroing a TMA-loaded V tile in registers made
+    a sliding-window forward 1.7x slower on an H100: benchmarks/NOTES.md), and mask every score but the
+    allowed ones, the keys past Sk included: a query with an inf times a zero key row would otherwise give a
+    NaN score."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         key_ok = (offs_n >= key_lo) & (offs_n < key_hi)
-        if TMA:  # rows past Sk are outside the descriptor's shape: they load as zeros
+        if TMA and not MASKED:
             k = KDesc.load([b, n0, h_kv, 0]).reshape(BLOCK_N, BLOCK_D)
             v = VDesc.load([b, n0, h_kv, 0]).reshape(BLOCK_N, BLOCK_D)
-            if MASKED:
-                v = tl.where(key_ok[:, None], v, 0.0)
         else:
             k_rows, v_rows = _kv_offsets(n0, offs_n, Pages, stride_kp, stride_kn, stride_vp, stride_vn, seqlen_k,
                                          BLOCK_N, MASKED, PAGED, PAGE_SIZE)

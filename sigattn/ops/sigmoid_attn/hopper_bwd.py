@@ -28,7 +28,10 @@ costs ~550 bytes of register spills and the kernel runs 0.89-0.99x the Triton ba
 
 Packed sequences (varlen) run here as in the forward (``hopper.py``): a tile past a sequence's end has
 its keys and queries masked (P = 0 and dS = 0, so they add nothing to dK, dV or dQ), and the dK and dV
-rows of a key tile that ends past it leave by register stores.
+rows of a key tile that ends past it leave by register stores. Unlike the forward, the backward does not
+zero the next sequence's rows it loads there, so a NaN or inf in one sequence's K, V, Q or dO can reach its
+neighbours' gradients through 0 x NaN: zeroing them in the loader warp made the packed backward 17-19% slower
+on an H100 (ptxas spilled 300 more bytes in the consumers; benchmarks/NOTES.md).
 
 It covers dense rows and packed sequences without ALiBi or sliding windows; ``deterministic=True`` and
 every other call run on the Triton kernels (``unsupported`` says why), as do calls of at most
@@ -109,71 +112,23 @@ def _program(HEAVY_FIRST: gl.constexpr):
 
 
 @gluon.jit
-def _copy_kv(k_desc, v_desc, k_smem, v_smem, barrier, b, n0, h_kv):
-    mbarrier.expect(barrier, 4 * k_desc.block_type.nbytes)
-    for w in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [b, n0 + w * KEYS, h_kv, 0], barrier, k_smem.index(w))
-        tma.async_copy_global_to_shared(v_desc, [b, n0 + w * KEYS, h_kv, 0], barrier, v_smem.index(w))
-
-
-@gluon.jit
-def _copy_q_do(q_desc, do_desc, q_tile, do_tile, barrier, b, m0, h):
-    mbarrier.expect(barrier, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], barrier, q_tile)
-    tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], barrier, do_tile)
-
-
-@gluon.jit
-def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free, staging,
-            b, h_kv, n0, q_start, q_lo, n_q, n_iter, n_keys, seqlen_q, first_row, GROUP: gl.constexpr,
-            STAGES: gl.constexpr, VARLEN: gl.constexpr):
+def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free,
+            b, h_kv, n0, q_start, q_lo, n_q, n_iter, GROUP: gl.constexpr, STAGES: gl.constexpr):
     """One warp: the program's K and V halves (from token n0), then Q and dO tile by tile (from token
-    q_start), head by head of the group.
-
-    Packed sequences (VARLEN): rows that must read as zeros are zeroed here before the consumers are told a
-    tile has arrived (it lands on ``staging`` first): the keys past the program's first ``n_keys`` and the
-    query rows past ``seqlen_q`` (the next sequence's), and the query rows before ``first_row`` (queries that
-    see no key). A NaN there would otherwise reach dK, dV or dQ through 0 x NaN. (Dense rows need none of
-    it: their descriptors end where their rows do.) In the consumers, which hold dK and dV, the same zeroing
-    spilled more registers where they are needed most."""
-    staged = 0
-    if VARLEN:
-        if n_keys < 2 * KEYS:
-            _copy_kv(k_desc, v_desc, k_smem, v_smem, staging, b, n0, h_kv)
-            mbarrier.wait(staging, 0)
-            for w in gl.static_range(2):
-                hopper.keep_rows(k_smem.index(w).reshape([KEYS, k_desc.block_type.shape[3]]), 0, n_keys - w * KEYS,
-                                  hopper.ZEROING_WARP)
-                hopper.keep_rows(v_smem.index(w).reshape([KEYS, v_desc.block_type.shape[3]]), 0, n_keys - w * KEYS,
-                                  hopper.ZEROING_WARP)
-            mbarrier.arrive(kv_ready, count=1)
-            staged = 1
-        else:
-            _copy_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, b, n0, h_kv)
-    else:
-        _copy_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, b, n0, h_kv)
+    q_start), head by head of the group."""
+    mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
+    for w in gl.static_range(2):
+        tma.async_copy_global_to_shared(k_desc, [b, n0 + w * KEYS, h_kv, 0], kv_ready, k_smem.index(w))
+        tma.async_copy_global_to_shared(v_desc, [b, n0 + w * KEYS, h_kv, 0], kv_ready, v_smem.index(w))
     for t in range(n_iter):
         slot = t % STAGES
         h = h_kv * GROUP + t // n_q
-        m_rel = (q_lo + t % n_q) * ROWS
+        m0 = q_start + (q_lo + t % n_q) * ROWS
         # A fresh mbarrier counts as having completed the phase before 0: the first round does not wait.
         mbarrier.wait(slot_free.index(slot), ((t // STAGES) & 1) ^ 1)
-        q_tile, do_tile = q_bufs.index(slot), do_bufs.index(slot)
-        if VARLEN:
-            if (m_rel < first_row) | (m_rel + ROWS > seqlen_q):
-                _copy_q_do(q_desc, do_desc, q_tile, do_tile, staging, b, q_start + m_rel, h)
-                mbarrier.wait(staging, staged & 1)
-                staged += 1
-                head_dim: gl.constexpr = q_desc.block_type.shape[3]
-                hopper.keep_rows(q_tile.reshape([ROWS, head_dim]), first_row - m_rel, seqlen_q - m_rel,
-                                  hopper.ZEROING_WARP)
-                hopper.keep_rows(do_tile.reshape([ROWS, head_dim]), first_row - m_rel, seqlen_q - m_rel,
-                                  hopper.ZEROING_WARP)
-                mbarrier.arrive(q_ready.index(slot), count=1)
-            else:
-                _copy_q_do(q_desc, do_desc, q_tile, do_tile, q_ready.index(slot), b, q_start + m_rel, h)
-        else:
-            _copy_q_do(q_desc, do_desc, q_tile, do_tile, q_ready.index(slot), b, q_start + m_rel, h)
+        mbarrier.expect(q_ready.index(slot), 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_ready.index(slot), q_bufs.index(slot))
+        tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], q_ready.index(slot), do_bufs.index(slot))
 
 
 @gluon.jit
@@ -262,13 +217,7 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
         pt = gl.convert_layout((0.5 * th + 0.5).to(dtype), a_layout)
         dv = warpgroup_mma(pt, do, dv, is_async=True)
         dpt = warpgroup_mma_wait(1, deps=(dpt,))
-        dst = dpt * (0.25 - 0.25 * th * th)
-        if VARLEN:  # noqa: SIM102
-            # dS = 0 past the ends even where dP is NaN (a value of this sequence holding an inf times the next
-            # one's zeroed rows): dQ would carry it into the next sequence's rows. (th = -1 elsewhere is dS = 0.)
-            if (m0 + ROWS > seqlen_q) | (n0 + 2 * KEYS > seqlen_k):
-                dst = gl.where(th == -1.0, 0.0, dst)
-        dst = dst.to(dtype)
+        dst = (dpt * (0.25 - 0.25 * th * th)).to(dtype)
         # dSᵀ halves are double-buffered: a half waits for the dQ of the tile two back to have read it.
         ds_slot = t % 2
         mbarrier.wait(ds_free.index(ds_slot), ((t // 2) & 1) ^ 1)
@@ -383,14 +332,12 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
     ones_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([KEYS, ONES], q_desc.dtype)
     ones_smem = gl.allocate_shared_memory(q_desc.dtype, [2, KEYS, ONES], ones_layout)  # one per consumer
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    staging = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())  # tiles the loader cleans
     done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     slot_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_ready, count=1)
-    mbarrier.init(staging, count=1)
     mbarrier.init(done, count=2)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
@@ -414,8 +361,7 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
                      scale, half_scale, half_bias, cu_seqlens_q, cu_seqlens_k, dk_ptr, dv_ptr,
                      1, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS, VARLEN, TAIL)),
         (_loader, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free,
-                   staging, b_coord, h_kv, k_start + n0, q_start - q_shift, q_lo, n_q, n_q * GROUP, seqlen_k - n0,
-                   seqlen_q, -diag_offset if CAUSAL else 0, GROUP, STAGES, VARLEN)),
+                   b_coord, h_kv, k_start + n0, q_start - q_shift, q_lo, n_q, n_q * GROUP, GROUP, STAGES)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
 # fmt: on
 
@@ -499,7 +445,7 @@ def flash_bwd_sm90(
     tail = varlen or seqlen_q % rows != 0 or seqlen_k % (2 * keys) != 0
     # What no query sees reads as zeros through the descriptors of dense rows: the keys past the last query's
     # (a top-left causal diagonal) and the queries before the first that sees a key (a causal diagonal below
-    # the top-left corner). Packed sequences' rows are zeroed in shared memory (_loader).
+    # the top-left corner).
     dense_causal = causal and not varlen
     seen = hopper.visible_keys(seqlen_q, seqlen_k, diag_offset, dense_causal)
     q_shift = max(0, -diag_offset) if dense_causal else 0
