@@ -255,6 +255,27 @@ def test_queries_with_no_key_pass_nothing_on(backend, dtype):
     _dense_case(backend, dtype, poison, shapes=((1, 30, 2, 16), (1, 11, 2, 16)), causal=True)
 
 
+@pytest.mark.parametrize("sdpa", [False, True], ids=["window", "top-left-causal"])
+def test_unseen_keys_never_reach_anything_through_tma(monkeypatch, sdpa):
+    """The Triton forward's TMA loads (forced on these short rows; D = 32 has no padded columns) cover only the
+    keys some query sees: the others load as zeros."""
+    from sigattn.ops.sigmoid_attn import flash
+
+    monkeypatch.setattr(flash, "TMA_MIN_KEYS", 1)
+    made, descriptor = [], flash.TensorDescriptor
+    monkeypatch.setattr(flash, "TensorDescriptor", lambda *args: made.append(args) or descriptor(*args))
+
+    def poison(q, k, v, dout):
+        unseen = (slice(None), slice(None), slice(20, None)) if sdpa else (slice(None), slice(0, 17))
+        _nan_inf(k[unseen])
+        _nan_inf(v[unseen])
+
+    shapes = ((1, 2, 20, 32), (1, 2, 40, 32)) if sdpa else ((1, 20, 2, 32), (1, 40, 2, 32))
+    options = dict(is_causal=True) if sdpa else dict(window_size=(3, 2))
+    _dense_case("triton", torch.bfloat16, poison, shapes=shapes, sdpa=sdpa, **options)
+    assert made
+
+
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_keys_a_mask_hides_from_every_query_never_reach_anything(backend):
     mask = torch.rand(1, 2, 13, 21, device=DEVICE) > 0.4

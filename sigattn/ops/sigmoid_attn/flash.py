@@ -381,21 +381,20 @@ def _store_rows(ptr, value, row_offsets, offs_rows, offs_d, n_rows, HEAD_DIM: tl
 
 @triton.jit
 def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn, stride_vp, stride_vn, offs_m, offs_d,
-               lo, hi, seqlen_k, key_lo, key_hi, half_scale, half_bias, half_slope, diag_offset, window_left,
-               window_right, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               lo, hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope, diag_offset,
+               window_left, window_right, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr,
                PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, TMA: tl.constexpr):
     """acc += P V over key tiles [lo, hi). MASKED tiles load only the keys [key_lo, key_hi) that a row of the
-    tile may see (others read as 0), by pointers even with TMA (zeroing a TMA-loaded V tile in registers made
-    a sliding-window forward 1.7x slower on an H100: benchmarks/NOTES.md), and mask every score but the
-    allowed ones, the keys past Sk included: a query with an inf times a zero key row would otherwise give a
-    NaN score."""
+    tile may see (others read as 0; with TMA, the descriptors start at key kv_first and end where no query
+    looks further, so the keys no query sees read as 0), and mask every score but the allowed ones, the keys
+    past Sk included: a query with an inf times a zero key row would otherwise give a NaN score."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         key_ok = (offs_n >= key_lo) & (offs_n < key_hi)
-        if TMA and not MASKED:
-            k = KDesc.load([b, n0, h_kv, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = VDesc.load([b, n0, h_kv, 0]).reshape(BLOCK_N, BLOCK_D)
+        if TMA:  # keys outside the descriptors (before kv_first: negative coordinates) load as zeros
+            k = KDesc.load([b, n0 - kv_first, h_kv, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = VDesc.load([b, n0 - kv_first, h_kv, 0]).reshape(BLOCK_N, BLOCK_D)
         else:
             k_rows, v_rows = _kv_offsets(n0, offs_n, Pages, stride_kp, stride_kn, stride_vp, stride_vn, seqlen_k,
                                          BLOCK_N, MASKED, PAGED, PAGE_SIZE)
@@ -419,11 +418,11 @@ def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn,
 def sigmoid_attn_fwd_kernel(
     Q, K, V, Out, HeadBias, Alibi, CuSeqlensQ, CuSeqlensK, SeqlensK, BlockTable, KDesc, VDesc, stride_qb, stride_qm,
     stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_os, stride_ob, stride_om,
-    stride_oh, stride_alibi_b, stride_bt, seqlen_q, seqlen_k, window_left, window_right, half_scale, half_scale_bias,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr,
-    HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
-    KV_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK_GQA: tl.constexpr,
+    stride_oh, stride_alibi_b, stride_bt, seqlen_q, seqlen_k, window_left, window_right, kv_first, half_scale,
+    half_scale_bias, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    TOP_LEFT: tl.constexpr, HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, KV_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK_GQA: tl.constexpr,
     NUM_SPLITS: tl.constexpr, TMA: tl.constexpr,
 ):
     """One program: BLOCK_Q query positions of one head (or, with PACK_GQA, of all GROUP heads of one kv
@@ -475,17 +474,17 @@ def sigmoid_attn_fwd_kernel(
     key_lo, key_hi = _visible_keys(m0, BLOCK_Q, diag_offset, seqlen_q, seqlen_k, window_left, window_right,
                                    HAS_LEFT, HAS_RIGHT)
     acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
-                     offs_d, lo, full_lo, seqlen_k, key_lo, key_hi, half_scale, half_bias, half_slope, diag_offset,
-                     window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED,
-                     PAGE_SIZE, TMA)
+                     offs_d, lo, full_lo, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope,
+                     diag_offset, window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                     ALIBI, PAGED, PAGE_SIZE, TMA)
     acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
-                     offs_d, full_lo, full_hi, seqlen_k, key_lo, key_hi, half_scale, half_bias, half_slope,
+                     offs_d, full_lo, full_hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope,
                      diag_offset, window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
                      ALIBI, PAGED, PAGE_SIZE, TMA)
     acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
-                     offs_d, full_hi, hi, seqlen_k, key_lo, key_hi, half_scale, half_bias, half_slope, diag_offset,
-                     window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED,
-                     PAGE_SIZE, TMA)
+                     offs_d, full_hi, hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope,
+                     diag_offset, window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                     ALIBI, PAGED, PAGE_SIZE, TMA)
     if HAS_LEFT or HAS_RIGHT:  # a query with no allowed key outputs 0, whatever the values it masks hold
         acc = tl.where(_sees_a_key(offs_m, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT,
                                    HAS_RIGHT)[:, None], acc, 0.0)
@@ -786,11 +785,14 @@ def _has_tma(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def _kv_descriptors(k: Tensor, v: Tensor, rows: Rows, block_n: int, block_d: int) -> tuple | None:
-    """TMA descriptors of K and V, block [1, BLOCK_N, 1, D], when the tiles can be loaded that way and it pays:
-    dense rows (the descriptor's shape stops at Sk, so keys past it load as zeros; a cache or packed
-    sequences end elsewhere) of at least TMA_MIN_KEYS keys, an unpadded head dim (a padded tile would read
-    the next head), 16-byte aligned base and strides, and a GPU that has TMA (sm_90+) or the interpreter."""
+def _kv_descriptors(
+    k: Tensor, v: Tensor, rows: Rows, params: FlashParams, block_n: int, block_d: int
+) -> tuple[TensorDescriptor, TensorDescriptor, int] | None:
+    """TMA descriptors of K and V, block [1, BLOCK_N, 1, D], and the key they start at, when the tiles can be
+    loaded that way and it pays: dense rows (the descriptors cover the keys some query sees, ``host.visible_keys``,
+    so keys before and after them load as zeros; a cache or packed sequences end elsewhere) of at least
+    TMA_MIN_KEYS keys, an unpadded head dim (a padded tile would read the next head), 16-byte aligned base and
+    strides, and a GPU that has TMA (sm_90+) or the interpreter."""
     if not USE_TMA or rows.varlen or rows.seqlens_k is not None or rows.block_table is not None:
         return None
     if rows.seqlen_k < TMA_MIN_KEYS or k.shape[-1] != block_d or not (INTERPRET or _has_tma(k.device)):
@@ -798,7 +800,13 @@ def _kv_descriptors(k: Tensor, v: Tensor, rows: Rows, block_n: int, block_d: int
     tensors = (k, v)
     if not all(host.tma_addressable(t) for t in tensors):
         return None
-    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, block_d]) for t in tensors)
+    diag_offset = 0 if params.top_left else rows.seqlen_k - rows.seqlen_q
+    window = (params.window_left, params.window_right)
+    first, last = host.visible_keys(rows.seqlen_q, rows.seqlen_k, diag_offset, window)
+    if last == first:  # no query sees a key: nothing worth a descriptor
+        return None
+    views = (t[:, first:last] for t in tensors)
+    return (*(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, block_d]) for t in views), first)
 
 
 def _launch_fwd(
@@ -816,14 +824,15 @@ def _launch_fwd(
     s = _scalars(params, alibi)
     out_rows = out[0] if num_splits > 1 else out
     paged = rows.block_table is not None
-    descriptors = _kv_descriptors(k, v, rows, cfg.block_n, flags["BLOCK_D"]) if use_tma else None
+    descriptors = _kv_descriptors(k, v, rows, params, cfg.block_n, flags["BLOCK_D"]) if use_tma else None
+    k_desc, v_desc, kv_first = descriptors or (k, v, 0)
     sigmoid_attn_fwd_kernel[grid](
         q, k, v, out, head_bias, alibi, rows.cu_seqlens_q, rows.cu_seqlens_k, rows.seqlens_k, rows.block_table,
-        *(descriptors or (k, v)),
+        k_desc, v_desc,
         *_strides(q, rows.varlen), *_strides(k, rows.varlen), *_strides(v, rows.varlen),
         out.stride(0) if num_splits > 1 else 0, *_strides(out_rows, rows.varlen), s["alibi_stride"],
         rows.block_table.stride(0) if paged else 0,
-        rows.seqlen_q, rows.seqlen_k, *s["window"], 0.5 * params.scale, 0.5 * params.const_bias,
+        rows.seqlen_q, rows.seqlen_k, *s["window"], kv_first, 0.5 * params.scale, 0.5 * params.const_bias,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_Q=block_q, KV_LENS=rows.seqlens_k is not None, PAGED=paged,
         PAGE_SIZE=k.shape[1] if paged else 1, PACK_GQA=pack_gqa, NUM_SPLITS=num_splits, TMA=descriptors is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,

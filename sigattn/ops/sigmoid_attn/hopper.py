@@ -153,28 +153,27 @@ def _probabilities(
     return gl.convert_layout(p.to(dtype), p_layout)
 
 
-# Layouts of the [8, 64] pieces ``keep_rows`` zeroes: 8 rows are the period of the 128-byte swizzle (a
-# shared tile can be cut only at its multiples), 64 columns of 16 bits are 128 bytes. Over a warpgroup 4 values
-# a thread (a D64 forward consumer, at 112 registers, spilled with 8), over one warp 16.
-ZEROING_WARPGROUP = gl.constexpr(gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0]))
-ZEROING_WARP = gl.constexpr(gl.BlockedLayout([2, 8], [4, 8], [1, 1], [1, 0]))
+# The [8, 64] pieces ``zero_rows_from`` writes: 8 rows are the period of the 128-byte swizzle (a shared tile
+# can be cut only at its multiples), 64 columns of 16 bits are 128 bytes; 4 values a thread of a warpgroup (a
+# D64 forward consumer, at 112 registers, spilled with 8).
+ZEROING_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 4], [2, 16], [4, 1], [1, 0]))
 
 
 @gluon.jit
-def keep_rows(tile, lo, hi, layout: gl.constexpr):
-    """Zero the rows of a shared [rows, cols] tile outside [lo, hi) in [8, 64] pieces of ``layout`` (one of
-    the ZEROING_ layouts, for the warps that call it): rows TMA loaded from past a packed sequence's end (the
-    next sequence's), or of queries that see no key. A NaN there would otherwise reach the products through
+def zero_rows_from(tile, first):
+    """Zero the rows ``first`` on of a shared [rows, cols] tile, by a warpgroup: rows TMA loaded from past a
+    packed sequence's end (the next sequence's), where a NaN would otherwise reach the products through
     0 x NaN. Then a fence, so that the tensor cores (the async proxy) see the zeros."""
     ROWS_: gl.constexpr = tile.shape[0]
     COLS: gl.constexpr = tile.shape[1]
     for r0 in gl.static_range(0, ROWS_, 8):
-        if (r0 < lo) | (r0 + 8 > hi):
-            row = r0 + gl.arange(0, 8, layout=gl.SliceLayout(1, layout))
-            keep = ((row >= lo) & (row < hi))[:, None]
+        if r0 + 8 > first:
+            row = r0 + gl.arange(0, 8, layout=gl.SliceLayout(1, ZEROING_LAYOUT))
+            keep = (row < first)[:, None]
             for c0 in gl.static_range(0, COLS, 64):
                 piece = tile.slice(r0, 8, dim=0).slice(c0, 64, dim=1)
-                piece.store(gl.where(keep, piece.load(layout), gl.zeros([8, 64], tile.dtype, layout)))
+                zeros = gl.zeros([8, 64], tile.dtype, ZEROING_LAYOUT)
+                piece.store(gl.where(keep, piece.load(ZEROING_LAYOUT), zeros))
     fence_async_shared()
 
 
@@ -286,7 +285,7 @@ def _attend(
     if VARLEN:  # noqa: SIM102 (the tile past the sequence's end, always a group's last: the next one's values)
         if (n_mine - 1) * BLOCK_N + BLOCK_N > seqlen_k:
             # Each group that reads the tile zeroes it: they write the same values, each fencing its own.
-            keep_rows(v, 0, seqlen_k - (n_mine - 1) * BLOCK_N, ZEROING_WARPGROUP)
+            zero_rows_from(v, seqlen_k - (n_mine - 1) * BLOCK_N)
     acc_token = warpgroup_mma(p, v, acc, is_async=True)
     acc, _ = warpgroup_mma_wait(0, deps=(acc_token, p))
     mbarrier.arrive(slot_free.index(last), count=1)
@@ -428,14 +427,6 @@ def sigmoid_attn_fwd_kernel_sm90(
     # fmt: on
 
 
-def visible_keys(seqlen_q: int, seqlen_k: int, diag_offset: int, causal: bool) -> int | None:
-    """How many leading keys of a dense row some query may see, when a causal mask hides the others (None
-    otherwise): the last query, at key position Sq - 1 + diag_offset, sees up to it (fewer than Sk with the
-    top-left diagonal and Sk > Sq). The kernels' K and V descriptors stop there, so the keys past it load as
-    zeros: a NaN in them cannot reach the products through 0 x NaN."""
-    return max(0, min(seqlen_k, seqlen_q + diag_offset)) if causal else None
-
-
 @functools.lru_cache
 def is_sm90(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
@@ -498,7 +489,9 @@ def flash_fwd_sm90(
     varlen = cu_seqlens is not None
     key_tail = varlen or seqlen_k % config.block_n != 0
     diag_offset = 0 if top_left else seqlen_k - seqlen_q
-    seen = visible_keys(seqlen_q, seqlen_k, diag_offset, causal and not varlen)
+    # Keys past the last query's (a top-left causal diagonal, Sk > Sq) load as zeros; packed sequences' lengths
+    # are the longest, not their tensors'.
+    seen = None if varlen else host.visible_keys(seqlen_q, seqlen_k, diag_offset, (-1, 0 if causal else -1))[1]
     args = (
         host.descriptor(q, rows), host.descriptor(k, config.block_n, length=seen),
         host.descriptor(v, config.block_n, length=seen), host.descriptor(out, rows), out, head_bias, cu_seqlens_q,

@@ -447,7 +447,7 @@ def flash_bwd_sm90(
     # (a top-left causal diagonal) and the queries before the first that sees a key (a causal diagonal below
     # the top-left corner).
     dense_causal = causal and not varlen
-    seen = hopper.visible_keys(seqlen_q, seqlen_k, diag_offset, dense_causal)
+    seen = host.visible_keys(seqlen_q, seqlen_k, diag_offset, (-1, 0))[1] if dense_causal else None
     q_shift = max(0, -diag_offset) if dense_causal else 0
     descriptors = (
         host.descriptor(q[:, q_shift:], rows), host.descriptor(k, keys, length=seen),

@@ -36,6 +36,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def visible_keys(seqlen_q: int, seqlen_k: int, diag_offset: int, window: tuple[int, int]) -> tuple[int, int]:
+    """[first, last): the keys of a dense row that some query may see, with query i at key position
+    i + diag_offset and the window (left, right) (-1 unbounded; causal is right = 0). The kernels' K and V
+    descriptors cover only these, so the keys no query sees load as zeros: a NaN there cannot reach a
+    product through 0 x NaN (the tile of an edge holds keys past the window's reach)."""
+    left, right = window
+    first = max(0, diag_offset - left) if left >= 0 else 0
+    last = min(seqlen_k, seqlen_q + diag_offset + right) if right >= 0 else seqlen_k
+    return first, max(first, last)
+
+
 def tma_addressable(t: Tensor) -> bool:
     """Whether TMA can address a (B, S, H, D) tensor: 16-byte aligned base and strides, but the last, which
     must be 1."""
