@@ -197,25 +197,14 @@ def _counted(ok, i, j, diag_offset, window_left, window_right, HAS_LEFT: tl.cons
 @triton.jit
 def _sees_a_key(i, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr,
                 HAS_RIGHT: tl.constexpr):
-    """Whether query i has an allowed key: [i + off - left, i + off + right] meets [0, Sk)."""
+    """Whether query i has an allowed key: [i + off - left, i + off + right] meets [0, Sk). With the roles
+    swapped (-off, Sq, right for left and left for right), whether key i is allowed for some query."""
     sees = (i >= 0) & (seqlen_k > 0)
     if HAS_LEFT:
         sees = sees & (i + diag_offset - window_left < seqlen_k)
     if HAS_RIGHT:
         sees = sees & (i + diag_offset + window_right >= 0)
     return sees
-
-
-@triton.jit
-def _seen_by_a_query(j, diag_offset, seqlen_q, window_left, window_right, HAS_LEFT: tl.constexpr,
-                     HAS_RIGHT: tl.constexpr):
-    """Whether key j is allowed for some query: [j - off - right, j - off + left] meets [0, Sq)."""
-    seen = (j >= 0) & (seqlen_q > 0)
-    if HAS_RIGHT:
-        seen = seen & (j - diag_offset - window_right < seqlen_q)
-    if HAS_LEFT:
-        seen = seen & (j - diag_offset + window_left >= 0)
-    return seen
 
 
 @triton.jit
@@ -519,14 +508,11 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, 
     key of the tile's [key_first, key_last] (others read as 0) and mask P and dS to the allowed pairs."""
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        if MASKED:
-            rows_ok = offs_m < seqlen_q
-            if HAS_RIGHT:
-                rows_ok = rows_ok & (offs_m + diag_offset + window_right >= key_first)
-            if HAS_LEFT:
-                rows_ok = rows_ok & (offs_m + diag_offset - window_left <= key_last)
-        else:
-            rows_ok = offs_m < seqlen_q
+        rows_ok = offs_m < seqlen_q
+        if MASKED and HAS_RIGHT:
+            rows_ok = rows_ok & (offs_m + diag_offset + window_right >= key_first)
+        if MASKED and HAS_LEFT:
+            rows_ok = rows_ok & (offs_m + diag_offset - window_left <= key_last)
         q = _load_rows(Q, offs_m * stride_qm, rows_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         do = _load_rows(DO, offs_m * stride_dom, rows_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         # Transposed tiles (keys along rows): P^T and dS^T come out of the score dots in the layout the dV and
@@ -594,7 +580,7 @@ def sigmoid_attn_bwd_kernel_dkdv(
                                  n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
                                  window_right, HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
     if HAS_LEFT or HAS_RIGHT:  # a key no query may see gets exactly 0, whatever the rows that mask it hold
-        seen = _seen_by_a_query(offs_n, diag_offset, seqlen_q, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        seen = _sees_a_key(offs_n, -diag_offset, seqlen_q, window_right, window_left, HAS_RIGHT, HAS_LEFT)
         dk = tl.where(seen[:, None], dk, 0.0)
         dv = tl.where(seen[:, None], dv, 0.0)
     _store_rows(DK + b64 * stride_dkb + k_start * stride_dkn + h_kv * stride_dkh, (dk * scale).to(DK.dtype.element_ty),

@@ -493,8 +493,8 @@ def flash_fwd_sm90(
     # are the longest, not their tensors'.
     seen = None if varlen else host.visible_keys(seqlen_q, seqlen_k, diag_offset, (-1, 0 if causal else -1))[1]
     args = (
-        host.descriptor(q, rows), host.descriptor(k, config.block_n, length=seen),
-        host.descriptor(v, config.block_n, length=seen), host.descriptor(out, rows), out, head_bias, cu_seqlens_q,
+        host.descriptor(q, rows), host.descriptor(k[:, :seen], config.block_n),
+        host.descriptor(v[:, :seen], config.block_n), host.descriptor(out, rows), out, head_bias, cu_seqlens_q,
         cu_seqlens_k, seqlen_q, seqlen_k, diag_offset, 0.5 * scale, 0.5 * bias, group, causal,
         head_bias is not None, sequence_bias, varlen, key_tail, config.consumers, config.stages, consumer_registers,
     )  # fmt: skip

@@ -450,8 +450,8 @@ def flash_bwd_sm90(
     seen = host.visible_keys(seqlen_q, seqlen_k, diag_offset, (-1, 0))[1] if dense_causal else None
     q_shift = max(0, -diag_offset) if dense_causal else 0
     descriptors = (
-        host.descriptor(q[:, q_shift:], rows), host.descriptor(k, keys, length=seen),
-        host.descriptor(v, keys, length=seen), host.descriptor(do[:, q_shift:], rows),
+        host.descriptor(q[:, q_shift:], rows), host.descriptor(k[:, :seen], keys),
+        host.descriptor(v[:, :seen], keys), host.descriptor(do[:, q_shift:], rows),
         host.descriptor(workspace, rows, int(DQ_COLS)), host.descriptor(dk, keys), host.descriptor(dv, keys),
     )  # fmt: skip
     key_tiles = host.cdiv(seqlen_k, 2 * keys)

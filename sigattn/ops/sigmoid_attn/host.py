@@ -60,18 +60,15 @@ def _smem_layout(block: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMASharedLa
     return gl.NVMMASharedLayout.get_default_for(list(block), _GL_DTYPES[dtype])
 
 
-def descriptor(t: Tensor, rows: int, cols: int | None = None, length: int | None = None) -> TensorDescriptor:
+def descriptor(t: Tensor, rows: int, cols: int | None = None) -> TensorDescriptor:
     """A TMA descriptor of a (B, S, H, D) tensor with blocks of ``rows`` positions of one head (and ``cols``
-    of its D columns; all by default). With ``length``, it ends after that many positions: later ones load as
-    zeros. The caller has checked ``tma_addressable(t)``; the block shape is a power of two per dimension."""
+    of its D columns; all by default). The caller has checked ``tma_addressable(t)``; the block shape is a
+    power of two per dimension. Positions outside t (a view can end early) load as zeros."""
     block = (1, rows, 1, cols or t.shape[-1])
     # TensorDescriptor's constructor re-checks alignment and block shape: 5 µs of the H100 host per
     # descriptor, up to seven per launch. Its fields are set directly instead.
     desc = object.__new__(TensorDescriptor)
-    shape = list(t.shape)
-    if length is not None:
-        shape[1] = length
-    desc.base, desc.shape, desc.strides = t, shape, list(t.stride())
+    desc.base, desc.shape, desc.strides = t, list(t.shape), list(t.stride())
     desc.block_shape, desc.layout, desc.padding = list(block), _smem_layout(block, t.dtype), "zero"
     return desc
 

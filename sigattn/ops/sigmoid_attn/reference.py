@@ -69,7 +69,12 @@ def allowed_keys(
     off = key_offsets(seqlen_q, seqlens_k, top_left)[:, None, None]  # [B, 1, 1]
     diag = rows[None, :, None] + off  # [B, BQ, 1]: the key position aligned with each query
     j = cols[None, None, :]  # [1, 1, BK]
-    ok = j < seqlens_k[:, None, None]
+    return in_window(j < seqlens_k[:, None, None], j, diag, causal=causal, window_size=window_size)[:, None]
+
+
+def in_window(ok: Tensor, j: Tensor, diag: Tensor, *, causal: bool, window_size: tuple[int, int]) -> Tensor:
+    """``ok`` and key position j within the window of the query aligned with key position ``diag``:
+    diag - left <= j <= diag + right (a bound of -1 unbounded; causal sets right = 0)."""
     left, right = window_size
     if causal:
         right = 0
@@ -77,7 +82,7 @@ def allowed_keys(
         ok = ok & (j >= diag - left)
     if right >= 0:
         ok = ok & (j <= diag + right)
-    return ok[:, None]
+    return ok
 
 
 def default_bias(seqlens_k: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from .reference import Bias, attend, default_bias, sigmoid_attn_reference
+from .reference import Bias, attend, default_bias, in_window, sigmoid_attn_reference
 
 
 def _compute_dtype(t: Tensor, exact: bool = False) -> torch.dtype:
@@ -54,14 +54,8 @@ def sigmoid_attn_varlen_traceable(
     lengths_k = cu_k[1:] - cu_k[:-1]  # [B]
     offset = torch.zeros_like(pos_q) if top_left else (lengths_k - (cu_q[1:] - cu_q[:-1]))[seq_q]
     diag = (pos_q + offset)[:, None]  # [Tq, 1]: the key position each query is aligned with
-    allowed = seq_q[:, None] == seq_k[None, :]  # [Tq, Tk]
-    left, right = window_size
-    if causal:
-        right = 0
-    if left >= 0:
-        allowed = allowed & (pos_k[None, :] >= diag - left)
-    if right >= 0:
-        allowed = allowed & (pos_k[None, :] <= diag + right)
+    same_sequence = seq_q[:, None] == seq_k[None, :]  # [Tq, Tk]
+    allowed = in_window(same_sequence, pos_k[None, :], diag, causal=causal, window_size=window_size)
 
     dtype = _compute_dtype(q, exact)
     num_heads = q.shape[1]
