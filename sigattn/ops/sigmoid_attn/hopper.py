@@ -207,6 +207,18 @@ def sequence(cu_seqlens_q, cu_seqlens_k, b):
 
 
 @gluon.jit
+def sequence_descriptor(desc, ptr, start, length):
+    """A TMA descriptor, made on the device, of packed sequence rows ``start`` .. ``start + length - 1`` of
+    ``ptr``, the (1, total, H, D) tensor that ``desc`` describes: a tile that ends past the sequence loads
+    zeros there, not the next sequence's rows, where a NaN would reach this sequence's products through
+    0 x NaN. (At least one row: a descriptor has no empty dimension; a sequence without rows loads none.)"""
+    return tma.make_tensor_descriptor(
+        ptr + start.to(gl.int64) * desc.strides[1], [1, gl.maximum(length, 1), desc.shape[2], desc.shape[3]],
+        [desc.strides[0], desc.strides[1], desc.strides[2], 1], desc.block_type.shape, desc.layout,
+    )
+
+
+@gluon.jit
 def sequence_half_bias(seqlen_k):
     """Half the default bias of a sequence of ``seqlen_k`` keys: -log(Sk) / 2, or 0 with no key."""
     return gl.where(seqlen_k > 0, -0.5 * gl.log(gl.maximum(seqlen_k, 1).to(gl.float32)), 0.0)

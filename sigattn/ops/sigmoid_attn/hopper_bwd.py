@@ -28,10 +28,12 @@ costs ~550 bytes of register spills and the kernel runs 0.89-0.99x the Triton ba
 
 Packed sequences (varlen) run here as in the forward (``hopper.py``): a tile past a sequence's end has
 its keys and queries masked (P = 0 and dS = 0, so they add nothing to dK, dV or dQ), and the dK and dV
-rows of a key tile that ends past it leave by register stores. Unlike the forward, the backward does not
-zero the next sequence's rows it loads there, so a NaN or inf in one sequence's K, V, Q or dO can reach its
-neighbours' gradients through 0 x NaN: zeroing them in the loader warp made the packed backward 17-19% slower
-on an H100 (ptxas spilled 300 more bytes in the consumers; benchmarks/NOTES.md).
+rows of a key tile that ends past it leave by register stores. A NaN or inf in one sequence must not reach
+its neighbours through 0 x NaN, so the loader warp reads Q, dO, K and V through TMA descriptors of its
+sequence alone, which it makes on the device (``hopper.sequence_descriptor``): past the end they load zeros.
+(Zeroing the next sequence's rows in shared memory instead, from the loader warp, made the packed backward
+17-19% slower on an H100: benchmarks/NOTES.md.) The dQ rows of a tile past the end, which belong to the next
+sequence, are set to zero before the reduction adds them: an inf in this sequence's K or V makes them NaN.
 
 It covers dense rows and packed sequences without ALiBi or sliding windows; ``deterministic=True`` and
 every other call run on the Triton kernels (``unsupported`` says why), as do calls of at most
@@ -112,14 +114,41 @@ def _program(HEAVY_FIRST: gl.constexpr):
 
 
 @gluon.jit
-def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free,
-            b, h_kv, n0, q_start, q_lo, n_q, n_iter, GROUP: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: the program's K and V halves (from token n0), then Q and dO tile by tile (from token
-    q_start), head by head of the group."""
-    mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
+def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, row, k_row, h_kv):
+    """The program's K and V halves, from token k_row of batch row ``row``."""
     for w in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [b, n0 + w * KEYS, h_kv, 0], kv_ready, k_smem.index(w))
-        tma.async_copy_global_to_shared(v_desc, [b, n0 + w * KEYS, h_kv, 0], kv_ready, v_smem.index(w))
+        tma.async_copy_global_to_shared(k_desc, [row, k_row + w * KEYS, h_kv, 0], kv_ready, k_smem.index(w))
+        tma.async_copy_global_to_shared(v_desc, [row, k_row + w * KEYS, h_kv, 0], kv_ready, v_smem.index(w))
+
+
+@gluon.jit
+def _loader(q_desc, do_desc, k_desc, v_desc, q_ptr, do_ptr, k_ptr, v_ptr, cu_seqlens_q, cu_seqlens_k, k_smem,
+            v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free, b, h_kv, n0, q_start, q_lo, n_q, n_iter,
+            GROUP: gl.constexpr, STAGES: gl.constexpr, VARLEN: gl.constexpr):
+    """One warp: the program's K and V halves (from token n0), then Q and dO tile by tile (from token
+    q_start), head by head of the group.
+
+    With VARLEN, b is the packed sequence and the tokens count from its first. Tiles that may end past it
+    load through descriptors of that sequence alone, so that they load zeros there, not the next sequence's
+    rows; this warp makes them (and so fences them for its own reads). Making one costs about 3% of a 16 x 1k
+    packed backward on an H100 (benchmarks/NOTES.md), so K and V take them only in the key tile that ends past
+    the sequence; Q and dO always do, made while K and V load (choosing per tile, or sending the first tiles
+    ahead through the packed tensors' descriptors, made ptxas spill in the consumers: 1.26-1.28x)."""
+    row = b
+    mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
+    if VARLEN:
+        first_q, seqlen_q, first_k, seqlen_k = hopper.sequence(cu_seqlens_q, cu_seqlens_k, b)
+        row = 0
+        if n0 + 2 * KEYS > seqlen_k:
+            _load_kv(hopper.sequence_descriptor(k_desc, k_ptr, first_k, seqlen_k),
+                     hopper.sequence_descriptor(v_desc, v_ptr, first_k, seqlen_k), k_smem, v_smem, kv_ready, 0, n0,
+                     h_kv)  # fmt: skip
+        else:
+            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, 0, first_k + n0, h_kv)
+        q_desc = hopper.sequence_descriptor(q_desc, q_ptr, first_q, seqlen_q)
+        do_desc = hopper.sequence_descriptor(do_desc, do_ptr, first_q, seqlen_q)
+    else:
+        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, b, n0, h_kv)
     for t in range(n_iter):
         slot = t % STAGES
         h = h_kv * GROUP + t // n_q
@@ -127,8 +156,8 @@ def _loader(q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv
         # A fresh mbarrier counts as having completed the phase before 0: the first round does not wait.
         mbarrier.wait(slot_free.index(slot), ((t // STAGES) & 1) ^ 1)
         mbarrier.expect(q_ready.index(slot), 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [b, m0, h, 0], q_ready.index(slot), q_bufs.index(slot))
-        tma.async_copy_global_to_shared(do_desc, [b, m0, h, 0], q_ready.index(slot), do_bufs.index(slot))
+        tma.async_copy_global_to_shared(q_desc, [row, m0, h, 0], q_ready.index(slot), q_bufs.index(slot))
+        tma.async_copy_global_to_shared(do_desc, [row, m0, h, 0], q_ready.index(slot), do_bufs.index(slot))
 
 
 @gluon.jit
@@ -238,6 +267,10 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
                                    is_async=True)
                 dq = warpgroup_mma(ds_smem.index(2 * ds_slot + 1).permute((1, 0)), k1, dq, is_async=True)
                 dq = warpgroup_mma_wait(0, deps=(dq,))
+                if VARLEN:  # noqa: SIM102
+                    if m0 + ROWS > seqlen_q:  # the rows past the end are the next sequence's dQ: add zeros
+                        dq_row = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, dq_layout))
+                        dq = gl.where((dq_row < seqlen_q)[:, None], dq, 0.0)
                 dq_smem.index(DQ_BLOCKS * W + c).reshape([ROWS, DQ_COLS]).store(dq)
             if HEAD_BIAS:
                 dsum = warpgroup_mma(ds_smem.index(2 * ds_slot).permute((1, 0)), ones, dsum, is_async=True)
@@ -272,12 +305,12 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
 
 # One compiled kernel for every chunk, per constexprs and dtypes (host.launch).
 @gluon.jit(do_not_specialize=["num_heads", "b0", "h0", "seqlen_q", "seqlen_k", "diag_offset", "q_shift"],
-           do_not_specialize_on_alignment=["dk_ptr", "dv_ptr", "head_bias_ptr", "dbias_ptr", "cu_seqlens_q",
-                                           "cu_seqlens_k"])
-def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, dk_ptr, dv_ptr,
-                                 head_bias_ptr, dbias_ptr, cu_seqlens_q, cu_seqlens_k, num_heads, b0, h0, seqlen_q,
-                                 seqlen_k, diag_offset, q_shift, scale, half_scale, half_scale_bias,
-                                 GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+           do_not_specialize_on_alignment=["q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr",
+                                           "head_bias_ptr", "dbias_ptr", "cu_seqlens_q", "cu_seqlens_k"])
+def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, q_ptr, k_ptr, v_ptr,
+                                 do_ptr, dk_ptr, dv_ptr, head_bias_ptr, dbias_ptr, cu_seqlens_q, cu_seqlens_k,
+                                 num_heads, b0, h0, seqlen_q, seqlen_k, diag_offset, q_shift, scale, half_scale,
+                                 half_scale_bias, GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
                                  HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr, SEQUENCE_BIAS: gl.constexpr,
                                  VARLEN: gl.constexpr, TAIL: gl.constexpr):
     """One program: keys i_n * 128 .. + 127 of kv head h_kv of batch row b. Descriptors are 4-d
@@ -290,8 +323,10 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
 
     With VARLEN the tensors are packed sequences seen as (1, total, H, D) and the workspace as (1, total_q,
     heads, D); sequence b is at tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1 (bottom-right diagonal),
-    seqlen_q and seqlen_k are the longest lengths (unused), and dk_ptr and dv_ptr (None for dense rows)
-    address the rows of a key tile that ends past its sequence.
+    seqlen_q and seqlen_k are the longest lengths (unused). The program loads its sequence through
+    descriptors of that sequence alone, made from q_ptr, k_ptr, v_ptr and do_ptr, so that its tiles past the
+    end load zeros; dk_ptr and dv_ptr address the rows of a key tile that ends past its sequence. (All six are
+    None for dense rows.)
 
     TAIL: queries or keys end inside a tile (always with VARLEN), whose rows past the end are masked.
     q_shift: q_desc and do_desc describe dense rows from query q_shift on, so that the queries before it,
@@ -300,12 +335,10 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
     b_ws, h_ws, i_n = _program(HEAVY_FIRST)
     b, h_kv = b0 + b_ws, h0 + h_ws
     n0 = i_n * 2 * KEYS
-    b_coord, q_start, k_start = b, 0, 0
     half_bias = half_scale_bias
     if VARLEN:
         q_start, seqlen_q, k_start, seqlen_k = hopper.sequence(cu_seqlens_q, cu_seqlens_k, b)
         diag_offset = seqlen_k - seqlen_q
-        b_coord = 0
         if n0 >= seqlen_k:  # the grid is sized for the longest sequence
             return
         if SEQUENCE_BIAS:
@@ -360,8 +393,9 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
                      seqlen_k, diag_offset,
                      scale, half_scale, half_bias, cu_seqlens_q, cu_seqlens_k, dk_ptr, dv_ptr,
                      1, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS, VARLEN, TAIL)),
-        (_loader, (q_desc, do_desc, k_desc, v_desc, k_smem, v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free,
-                   b_coord, h_kv, k_start + n0, q_start - q_shift, q_lo, n_q, n_q * GROUP, GROUP, STAGES)),
+        (_loader, (q_desc, do_desc, k_desc, v_desc, q_ptr, do_ptr, k_ptr, v_ptr, cu_seqlens_q, cu_seqlens_k, k_smem,
+                   v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free, b, h_kv, n0, -q_shift, q_lo, n_q,
+                   n_q * GROUP, GROUP, STAGES, VARLEN)),
     ], [4, 1], [CONSUMER_REGISTERS, LOADER_REGISTERS])
 # fmt: on
 
@@ -464,7 +498,7 @@ def flash_bwd_sm90(
     stages = STAGES[head_dim]
     key = (head_dim, *(t.dtype for t in (q, k, v, do, dk, dv)), group, causal, stages, heavy_first,
            None if head_bias is None else head_bias.dtype, sequence_bias, varlen, tail)  # fmt: skip
-    packed = (None, None) if cu_seqlens is None else (dk, dv)
+    packed = (None,) * 6 if cu_seqlens is None else (q, k, v, do, dk, dv)
     for b0 in range(0, batch, rows_per_launch):
         for h0 in range(0, num_kv_heads, kv_heads_per_launch):
             n_rows, n_kv_heads = min(rows_per_launch, batch - b0), min(kv_heads_per_launch, num_kv_heads - h0)

@@ -11,7 +11,8 @@ already checked. Here (128 and 54 µs since, ``..._direct_launch.json``):
   afterwards. That is only sound for kernels that specialise on nothing but their constexprs and the
   dtypes of their tensors: their integer arguments are ``do_not_specialize`` (the JIT would otherwise
   compile a variant for values divisible by 16) and their pointer arguments
-  ``do_not_specialize_on_alignment``.
+  ``do_not_specialize_on_alignment``. Kernels that make TMA descriptors on the device (the packed Hopper
+  backward: one per sequence) get their global scratch from PyTorch's allocator, for their launch only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from triton import knobs
 from triton.compiler import CompiledKernel
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-from triton.runtime import driver
+from triton.runtime import _allocation, driver
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
@@ -73,14 +74,26 @@ def descriptor(t: Tensor, rows: int, cols: int | None = None) -> TensorDescripto
     return desc
 
 
+def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    """A launch's global scratch, from PyTorch's caching allocator (its blocks are 512-byte aligned, more
+    than the 128 bytes a TMA descriptor needs)."""
+    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
+
+
 def launch(kernel, grid: tuple[int, int, int], args: tuple, key: tuple, **options) -> None:
     """``kernel[grid](*args, **options)``, where ``args`` lists every parameter in order (constexprs
     included) and ``key`` determines the compiled kernel: its constexprs and its tensors' dtypes."""
     device = driver.active.get_current_device()
     compiled = _compiled.get((kernel, device, key))
-    if compiled is None or knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
-        # The JIT path: compiles on the first call, and runs the launch hooks profilers install.
-        _compiled[(kernel, device, key)] = kernel[grid](*args, **options)
-        return
-    stream = driver.active.get_current_stream(device)
-    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+    # Triton's launcher takes a kernel's global scratch from the allocator in this context variable; the
+    # caller's own (if any) is back in place when the launch returns.
+    token = _allocation._allocator.set(_scratch)
+    try:
+        if compiled is None or knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
+            # The JIT path: compiles on the first call, and runs the launch hooks profilers install.
+            _compiled[(kernel, device, key)] = kernel[grid](*args, **options)
+            return
+        stream = driver.active.get_current_stream(device)
+        compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *args)
+    finally:
+        _allocation._allocator.reset(token)
