@@ -5,11 +5,18 @@ in order: the ``use_backend`` context manager, the ``SIGATTN_BACKEND`` environme
 ``auto`` takes the first backend of ``AUTO_ORDER`` that can serve the call; every backend computes the
 same function, so falling back never changes results (only speed, and a fall back from the GPU kernels
 is announced by a warning). A forced backend that cannot serve a call raises ``BackendNotSupportedError``.
+
+The ``triton`` backend also declines where its kernels cannot run at all: a GPU older than Ampere, kernels
+that do not import with the installed Triton (``kernels_import_error``), and kinds of call whose kernels
+Triton's compiler failed to build here (``dispatch`` remembers them). ``kernels_for_gpu`` says which
+kernels serve which GPUs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.metadata
 import importlib.util
 import os
 import warnings
@@ -31,6 +38,16 @@ from .ops.sigmoid_attn.traceable import sigmoid_attn_traceable, sigmoid_attn_var
 
 ENV_VAR = "SIGATTN_BACKEND"
 CallKind = Literal["dense", "varlen", "kvcache"]
+
+
+def _constant_under_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)`` without importing ``torch._dynamo``, which that decorator
+    does and which took 1.0 of the 2.1 s ``import sigattn`` cost (``python -X importtime``, torch 2.13 on a
+    2-core CPU). The decorator only sets this attribute, which dynamo reads when it traces a call of ``fn``
+    (``torch/_dynamo/decorators.py``); ``tests/test_import.py`` checks that the two still agree, and the
+    ``fullgraph=True`` tests would break on a graph break if dynamo stopped honouring it."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 @dataclass
@@ -171,11 +188,118 @@ def _exact(q, k, v, **options) -> Tensor:
 
 # Looked up once: find_spec costs 37 us, too much for every dispatch.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+KERNELS_MODULE = "sigattn.ops.sigmoid_attn.flash"
+MIN_CAPABILITY = (8, 0)  # the Triton kernels' bf16 tensor-core products need Ampere or newer
 
 
-@torch.compiler.assume_constant_result
+def kernels_for_gpu(capability: tuple[int, int] | None) -> str:
+    """Which kernels serve calls on a GPU of this compute capability (None: no CUDA GPU), and what this
+    project measured there. ``sigattn info`` prints it; the README's table says the same."""
+    if capability is None:
+        return (
+            "no CUDA GPU: the 'torch' backend serves every call (the Triton kernels run on the CPU only in "
+            "Triton's interpreter, for tests)"
+        )
+    name = f"sm_{capability[0]}{capability[1]}"
+    if capability < MIN_CAPABILITY:
+        return f"{name}: no kernels (they need compute capability 8.0 or newer); the 'torch' backend serves every call"
+    if capability == (9, 0):
+        return (
+            "Hopper (sm_90): Gluon kernels (dense and packed calls at head dims 64 and 128, forward and backward) "
+            "and the Triton kernels for the rest; speed and correctness measured on H100 and H200"
+        )
+    family = "Ampere/Ada" if capability < (9, 0) else "Blackwell or newer"
+    return (
+        f"{family} ({name}): the Triton kernels, compiled in CI for sm_80, sm_90 and sm_100 targets but never "
+        "run on such a GPU by this project (neither speed nor correctness measured there)"
+    )
+
+
+@_constant_under_compile
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
+
+
+def triton_version() -> str | None:
+    """The installed Triton's version, read from its metadata (without importing it); None if absent."""
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_import_error: list[str | None] = []  # [] until the kernels' import was tried, then [None] or [the reason]
+
+
+@_constant_under_compile
+def kernels_import_error() -> str | None:
+    """Why the Triton kernels cannot be used here (None: they import). Tried once, on the first call that
+    could run on them (importing them imports Triton: about a second), and remembered: a Triton whose API
+    differs from the one the kernels were written for fails here, not in the middle of a call."""
+    if not _import_error:
+        if not _TRITON_INSTALLED:
+            _import_error.append("triton is not installed")
+        else:
+            try:
+                importlib.import_module(KERNELS_MODULE)
+            except Exception as error:  # any failure to import means the same: these kernels cannot run here
+                _import_error.append(f"the kernels do not import with triton {triton_version()} ({_first_line(error)})")
+            else:
+                _import_error.append(None)
+    return _import_error[0]
+
+
+def _first_line(error: BaseException) -> str:
+    """``Type: message`` on one line, at most 300 characters. Triton's compile errors start with the kernel's
+    source and keep the message itself in ``error_message``."""
+    message = getattr(error, "error_message", None)
+    lines = str(message if isinstance(message, str) and message else error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# Calls whose kernels failed to build (compile or load) on this machine, by ``_kernel_key``, with the reason:
+# auto sends such calls to the next backend, and a forced "triton" refuses them.
+_failed_builds: dict[tuple, str] = {}
+
+
+def _kernel_key(call: AttnCall) -> tuple:
+    """What chooses and specialises the kernels of a call, lengths aside: calls with the same key compile the
+    same kernels (give or take the tile choices of short and long calls)."""
+    return (
+        call.kind, call.q.device, call.q.dtype, call.q.shape[-1], call.causal, call.window_size != (-1, -1),
+        call.alibi_slopes is not None, isinstance(call.bias, Tensor), call.deterministic, call.block_table is not None,
+    )  # fmt: skip
+
+
+def _build_failure(error: BaseException, call: AttnCall) -> str | None:
+    """The reason to give if ``error`` means the kernels could not be built for ``call`` here: an import
+    that fails during the call, or any error raised inside Triton's compiler (its front end, ``ptxas``, or
+    loading the binary onto the GPU: too much shared memory, say); None for every other error, which is
+    the call's own."""
+    if not (isinstance(error, ImportError) or _raised_in_triton_compiler(error)):
+        return None
+    device, where = call.q.device, call.q.device.type
+    if device.type == "cuda":
+        major, minor = _capability(torch.cuda.current_device() if device.index is None else device.index)
+        where = f"compute capability {major}.{minor}"
+    return (
+        f"its kernels failed to build for calls like this one (triton {triton_version()}, {where}: "
+        f"{_first_line(error)})"
+    )
+
+
+def _raised_in_triton_compiler(error: BaseException) -> bool:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_globals.get("__name__", "").startswith("triton.compiler"):
+                return True
+            tb = tb.tb_next
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class TritonBackend:
@@ -187,21 +311,11 @@ class TritonBackend:
     def not_supported_reasons(self, call: AttnCall) -> list[str]:
         if not _TRITON_INSTALLED:
             return ["triton is not installed"]
-        reasons = []
-        device = call.q.device
-        if device.type == "cpu":
-            # The interpreter is for testing the kernels: auto never picks it.
-            if os.environ.get("TRITON_INTERPRET") != "1" or requested_backend() != "triton":
-                reasons.append(
-                    "CPU tensors (the kernels run on the CPU only in Triton's interpreter: "
-                    "TRITON_INTERPRET=1 with the 'triton' backend forced)"
-                )
-        elif device.type != "cuda":
-            reasons.append(f"{device.type} tensors (the kernels run on CUDA)")
-        else:
-            capability = _capability(torch.cuda.current_device() if device.index is None else device.index)
-            if capability < (8, 0):
-                reasons.append(f"compute capability {capability} (needs 8.0 or newer)")
+        reasons = self._device_reasons(call.q.device)
+        if not reasons:  # only a call on a device the kernels run on pays for importing them
+            failure = kernels_import_error() or (_failed_builds and _failed_builds.get(_kernel_key(call)))
+            if failure:
+                reasons.append(failure)
         if call.q.dtype not in (torch.float16, torch.bfloat16):
             reasons.append(f"dtype {call.q.dtype} (the kernels take float16 and bfloat16)")
         if call.q.shape[-1] > 256:
@@ -211,6 +325,23 @@ class TritonBackend:
         if call.attn_mask is not None:
             reasons.append("an explicit attn_mask (the kernels support causal and sliding-window masks)")
         return reasons
+
+    @staticmethod
+    def _device_reasons(device: torch.device) -> list[str]:
+        if device.type == "cpu":
+            # The interpreter is for testing the kernels: auto never picks it.
+            if os.environ.get("TRITON_INTERPRET") != "1" or requested_backend() != "triton":
+                return [
+                    "CPU tensors (the kernels run on the CPU only in Triton's interpreter: "
+                    "TRITON_INTERPRET=1 with the 'triton' backend forced)"
+                ]
+            return []
+        if device.type != "cuda":
+            return [f"{device.type} tensors (the kernels run on CUDA)"]
+        capability = _capability(torch.cuda.current_device() if device.index is None else device.index)
+        if capability < MIN_CAPABILITY:
+            return [f"compute capability {capability} (needs 8.0 or newer)"]
+        return []
 
     def __call__(self, call: AttnCall) -> Tensor:
         from .ops.sigmoid_attn import flash
@@ -254,7 +385,7 @@ def _check_name(name: str, source: str) -> str:
 
 
 # torch.compile cannot trace ContextVar.get: it reads the choice once, at trace time.
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def requested_backend() -> str:
     """The backend asked for now: the ``use_backend`` context, else ``$SIGATTN_BACKEND``, else ``auto``."""
     forced = _forced.get()
@@ -311,13 +442,37 @@ def _warn_fallback(call: AttnCall, chosen: str, declined: dict[str, list[str]]) 
     if key not in _warned:
         _warned.add(key)
         warnings.warn(
-            f"sigattn: {call.kind} attention on CUDA runs on the slower {chosen!r} backend ({why})",
+            f"sigattn: {call.kind} attention on {call.q.device.type.upper()} runs on the slower {chosen!r} "
+            f"backend ({why})",
             stacklevel=4,
         )
 
 
-def dispatch(call: AttnCall) -> Tensor:
-    return select_backend(call)(call)
+def dispatch(call: AttnCall, backend: Backend | None = None) -> Tensor:
+    """Runs ``call`` on ``backend`` (by default the one ``select_backend`` picks).
+
+    If the Triton kernels fail to build for the call (``_build_failure``: Triton's compiler raised, for
+    a GPU or a Triton the kernels were not written for), calls like it are remembered as ones the kernels
+    cannot serve; then under ``auto`` this call and later ones run on the next backend, with a warning
+    (once per reason), and a forced ``triton`` raises ``BackendNotSupportedError`` with the reason. Under
+    ``torch.compile`` the kernels are built when the compiled code first runs, outside this function."""
+    backend = select_backend(call) if backend is None else backend
+    if backend.name != "triton" or torch.compiler.is_compiling():
+        return backend(call)
+    try:
+        return backend(call)
+    except Exception as error:
+        reason = _build_failure(error, call)
+        if reason is None:
+            raise
+        _failed_builds[_kernel_key(call)] = reason
+        if requested_backend() != "auto":
+            raise BackendNotSupportedError(
+                f"backend 'triton' was requested but cannot run this {call.kind} call: {reason}"
+            ) from error
+        fallback = select_backend(call)  # the kernels now decline calls like this one
+        _warn_fallback(call, fallback.name, {"triton": [reason]})
+        return fallback(call)
 
 
 __all__ = [
@@ -328,6 +483,8 @@ __all__ = [
     "AUTO_ORDER",
     "dispatch",
     "explain",
+    "kernels_for_gpu",
+    "kernels_import_error",
     "requested_backend",
     "select_backend",
     "use_backend",

@@ -17,7 +17,17 @@ from .backends import AttnCall, dispatch, select_backend
 from .ops.sigmoid_attn.cache import append_kv
 
 
-def _resolve_scale(scale, head_dim: int) -> float:
+def _resolve_scale(scale, head_dim: int, softmax_scale=None) -> float:
+    """The logit scale: ``scale``, or flash-attn's name for it, ``softmax_scale`` (not both), else
+    ``1 / sqrt(head_dim)``."""
+    if softmax_scale is not None:
+        if scale is not None:
+            raise ValueError(
+                f"scale and softmax_scale name the same argument (softmax_scale is flash-attn's name): pass one, "
+                f"got scale={scale!r} and softmax_scale={softmax_scale!r}"
+            )
+        check.check_scale(softmax_scale, "softmax_scale")
+        return float(softmax_scale)
     check.check_scale(scale)
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
@@ -45,6 +55,7 @@ def sigmoid_attn_func(
     window_size: tuple[int, int] = (-1, -1),
     alibi_slopes: Tensor | None = None,
     deterministic: bool = False,
+    softmax_scale: float | None = None,
 ) -> Tensor:
     """Sigmoid attention in flash-attn's layout.
 
@@ -61,6 +72,8 @@ def sigmoid_attn_func(
         alibi_slopes: float32 (nheads,) or (batch, nheads); adds ``-slope * |i + Sk - Sq - j|``.
         deterministic: require a deterministic backward (bit-identical across runs); otherwise, on Hopper,
             the backward adds dQ with atomic reductions.
+        softmax_scale: flash-attn's name for ``scale``, accepted so that its calls work unchanged; give
+            one of the two.
 
     Attention weights are ``sigmoid(scale * q_i . k_j + bias - slope * |i + Sk - Sq - j|)`` (the ALiBi
     term only with ``alibi_slopes``) for allowed keys and exactly 0 for masked ones; a query with no
@@ -91,9 +104,8 @@ def sigmoid_attn_func(
     check.check_qkv(q, k, v, ("q", "k", "v"), ("(B, Sq, Hq, D)", "(B, Sk, Hkv, D)"))
     longest = max(q.shape[1], k.shape[1])
     window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, q.shape[0], longest)
-    call = AttnCall(
-        "dense", q, k, v, _resolve_scale(scale, q.shape[-1]), bias, causal, window, alibi_slopes, deterministic
-    )
+    scale = _resolve_scale(scale, q.shape[-1], softmax_scale)
+    call = AttnCall("dense", q, k, v, scale, bias, causal, window, alibi_slopes, deterministic)
     return dispatch(call)
 
 
@@ -112,6 +124,7 @@ def sigmoid_attn_varlen_func(
     window_size: tuple[int, int] = (-1, -1),
     alibi_slopes: Tensor | None = None,
     deterministic: bool = False,
+    softmax_scale: float | None = None,
 ) -> Tensor:
     """Sigmoid attention over packed variable-length sequences (flash-attn's varlen layout).
 
@@ -147,7 +160,8 @@ def sigmoid_attn_varlen_func(
     longest = max(q.shape[0], k.shape[0])
     window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, batch, longest)
     call = AttnCall(
-        "varlen", q, k, v, _resolve_scale(scale, q.shape[-1]), bias, causal, window, alibi_slopes, deterministic,
+        "varlen", q, k, v, _resolve_scale(scale, q.shape[-1], softmax_scale), bias, causal, window, alibi_slopes,
+        deterministic,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
     )  # fmt: skip
@@ -259,6 +273,7 @@ def sigmoid_attn_with_kvcache(
     window_size: tuple[int, int] = (-1, -1),
     alibi_slopes: Tensor | None = None,
     deterministic: bool = False,
+    softmax_scale: float | None = None,
 ) -> Tensor:
     """Sigmoid attention of new queries against a KV cache (decode and chunked prefill), flash-attn style.
 
@@ -293,15 +308,15 @@ def sigmoid_attn_with_kvcache(
     # None: every row holds the whole cache (no lengths tensor to build on each decode step).
     seqlens_k = None if cache_seqlens is None else cache_seqlens + num_new
     call = AttnCall(
-        "kvcache", q, k_cache, v_cache, _resolve_scale(scale, q.shape[-1]), bias, causal, window,
+        "kvcache", q, k_cache, v_cache, _resolve_scale(scale, q.shape[-1], softmax_scale), bias, causal, window,
         alibi_slopes, deterministic, seqlens_k=seqlens_k, block_table=block_table,
     )  # fmt: skip
     # Every check, the backend's included, comes before the append: a call that raises leaves the cache as
-    # it was.
+    # it was (but for kernels that fail to build for it under a forced "triton": see backends.dispatch).
     backend = select_backend(call)
     if k is not None:
         append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table)
-    return backend(call)
+    return dispatch(call, backend)
 
 
 def scaled_dot_product_sigmoid_attention(
@@ -309,12 +324,15 @@ def scaled_dot_product_sigmoid_attention(
     key: Tensor,
     value: Tensor,
     attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
-    bias: float | Tensor | None = None,
     enable_gqa: bool = False,
+    *,
+    bias: float | Tensor | None = None,
 ) -> Tensor:
-    """Sigmoid attention with ``torch.nn.functional.scaled_dot_product_attention``'s layout and conventions.
+    """Sigmoid attention with ``torch.nn.functional.scaled_dot_product_attention``'s layout, conventions and
+    argument order, so a call of SDPA (positional arguments included) works with the name swapped.
 
     Args:
         query: (batch, nheads, seqlen_q, headdim).
@@ -323,10 +341,15 @@ def scaled_dot_product_sigmoid_attention(
         attn_mask: broadcastable to (batch, nheads, seqlen_q, seqlen_k). Boolean: True marks the keys a
             query may attend to (others contribute exactly 0). Floating point: added to the logits
             (a -inf entry makes that weight 0), and receives a gradient when it requires one.
+        dropout_p: must be 0 (0.0 or 0, as nanoGPT passes in eval mode): attention dropout is not
+            implemented yet (issue 26), so a p in (0, 1] raises NotImplementedError rather than train
+            without it.
         is_causal: SDPA's causal mask, aligned to the top-left: query i sees key j iff j <= i.
             Cannot be combined with attn_mask.
         scale: default ``1 / sqrt(headdim)``.
-        bias: a float, a (nheads,) tensor, or None for ``-log(seqlen_k)``.
+        enable_gqa: allow fewer key/value heads than query heads (grouped-query attention).
+        bias: keyword only (SDPA has no such argument): a float, a (nheads,) tensor, or None for
+            ``-log(seqlen_k)``.
 
     Weights are ``sigmoid(scale * q_i . k_j + bias (+ float mask))``; masked keys contribute 0 and a
     query with no allowed key outputs 0 (where softmax SDPA would give NaN).
@@ -338,6 +361,7 @@ def scaled_dot_product_sigmoid_attention(
         check.check_tensor(t, n, 4, "(batch, nheads, seqlen, headdim)")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     check.check_qkv(q, k, v, ("query", "key", "value"), ("(B, Hq, Sq, D)", "(B, Hkv, Sk, D)"))
+    check.check_dropout_p(dropout_p)
     check.check_flag(enable_gqa, "enable_gqa")
     check.check_flag(is_causal, "is_causal")
     if not enable_gqa and q.shape[2] != k.shape[2]:

@@ -84,16 +84,31 @@ def check_qkv(
         raise ValueError(f"head dim must be at least 1, got {nq} of shape {tuple(q.shape)}")
 
 
-def check_scale(scale) -> None:
+def check_scale(scale, name: str = "scale") -> None:
     """None, or a finite positive number: a scale of 0 makes every weight sigmoid(bias), a negative one
-    inverts the attention; neither is a model anyone trains, so both are taken for mistakes."""
+    inverts the attention; neither is a model anyone trains, so both are taken for mistakes. ``name`` is the
+    argument's name in the call (flash-attn's ``softmax_scale`` is accepted for ``scale``)."""
     if scale is None:
         return
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a float or None, got {describe(scale)}")
+        raise TypeError(f"{name} must be a float or None, got {describe(scale)}")
     # (torch.compile may trace a number symbolically, as it does a model's scale under dynamic shapes.)
     if not torch.compiler.is_compiling() and not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite number > 0 (or None for 1 / sqrt(headdim)), got {scale!r}")
+        raise ValueError(f"{name} must be a finite number > 0 (or None for 1 / sqrt(headdim)), got {scale!r}")
+
+
+def check_dropout_p(dropout_p) -> None:
+    """SDPA's ``dropout_p``: a number in [0, 1]. Only 0 is served: attention dropout is not implemented yet
+    (issue 26), and a model that asks for it must not train without it unawares."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1], got {describe(dropout_p)}")
+    if not 0 <= dropout_p <= 1:  # NaN fails this too
+        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    if dropout_p > 0:
+        raise NotImplementedError(
+            f"dropout_p must be 0.0, got {dropout_p!r}: attention dropout is not implemented yet in sigattn "
+            f"(issue 26); set the model's attention dropout to 0"
+        )
 
 
 def check_bias(bias, num_heads: int, q: Tensor) -> None:

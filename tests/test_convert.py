@@ -115,10 +115,33 @@ def test_converted_model_trains_and_round_trips(tmp_path):
     model.eval()
     expected = model(**batch).last_hidden_state
     model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["attn_implementation"] == "sigmoid"
     sigmoid_hf.register()
-    loaded = BertModel.from_pretrained(tmp_path, attn_implementation="sigmoid").eval()
+    loaded = BertModel.from_pretrained(tmp_path).eval()  # the saved config names the implementation
+    assert loaded.config._attn_implementation == "sigmoid"
     assert loaded.config.sigmoid_attn_bias == report["bias"]
     torch.testing.assert_close(loaded(**batch).last_hidden_state, expected)
+
+
+def test_converted_model_does_not_load_as_softmax_without_register(tmp_path):
+    """A fresh process that never called register(): from_pretrained refuses the model, loudly, rather than
+    building it with softmax attention (transformers' default when config.json names no implementation)."""
+    model = tiny_bert()
+    convert.convert_to_sigmoid(model, bias=-3.0)
+    model.save_pretrained(tmp_path)
+    script = (
+        "import sys\n"
+        "from transformers import BertModel\n"
+        "try:\n"
+        "    model = BertModel.from_pretrained(sys.argv[1])\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+        "    raise SystemExit(3)\n"
+        "print('loaded with', model.config._attn_implementation)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert 'attn_implementation="sigmoid"` is not supported' in result.stdout
 
 
 def test_explicit_bias_needs_no_calibration():
@@ -151,6 +174,7 @@ def test_cli_converts_a_local_model(tmp_path, capsys):
     assert status == 0, err
     assert "sigmoid_attn_bias per layer" in out
     config = json.loads((target / "config.json").read_text())
+    assert config["attn_implementation"] == "sigmoid"
     assert len(config["sigmoid_attn_bias"]) == 2 and all(isinstance(b, float) for b in config["sigmoid_attn_bias"])
     assert (target / "tokenizer_config.json").exists()
 

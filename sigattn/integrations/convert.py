@@ -208,8 +208,11 @@ def convert_to_sigmoid(
     The bias is ``bias`` when given, else calibrated on ``calibration_batches`` (``calibrate_bias``). It is
     stored in ``config.sigmoid_attn_bias``, so ``save_pretrained`` keeps it; the attention-probability
     dropout fields are set to 0 (sigmoid attention has none); ``attn_implementation`` becomes
-    ``"sigmoid"``. Returns a summary: the bias, the dropout fields changed, and the previous
-    implementation."""
+    ``"sigmoid"``, and is written into the config (``config.attn_implementation``), so that
+    ``save_pretrained`` records it in config.json: ``from_pretrained`` then builds the model with sigmoid
+    attention after ``register()``, and without it refuses to (transformers raises that
+    ``attn_implementation="sigmoid"`` is not supported) instead of loading it as softmax, its default.
+    Returns a summary: the bias, the dropout fields changed, and the previous implementation."""
     register()
     if bias is None:
         if calibration_batches is None:
@@ -220,6 +223,9 @@ def convert_to_sigmoid(
     zeroed = {}
     for config in configs:
         setattr(config, BIAS_FIELD, bias)
+        # transformers does not save the implementation in use (config._attn_implementation), but a saved
+        # "attn_implementation" is what from_pretrained reads back as the one to build.
+        config.attn_implementation = ATTN_IMPLEMENTATION
         for field in DROPOUT_FIELDS:
             if getattr(config, field, None):
                 zeroed[field] = getattr(config, field)
@@ -406,8 +412,8 @@ def run(args) -> int:
     if report["dropout_zeroed"]:
         print(f"attention dropout set to 0 (was {report['dropout_zeroed']})")
     print(
-        f"load it with sigattn.integrations.transformers.register(), then "
-        f"from_pretrained({str(args.output)!r}, attn_implementation='sigmoid')"
+        f"load it with sigattn.integrations.transformers.register(), then from_pretrained({str(args.output)!r}) "
+        f"(its config.json names attn_implementation='sigmoid': without register(), transformers refuses it)"
     )
     return 0
 
