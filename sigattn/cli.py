@@ -8,12 +8,19 @@
     sigattn compare ...     train a preset with both attentions; summary.json, report.md and plots
     sigattn convert ...     switch a pretrained transformers model to sigmoid attention, with a calibrated
                             bias (``sigattn.integrations.convert``)
-    sigattn experiment NAME [--quick] [--out DIR]
+    sigattn experiment NAME [--quick] [--out DIR] [--json]
                             run an experiment that tests a paper's claim: result.json, report.md, plots
                             (``sigattn.experiments``)
+    sigattn completion bash|zsh
+                            a shell completion script (``sigattn.completion``)
 
 Each subcommand is one entry of ``build_parser``: its options and the function that runs it, which returns
 the exit status. ``--help`` on any subcommand lists its options.
+
+Exit status: 0, 1 for a failed check, 2 for a usage error or a problem the user can fix (one line on stderr
+naming what is wrong and what to do, never a traceback), 128 + the signal's number for a command stopped by
+SIGINT (130) or SIGTERM (143), and 141 when the reader of stdout went away (``sigattn info --json | head``),
+as a shell reports a process killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
+from pathlib import Path
 
 import torch
 
-from . import __version__, benchmark
+from . import __version__, benchmark, completion
 from . import experiments as experiments_module
 from .backends import (
     AUTO_ORDER,
@@ -36,6 +45,8 @@ from .backends import (
     AttnCall,
     BackendNotSupportedError,
     explain,
+    kernels_for_gpu,
+    kernels_import_error,
     requested_backend,
 )
 from .experiments.index import write_index
@@ -59,10 +70,26 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        return args.run(args)
+        status = args.run(args)
+        sys.stdout.flush()  # a reader that went away shows here, not at the interpreter's exit
+        return status
     except CommandError as error:
         print(f"sigattn {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        _discard_stdout()
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt as interrupt:  # a signal outside a run's steps (the runs handle their own)
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        print(f"sigattn {args.command}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
+
+
+def _discard_stdout() -> None:
+    """Points stdout at /dev/null, so that flushing what is left of it at exit raises nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="output folder (default: results/NAME, or runs/experiments/NAME-quick with --quick)",
     )
+    experiment.add_argument(
+        "--json", action="store_true",
+        help="print the result (result.json's contents) as JSON on stdout; the progress lines go to stderr",
+    )  # fmt: skip
     experiment.set_defaults(run=run_experiment)
+
+    shell = commands.add_parser("completion", help="print a shell completion script (bash or zsh)")
+    shell.add_argument("shell", choices=completion.SHELLS, help="the shell: " + ", ".join(completion.SHELLS))
+    shell.set_defaults(run=run_completion)
     return parser
 
 
@@ -112,12 +147,21 @@ def run_experiment(args: argparse.Namespace) -> int:
     """Runs the experiment; a full run into the default folder (results/NAME) also rewrites results/README.md."""
     default = f"runs/experiments/{args.name}-quick" if args.quick else f"results/{args.name}"
     command = " ".join(["sigattn", *args.argv])
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     try:
-        experiments_module.run(args.name, args.out or default, quick=args.quick, command=command)
+        train_commands.check_out_folder(Path(args.out or default), explicit=args.out is not None)
+        experiments_module.run(args.name, args.out or default, quick=args.quick, command=command, log=say)
     except train_commands.USER_ERRORS as error:  # e.g. the full setting's corpus cannot be fetched
         raise CommandError(error) from None
+    if args.json:
+        print((Path(args.out or default) / "result.json").read_text(), end="")
     if args.out is None and not args.quick:
-        print(f"updated {write_index('results', experiments_module.EXPERIMENTS)}")
+        say(f"updated {write_index('results', experiments_module.EXPERIMENTS)}")
+    return 0
+
+
+def run_completion(args: argparse.Namespace) -> int:
+    print(completion.script(build_parser(), args.shell), end="")
     return 0
 
 
@@ -216,8 +260,9 @@ def backend_choice(call: AttnCall, requested: str) -> dict:
 def collect_info() -> dict:
     requested = checked_requested_backend()
     device, dtype = default_device_dtype()
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability()
+    capability = torch.cuda.get_device_capability() if device.type == "cuda" else None
+    if capability is not None:
+        major, minor = capability
         device_info = {"type": "cuda", "name": torch.cuda.get_device_name(), "capability": f"{major}.{minor}"}
     else:
         device_info = {"type": "cpu", "name": platform.processor() or platform.machine(), "capability": None}
@@ -225,6 +270,8 @@ def collect_info() -> dict:
     return {
         "versions": versions(),
         "device": device_info,
+        # Whether the Triton kernels import here (None: they do), and which kernels this device runs.
+        "kernels": {"import_error": kernels_import_error(), "on_this_device": kernels_for_gpu(capability)},
         "env": {name: os.environ.get(name) for name in ("TRITON_INTERPRET", ENV_VAR)},
         "requested_backend": requested,
         "backends": list(BACKENDS),
@@ -253,10 +300,12 @@ def format_info(info: dict) -> str:
         device_line = f"cuda: {device['name']} (compute capability {device['capability']})"
     else:
         device_line = f"cpu: {device['name']} (CUDA not available)"
-    example = info["example"]
+    example, kernels = info["example"], info["kernels"]
     lines = [
         *(f"{name:<18}{version or 'not installed'}" for name, version in info["versions"].items()),
         f"{'device':<18}{device_line}",
+        f"{'kernels':<18}{kernels['import_error'] or 'the Triton kernels import'}",
+        f"{'':<18}{kernels['on_this_device']}",
         *(f"{name:<18}{value if value is not None else '(unset)'}" for name, value in info["env"].items()),
         f"{'backends':<18}{', '.join(info['backends'])} (auto tries: {', '.join(info['auto_order'])})",
         f"{'requested backend':<18}{info['requested_backend']}",

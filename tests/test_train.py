@@ -388,6 +388,9 @@ def test_cli_compare_writes_summary_report_and_plots(tmp_path, text_file, capsys
     again = json.loads((out / "summary.json").read_text())
     assert again["sigmoid"] == summary["sigmoid"] and again["softmax"] == summary["softmax"]
     status, _, err = run_cli(capsys, "compare", "--preset", "tiny", "--out", str(tmp_path / "none"), "--report-only")
+    assert status == 2 and f"--report-only: no folder {tmp_path / 'none'}: give the --out" in err
+    (tmp_path / "half").mkdir()
+    status, _, err = run_cli(capsys, "compare", "--preset", "tiny", "--out", str(tmp_path / "half"), "--report-only")
     assert status == 2 and "train both attentions first" in err
 
 

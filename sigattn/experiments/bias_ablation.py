@@ -18,6 +18,7 @@ Two measurements:
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -117,32 +118,60 @@ def decide(init: dict, runs: dict) -> Verdict:
     return Verdict(norm_ok and train_ok, rule, summary)
 
 
+# Colour, line style and width per variant: the curves overlap (a learnable b barely leaves -log n), so a
+# wide dotted line lets the one under it show through its gaps.
+STYLES = {
+    "b=-log n": {"color": "tab:blue", "linestyle": "-", "lw": 1.2},
+    "b=0": {"color": "tab:red", "linestyle": "--", "lw": 1.4},
+    "learnable b": {"color": "tab:green", "linestyle": ":", "lw": 2.4},
+    "softmax": {"color": "tab:orange", "linestyle": "-.", "lw": 1.4},
+}
+
+
+def running_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_training(runs: dict, out: Path) -> str:
+    """Per stabiliser: the training loss (a running mean, so that the variants' curves do not hide each other
+    under per-step noise) and the per-step gradient norm (raw, half transparent: the spikes are the point)."""
     plt = pyplot()
     fig, axes = plt.subplots(2, len(STABILISERS), figsize=(13, 6.5), sharex=True)
-    styles = {"b=-log n": "tab:blue", "b=0": "tab:red", "learnable b": "tab:green", "softmax": "tab:orange"}
+    steps_total = max(len(run["train_loss"]) for run in runs.values())
+    window = max(1, steps_total // 50)
     for col, stab in enumerate(STABILISERS):
         for name, run in runs.items():
             variant, setting = name.split(" / ")
             if setting != stab:
                 continue
             steps = range(1, len(run["train_loss"]) + 1)
-            axes[0, col].plot(steps, run["train_loss"], color=styles[variant], lw=1, label=variant)
-            axes[1, col].plot(steps, run["grad_norm"], color=styles[variant], lw=1, label=variant)
+            axes[0, col].plot(steps, running_mean(run["train_loss"], window), label=variant, **STYLES[variant])
+            axes[1, col].plot(steps, run["grad_norm"], color=STYLES[variant]["color"], lw=0.8, alpha=0.55,
+                              label=variant)  # fmt: skip
         axes[0, col].set_title(stab)
         axes[1, col].set_yscale("log")
         axes[1, col].set_xlabel("step")
+        axes[0, col].set_ylabel(f"training loss (mean of {window} steps)" if window > 1 else "training loss")
+        axes[1, col].set_ylabel("gradient norm (before clipping)")
         axes[0, col].legend(fontsize=8)
-    axes[0, 0].set_ylabel("training loss")
-    axes[1, 0].set_ylabel("gradient norm (before clipping)")
+        axes[1, col].legend(fontsize=8)
     return save_figure(fig, out, "bias_ablation_training.png")
 
 
 def plot_init(init: dict, lengths: tuple[int, ...], out: Path) -> str:
+    """The norms at initialisation and the power laws fitted to them (dashed), whose slopes the verdict reads."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, res in init.items():
-        ax.plot(lengths, res["norms"], "o-", label=f"{name} (slope {res['slope']:.2f})")
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for (name, res), marker in zip(init.items(), ("o", "s", "^"), strict=False):
+        color = STYLES[name]["color"]
+        ax.plot(lengths, res["norms"], marker, color=color, markerfacecolor="none", markeredgewidth=1.5, label=name)
+        fitted = [math.exp(res["intercept"]) * n ** res["slope"] for n in lengths]
+        ax.plot(lengths, fitted, "--", color=color, lw=1, label=f"{name} fit: n^{res['slope']:.2f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("sequence length n")
@@ -158,7 +187,8 @@ def run(size: str, out: Path, log=print) -> Outcome:
     for name, attn, bias in (("b=0", "sigmoid", BIASES["b=0"]), ("b=-log n", "sigmoid", BIASES["b=-log n"]),
                              ("softmax", "softmax", BIASES["b=-log n"])):  # fmt: skip
         norms = init_norms(settings, attn, bias)
-        init[name] = {"norms": norms, "slope": fit_power_law(list(settings.init_lengths), norms).slope}
+        fit = fit_power_law(list(settings.init_lengths), norms)
+        init[name] = {"norms": norms, "slope": fit.slope, "intercept": fit.intercept}
         log(f"  bias-ablation init norms {name}: {', '.join(f'{v:.3g}' for v in norms)}")
 
     data, corpus = corpus_data(settings.corpus, out, settings.corpus_chars)

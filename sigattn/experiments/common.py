@@ -298,3 +298,16 @@ def save_figure(fig, out: Path, name: str) -> str:
 
 
 COLORS = {"sigmoid": "tab:blue", "softmax": "tab:orange"}
+# Each attention's marker and line style: where two curves overlap, both stay visible (the markers hollow).
+MARKERS = {"sigmoid": "o", "softmax": "s"}
+LINESTYLES = {"sigmoid": "-", "softmax": "--"}
+
+
+def label_log_ticks(axis, values) -> None:
+    """Ticks of a log-scaled ``axis`` (``ax.xaxis``) at ``values`` only, labelled as plain numbers: the
+    default minor-tick labels (2x10^2, 3x10^2, ...) collide when the axis spans less than a decade or two."""
+    import matplotlib.ticker as ticker
+
+    axis.set_major_locator(ticker.FixedLocator(list(values)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())

@@ -26,7 +26,19 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import BlockConfig, TransformerBlock
-from .common import COLORS, Outcome, Verdict, binomial_stderr, fit_line, markdown_table, pyplot, save_figure
+from .common import (
+    COLORS,
+    LINESTYLES,
+    MARKERS,
+    Outcome,
+    SlopeFit,
+    Verdict,
+    binomial_stderr,
+    fit_line,
+    markdown_table,
+    pyplot,
+    save_figure,
+)
 
 KINDS = ("sigmoid", "softmax")
 QUERY, CONTEXT = 1, 0  # roles
@@ -143,14 +155,18 @@ def accuracy_by_k(model: KSumModel, settings: Settings, seed: int) -> list[float
     return accuracy
 
 
+def gap_trend(mean: dict) -> tuple[list[float], SlopeFit]:
+    """The accuracy gap (sigmoid - softmax) at each k and its least-squares line against k."""
+    gaps = [s - t for s, t in zip(mean["sigmoid"], mean["softmax"], strict=True)]
+    return gaps, fit_line(list(range(1, len(gaps) + 1)), gaps)
+
+
 def decide(mean: dict, settings: Settings) -> Verdict:
     """Supports iff sigmoid is ahead at the largest k beyond the noise and the gap grows with k."""
     count = settings.eval_per_k * len(settings.seeds)
-    ks = list(range(1, settings.k_max + 1))
-    gaps = [s - t for s, t in zip(mean["sigmoid"], mean["softmax"], strict=True)]
+    gaps, trend = gap_trend(mean)
     last = settings.k_max - 1
     stderr = math.hypot(binomial_stderr(mean["sigmoid"][last], count), binomial_stderr(mean["softmax"][last], count))
-    trend = fit_line(ks, gaps)
     ok = gaps[last] > 2 * stderr and trend.ci95[0] > 0
     rule = (
         "supports iff at the largest k sigmoid's accuracy exceeds softmax's by more than 2 combined binomial "
@@ -167,18 +183,30 @@ def decide(mean: dict, settings: Settings) -> Verdict:
 
 
 def plot(mean: dict, settings: Settings, out: Path) -> str:
+    """Accuracy per k (left), and the gap with the fitted line the verdict reads (right)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(11, 4))
     ks = list(range(1, settings.k_max + 1))
     count = settings.eval_per_k * len(settings.seeds)
     for kind in KINDS:
         errors = [2 * binomial_stderr(a, count) for a in mean[kind]]
-        ax.errorbar(ks, mean[kind], yerr=errors, fmt="o-", color=COLORS[kind], capsize=3, label=kind)
+        ax.errorbar(ks, mean[kind], yerr=errors, color=COLORS[kind], marker=MARKERS[kind], linestyle=LINESTYLES[kind],
+                    markerfacecolor="none", capsize=3, label=kind)  # fmt: skip
     ax.set_xlabel("k (tokens whose values are summed)")
     ax.set_ylabel("exact-sum accuracy (±2 SE)")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"k-sum over {settings.seqlen} tokens ({len(settings.seeds)} seed(s))")
     ax.legend()
+    gaps, trend = gap_trend(mean)
+    gap_ax.axhline(0, color="gray", lw=0.8)
+    gap_ax.plot(ks, gaps, "o", color="tab:purple", label="sigmoid - softmax")
+    ci = f"[{trend.ci95[0]:+.4f}, {trend.ci95[1]:+.4f}]"
+    gap_ax.plot(ks, [trend.intercept + trend.slope * k for k in ks], "-", color="tab:purple", alpha=0.7,
+                label=f"least-squares fit: {trend.slope:+.4f} per k, 95% CI {ci}")  # fmt: skip
+    gap_ax.set_xlabel("k (tokens whose values are summed)")
+    gap_ax.set_ylabel("accuracy gap (sigmoid - softmax)")
+    gap_ax.set_title("the gap and its trend (the verdict's rule)")
+    gap_ax.legend(fontsize=8)
     return save_figure(fig, out, "ksum.png")
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..models import GPTConfig
-from .common import COLORS, Outcome, Verdict, markdown_table, pyplot, save_figure
+from .common import COLORS, Outcome, Verdict, label_log_ticks, markdown_table, pyplot, save_figure
 from .lm import TrainRecipe, corpus_data, run_config, train_run
 
 POSITIONS = ("rope", "alibi")
@@ -67,19 +67,24 @@ def decide(ratios: dict) -> Verdict:
 
 
 def plot(losses: dict, settings: Settings, out: Path) -> str:
+    """Loss against evaluation length: colour = attention, line style and marker = position encoding (solid
+    circles RoPE, dashed hollow squares ALiBi), so the four legend entries differ at a glance."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     lengths = [f * settings.train_length for f in FACTORS]
-    for pos, style in zip(POSITIONS, ("-", "--"), strict=True):
+    looks = {"rope": {"linestyle": "-", "marker": "o"}, "alibi": {"linestyle": "--", "marker": "s",
+                                                               "markerfacecolor": "none"}}  # fmt: skip
+    for pos in POSITIONS:
         for kind in KINDS:
-            ax.plot(lengths, [losses[pos][kind][str(n)] for n in lengths], "o" + style, color=COLORS[kind],
-                    label=f"{kind} + {pos}")  # fmt: skip
+            ax.plot(lengths, [losses[pos][kind][str(n)] for n in lengths], color=COLORS[kind], markersize=6,
+                    markeredgewidth=1.5, label=f"{kind} + {pos}", **looks[pos])  # fmt: skip
     ax.axvline(settings.train_length, color="gray", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
+    label_log_ticks(ax.xaxis, lengths)
     ax.set_xlabel("evaluation context length (training: dotted line)")
-    ax.set_ylabel("validation loss")
+    ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Length extrapolation")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, handlelength=3.5)
     return save_figure(fig, out, "length_extrapolation.png")
 
 

@@ -30,7 +30,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .common import COLORS, Outcome, Verdict, fit_power_law, markdown_table, pyplot, save_figure
+from .common import (
+    COLORS,
+    LINESTYLES,
+    MARKERS,
+    Outcome,
+    Verdict,
+    fit_power_law,
+    label_log_ticks,
+    markdown_table,
+    pyplot,
+    save_figure,
+)
 
 KINDS = ("sigmoid", "softmax")
 REGIMES = ("dense", "sparse")
@@ -290,20 +301,24 @@ def plot(results: dict, settings: Settings, out: Path) -> str:
             res = results[regime][kind]
             ns = [p["n"] for p in res["per_n"]]
             for p in res["per_n"]:
-                ax.scatter([p["n"]] * len(p["losses"]), p["losses"], s=8, alpha=0.35, color=COLORS[kind])
-            ax.plot(ns, [p["geometric_mean"] for p in res["per_n"]], "o", color=COLORS[kind])
+                ax.scatter([p["n"]] * len(p["losses"]), p["losses"], s=8, alpha=0.35, color=COLORS[kind],
+                           marker=MARKERS[kind])  # fmt: skip
+            ax.plot(ns, [p["geometric_mean"] for p in res["per_n"]], MARKERS[kind], color=COLORS[kind],
+                    markerfacecolor="none", markeredgewidth=1.5, label=f"{kind}: geometric mean per n")  # fmt: skip
             line = [math.exp(res["intercept"]) * n ** res["slope"] for n in ns]
             lo, hi = res["ci95"]
-            ax.plot(ns, line, "-", color=COLORS[kind],
-                    label=f"{kind}: slope {res['slope']:.2f} [{lo:.2f}, {hi:.2f}]")  # fmt: skip
+            ax.plot(ns, line, LINESTYLES[kind], color=COLORS[kind],
+                    label=f"{kind} fit: slope {res['slope']:.2f} [{lo:.2f}, {hi:.2f}]")  # fmt: skip
         ref = [results[regime]["sigmoid"]["per_n"][0]["geometric_mean"] * (n / ns[0]) ** -0.5 for n in ns]
         ax.plot(ns, ref, ":", color="gray", label="n^(-1/2)")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        label_log_ticks(ax.xaxis, ns)
+        ax.tick_params(axis="x", labelrotation=30 if len(ns) > 5 else 0)
         ax.set_xlabel("sample size n")
         ax.set_title(f"{regime} gating")
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("Voronoi loss (points: replicates)")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("Voronoi loss (small points: replicates)")
     fig.suptitle(f"Least-squares recovery of a quadratic-score MoE ({settings.replicates} replicates per n)")
     return save_figure(fig, out, "moe_rates.png")
 

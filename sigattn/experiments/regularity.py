@@ -22,7 +22,18 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
-from .common import COLORS, Outcome, Verdict, fit_line, markdown_table, pyplot, save_figure
+from .common import (
+    COLORS,
+    LINESTYLES,
+    MARKERS,
+    Outcome,
+    Verdict,
+    fit_line,
+    label_log_ticks,
+    markdown_table,
+    pyplot,
+    save_figure,
+)
 
 KINDS = ("sigmoid", "softmax")
 
@@ -118,8 +129,8 @@ def growth_fits(radii: list[float], lipschitz: list[float], start: float) -> dic
 
     poly_rms, expo_rms = rms(poly, [math.log(r) for r in rs]), rms(expo, rs)
     return {
-        "polynomial": {"exponent": poly.slope, "ci95": list(poly.ci95), "rms": poly_rms},
-        "exponential": {"rate": expo.slope, "ci95": list(expo.ci95), "rms": expo_rms},
+        "polynomial": {"exponent": poly.slope, "ci95": list(poly.ci95), "rms": poly_rms, "intercept": poly.intercept},
+        "exponential": {"rate": expo.slope, "ci95": list(expo.ci95), "rms": expo_rms, "intercept": expo.intercept},
         "growth": "polynomial" if poly_rms <= expo_rms else "exponential",
         "fitted_radii": rs,
     }
@@ -143,18 +154,36 @@ def decide(results: dict) -> Verdict:
 
 
 def plot(results: dict, settings: Settings, out: Path) -> str:
+    """The measured constants, and the two growth models the verdict compares, fitted over the shaded radii:
+    the power laws on the log-log panel and the exponentials on the log-linear one (where each is a line)."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, xscale in zip(axes, ("log", "linear"), strict=True):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    panels = (("log", "polynomial", "power-law fit"), ("linear", "exponential", "exponential fit"))
+    for ax, (xscale, model, name) in zip(axes, panels, strict=True):
         for kind in KINDS:
             res = results[kind]
-            ax.plot(settings.radii, res["lipschitz"], "o-", color=COLORS[kind], label=kind)
+            ax.plot(settings.radii, res["lipschitz"], color=COLORS[kind], marker=MARKERS[kind], markerfacecolor="none",
+                    markeredgewidth=1.5, lw=1, label=kind)  # fmt: skip
+            fit = res["fit"][model]
+            radii = res["fit"]["fitted_radii"]
+            if model == "polynomial":
+                curve = [math.exp(fit["intercept"]) * r ** fit["exponent"] for r in radii]
+                what = f"r^{fit['exponent']:.2f}"
+            else:
+                curve = [math.exp(fit["intercept"] + fit["rate"] * r) for r in radii]
+                what = f"e^({fit['rate']:.3f} r)"
+            ax.plot(radii, curve, LINESTYLES[kind] if kind == "softmax" else ":", color=COLORS[kind], lw=2, alpha=0.8,
+                    label=f"{kind} {name}: L ~ {what}, RMS {fit['rms']:.3f}")  # fmt: skip
+        ax.axvspan(settings.fit_from_radius, max(settings.radii), color="gray", alpha=0.08, lw=0)
         ax.set_xscale(xscale)
+        if xscale == "log":  # powers of two: the default minor-tick labels collide on a short log axis
+            low, high = math.floor(math.log2(min(settings.radii))), math.ceil(math.log2(max(settings.radii)))
+            label_log_ticks(ax.xaxis, [2.0**k for k in range(low, high + 1)])
         ax.set_yscale("log")
-        ax.set_xlabel("token radius r")
+        ax.set_xlabel("token radius r (shaded: the fitted range)")
         ax.set_ylabel("largest Jacobian singular value found")
         ax.set_title("log-log: a power law is a line" if xscale == "log" else "log-linear: an exponential is a line")
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.suptitle(f"Local Lipschitz constant of one attention layer (n={settings.tokens}, d={settings.dim})")
     return save_figure(fig, out, "regularity.png")
 

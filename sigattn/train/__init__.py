@@ -1,8 +1,11 @@
 """Training recipes: configs and presets, the trainer, diagnostics, plots and the sigmoid/softmax comparison.
 
 config = build_config("tiny", ["model.n_layer=2"], attn="sigmoid")
-result = train(config, "runs/tiny-sigmoid")          # or resume=True to continue
+result = train(config, "runs/tiny-sigmoid")          # or resume=True to continue (result.stopped_by: a signal)
 summary = compare("tiny", "runs/tiny-compare")       # both attentions, summary.json, report.md, plots
+
+The command line over these (``sigattn train``, ``sigattn compare``) is ``commands``; what a person watching
+a run sees is ``progress``; TensorBoard and trackio logging is ``loggers``.
 """
 
 from .compare import compare

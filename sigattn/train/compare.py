@@ -1,9 +1,15 @@
 """``sigattn compare``: train one preset with sigmoid and with softmax attention and report side by side.
 
 OUT/sigmoid/, OUT/softmax/   each run's folder (see ``sigattn.train.trainer``)
+OUT/compare.json             the preset, overrides and configuration the comparison started with: what
+                             ``--resume`` continues (no --preset needed)
 OUT/summary.json             {"sigmoid": {"final_val_loss", "tokens_per_s", ...}, "softmax": {...}, ...}
 OUT/report.md                the comparison as a table, with the plots
 OUT/loss.png, OUT/diagnostics.png
+
+The runs go one after the other. A SIGINT (Ctrl-C) or SIGTERM stops the whole comparison: the run in
+progress stops after its current step with a checkpoint, the other does not start, and the summary and
+report written then say which runs were stopped (at which step) or not started.
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ from pathlib import Path
 import torch
 
 from .. import __version__
+from .config import RunConfig
 from .metrics import read_metrics
 from .plots import plot_runs
 from .presets import build_config
-from .trainer import CHECKPOINT, Log, TrainError, train
+from .trainer import CHECKPOINT, Log, StopRequest, Trainer, TrainError
 
 ATTNS = ("sigmoid", "softmax")
-SUMMARY_KEYS = ("final_val_loss", "tokens_per_s", "val_loss_by_context", "train_seconds", "steps", "tokens",
-                "grad_spikes")  # fmt: skip
+SUMMARY_KEYS = ("final_val_loss", "tokens_per_s", "val_loss_by_context", "train_seconds", "steps", "max_steps",
+                "tokens", "grad_spikes")  # fmt: skip
+COMPARE_FILE = "compare.json"
 
 
 def versions() -> dict[str, str | None]:
@@ -39,7 +47,7 @@ def versions() -> dict[str, str | None]:
 
 
 def compare(
-    preset: str,
+    preset: str | None,
     out_dir: str | Path,
     overrides: list[str] = (),
     *,
@@ -48,47 +56,140 @@ def compare(
     log: Log | None = None,
 ) -> dict:
     """Trains ``preset`` with each attention into ``out_dir/<attn>``, then ``write_comparison``; returns the
-    summary. ``resume`` continues runs that have a checkpoint (and starts the others)."""
+    summary, whose ``stopped_by`` names the signal that stopped the comparison (None if none did).
+
+    ``resume`` continues the runs that have a checkpoint and starts the others; the comparison's
+    compare.json then gives the preset and settings (``preset`` may be None), and ``overrides`` and
+    ``max_steps`` may change what ``Trainer`` allows on resume."""
     out_dir = Path(out_dir)
-    configs = {attn: build_config(preset, overrides, attn=attn, max_steps=max_steps) for attn in ATTNS}
-    for attn, config in configs.items():
-        run_dir = out_dir / attn
-        train(config, run_dir, resume=resume and (run_dir / CHECKPOINT).exists(), log=log)
-    return write_comparison(out_dir, preset, list(overrides))
+    overrides = list(overrides)
+    saved = _load_compare_file(out_dir) if resume and preset is None else None
+    if saved is not None:
+        preset, base = saved["preset"], saved["config"]
+        extra = overrides + ([f"train.max_steps={max_steps}"] if max_steps is not None else [])
+        configs = {attn: _config_from_dict(base, attn, extra) for attn in ATTNS}
+        overrides = saved["overrides"] + overrides
+    else:
+        if preset is None:
+            raise TrainError("compare needs --preset NAME (or --resume to continue the comparison in --out)")
+        configs = {attn: build_config(preset, overrides, attn=attn, max_steps=max_steps) for attn in ATTNS}
+    with StopRequest() as stop:
+        for attn in ATTNS:
+            if stop.requested:
+                break
+            run_dir = out_dir / attn
+            trainer = Trainer(configs[attn], run_dir, resume=resume and (run_dir / CHECKPOINT).exists(), log=log)
+            try:
+                if saved is None and attn == ATTNS[0]:
+                    _write_compare_file(out_dir, preset, overrides, trainer.config)
+                trainer.fit(stop=stop)
+            finally:
+                trainer.parallel.close()
+    return write_comparison(out_dir, Path(preset).stem, overrides, stopped_by=stop.name)
 
 
-def write_comparison(out_dir: str | Path, preset: str, overrides: list[str] = ()) -> dict:
+def _write_compare_file(out_dir: Path, preset: str, overrides: list[str], config: RunConfig) -> None:
+    settings = config.to_dict()
+    settings["model"]["attn"] = "(both)"
+    text = json.dumps({"preset": preset, "overrides": overrides, "config": settings}, indent=2)
+    (out_dir / COMPARE_FILE).write_text(text + "\n")
+
+
+def _load_compare_file(out_dir: Path) -> dict:
+    """compare.json's contents; for a comparison from before compare.json, its sigmoid run's config.json."""
+    path = out_dir / COMPARE_FILE
+    if not path.exists():
+        config_path = out_dir / "sigmoid" / "config.json"
+        if not config_path.is_file():
+            raise TrainError(
+                f"--resume: no comparison in {out_dir} (no {COMPARE_FILE}): give the --out of a comparison, or "
+                "start one with --preset"
+            )
+        return {"preset": "(unknown)", "overrides": [], "config": _read_json(config_path, "a run's config.json")}
+    saved = _read_json(path, "a comparison's compare.json")
+    if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict) and isinstance(saved.get("preset"), str)
+            and isinstance(saved.get("overrides"), list)):  # fmt: skip
+        raise TrainError(f"{path}: expected {{preset, overrides, config}}; restore it or start a new comparison")
+    return saved
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise TrainError(f"cannot read {path} ({error}): expected {what}; restore it from a backup") from None
+
+
+def _config_from_dict(base: dict, attn: str, overrides: list[str]) -> RunConfig:
+    """The saved comparison's configuration for ``attn``, with ``overrides``."""
+    return RunConfig.from_dict({**base, "model": {**base["model"], "attn": attn}}, overrides)
+
+
+def write_comparison(
+    out_dir: str | Path, preset: str | None, overrides: list[str] = (), *, stopped_by: str | None = None
+) -> dict:
     """summary.json, report.md, loss.png and diagnostics.png in ``out_dir`` from the runs in
-    ``out_dir/sigmoid`` and ``out_dir/softmax`` (their result.json, config.json and metrics.jsonl)."""
+    ``out_dir/sigmoid`` and ``out_dir/softmax`` (their result.json, config.json and metrics.jsonl); returns
+    the summary.
+
+    ``stopped_by`` (the signal that stopped the comparison, if one did) allows a run that has not started;
+    otherwise both runs must have a result.json. ``preset`` None: compare.json's."""
     out_dir = Path(out_dir)
+    if preset is None:
+        saved = _load_compare_file(out_dir)
+        preset, overrides = Path(saved["preset"]).stem, saved["overrides"] + list(overrides)
     results, runs = {}, {}
     for attn in ATTNS:
         path = out_dir / attn / "result.json"
         if not path.is_file():
-            raise TrainError(f"no {path}: train both attentions first (sigattn compare without --report-only)")
-        results[attn] = json.loads(path.read_text())
+            if stopped_by is None:
+                raise TrainError(f"no {path}: train both attentions first (sigattn compare without --report-only)")
+            results[attn] = None
+            continue
+        results[attn] = _read_json(path, "a run's result.json")
         runs[attn] = read_metrics(out_dir / attn / "metrics.jsonl")
-    config = json.loads((out_dir / "sigmoid" / "config.json").read_text())
+    started = next(attn for attn in ATTNS if results[attn] is not None)
+    config = _read_json(out_dir / started / "config.json", "a run's config.json")
     summary = summarize(preset, list(overrides), config, results)
+    summary["stopped_by"] = stopped_by
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     try:
         plots = [p.name for p in plot_runs(runs, out_dir)]
     except ImportError as error:  # no matplotlib
         print(f"sigattn compare: no plots: {error}", file=sys.stderr)
         plots = []
-    (out_dir / "report.md").write_text(report(summary, plots))
+    (out_dir / "report.md").write_text(report(summary, plots, out_dir))
     return summary
 
 
-def summarize(preset: str, overrides: list[str], config: dict, results: dict[str, dict]) -> dict:
-    """The summary.json object: per attention its SUMMARY_KEYS, the gaps, and where and how it ran."""
-    sig, soft = results["sigmoid"], results["softmax"]
-    summary = {attn: {k: r[k] for k in SUMMARY_KEYS} | {"out_dir": r["out_dir"]} for attn, r in results.items()}
-    if sig["final_val_loss"] is not None and soft["final_val_loss"]:
+def incomplete(results: dict[str, dict | None]) -> dict[str, str]:
+    """The runs that have not reached their max_steps, with what happened: "stopped at step 300 of 600 by
+    SIGINT", "stopped at step 300 of 600" or "not started"."""
+    out = {}
+    for attn, r in results.items():
+        if r is None:
+            out[attn] = "not started"
+        elif r["steps"] < r["max_steps"]:
+            by = f" by {r['stopped_by']}" if r.get("stopped_by") else ""
+            out[attn] = f"stopped at step {r['steps']} of {r['max_steps']}{by}"
+    return out
+
+
+def summarize(preset: str, overrides: list[str], config: dict, results: dict[str, dict | None]) -> dict:
+    """The summary.json object: per attention its SUMMARY_KEYS (None for a run not started), the runs that
+    did not finish (``incomplete``), the gaps, and where and how it ran."""
+    summary: dict = {
+        attn: None if r is None else {k: r[k] for k in SUMMARY_KEYS} | {"out_dir": r["out_dir"],
+                                                                         "stopped_by": r.get("stopped_by")}
+        for attn, r in results.items()
+    }  # fmt: skip
+    summary["incomplete"] = incomplete(results)
+    sig, soft = results["sigmoid"] or {}, results["softmax"] or {}
+    if sig.get("final_val_loss") is not None and soft.get("final_val_loss"):
         summary["val_loss_gap"] = (sig["final_val_loss"] - soft["final_val_loss"]) / soft["final_val_loss"]
-    if sig["tokens_per_s"] and soft["tokens_per_s"]:
+    if sig.get("tokens_per_s") and soft.get("tokens_per_s"):
         summary["tokens_per_s_ratio"] = sig["tokens_per_s"] / soft["tokens_per_s"]
-    devices = {r["device"] for r in results.values()}
+    devices = {r["device"] for r in results.values() if r is not None}
     summary.update(
         preset=preset,
         overrides=overrides,
@@ -105,10 +206,11 @@ def _fmt(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def report(summary: dict, plots: list[str]) -> str:
-    """The comparison as markdown: a table of both runs, the gaps, and the plots."""
-    sig, soft = summary["sigmoid"], summary["softmax"]
-    contexts = sorted({int(n) for r in (sig, soft) for n in (r["val_loss_by_context"] or {})})
+def report(summary: dict, plots: list[str], out_dir: str | Path | None = None) -> str:
+    """The comparison as markdown: which runs did not finish (first, if any), a table of both runs, the gaps,
+    and the plots. ``out_dir`` goes into the resume command of an unfinished comparison."""
+    sig, soft = summary["sigmoid"] or {}, summary["softmax"] or {}
+    contexts = sorted({int(n) for r in (sig, soft) for n in (r.get("val_loss_by_context") or {})})
     lines = [
         f"# Sigmoid vs softmax attention: preset `{summary['preset']}`",
         "",
@@ -116,18 +218,28 @@ def report(summary: dict, plots: list[str]) -> str:
         + ", ".join(f"{k} {v}" for k, v in summary["versions"].items() if v)
         + (f"; overrides: `{' '.join(summary['overrides'])}`" if summary["overrides"] else ""),
         "",
-        "| | sigmoid | softmax |",
-        "| --- | --- | --- |",
-        f"| final validation loss | {_fmt(sig['final_val_loss'], '.4f')} | {_fmt(soft['final_val_loss'], '.4f')} |",
     ]
+    if summary["incomplete"]:
+        where = f" --out {out_dir}" if out_dir is not None else " --out DIR"
+        lines += [
+            "**Not a finished comparison:** "
+            + "; ".join(f"{attn} {what}" for attn, what in summary["incomplete"].items())
+            + f". Its numbers are the runs' so far; finish them with `sigattn compare --resume{where}`.",
+            "",
+        ]
+
+    def row(name: str, key: str, spec: str) -> str:
+        return f"| {name} | {_fmt(sig.get(key), spec)} | {_fmt(soft.get(key), spec)} |"
+
+    lines += ["| | sigmoid | softmax |", "| --- | --- | --- |", row("final validation loss", "final_val_loss", ".4f")]
     for n in contexts:
-        values = [(r["val_loss_by_context"] or {}).get(str(n)) for r in (sig, soft)]
+        values = [(r.get("val_loss_by_context") or {}).get(str(n)) for r in (sig, soft)]
         lines.append(f"| validation loss at context {n} | {_fmt(values[0], '.4f')} | {_fmt(values[1], '.4f')} |")
     lines += [
-        f"| tokens/s (training steps) | {_fmt(sig['tokens_per_s'], ',.0f')} | {_fmt(soft['tokens_per_s'], ',.0f')} |",
-        f"| training time (s) | {sig['train_seconds']:.1f} | {soft['train_seconds']:.1f} |",
-        f"| steps | {sig['steps']} | {soft['steps']} |",
-        f"| gradient-norm spikes | {sig['grad_spikes']} | {soft['grad_spikes']} |",
+        row("tokens/s (training steps)", "tokens_per_s", ",.0f"),
+        row("training time (s)", "train_seconds", ".1f"),
+        row("steps", "steps", "d"),
+        row("gradient-norm spikes", "grad_spikes", "d"),
         "",
     ]
     if "val_loss_gap" in summary:

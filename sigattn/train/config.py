@@ -71,34 +71,71 @@ class OptimConfig:
             raise ValueError("warmup_steps, grad_clip and weight_decay must be >= 0")
 
 
+LOGGERS = ("tensorboard", "trackio")  # what train.log_to may name
+
+
 @dataclass
 class TrainSettings:
-    """The loop: length, batch, logging, evaluation, checkpoints, device and speed options."""
+    """The loop: length, batch, logging, evaluation, checkpoints, device and speed options.
+
+    ``RESUMABLE_CHANGES`` lists the fields that may change when a run is resumed (they do not change what
+    is computed); ``max_steps`` may change too, by the rule in ``sigattn.train.trainer``."""
 
     max_steps: int = 1000
+    """Optimizer steps of the run. A larger value on --resume extends the run (the learning rate stays on the
+    schedule the run started with: see ``decay_steps``)."""
+    decay_steps: int | None = None
+    """The step at which the cosine schedule reaches ``optim.min_lr``; none: ``max_steps``. A run extended
+    on --resume keeps the value it had (the steps past it train at ``min_lr``)."""
     batch_size: int = 32
+    """The global batch, in sequences (lm) or images (vit)."""
     seed: int = 0
-    log_every: int = 10  # one metrics.jsonl line per this many steps (and at each evaluation)
-    eval_every: int = 100  # validation (and diagnostics) every this many steps, and at the last step
-    eval_windows: int = 64  # validation windows (lm) per context length; all validation images (vit)
-    # lm: also evaluate at these context lengths; the training context (model.block_size) always.
+    """Seeds the model's initialisation, the batches and dropout."""
+    log_every: int = 10
+    """One metrics.jsonl row (and, when the output is not a terminal, one progress line) per this many
+    steps, and one at each evaluation."""
+    eval_every: int = 100
+    """Validation (and diagnostics) every this many steps, and at the last step."""
+    eval_windows: int = 64
+    """Validation windows (lm) per context length; all validation images (vit)."""
     eval_context_lengths: tuple[int, ...] = ()
-    ckpt_every: int = 0  # 0: a checkpoint at the end (and on Ctrl-C) only
-    diagnostics: bool = True  # attention-output norm and attention sparsity per layer at each evaluation
-    spike_factor: float = 3.0  # a gradient-norm spike: above this many times its running average
+    """lm: also evaluate at these context lengths; the training context (model.block_size) always."""
+    ckpt_every: int = 0
+    """A checkpoint every this many steps; 0: at the end (and on Ctrl-C or SIGTERM) only."""
+    diagnostics: bool = True
+    """Attention-output norm and attention sparsity per layer at each evaluation."""
+    spike_factor: float = 3.0
+    """A gradient-norm spike: above this many times its running average."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on the CPU
-    # cudagraphs: torch.compile(mode="reduce-overhead") on one CUDA device, which replays each step's kernels
-    # from CUDA graphs (small models spend most of a step launching them). auto: cudagraphs on one CUDA
-    # device, "on" under data parallelism, "off" on the CPU.
+    """Where the steps run; auto: CUDA if available."""
+    threads: int = 0
+    """CPU threads for PyTorch's operations during the run (``torch.set_num_threads``); 0: PyTorch's default
+    (one per core). On a machine shared with other work fewer threads can be much faster. Results are
+    bit-identical only at the same number of threads."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on the CPU."""
     compile: Literal["auto", "on", "off", "cudagraphs"] = "auto"
+    """cudagraphs: ``torch.compile(mode="reduce-overhead")`` on one CUDA device, which replays each step's
+    kernels from CUDA graphs (small models spend most of a step launching them). auto: cudagraphs on one
+    CUDA device, "on" under data parallelism, "off" on the CPU."""
     activation_checkpointing: bool = False
-    # Data parallelism under torchrun (sigattn/train/parallel.py); batch_size is the global batch. Under
-    # torchrun with more than one process, "none" is an error rather than N copies of one run.
+    """Recompute each block's activations in the backward instead of keeping them."""
     parallel: Literal["none", "ddp", "fsdp"] = "none"
-    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"  # softmax's SDPA kernel
-    progress: bool = True  # a progress bar (tqdm) with loss and tokens/s
-    plots: bool = True  # loss.png and diagnostics.png in the run folder at the end
+    """Data parallelism under torchrun (sigattn/train/parallel.py); batch_size is the global batch. Under
+    torchrun with more than one process, "none" is an error rather than N copies of one run."""
+    sdpa_backend: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    """Softmax's SDPA kernel."""
+    progress: bool = True
+    """Progress reports: a bar (tqdm) with loss and tokens/s on a terminal, else a plain line per logged
+    step with loss, tokens/s and the time left."""
+    plots: bool = True
+    """loss.png and diagnostics.png in the run folder at the end."""
+    log_to: tuple[str, ...] = ()
+    """Also send every metrics row to these (comma-separated): tensorboard (event files in OUT/tensorboard/;
+    ``pip install 'sigattn[tensorboard]'``), trackio (project ``trackio_project``, run named after OUT;
+    ``pip install 'sigattn[trackio]'``)."""
+    trackio_project: str = "sigattn"
+    """The trackio project the runs are logged to (with ``log_to=trackio``)."""
 
     def __post_init__(self):
         check_fields(self)
@@ -106,10 +143,35 @@ class TrainSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.decay_steps is not None and (isinstance(self.decay_steps, bool) or self.decay_steps < 1):
+            raise ValueError(f"decay_steps must be a positive int or none, got {self.decay_steps!r}")
         if self.ckpt_every < 0:
             raise ValueError(f"ckpt_every must be >= 0, got {self.ckpt_every}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: PyTorch's default), got {self.threads}")
         if any(n < 1 for n in self.eval_context_lengths):
             raise ValueError(f"eval_context_lengths must be positive, got {self.eval_context_lengths}")
+        unknown = [name for name in self.log_to if name not in LOGGERS]
+        if unknown:
+            raise ValueError(
+                f"log_to must name some of {', '.join(map(repr, LOGGERS))} (comma-separated), got {unknown[0]!r}"
+            )
+        if len(set(self.log_to)) != len(self.log_to):
+            raise ValueError(f"log_to names a logger twice: {','.join(self.log_to)}")
+        if not self.trackio_project:
+            raise ValueError("trackio_project must not be empty")
+
+    @property
+    def schedule_steps(self) -> int:
+        """The step at which the learning rate reaches ``optim.min_lr``."""
+        return self.decay_steps or self.max_steps
+
+
+# Settings that do not change what a run computes: they may differ when it is resumed.
+RESUMABLE_CHANGES = frozenset({
+    "train.log_every", "train.eval_every", "train.ckpt_every", "train.diagnostics", "train.progress",
+    "train.plots", "train.log_to", "train.trackio_project", "train.threads",
+})  # fmt: skip
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainSettings}
@@ -127,7 +189,8 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out["train"]["eval_context_lengths"] = list(self.train.eval_context_lengths)
+        for name in ("eval_context_lengths", "log_to"):  # as JSON and TOML hold them
+            out["train"][name] = list(getattr(self.train, name))
         for name in DERIVED[self.task]:
             out["model"].pop(name)
         return out
@@ -224,13 +287,18 @@ def _unwrap(annotation) -> tuple[object, bool]:
     return annotation, False
 
 
+def _item_type(annotation) -> type:
+    """The item type of ``tuple[X, ...]``."""
+    return typing.get_args(annotation)[0]
+
+
 def _type_name(annotation) -> str:
     base, optional = _unwrap(annotation)
     choices = literal_choices(base)
     if choices is not None:
         name = "one of " + ", ".join(map(repr, choices))
     elif typing.get_origin(base) is tuple:
-        name = "comma-separated ints"
+        name = "comma-separated ints" if _item_type(base) is int else "comma-separated names"
     else:
         name = {int: "an int", float: "a number", bool: "true or false", str: "a string"}[base]
     return name + (" or none" if optional else "")
@@ -249,7 +317,9 @@ def _parse_text(key: str, text: str, annotation):
                 raise ValueError
             return text
         if typing.get_origin(base) is tuple:
-            return tuple(int(part) for part in text.split(",") if part.strip())
+            if _item_type(base) is str and text.lower() in ("", "none"):
+                return ()
+            return tuple(_item_type(base)(part.strip()) for part in text.split(",") if part.strip())
         if base is bool:
             return bools[text.lower()]
         return base(text)  # int, float or str
@@ -268,7 +338,8 @@ def _coerce(key: str, value, annotation):
     elif choices is not None:
         ok = value in choices
     elif typing.get_origin(base) is tuple:
-        ok = isinstance(value, list | tuple) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        item = _item_type(base)
+        ok = isinstance(value, list | tuple) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
         value = tuple(value) if ok else value
     elif base is float:
         ok = is_int or isinstance(value, float)

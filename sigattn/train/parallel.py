@@ -165,13 +165,13 @@ def mean_over_ranks(values: torch.Tensor, parallel: Parallel) -> torch.Tensor:
     return values / parallel.world_size
 
 
-def any_rank(flag: bool, device: torch.device, parallel: Parallel) -> bool:
-    """Whether ``flag`` is true on some rank (every rank must call it)."""
+def max_over_ranks(value: int, device: torch.device, parallel: Parallel) -> int:
+    """The largest ``value`` of any rank (every rank must call it): e.g. the number of a signal one rank got."""
     if not parallel.distributed:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    tensor = torch.tensor([float(value)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def gather_objects(obj, parallel: Parallel) -> list:

@@ -7,16 +7,25 @@ A run writes into its output folder:
     config.json      the settings (``RunConfig.to_dict()``)
     metrics.jsonl    one JSON object per logged step (``sigattn.train.metrics``)
     checkpoint.pt    model, optimizer, step, random-number state and loop state (written atomically)
-    result.json      final validation loss, tokens/s and totals
+    result.json      final validation loss, tokens/s and totals; ``stopped_by`` names the signal that stopped it
     loss.png, diagnostics.png
+    tensorboard/     with ``train.log_to=tensorboard`` (``sigattn.train.loggers``)
 
 Resuming (``resume=True``) continues from checkpoint.pt to the same losses an uninterrupted run reaches
-(bit for bit on the CPU): batches are a function of (seed, step), the random-number state, optimizer state
-and the pending loss average are restored, and metrics.jsonl is cut back to the checkpoint's step (the
-checkpoint is the truth: rows logged after it, and a last line torn by the interruption, are dropped). A
-checkpoint that is truncated, corrupt or holds objects other than plain data is refused with a TrainError
-that names it (``checkpoint.load_checkpoint``), as is a run folder that cannot be written.
-Ctrl-C (or SIGTERM) stops after the current step and writes a checkpoint; a second one stops at once.
+(bit for bit on the CPU, at the same number of threads): batches are a function of (seed, step), the
+random-number state, optimizer state and the pending loss average are restored, and metrics.jsonl is cut
+back to the checkpoint's step (the checkpoint is the truth: rows logged after it, and a last line torn by
+the interruption, are dropped). The configuration given on resume must be the saved one (config.json)
+except for ``RESUMABLE_CHANGES`` (progress, logging, evaluation and checkpoint intervals, threads) and
+``max_steps`` (``resumed_config``): a larger ``max_steps`` extends the run, a finished one too; the
+learning-rate schedule stays the one the run started with (``train.decay_steps`` is pinned to the original
+``max_steps``), so the added steps train at ``optim.min_lr``. A checkpoint that is truncated, corrupt or
+holds objects other than plain data is refused with a TrainError that names it
+(``checkpoint.load_checkpoint``), as is a run folder that cannot be written.
+
+Ctrl-C (SIGINT) or SIGTERM stops after the current step and writes a checkpoint (``RunResult.stopped_by``
+names the signal); a second one stops at once (``Interrupted``). A run that fails before its first step
+removes the folder it created.
 
 With ``train.parallel`` = ddp or fsdp the run is data-parallel under torchrun (``parallel.py``): each rank
 trains on its share of the global batch, rank 0 alone logs and writes the run's files, and the model and
@@ -27,9 +36,11 @@ processes. Under torchrun a stop request takes effect at the next logged step (t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import platform
+import shutil
 import signal
 import sys
 import tempfile
@@ -45,9 +56,11 @@ from torch import nn
 from ..data import CorpusUnavailableError
 from . import parallel as par
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
-from .config import ConfigError, RunConfig
+from .config import RESUMABLE_CHANGES, ConfigError, RunConfig
 from .diagnostics import SpikeDetector, attention_stats
+from .loggers import MetricsLoggers, check_available
 from .metrics import MetricsWriter, read_metrics
+from .progress import Progress
 from .schedule import learning_rate
 from .tasks import make_task
 
@@ -78,8 +91,9 @@ class RunResult:
     train_seconds: float
     tokens: int
     grad_spikes: int
-    stopped_early: bool
+    stopped_early: bool  # before max_steps: by a signal, or at ``until_step``
     device: str  # where the steps ran, e.g. "NVIDIA H100 80GB HBM3" ("A + B" if a resume moved the run)
+    stopped_by: str | None = None  # the signal that stopped the run ("SIGINT", "SIGTERM"), if one did
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -100,18 +114,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_run_folder(out: Path) -> None:
+def prepare_run_folder(out: Path) -> Path | None:
     """Creates ``out`` and writes (and deletes) a file there, so that a folder the run cannot write is a
-    TrainError now, before the data and model are built, rather than an OSError at its first file."""
+    TrainError now, before the data and model are built, rather than an OSError at its first file.
+
+    Returns the topmost folder it created (``out`` or a missing parent), None if ``out`` existed."""
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"the run folder {out} is a file, not a folder: choose another --out (or move the file)")
+    created = next((folder for folder in reversed([out, *out.parents]) if not folder.exists()), None)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out):
             pass
     except OSError as error:
+        if created is not None and created.is_dir():
+            shutil.rmtree(created, ignore_errors=True)
         raise TrainError(
             f"cannot write to the run folder {out} ({error.strerror or error}: {error.filename or out}): make it "
             "writable or choose another --out"
         ) from None
+    return created
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -135,15 +157,63 @@ def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return diffs
 
 
-class _StopRequest:
-    """Turns the first SIGINT (Ctrl-C) or SIGTERM into a request to stop after the current step; a second
-    one interrupts at once. Only in the main thread (where Python delivers signals)."""
+def resumed_config(saved: dict, requested: RunConfig, step: int, out: Path) -> RunConfig:
+    """The configuration a run saved with ``saved`` (its config dict) continues under at ``step`` when resumed
+    with ``requested``: ``requested`` itself, if it differs from ``saved`` only in ``RESUMABLE_CHANGES`` and
+    ``train.max_steps``. A changed ``max_steps`` pins ``train.decay_steps`` to the schedule the run started
+    with, so the steps already taken keep their learning rates and the steps past it train at min_lr.
+
+    Raises TrainError for a ``max_steps`` below ``step``, and listing every other difference."""
+    if requested.train.max_steps < step:
+        raise TrainError(
+            f"train.max_steps={requested.train.max_steps} is below the step the run in {out} has reached ({step}): "
+            f"give --max-steps {step} or more"
+        )
+    saved_train = saved.get("train", {})
+    horizon = saved_train.get("decay_steps") or saved_train.get("max_steps")
+    train = requested.train
+    if train.decay_steps is None and train.max_steps != horizon:
+        requested = dataclasses.replace(requested, train=dataclasses.replace(train, decay_steps=horizon))
+    ignored = RESUMABLE_CHANGES | {"train.max_steps", "train.decay_steps"}
+    diffs = [diff for diff in config_diff(saved, requested.to_dict()) if diff.split(":")[0] not in ignored]
+    if requested.train.schedule_steps != horizon:
+        diffs.append(
+            f"train.decay_steps (where the schedule reaches min_lr): {horizon} -> {requested.train.schedule_steps}"
+        )
+    if diffs:
+        raise TrainError(
+            f"--resume continues the run saved in {out} with its own settings; these differ: " + "; ".join(diffs)
+        )
+    return requested
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM during a run: it stopped at once, without a new checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopRequest:
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM into a request to stop after the current step (``signum``
+    records which); a second one raises ``Interrupted`` at once. Only in the main thread (where Python
+    delivers signals). One request can span several runs (``compare``)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.requested = False
+        self.signum: int | None = None
         self._previous: dict = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str | None:
+        """The signal's name ("SIGINT" or "SIGTERM") once requested, else None."""
+        return signal.Signals(self.signum).name if self.signum is not None else None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -152,29 +222,44 @@ class _StopRequest:
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            raise Interrupted(signum)
+        self.signum = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
 
 class Trainer:
     """One run of ``config`` in ``out_dir``; ``resume=True`` continues the run saved there.
 
-    ``log`` receives one line per evaluation (default: stderr)."""
+    ``log`` receives one line per evaluation, stop and (when stderr is not a terminal) logged step (default:
+    stderr). With ``resume`` the configuration is ``resumed_config``'s (``self.config``)."""
 
     def __init__(self, config: RunConfig, out_dir: str | Path, *, resume: bool = False, log: Log | None = None):
         self.config, self.out = config, Path(out_dir)
         self.log = log or (lambda line: print(line, file=sys.stderr))
-        settings = config.train
         state = self._load_state() if resume else None
         if not resume and ((self.out / CHECKPOINT).exists() or par.checkpoint_exists(self.out)):
             raise TrainError(
                 f"{self.out} already holds a run ({CHECKPOINT} or {par.CHECKPOINT_DIR}/): pass --resume to continue "
                 "it, or choose another --out"
             )
+        missing = check_available(self.config.train.log_to)
+        if missing:
+            raise TrainError(missing)
+        created = prepare_run_folder(self.out)
+        try:
+            self._setup(state)
+        except BaseException:
+            if created is not None:  # a run that fails at its start leaves no folder behind
+                shutil.rmtree(created, ignore_errors=True)
+            raise
+
+    def _setup(self, state: dict | None) -> None:
+        config = self.config
+        settings = config.train
         device = resolve_device(settings.device)
         one_gpu = device.type == "cuda" and settings.parallel == "none"
         self.cuda_graphs = settings.compile == "cudagraphs" or (settings.compile == "auto" and one_gpu)
@@ -183,7 +268,6 @@ class Trainer:
                 f"compile='cudagraphs' needs a CUDA device and parallel='none', got device {device.type!r} and "
                 f"parallel={settings.parallel!r}: use compile='on' instead"
             )
-        prepare_run_folder(self.out)
         try:
             self.parallel = par.setup(settings.parallel, device)
             self.rows = par.local_rows(settings.batch_size, self.parallel)  # this rank's share of the batch
@@ -253,12 +337,7 @@ class Trainer:
             # A sharded checkpoint is its folder (loop.pt and the shards): deleting loop.pt alone would orphan them.
             raise _cannot_resume(str(error), error.path.parent if sharded else error.path) from None
         _check_state(state, path, STATE_KEYS if sharded else STATE_KEYS + MODEL_KEYS)
-        diffs = config_diff(state["config"], self.config.to_dict())
-        if diffs:
-            raise TrainError(
-                f"--resume continues the run saved in {self.out} with its own settings; these differ: "
-                + "; ".join(diffs)
-            )
+        self.config = resumed_config(state["config"], self.config, state["step"], self.out)
         return state
 
     def _restore(self, state: dict) -> None:
@@ -336,7 +415,7 @@ class Trainer:
     def train_step(self) -> None:
         """One optimizer step on the batch of ``self.step``."""
         x, y = (t[self.rows].to(self.device, non_blocking=True) for t in self.task.train_batch(self.step))
-        lr = learning_rate(self.step, self.config.optim, self.config.train.max_steps)
+        lr = learning_rate(self.step, self.config.optim, self.config.train.schedule_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if self.cuda_graphs:
@@ -356,13 +435,39 @@ class Trainer:
         self.tokens += self.task.tokens_per_batch
         self.step += 1
 
-    def fit(self, until_step: int | None = None) -> RunResult:
-        """Trains to ``train.max_steps`` (or stops at ``until_step``), then checkpoints and reports."""
+    def fit(self, until_step: int | None = None, *, stop: StopRequest | None = None) -> RunResult:
+        """Trains to ``train.max_steps`` (or stops at ``until_step``), then checkpoints and reports.
+
+        A SIGINT or SIGTERM stops after the current step (``stop``: a request shared with the caller, which
+        then also sees it; by default one for this call)."""
+        settings = self.config.train
+        with contextlib.ExitStack() as stack:
+            stop = stack.enter_context(StopRequest()) if stop is None else stop
+            if settings.threads:
+                stack.enter_context(_cpu_threads(settings.threads))
+            loggers = stack.enter_context(self._metrics_loggers())
+            progress = Progress(
+                self.config.model.attn, settings.max_steps, self.step, settings.progress and self.parallel.is_main,
+                self.log,
+            )  # fmt: skip
+            stack.callback(progress.close)
+            stopped = self._loop(until_step, stop, progress, loggers)
+            if stopped:
+                progress.write(
+                    f"[{self.config.model.attn}] stopped at step {self.step} of {settings.max_steps} by {stop.name}: "
+                    f"checkpoint written to {self.out / CHECKPOINT if settings.parallel == 'none' else self.out}"
+                )
+        result = self.result(stopped or self.step < settings.max_steps, stop.name if stopped else None)
+        if self.parallel.is_main:
+            (self.out / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+            if self.step == settings.max_steps and settings.plots:
+                self._plot()
+        return result
+
+    def _loop(self, until_step: int | None, stop: StopRequest, progress: Progress, loggers: MetricsLoggers) -> bool:
+        """The steps up to ``until_step`` (or max_steps), then a checkpoint; True if ``stop`` ended them."""
         settings = self.config.train
         end = settings.max_steps if until_step is None else min(until_step, settings.max_steps)
-        bar = _progress_bar(
-            settings.max_steps, self.step, settings.progress and self.parallel.is_main, self.config.model.attn
-        )
         where = device_name(self.device)
         if self.parallel.distributed:
             where = f"{self.parallel.world_size} x {where} ({self.parallel.mode})"
@@ -371,40 +476,48 @@ class Trainer:
         first_interval = True
         interval_start, interval_steps = time.perf_counter(), 0
         stopped = False
-        with _StopRequest() as stop:
-            while self.step < end:
-                self.train_step()
-                interval_steps += 1
-                bar.update(1)
-                evaluate = self.step % settings.eval_every == 0 or self.step == settings.max_steps
-                logged = self.step % settings.log_every == 0 or evaluate
-                if logged:
-                    row = self._log_row(interval_steps, interval_start, first_interval)
-                    if evaluate:
-                        row.update(self._evaluate())
-                    if self.metrics:
-                        self.metrics.write(row)
-                    bar.set_postfix_str(_postfix(row))
-                    first_interval, interval_start, interval_steps = False, time.perf_counter(), 0
-                if settings.ckpt_every and self.step % settings.ckpt_every == 0:
-                    saving = time.perf_counter()
-                    self.save()
-                    interval_start += time.perf_counter() - saving  # not training time
-                stopping = stop.requested
-                if self.parallel.distributed:  # the ranks agree at logged steps, to stop at the same one
-                    stopping = logged and par.any_rank(stop.requested, self.device, self.parallel)
-                if stopping and self.step < end:
-                    stopped = True
-                    self.log(f"stopped at step {self.step}: resume with --resume")
-                    break
-        bar.close()
+        while self.step < end:
+            self.train_step()
+            interval_steps += 1
+            progress.update()
+            evaluate = self.step % settings.eval_every == 0 or self.step == settings.max_steps
+            logged = self.step % settings.log_every == 0 or evaluate
+            if logged:
+                row = self._log_row(interval_steps, interval_start, first_interval)
+                if evaluate:
+                    row.update(self._evaluate(progress))
+                if self.metrics:
+                    self.metrics.write(row)
+                    loggers.log(row)
+                progress.logged(row)
+                first_interval, interval_start, interval_steps = False, time.perf_counter(), 0
+            if settings.ckpt_every and self.step % settings.ckpt_every == 0:
+                saving = time.perf_counter()
+                self.save()
+                interval_start += time.perf_counter() - saving  # not training time
+            stopping = stop.requested
+            if self.parallel.distributed:  # the ranks agree at logged steps, to stop at the same one
+                signum = par.max_over_ranks(stop.signum or 0, self.device, self.parallel) if logged else 0
+                stopping = signum > 0
+                if stopping and not stop.requested:  # another rank got it: stop by the same signal
+                    stop.signum = signum
+            if stopping and self.step < end:
+                stopped = True
+                break
         self.save()
-        result = self.result(stopped or self.step < settings.max_steps)
-        if self.parallel.is_main:
-            (self.out / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-            if self.step == settings.max_steps and settings.plots:
-                self._plot()
-        return result
+        return stopped
+
+    @contextlib.contextmanager
+    def _metrics_loggers(self):
+        """TensorBoard and trackio (``train.log_to``) on rank 0, for the steps of one ``fit``."""
+        names = self.config.train.log_to if self.parallel.is_main else ()
+        resume_step = self.step if self.step > 0 else None
+        loggers = MetricsLoggers(names, self.out, self.config.to_dict(), project=self.config.train.trackio_project,
+                                 resume_step=resume_step)  # fmt: skip
+        try:
+            yield loggers
+        finally:
+            loggers.close()
 
     def _log_row(self, interval_steps: int, interval_start: float, first_interval: bool) -> dict:
         losses = torch.stack(self.pending_losses).float()
@@ -422,7 +535,7 @@ class Trainer:
         return {
             "step": self.step,
             "train_loss": sum(losses) / len(losses),
-            "lr": learning_rate(self.step - 1, self.config.optim, self.config.train.max_steps),
+            "lr": learning_rate(self.step - 1, self.config.optim, self.config.train.schedule_steps),
             "grad_norm": norms[-1],
             "grad_norm_max": max(norms),
             "grad_spikes": self.spikes.spikes,
@@ -431,7 +544,7 @@ class Trainer:
             "elapsed_s": self.train_seconds,
         }
 
-    def _evaluate(self) -> dict:
+    def _evaluate(self, progress: Progress | None = None) -> dict:
         self.model.eval()
         try:
             out = self.task.evaluate(self.model, self.device, self.autocast)
@@ -446,10 +559,14 @@ class Trainer:
             parts.append("by context " + ", ".join(f"{n}: {v:.4f}" for n, v in out["val_loss_by_context"].items()))
         if "val_acc" in out:
             parts.append(f"val acc {out['val_acc']:.3f}")
-        self.log(f"[{self.config.model.attn}] " + "; ".join(parts))
+        line = f"[{self.config.model.attn}] " + "; ".join(parts)
+        if progress is not None:
+            progress.write(line)
+        else:
+            self.log(line)
         return out
 
-    def result(self, stopped_early: bool) -> RunResult:
+    def result(self, stopped_early: bool, stopped_by: str | None = None) -> RunResult:
         """What the run has done so far; tokens/s leaves out each process's first logged interval (warm-up,
         compilation)."""
         if self.timed_seconds > 0:
@@ -469,6 +586,7 @@ class Trainer:
             grad_spikes=self.spikes.spikes,
             stopped_early=stopped_early,
             device=" + ".join(self.devices) or device_name(self.device),
+            stopped_by=stopped_by,
         )
 
     def _plot(self) -> None:
@@ -497,35 +615,15 @@ def _check_state(state, path: Path, keys: tuple[str, ...]) -> None:
         raise _cannot_resume(f"{path}: the checkpoint lacks {', '.join(missing)}", path)
 
 
-def _postfix(row: dict) -> str:
-    parts = [f"loss {row['train_loss']:.3f}"]
-    if "val_loss" in row:
-        parts.append(f"val {row['val_loss']:.3f}")
-    if row["tokens_per_s"]:
-        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
-    return ", ".join(parts)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix_str(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, initial: int, enabled: bool, label: str):
-    if not enabled:
-        return _NoBar()
+@contextlib.contextmanager
+def _cpu_threads(count: int):
+    """``count`` intra-op CPU threads inside the block, the previous number after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
     try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    # disable=None: no bar when stderr is not a terminal (logs, CI); the evaluation lines still print.
-    return tqdm(total=total, initial=initial, desc=label, unit="step", dynamic_ncols=True, leave=False, disable=None)
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def train(
@@ -535,15 +633,16 @@ def train(
     resume: bool = False,
     until_step: int | None = None,
     log: Log | None = None,
+    stop: StopRequest | None = None,
 ) -> RunResult:
     """Runs (or with ``resume`` continues) a training run of ``config`` in ``out_dir``.
 
-    ``until_step`` stops early at that step, with a checkpoint (as an interruption would).
-    Raises ``TrainError``, ``ConfigError`` or ``MetricsError`` (a damaged metrics.jsonl line) for problems
-    the user can fix."""
+    ``until_step`` stops early at that step, with a checkpoint (as an interruption would). ``stop``: see
+    ``Trainer.fit``. Raises ``TrainError``, ``ConfigError`` or ``MetricsError`` (a damaged metrics.jsonl
+    line) for problems the user can fix, and ``Interrupted`` for a second signal."""
     trainer = Trainer(config, out_dir, resume=resume, log=log)
     try:
-        return trainer.fit(until_step)
+        return trainer.fit(until_step, stop=stop)
     finally:
         trainer.parallel.close()
 
@@ -552,4 +651,4 @@ def _silent(line: str) -> None:
     pass
 
 
-__all__ = ["ConfigError", "RunResult", "TrainError", "Trainer", "train"]
+__all__ = ["ConfigError", "Interrupted", "RunResult", "StopRequest", "TrainError", "Trainer", "resumed_config", "train"]
