@@ -12,8 +12,9 @@ import sys
 
 from . import __version__
 
-# The subcommands and their one-line help, as ``sigattn.cli.build_parser`` registers them: the top-level
-# --help lists these. tests/test_import.py checks that this help equals the full parser's.
+# The subcommands and their one-line help, written here alone: ``sigattn.cli.build_parser`` registers each
+# with this help, and the top-level --help lists them. tests/test_import.py checks that a command added
+# there is listed here (the two helps are equal).
 COMMANDS = {
     "info": "versions, device and backend choice of each public function",
     "example": "run a small attention and check it against the reference",

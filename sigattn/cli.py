@@ -38,6 +38,7 @@ import torch
 
 from . import __version__, benchmark, completion
 from . import experiments as experiments_module
+from .__main__ import COMMANDS
 from .backends import (
     AUTO_ORDER,
     BACKENDS,
@@ -97,32 +98,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sigattn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = commands.add_parser("info", help="versions, device and backend choice of each public function")
+    info = commands.add_parser("info", help=COMMANDS["info"])
     info.add_argument("--json", action="store_true", help="print the same as JSON")
     info.set_defaults(run=run_info)
 
-    example = commands.add_parser("example", help="run a small attention and check it against the reference")
+    example = commands.add_parser("example", help=COMMANDS["example"])
     example.set_defaults(run=run_example)
 
-    bench = commands.add_parser("bench", help="benchmark against softmax SDPA and FlexAttention (CUDA)")
+    bench = commands.add_parser("bench", help=COMMANDS["bench"])
     benchmark.add_arguments(bench)
     bench.set_defaults(run=benchmark.run)
 
-    train = commands.add_parser("train", help="train a preset with sigmoid or softmax attention")
+    train = commands.add_parser("train", help=COMMANDS["train"])
     train_commands.add_train_arguments(train)
     train.set_defaults(run=user_errors(train_commands.run_train))
 
-    compare = commands.add_parser("compare", help="train a preset with both attentions and compare them")
+    compare = commands.add_parser("compare", help=COMMANDS["compare"])
     train_commands.add_compare_arguments(compare)
     compare.set_defaults(run=user_errors(train_commands.run_compare))
 
-    convert = commands.add_parser("convert", help="switch a pretrained transformers model to sigmoid attention")
+    convert = commands.add_parser("convert", help=COMMANDS["convert"])
     convert_command.add_arguments(convert)
     convert.set_defaults(run=run_convert)
 
-    experiment = commands.add_parser(
-        "experiment", help="run an experiment that tests a paper's claim (result.json, report.md, plots)"
-    )
+    experiment = commands.add_parser("experiment", help=COMMANDS["experiment"])
     experiment.add_argument("name", choices=list(experiments_module.EXPERIMENTS), metavar="NAME",
                             help=f"one of: {', '.join(experiments_module.EXPERIMENTS)}")  # fmt: skip
     experiment.add_argument("--quick", action="store_true", help="a reduced setting: minutes on a 2-core CPU")
@@ -137,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     experiment.set_defaults(run=run_experiment)
 
-    shell = commands.add_parser("completion", help="print a shell completion script (bash or zsh)")
+    shell = commands.add_parser("completion", help=COMMANDS["completion"])
     shell.add_argument("shell", choices=completion.SHELLS, help="the shell: " + ", ".join(completion.SHELLS))
     shell.set_defaults(run=run_completion)
     return parser
