@@ -209,9 +209,10 @@ def kernels_for_gpu(capability: tuple[int, int] | None) -> str:
             "and the Triton kernels for the rest; speed and correctness measured on H100 and H200"
         )
     family = "Ampere/Ada" if capability < (9, 0) else "Blackwell or newer"
+    wide = "" if capability < (10, 0) else " (calls with gradients at head dims above 128 run on 'torch')"
     return (
-        f"{family} ({name}): the Triton kernels, compiled in CI for sm_80, sm_90 and sm_100 targets but never "
-        "run on such a GPU by this project (neither speed nor correctness measured there)"
+        f"{family} ({name}): the Triton kernels{wide}, compiled in CI for sm_80, sm_90 and sm_100 targets but "
+        "never run on such a GPU by this project (neither speed nor correctness measured there)"
     )
 
 
@@ -302,6 +303,17 @@ def _raised_in_triton_compiler(error: BaseException) -> bool:
     return False
 
 
+def _needs_backward(call: AttnCall) -> bool:
+    tensors = (*call.qkv, call.bias) if isinstance(call.bias, Tensor) else call.qkv
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _on_blackwell_or_newer(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    return _capability(torch.cuda.current_device() if device.index is None else device.index) >= (10, 0)
+
+
 class TritonBackend:
     """The FlashSigmoid Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
 
@@ -320,6 +332,10 @@ class TritonBackend:
             reasons.append(f"dtype {call.q.dtype} (the kernels take float16 and bfloat16)")
         if call.q.shape[-1] > 256:
             reasons.append(f"head dim {call.q.shape[-1]} (at most 256)")
+        elif call.q.shape[-1] > 128 and _needs_backward(call) and _on_blackwell_or_newer(call.q.device):
+            # Triton 3.6-3.8 compile this dK/dV kernel for sm_100 to a single trap: its accumulators and score
+            # tiles need more tensor memory than there is (tests/test_triton_targets.py).
+            reasons.append(f"head dim {call.q.shape[-1]} with gradients on compute capability 10.0 or newer")
         if call.kind == "kvcache" and call.q.requires_grad and torch.is_grad_enabled():
             reasons.append("q requires grad (the KV-cache kernel is for inference)")
         if call.attn_mask is not None:

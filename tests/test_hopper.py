@@ -15,7 +15,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
 
-from sigattn.ops.sigmoid_attn import flash, hopper, hopper_bwd, host
+from sigattn.ops.sigmoid_attn import compat, flash, hopper, hopper_bwd, host
 
 KERNEL = hopper.sigmoid_attn_fwd_kernel_sm90
 
@@ -151,6 +151,18 @@ def test_unsupported_names_what_it_cannot_run():
     strided = torch.empty(2, 100, 4, 130, dtype=torch.bfloat16)[..., :128]  # rows of 260 bytes
     assert "TMA" in hopper.unsupported(strided, k, v, out, full, None)
     assert "TMA" in hopper.unsupported(q, k, v.transpose(1, 3).contiguous().transpose(1, 3), out, full, None)
+
+
+def test_gluon_kernels_decline_a_triton_they_were_not_tested_with(monkeypatch):
+    """Outside compat.SUPPORTED (Triton 3.9 spills more, 3.5 lacks the warp_specialize the kernels call) both
+    Gluon kernels decline with the reason, and the Triton kernels serve the call."""
+    assert [compat.unsupported_triton(v) for v in ((3, 6), (3, 7), (3, 8))] == [None] * 3
+    reason = compat.unsupported_triton((3, 9))
+    assert reason == "triton 3.9: the Gluon kernels are tested with 3.6 to 3.8"
+    assert compat.unsupported_triton((3, 5)) == "triton 3.5: the Gluon kernels are tested with 3.6 to 3.8"
+    monkeypatch.setattr(compat, "UNSUPPORTED_TRITON", reason)
+    assert hopper.unsupported(*_tensors(), (-1, -1), None) == reason
+    assert hopper_bwd.unsupported(*_bwd_tensors(), (-1, 0), None, None, False) == reason
 
 
 def test_cpu_tensors_never_take_the_sm90_kernel():

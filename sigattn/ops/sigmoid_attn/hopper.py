@@ -46,7 +46,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from . import host
+from . import compat, host
 
 # (Constexprs: the kernels read them as globals.)
 ROWS = gl.constexpr(64)  # query rows per consumer warpgroup
@@ -141,14 +141,20 @@ def _probabilities(
     p = 0.5 * t + 0.5
     if CAUSAL or KEY_TAIL:  # noqa: SIM102 (a separate `if` on the constexpr: full attention compiles without it)
         if j >= n_unmasked:
-            i = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
-            k = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            if compat.MASK_FROM_TILE_START:  # rows and keys counted from the tile's first key
+                i = m0 - j * BLOCK_N + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+                k = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                end = seqlen_k - j * BLOCK_N
+            else:
+                i = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+                k = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                end = seqlen_k
             if CAUSAL:
                 allowed = k[None, :] <= i[:, None] + diag_offset
                 if KEY_TAIL:
-                    allowed = allowed & (k[None, :] < seqlen_k)
+                    allowed = allowed & (k[None, :] < end)
             else:
-                allowed = k[None, :] < seqlen_k
+                allowed = k[None, :] < end
             p = gl.where(allowed, p, 0.0)
     return gl.convert_layout(p.to(dtype), p_layout)
 
@@ -186,16 +192,16 @@ def _loader(
     the ring, each as soon as its slot is free."""
     mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
     for w in gl.static_range(CONSUMERS):
-        tma.async_copy_global_to_shared(q_desc, [b, q0 + w * ROWS, h, 0], q_ready, q_smem.index(w))
+        compat.async_load(q_desc, [b, q0 + w * ROWS, h, 0], q_ready, q_smem.index(w))
     for j in range(n_tiles):
         slot = j % STAGES
         n0 = k_start + j * BLOCK_N
         # A fresh mbarrier counts as having completed the phase before 0: the first round does not wait.
         mbarrier.wait(slot_free.index(slot), ((j // STAGES) & 1) ^ 1)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, n0, h_kv, 0], k_ready.index(slot), k_bufs.index(slot))
+        compat.async_load(k_desc, [b, n0, h_kv, 0], k_ready.index(slot), k_bufs.index(slot))
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, n0, h_kv, 0], v_ready.index(slot), v_bufs.index(slot))
+        compat.async_load(v_desc, [b, n0, h_kv, 0], v_ready.index(slot), v_bufs.index(slot))
 
 
 @gluon.jit
@@ -245,7 +251,7 @@ def _store_tile(o_desc, q_rows, value, b, row, h):
     dense row's rows past Sq are clipped by the descriptor)."""
     q_rows.reshape(value.shape).store(value)
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [b, row, h, 0], q_rows)
+    compat.async_store(o_desc, [b, row, h, 0], q_rows)
     tma.store_wait(0)
 
 
@@ -448,7 +454,10 @@ def unsupported_common(
     q: Tensor, k: Tensor, window: tuple[int, int], alibi: Tensor | None, tensors: tuple[Tensor, ...]
 ) -> str | None:
     """What neither Hopper kernel runs: dtypes other than bf16 and fp16, ALiBi, masks other than full or
-    causal, no keys, and ``tensors`` TMA cannot address."""
+    causal, no keys, and ``tensors`` TMA cannot address; nor any call with a Triton release they were not
+    tested with (``compat.SUPPORTED``)."""
+    if compat.UNSUPPORTED_TRITON is not None:
+        return compat.UNSUPPORTED_TRITON
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {q.dtype}, not bfloat16 or float16"
     if alibi is not None:

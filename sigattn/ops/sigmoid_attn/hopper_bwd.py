@@ -46,10 +46,8 @@ import math
 
 import torch
 from torch import Tensor
-from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -58,7 +56,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from . import hopper, host
+from . import compat, hopper, host
 
 KEYS = gl.constexpr(64)  # keys per consumer warpgroup: a program owns 2 * KEYS
 ROWS = gl.constexpr(64)  # query rows per tile
@@ -87,14 +85,6 @@ MAX_REGISTERS = hopper.MAX_REGISTERS
 CONSUMER_REGISTERS, LOADER_REGISTERS = hopper.CONSUMER_REGISTERS, hopper.LOADER_REGISTERS
 
 
-@builtin
-def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
-    # Gluon 3.6 has the TMA reduction in its IR builder (Triton uses it for a descriptor's atomic_add) but
-    # not yet in its language.
-    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
-
-
 # fmt: off
 @gluon.jit
 def _add(a, b):
@@ -117,8 +107,8 @@ def _program(HEAVY_FIRST: gl.constexpr):
 def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, row, k_row, h_kv):
     """The program's K and V halves, from token k_row of batch row ``row``."""
     for w in gl.static_range(2):
-        tma.async_copy_global_to_shared(k_desc, [row, k_row + w * KEYS, h_kv, 0], kv_ready, k_smem.index(w))
-        tma.async_copy_global_to_shared(v_desc, [row, k_row + w * KEYS, h_kv, 0], kv_ready, v_smem.index(w))
+        compat.async_load(k_desc, [row, k_row + w * KEYS, h_kv, 0], kv_ready, k_smem.index(w))
+        compat.async_load(v_desc, [row, k_row + w * KEYS, h_kv, 0], kv_ready, v_smem.index(w))
 
 
 @gluon.jit
@@ -156,8 +146,8 @@ def _loader(q_desc, do_desc, k_desc, v_desc, q_ptr, do_ptr, k_ptr, v_ptr, cu_seq
         # A fresh mbarrier counts as having completed the phase before 0: the first round does not wait.
         mbarrier.wait(slot_free.index(slot), ((t // STAGES) & 1) ^ 1)
         mbarrier.expect(q_ready.index(slot), 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [row, m0, h, 0], q_ready.index(slot), q_bufs.index(slot))
-        tma.async_copy_global_to_shared(do_desc, [row, m0, h, 0], q_ready.index(slot), do_bufs.index(slot))
+        compat.async_load(q_desc, [row, m0, h, 0], q_ready.index(slot), q_bufs.index(slot))
+        compat.async_load(do_desc, [row, m0, h, 0], q_ready.index(slot), do_bufs.index(slot))
 
 
 @gluon.jit
@@ -168,8 +158,8 @@ def _store_tiles(dk_desc, dv_desc, out_k, out_v, dk, dv, b, n0, h):
     out_k.reshape(dk.shape).store(dk.to(dtype))
     out_v.reshape(dv.shape).store(dv.to(dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [b, n0, h, 0], out_k)
-    tma.async_copy_shared_to_global(dv_desc, [b, n0, h, 0], out_v)
+    compat.async_store(dk_desc, [b, n0, h, 0], out_k)
+    compat.async_store(dv_desc, [b, n0, h, 0], out_v)
     tma.store_wait(0)
 
 
@@ -279,7 +269,7 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
             mbarrier.arrive(ds_free.index(ds_slot), count=1)
             fence_async_shared()
             for c in gl.static_range(DQ_BLOCKS):
-                _tma_reduce_add(dq_desc, [b_dq, q_start + m0, h_ws * GROUP + t // n_q, c * DQ_COLS],
+                compat.async_add(dq_desc, [b_dq, q_start + m0, h_ws * GROUP + t // n_q, c * DQ_COLS],
                                 dq_smem.index(DQ_BLOCKS * W + c))
         if HEAD_BIAS:  # noqa: SIM102
             if t % n_q == n_q - 1:  # the head's last query tile: this group's sum (of every column: / ONES)

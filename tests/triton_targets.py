@@ -1,0 +1,157 @@
+"""Compiles the Triton kernels of ``flash.py`` for a GPU target on a machine without a GPU.
+
+``python tests/triton_targets.py 80`` (or 90, 100) runs the launchers on CPU tensors for every call kind
+in ``CASES`` while Triton's active driver reports an sm_80 (sm_90, sm_100) GPU, so every kernel the
+launchers would start is compiled (``JITFunction.warmup``: through ptxas to a cubin, nothing launched)
+with exactly the arguments, specialisations and options the launchers pass. It prints one JSON line per
+compiled kernel and exits non-zero if a kernel fails to compile or lacks what its PTX must hold.
+
+It runs in its own process: the kernels must be imported without ``TRITON_INTERPRET=1`` (which the test
+suite sets, ``conftest.py``), since under the interpreter they use the exact sigmoid and fp32 products
+instead of ``tanh.approx`` and the tensor cores. ``tests/test_triton_targets.py`` runs it for each target,
+and ``tests/test_triton_matrix.py`` does so under every supported Triton release.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+
+class TargetDriver:
+    """Triton's active driver for compiling only: it reports one GPU of the given target and has no device."""
+
+    def __init__(self, capability: int):
+        self.target = GPUTarget("cuda", capability, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_current_device(self):
+        return self.target.arch  # the JIT keeps one binder and cache per device: one per target here
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+class Compiling:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` compiles it and records the result."""
+
+    def __init__(self, kernel, compiled: list):
+        self.kernel, self.compiled = kernel, compiled
+
+    def __getitem__(self, grid):
+        def compile_only(*args, **kwargs):
+            self.compiled.append((self.kernel.__name__, kwargs, self.kernel.warmup(*args, grid=grid, **kwargs)))
+
+        return compile_only
+
+
+def _qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, packed=False):
+    shape_q = (batch * seqlen_q, heads, head_dim) if packed else (batch, seqlen_q, heads, head_dim)
+    shape_k = (batch * seqlen_k, kv_heads, head_dim) if packed else (batch, seqlen_k, kv_heads, head_dim)
+    return torch.randn(shape_q, dtype=dtype), torch.randn(shape_k, dtype=dtype), torch.randn(shape_k, dtype=dtype)
+
+
+def _dense(flash, dtype, head_dim, causal, seqlen_k, bias=None, heads=(4, 2)):
+    """Forward and backward of dense rows (TMA K/V descriptors on sm_90+ from flash.TMA_MIN_KEYS keys on)."""
+    q, k, v = _qkv(1, 128, seqlen_k, *heads, head_dim, dtype)
+    params, head_bias = flash.flash_params(scale=0.1, bias=bias, causal=causal, window_size=(-1, -1))
+    out = flash.flash_fwd(q, k, v, params, head_bias)
+    flash.flash_bwd(torch.randn_like(out), q, k, v, params, head_bias)
+
+
+def _varlen(flash, dtype, head_dim, causal, window=(-1, -1), alibi=None):
+    q, k, v = _qkv(2, 64, 96, 4, 2, head_dim, dtype, packed=True)
+    cu_q, cu_k = torch.tensor([0, 50, 128], dtype=torch.int32), torch.tensor([0, 100, 192], dtype=torch.int32)
+    params, _ = flash.flash_params(scale=0.1, bias=None, causal=causal, window_size=window)
+    out = flash.flash_varlen_fwd(q, k, v, cu_q, cu_k, 78, 100, params, None, alibi)
+    flash.flash_varlen_bwd(torch.randn_like(out), q, k, v, cu_q, cu_k, 78, 100, params, None, alibi)
+
+
+def _kvcache(flash, dtype, head_dim, paged, splits):
+    q = torch.randn(2, 1, 8, head_dim, dtype=dtype)
+    if paged:
+        k = torch.randn(8, 64, 2, head_dim, dtype=dtype)
+        block_table = torch.arange(8, dtype=torch.int32).view(2, 4)
+    else:
+        k, block_table = torch.randn(2, 256, 2, head_dim, dtype=dtype), None
+    params, _ = flash.flash_params(scale=0.1, bias=None, causal=True, window_size=(-1, -1))
+    seqlens = torch.tensor([100, 256], dtype=torch.int32)
+    flash.flash_kvcache_fwd(q, k, torch.randn_like(k), seqlens, params, block_table=block_table, num_splits=splits)
+
+
+# Every kernel, in the specialisations that change its code most: each tile table's head dims (64, 128, 256,
+# and 96 padded to 128), causal and sliding-window masks, a per-head bias tensor (its gradient partials),
+# ALiBi, GQA, TMA descriptors (dense rows of 1024+ keys), packed sequences, and the KV cache (contiguous and
+# paged, with GQA packing and split keys, whose partial sums take the sum kernel). Compiling them all for one
+# target takes 20-35 s on a 2-core CPU.
+CASES = {
+    "dense-D64-bf16-causal-tma": lambda f: _dense(f, torch.bfloat16, 64, True, 1024),
+    "dense-D128-fp16-headbias-tma": lambda f: _dense(f, torch.float16, 128, False, 1024, bias=torch.zeros(4)),
+    "dense-D256-fp16-causal-G4": lambda f: _dense(f, torch.float16, 256, True, 200, heads=(8, 2)),
+    "varlen-D96-bf16-window-alibi": lambda f: _varlen(
+        f, torch.bfloat16, 96, False, window=(32, 8), alibi=torch.full((4,), 0.1)
+    ),  # fmt: skip
+    "kvcache-D128-bf16-split": lambda f: _kvcache(f, torch.bfloat16, 128, paged=False, splits=4),
+    "kvcache-D64-fp16-paged": lambda f: _kvcache(f, torch.float16, 64, paged=True, splits=1),
+}
+
+
+def check(name: str, options: dict, ptx: str, capability: int) -> list[str]:
+    """What a kernel's PTX must hold: the attention kernels one tanh.approx per score (no exact sigmoid),
+    their products on the tensor cores, and TMA loads where the launcher passed descriptors."""
+    problems = []
+    if name == "sigmoid_attn_sum_splits_kernel":
+        return problems
+    if "tanh.approx.f32" not in ptx:
+        problems.append("compiled to a trap" if "\ttrap;" in ptx else "no tanh.approx.f32")
+    mma = {80: "mma.sync", 90: "wgmma", 100: "tcgen05.mma"}[capability]
+    if options.get("BLOCK_M", 16) >= 64 and mma not in ptx and "mma.sync" not in ptx:
+        problems.append(f"no tensor-core product ({mma})")
+    if options.get("TMA") and "cp.async.bulk.tensor" not in ptx:
+        problems.append("TMA descriptors passed, no cp.async.bulk.tensor")
+    return problems
+
+
+def main(capability: int) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run without TRITON_INTERPRET=1: the kernels must be imported as they are on a GPU")
+    from sigattn.ops.sigmoid_attn import flash
+
+    driver.set_active(TargetDriver(capability))
+    flash._has_tma.cache_clear()
+    flash._has_tma = lambda device: capability >= 90  # what the launcher asks the GPU
+    compiled: list = []
+    for name in ("sigmoid_attn_fwd_kernel", "sigmoid_attn_sum_splits_kernel", "sigmoid_attn_bwd_kernel_dkdv",
+                 "sigmoid_attn_bwd_kernel_dq"):  # fmt: skip
+        setattr(flash, name, Compiling(getattr(flash, name), compiled))
+    failures = 0
+    for case, run in CASES.items():
+        start = len(compiled)
+        try:
+            run(flash)
+        except Exception as error:  # a compile error: report it with the case, then go on
+            print(json.dumps({"case": case, "error": f"{type(error).__name__}: {str(error)[-2000:]}"}))
+            failures += 1
+            continue
+        for name, options, kernel in compiled[start:]:
+            problems = check(name, options, kernel.asm["ptx"], capability)
+            failures += bool(problems)
+            flags = {k: v for k, v in options.items() if k in ("BLOCK_M", "BLOCK_N", "HEAD_DIM", "TMA", "NUM_SPLITS")}
+            print(json.dumps({"case": case, "kernel": name, "target": f"sm_{capability}", "triton": triton.__version__,
+                              "cubin_bytes": len(kernel.asm["cubin"]), "problems": problems, **flags}))  # fmt: skip
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))
