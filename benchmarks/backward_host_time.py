@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
-from sigattn.benchmark import write_json
-from sigattn.check import versions
 from sigattn.ops.sigmoid_attn import flash, hopper_bwd
+from sigattn.runinfo import run_meta, write_json
 
 
 def per_call(fn, n=40):
@@ -63,4 +62,4 @@ def main():
 
 
 if __name__ == "__main__":
-    write_json(Path(sys.argv[1]), versions(" ".join(["python", *sys.argv])), main())
+    write_json(Path(sys.argv[1]), run_meta(" ".join(["python", *sys.argv])), main())

@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 from host_overhead import graph_us  # benchmarks/ is on the path of a script run from it
 
-from sigattn.benchmark import write_json
-from sigattn.check import versions
 from sigattn.ops.sigmoid_attn import flash
+from sigattn.runinfo import run_meta, write_json
 
 
 def main() -> list[dict]:
@@ -37,4 +36,4 @@ def main() -> list[dict]:
 
 
 if __name__ == "__main__":
-    write_json(Path(sys.argv[1]), versions(" ".join(["python", *sys.argv])), main())
+    write_json(Path(sys.argv[1]), run_meta(" ".join(["python", *sys.argv])), main())

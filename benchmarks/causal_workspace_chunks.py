@@ -8,9 +8,9 @@ from pathlib import Path
 
 from triton.testing import do_bench
 
-from sigattn import benchmark
-from sigattn.check import versions
+from sigattn.bench import sweep
 from sigattn.ops.sigmoid_attn import hopper_bwd
+from sigattn.runinfo import run_meta, write_json
 
 
 class workspace_keys:  # hopper_bwd.WORKSPACE_KEYS within a with block
@@ -27,14 +27,14 @@ class workspace_keys:  # hopper_bwd.WORKSPACE_KEYS within a with block
 
 rows = []
 for D, S in ((128, 2048), (128, 4096), (128, 8192), (64, 4096), (64, 8192)):
-    (shape,) = benchmark.sweep_shapes([D], [S], [True], "bf16")
+    (shape,) = sweep.sweep_shapes([D], [S], [True], "bf16")
     B, H = shape.batch, shape.heads
     calls = {}
     for provider in ("sdpa-cudnn", "sigattn"):
-        inputs = benchmark.make_inputs(benchmark.PROVIDERS[provider].layout, shape)
-        attn = benchmark.PROVIDERS[provider].build(shape)
-        for mode in benchmark.MODES:
-            calls[provider, mode] = benchmark.timed_call(attn, inputs, mode), inputs
+        inputs = sweep.make_inputs(sweep.PROVIDERS[provider].layout, shape)
+        attn = sweep.PROVIDERS[provider].build(shape)
+        for mode in sweep.MODES:
+            calls[provider, mode] = sweep.timed_call(attn, inputs, mode), inputs
 
     row = dict(D=D, S=S, chunks_now=hopper_bwd._chunks(B, H, S * D * 4, S))
     for _ in range(2):  # interleaved twice
@@ -51,7 +51,7 @@ for D, S in ((128, 2048), (128, 4096), (128, 8192), (64, 4096), (64, 8192)):
             fn, inputs = calls[provider, mode]
             with workspace_keys(keys if keys is not None else hopper_bwd.WORKSPACE_KEYS):
                 ms = do_bench(fn, warmup=200, rep=500, grad_to_none=inputs, return_mode="median")
-            row.setdefault(name, []).append(round(benchmark.attention_flops(shape, mode) / ms / 1e9, 1))
+            row.setdefault(name, []).append(round(sweep.attention_flops(shape, mode) / ms / 1e9, 1))
     print(json.dumps(row), flush=True)
     rows.append(row)
-benchmark.write_json(Path(sys.argv[1]), versions(" ".join(["python", *sys.argv])), rows)
+write_json(Path(sys.argv[1]), run_meta(" ".join(["python", *sys.argv])), rows)

@@ -20,8 +20,8 @@ the whole sequence (forward 4 * B * Hq * pairs * D, backward 2.5 x, forward + ba
 the GPUs sharing them. ``peak_mem_mb`` is the largest, over ranks, of ``torch.cuda.max_memory_allocated``
 during one call less what was allocated before it (the inputs and the output gradient).
 
-JSON: ``{"meta": {"device", "torch", "triton", "cuda", "date", "command", "world_size", "backend",
-"git_commit"}, "rows": [{"provider", "mode", "mask", "layout", "batch", "heads", "kv_heads", "headdim",
+JSON: ``{"meta": {"device", "torch", "triton", "python", "cuda", "date", "command", "git_commit",
+"world_size", "backend"}, "rows": [{"provider", "mode", "mask", "layout", "batch", "heads", "kv_heads", "headdim",
 "seqlen", "seqlen_local", "dtype", "world_size", "ms", "tokens_per_s", "tflops_per_gpu", "peak_mem_mb"}],
 "skips": [...]}``, rewritten after every measurement so a run that dies keeps what it measured. A
 measurement that fails on every rank (out of memory) becomes a skip and the longer lengths of that
@@ -40,13 +40,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import statistics
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 for _name, _value in (
@@ -60,8 +59,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from sigattn import sigmoid_attn_func  # noqa: E402
-from sigattn.benchmark import git_commit, module_version  # noqa: E402
 from sigattn.distributed import ring_sigmoid_attn, ulysses_sigmoid_attn  # noqa: E402
+from sigattn.runinfo import run_meta, write_json  # noqa: E402
 
 PROVIDERS = ("ring", "ulysses", "single-gpu")
 MODES = ("fwd", "fwd+bwd")
@@ -303,25 +302,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     rank, world_size = dist.get_rank(), dist.get_world_size()
     check_args(args, world_size)
-    meta = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "triton": module_version("triton"),
-        "cuda": torch.version.cuda,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["torchrun", f"--nproc-per-node={world_size}", "benchmarks/context_parallel.py", *argv]),
-        "world_size": world_size,
-        "backend": backend,
-    }
-    commit = git_commit()
-    if commit:
-        meta["git_commit"] = commit
+    command = shlex.join(["torchrun", f"--nproc-per-node={world_size}", "benchmarks/context_parallel.py", *argv])
+    meta = {**run_meta(command, device), "world_size": world_size, "backend": backend}
     rows, skips = [], []
 
     def save():
         if rank == 0 and args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"meta": meta, "rows": rows, "skips": skips}, indent=1) + "\n")
+            write_json(args.json, meta, rows, skips=skips)
 
     for series in configs(args, world_size):
         for c in series:

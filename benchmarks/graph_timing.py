@@ -9,7 +9,7 @@ from functools import cache
 import torch
 import triton
 
-from sigattn.check import versions
+from sigattn.runinfo import run_meta
 
 
 @cache
@@ -53,7 +53,7 @@ def bench_copy(nbytes: int, clean: bool = False) -> float:
 
 
 def write_result(path: str, rows: list) -> None:
-    meta = versions(" ".join(["python", *sys.argv]))
+    meta = run_meta(" ".join(["python", *sys.argv]))
     meta["triton"] = triton.__version__
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -13,9 +13,10 @@ import time
 import torch
 from triton.testing import do_bench
 
-from sigattn.check import Case, _judge, _reference_results, run_case, versions
 from sigattn.ops.sigmoid_attn import flash, hopper_bwd
 from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
+from sigattn.runinfo import run_meta
+from sigattn.testing.grid import Case, judge, reference_results, run_case
 
 CASES = [  # B, Sq, Sk, H, Hkv, causal, top_left, dtype
     (2, 113, 113, 4, 4, False, False, torch.bfloat16),
@@ -62,8 +63,8 @@ def run(B, Sq, Sk, H, Hkv, D, causal, top_left, dtype, deterministic=False, work
         on_sm90=on_sm90,
         ok=True,
     )
-    ref = _reference_results(sigmoid_attn_reference, [q, k, v], None, do, **opts)
-    _judge(row, ["dq", "dk", "dv"], list(grads), ref[True][1:4], ref[False][1:4], dtype)
+    ref = reference_results(sigmoid_attn_reference, [q, k, v], None, do, **opts)
+    judge(row, ["dq", "dk", "dv"], list(grads), ref[True][1:4], ref[False][1:4], dtype)
     return row, grads
 
 
@@ -156,7 +157,7 @@ def bench(results):
 
 
 if __name__ == "__main__":
-    results = {"meta": versions(" ".join(["python"] + sys.argv)), "check": [], "bench": []}
+    results = {"meta": run_meta(" ".join(["python"] + sys.argv)), "check": [], "bench": []}
     what = sys.argv[2] if len(sys.argv) > 2 else "both"
     t0 = time.time()
     if what in ("check", "both"):

@@ -16,9 +16,10 @@ import sys
 import torch
 from triton.testing import do_bench
 
-from sigattn import benchmark
-from sigattn.check import Case, run_case, versions
+from sigattn.bench import sweep
 from sigattn.ops.sigmoid_attn import hopper
+from sigattn.runinfo import run_meta
+from sigattn.testing.grid import Case, run_case
 
 CHECK_CASES = [  # B, Sq, Sk, H, Hkv, extra options
     (2, 113, 203, 8, 2, {}),
@@ -68,16 +69,16 @@ def bench(head_dim: int, configs: dict[str, hopper.ForwardConfig], seqlens: list
     rows = []
     for causal in (False, True):
         for seqlen in seqlens:
-            (shape,) = benchmark.sweep_shapes([head_dim], [seqlen], [causal], "bf16")
-            flops = benchmark.attention_flops(shape, "fwd")
-            ours = benchmark.PROVIDERS["sigattn"].build(shape)
+            (shape,) = sweep.sweep_shapes([head_dim], [seqlen], [causal], "bf16")
+            flops = sweep.attention_flops(shape, "fwd")
+            ours = sweep.PROVIDERS["sigattn"].build(shape)
             calls = {name: ("bshd", timed(ours, lambda c=c: use_config(head_dim, c))) for name, c in configs.items()}
             calls["triton"] = ("bshd", timed(ours, lambda: use_config(head_dim, None)))
             for provider in ("sdpa-flash", "sdpa-cudnn"):
-                calls[provider] = (benchmark.PROVIDERS[provider].layout, benchmark.PROVIDERS[provider].build(shape))
-            inputs = {layout: benchmark.make_inputs(layout, shape) for layout in ("bshd", "bhsd")}
+                calls[provider] = (sweep.PROVIDERS[provider].layout, sweep.PROVIDERS[provider].build(shape))
+            inputs = {layout: sweep.make_inputs(layout, shape) for layout in ("bshd", "bhsd")}
             row = dict(headdim=head_dim, causal=causal, seqlen=seqlen, tflops={})
-            steps = {name: benchmark.timed_call(attn, inputs[layout], "fwd") for name, (layout, attn) in calls.items()}
+            steps = {name: sweep.timed_call(attn, inputs[layout], "fwd") for name, (layout, attn) in calls.items()}
             for step in steps.values():  # compiled before timing: do_bench sizes its loops on a first call
                 step()
             for _ in range(rounds):
@@ -103,7 +104,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     configs = {c: hopper.ForwardConfig(*map(int, c.split(":"))) for c in args.configs}
-    result = {"meta": versions(" ".join(["python", *sys.argv]))}
+    result = {"meta": run_meta(" ".join(["python", *sys.argv]))}
     if not args.skip_check:
         result["check"] = check(args.head_dim, configs)
         print("check failures:", [(r["config"], r["id"]) for r in result["check"] if not r["ok"]], flush=True)

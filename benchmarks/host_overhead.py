@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sigattn
-from sigattn.check import versions
 from sigattn.ops.sigmoid_attn import flash
+from sigattn.runinfo import run_meta
 
 
 def loop_us(fn: Callable[[], object], *, wait: bool, n: int = 300) -> float:
@@ -124,7 +124,7 @@ def main() -> None:
         print(json.dumps({k: round(x, 1) if isinstance(x, float) else x for k, x in row.items()}), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            meta = versions(" ".join(["python", *sys.argv]))
+            meta = run_meta(" ".join(["python", *sys.argv]))
             json.dump({"meta": {**meta, "shape": list(args.shape)}, "rows": rows}, f, indent=1)
 
 

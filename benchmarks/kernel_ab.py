@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import triton
 
-from sigattn.check import versions
 from sigattn.ops.sigmoid_attn import flash
+from sigattn.runinfo import run_meta
 
 
 def load_baseline(path: str):
@@ -83,7 +83,7 @@ def main() -> None:
             print(f"  max |this - baseline| = {(this.float() - base.float()).abs().max().item():.3g}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": versions(" ".join(["python", *sys.argv])), "rows": rows}, f, indent=1)
+            json.dump({"meta": run_meta(" ".join(["python", *sys.argv])), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

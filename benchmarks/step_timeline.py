@@ -18,8 +18,8 @@ import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
 
-from sigattn import benchmark
-from sigattn.check import versions
+from sigattn.bench import sweep
+from sigattn.runinfo import run_meta
 
 PROFILED_CALLS = 6
 
@@ -48,19 +48,19 @@ def kernels_of_last_call(fn, grads: list[torch.Tensor]) -> list[tuple[str, float
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=["128:2048:causal", "128:2048:full", "128:4096:causal"])
-    parser.add_argument("--providers", nargs="+", choices=list(benchmark.PROVIDERS), default=["sigattn"])
+    parser.add_argument("--providers", nargs="+", choices=list(sweep.PROVIDERS), default=["sigattn"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    result = {"meta": versions(" ".join(["python", *sys.argv])), "runs": {}}
+    result = {"meta": run_meta(" ".join(["python", *sys.argv])), "runs": {}}
     for name, spec in [(name, spec) for name in args.providers for spec in args.shapes]:
         head_dim, seqlen, mask = spec.split(":")
-        (shape,) = benchmark.sweep_shapes([int(head_dim)], [int(seqlen)], [mask == "causal"], "bf16")
-        provider = benchmark.PROVIDERS[name]
+        (shape,) = sweep.sweep_shapes([int(head_dim)], [int(seqlen)], [mask == "causal"], "bf16")
+        provider = sweep.PROVIDERS[name]
         attn = provider.build(shape)
         rows = result["runs"].setdefault(name, {})[spec] = {}
-        for mode in benchmark.MODES:
-            inputs = benchmark.make_inputs(provider.layout, shape)
-            fn = benchmark.timed_call(attn, inputs, mode)
+        for mode in sweep.MODES:
+            inputs = sweep.make_inputs(provider.layout, shape)
+            fn = sweep.timed_call(attn, inputs, mode)
             ms = triton.testing.do_bench(fn, grad_to_none=inputs, warmup=250, rep=1000, return_mode="median")
             rows[mode] = {"do_bench_us": round(ms * 1e3, 1), "kernels": kernels_of_last_call(fn, inputs)}
             print(name, spec, mode, rows[mode]["do_bench_us"], "us:", rows[mode]["kernels"], flush=True)

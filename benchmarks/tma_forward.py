@@ -12,8 +12,8 @@ from functools import partial
 import torch
 import triton
 
-from sigattn.check import versions
 from sigattn.ops.sigmoid_attn import flash
+from sigattn.runinfo import run_meta
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     flash.USE_TMA = True
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": versions(" ".join(["python", *sys.argv])), "rows": rows}, f, indent=1)
+            json.dump({"meta": run_meta(" ".join(["python", *sys.argv])), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -133,9 +133,9 @@ def main() -> None:
         print(f"{mode:4s} {case:45s} baseline {base:8.3f} ms  this {this:8.3f} ms  ratio {this / base:.3f}")
     if args.json:
         sys.path.insert(0, here)
-        from sigattn.check import versions
+        from sigattn.runinfo import run_meta
 
-        Path(args.json).write_text(json.dumps({"meta": versions(" ".join(sys.argv)), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"meta": run_meta(" ".join(sys.argv)), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

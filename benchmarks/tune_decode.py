@@ -18,8 +18,8 @@ from functools import partial
 import torch
 import triton
 
-from sigattn.check import versions
 from sigattn.ops.sigmoid_attn import flash
+from sigattn.runinfo import run_meta
 
 SHAPES = [(1, 131072, 32, 8), (4, 32768, 32, 8), (16, 8192, 32, 8), (64, 8192, 32, 32), (1, 8192, 32, 32)]
 CANDIDATES = [(64, 64, 4, 3), (64, 128, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (64, 128, 8, 3), (64, 64, 2, 3)]
@@ -83,7 +83,7 @@ def main() -> None:
         rows = tune_paged(params)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"meta": versions(" ".join(["python", *sys.argv])), "rows": rows}, f, indent=1)
+                json.dump({"meta": run_meta(" ".join(["python", *sys.argv])), "rows": rows}, f, indent=1)
         return
     for batch, cache_len, heads, kv_heads in SHAPES:
         q = torch.randn(batch, 1, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -116,7 +116,7 @@ def main() -> None:
         print(f"  {key:22s} {r['config']} splits={r['splits']} {r['gbps']:.0f} GB/s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": versions(" ".join(["python", *sys.argv])), "rows": rows, "best": best}, f, indent=1)
+            json.dump({"meta": run_meta(" ".join(["python", *sys.argv])), "rows": rows, "best": best}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from functools import partial
 import torch
 import triton
 
-from sigattn.check import versions
 from sigattn.ops.sigmoid_attn import flash
+from sigattn.runinfo import run_meta
 
 CANDIDATES = {
     "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 4, 5),
@@ -92,7 +92,7 @@ def main() -> None:
         print(f"  {key:20s} {r['config']} {r['tflops_geomean']:.0f} TFLOP/s (geometric mean)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": versions(" ".join(["python", *sys.argv])), "rows": rows, "best": best}, f, indent=1)
+            json.dump({"meta": run_meta(" ".join(["python", *sys.argv])), "rows": rows, "best": best}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ from functools import partial
 import torch
 import triton
 
-from sigattn.check import versions
 from sigattn.ops.sigmoid_attn import flash
+from sigattn.runinfo import run_meta
 
 H, D, TOKENS = 16, 128, 16384
 
@@ -40,7 +40,7 @@ def main() -> None:
             print(f"S={seqlen} causal={causal} {name}: {rows[-1]['tflops']:.0f} TFLOP/s", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": versions(" ".join(["python", *sys.argv])), "rows": rows}, f, indent=1)
+            json.dump({"meta": run_meta(" ".join(["python", *sys.argv])), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     sigattn info [--json]   versions, device, and the backend each public function would use (and why not
                             the others)
     sigattn example         a small attention through the public API, checked against the exact reference
-    sigattn bench ...       speed and memory against softmax SDPA and FlexAttention (``sigattn.benchmark``)
+    sigattn bench ...       speed and memory against softmax SDPA and FlexAttention (``sigattn.bench``)
     sigattn train ...       train a preset (GPT or ViT) with sigmoid or softmax attention (``sigattn.train``)
     sigattn compare ...     train a preset with both attentions; summary.json, report.md and plots
     sigattn convert ...     switch a pretrained transformers model to sigmoid attention, with a calibrated
@@ -29,14 +29,13 @@ import argparse
 import json
 import math
 import os
-import platform
 import signal
 import sys
 from pathlib import Path
 
 import torch
 
-from . import __version__, benchmark, completion
+from . import __version__, completion
 from . import experiments as experiments_module
 from .__main__ import COMMANDS
 from .backends import (
@@ -50,16 +49,17 @@ from .backends import (
     kernels_import_error,
     requested_backend,
 )
+from .bench import command as bench_command
 from .experiments.index import write_index
 from .functional import sigmoid_attn_func
 from .integrations import convert as convert_command
 from .ops.sigmoid_attn.reference import sigmoid_attn_reference
+from .runinfo import cpu_name, versions
+from .testing.tolerance import ATOL, allowed_error, max_error
 from .train import commands as train_commands
 
 # The example input of `info` and `example`: a causal language-model layer, small enough for any CPU.
 BATCH, SEQLEN, HEADS, HEADDIM = 2, 256, 8, 64
-# The absolute term of the tolerance rule, as in tests/conftest.py.
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
 
 
 class CommandError(Exception):
@@ -106,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     example.set_defaults(run=run_example)
 
     bench = commands.add_parser("bench", help=COMMANDS["bench"])
-    benchmark.add_arguments(bench)
-    bench.set_defaults(run=benchmark.run)
+    bench_command.add_arguments(bench)
+    bench.set_defaults(run=bench_command.run)
 
     train = commands.add_parser("train", help=COMMANDS["train"])
     train_commands.add_train_arguments(train)
@@ -264,10 +264,10 @@ def collect_info() -> dict:
         major, minor = capability
         device_info = {"type": "cuda", "name": torch.cuda.get_device_name(), "capability": f"{major}.{minor}"}
     else:
-        device_info = {"type": "cpu", "name": platform.processor() or platform.machine(), "capability": None}
+        device_info = {"type": "cpu", "name": cpu_name(), "capability": None}
     calls = example_calls(device, dtype)
     return {
-        "versions": versions(),
+        "versions": versions("numpy"),
         "device": device_info,
         # Whether the Triton kernels import here (None: they do), and which kernels this device runs.
         "kernels": {"import_error": kernels_import_error(), "on_this_device": kernels_for_gpu(capability)},
@@ -282,14 +282,6 @@ def collect_info() -> dict:
             "causal": True,
         },
         "functions": {name: backend_choice(call, requested) for name, call in calls.items()},
-    }
-
-
-def versions() -> dict[str, str | None]:
-    return {
-        "sigattn": __version__,
-        "python": platform.python_version(),
-        **{name: benchmark.module_version(name) for name in ("torch", "triton", "numpy")},
     }
 
 
@@ -329,8 +321,9 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_example(args: argparse.Namespace) -> int:
     """Forward and backward of sigmoid_attn_func on the default device, checked with the project's
-    tolerance rule: error against the float64 reference <= 2 x the error of PyTorch in the same precision
-    + ATOL (for values both get exactly right). Exit status 1 if a check fails."""
+    tolerance rule (``sigattn.testing.tolerance``): error against the float64 reference <= 2 x the error of
+    PyTorch in the same precision + ATOL (for values both get exactly right). Exit status 1 if a check
+    fails."""
     requested = checked_requested_backend()
     device, dtype = default_device_dtype()
     torch.manual_seed(0)
@@ -361,9 +354,8 @@ def run_example(args: argparse.Namespace) -> int:
     results.update({name: tuple(g[i] for g in grads) for i, name in enumerate(("dq", "dk", "dv"))})
     ok = True
     for name, (ours, exact, pytorch) in results.items():
-        error = (ours.double() - exact).abs().max().item()
-        baseline = (pytorch.double() - exact).abs().max().item()
-        passed = error <= 2 * baseline + ATOL[dtype]
+        error, baseline = max_error(ours, exact), max_error(pytorch, exact)
+        passed = error <= allowed_error(baseline, ATOL[dtype])
         ok &= passed
         print(
             f"  max |{name} - reference| = {error:.2e}   (PyTorch {str(dtype).removeprefix('torch.')}: "

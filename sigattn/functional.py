@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import validation as check
+from . import validation
 from .backends import AttnCall, dispatch, select_backend
 from .ops.sigmoid_attn.cache import append_kv
 
@@ -26,9 +26,9 @@ def _resolve_scale(scale, head_dim: int, softmax_scale=None) -> float:
                 f"scale and softmax_scale name the same argument (softmax_scale is flash-attn's name): pass one, "
                 f"got scale={scale!r} and softmax_scale={softmax_scale!r}"
             )
-        check.check_scale(softmax_scale, "softmax_scale")
+        validation.check_scale(softmax_scale, "softmax_scale")
         return float(softmax_scale)
-    check.check_scale(scale)
+    validation.check_scale(scale)
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
@@ -36,11 +36,11 @@ def _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, ba
     """Checks the options shared by every function; returns the window with bounds of ``longest`` or more
     (the most queries or keys a sequence of the call can have) as -1, unbounded."""
     num_heads = q.shape[-2]
-    check.check_bias(bias, num_heads, q)
-    window = check.check_window(window_size, longest)
-    check.check_alibi(alibi_slopes, batch, num_heads, q)
-    check.check_flag(causal, "causal")
-    check.check_flag(deterministic, "deterministic")
+    validation.check_bias(bias, num_heads, q)
+    window = validation.check_window(window_size, longest)
+    validation.check_alibi(alibi_slopes, batch, num_heads, q)
+    validation.check_flag(causal, "causal")
+    validation.check_flag(deterministic, "deterministic")
     return window
 
 
@@ -100,8 +100,8 @@ def sigmoid_attn_func(
         (float64 on the PyTorch backends) and non-contiguous.
     """
     for t, n in ((q, "q"), (k, "k"), (v, "v")):
-        check.check_tensor(t, n, 4, "(batch, seqlen, nheads, headdim)")
-    check.check_qkv(q, k, v, ("q", "k", "v"), ("(B, Sq, Hq, D)", "(B, Sk, Hkv, D)"))
+        validation.check_tensor(t, n, 4, "(batch, seqlen, nheads, headdim)")
+    validation.check_qkv(q, k, v, ("q", "k", "v"), ("(B, Sq, Hq, D)", "(B, Sk, Hkv, D)"))
     longest = max(q.shape[1], k.shape[1])
     window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, q.shape[0], longest)
     scale = _resolve_scale(scale, q.shape[-1], softmax_scale)
@@ -146,10 +146,10 @@ def sigmoid_attn_varlen_func(
         (total_q, nheads, headdim), in the dtype of q.
     """
     for t, n in ((q, "q"), (k, "k"), (v, "v")):
-        check.check_tensor(t, n, 3, "(total, nheads, headdim)")
-    check.check_qkv(q, k, v, ("q", "k", "v"), ("(total_q, Hq, D)", "(total_k, Hkv, D)"), same_batch=False)
-    check.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
-    check.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
+        validation.check_tensor(t, n, 3, "(total, nheads, headdim)")
+    validation.check_qkv(q, k, v, ("q", "k", "v"), ("(total_q, Hq, D)", "(total_k, Hkv, D)"), same_batch=False)
+    validation.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
+    validation.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must have the same shape (batch + 1,), "
@@ -170,20 +170,20 @@ def sigmoid_attn_varlen_func(
 
 def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tuple[Tensor | None, int]:
     """Checks the cache arguments; returns cache_seqlens as a (B,) tensor (or None) and the capacity."""
-    check.check_tensor(q, "q", 4, "(batch, seqlen_q, nheads, headdim)")
+    validation.check_tensor(q, "q", 4, "(batch, seqlen_q, nheads, headdim)")
     paged = block_table is not None
     cache_layout = "(num_blocks, page_size, nheads_k, headdim)" if paged else "(batch, seqlen_cache, nheads_k, headdim)"
     for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
-        check.check_tensor(t, n, 4, cache_layout)
+        validation.check_tensor(t, n, 4, cache_layout)
     # A paged cache's dim 0 counts pages, not batch rows: the batch is checked below.
     names = ("q", "k_cache", "v_cache")
-    check.check_qkv(q, k_cache, v_cache, names, ("(B, Sq, Hq, D)", cache_layout), same_batch=False)
+    validation.check_qkv(q, k_cache, v_cache, names, ("(B, Sq, Hq, D)", cache_layout), same_batch=False)
     batch = q.shape[0]
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values to append), got only one")
     if k is not None:
         for t, n in ((k, "k"), (v, "v")):
-            check.check_tensor(t, n, 4, "(batch, seqlen_new, nheads_k, headdim)")
+            validation.check_tensor(t, n, 4, "(batch, seqlen_new, nheads_k, headdim)")
             if t.dtype != k_cache.dtype or t.device != k_cache.device:
                 raise TypeError(f"{n} must match the cache's dtype and device ({k_cache.dtype}, {k_cache.device}), "
                                 f"got {t.dtype} on {t.device}")  # fmt: skip
@@ -208,7 +208,8 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
     if paged:
         if not isinstance(block_table, Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
             raise TypeError(
-                f"block_table must be an int32 tensor of shape (batch, max_blocks), got {check.describe(block_table)}"
+                "block_table must be an int32 tensor of shape (batch, max_blocks), "
+                f"got {validation.describe(block_table)}"
             )
         if block_table.shape[0] != batch:
             raise ValueError(f"block_table must have shape (batch, max_blocks) with batch = {batch}, "
@@ -225,13 +226,13 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
     if cache_seqlens is None:
         if k is not None:
             raise ValueError("cache_seqlens is required to append k and v: it says where each row's new tokens go")
-        if paged and check.values_checkable(q.device):  # a full cache uses every page of every row
+        if paged and validation.values_checkable(q.device):  # a full cache uses every page of every row
             _check_block_table_entries(block_table, torch.full((batch,), capacity, device=q.device), k_cache)
         return None, capacity
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
-    check.check_index_vector(cache_seqlens, "cache_seqlens", batch, q.device)
-    if check.values_checkable(q.device):
+    validation.check_index_vector(cache_seqlens, "cache_seqlens", batch, q.device)
+    if validation.values_checkable(q.device):
         lengths = cache_seqlens.long() + num_new
         if bool((cache_seqlens < 0).any()):
             raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
@@ -358,12 +359,12 @@ def scaled_dot_product_sigmoid_attention(
         (batch, nheads, seqlen_q, headdim), in the dtype of query.
     """
     for t, n in ((query, "query"), (key, "key"), (value, "value")):
-        check.check_tensor(t, n, 4, "(batch, nheads, seqlen, headdim)")
+        validation.check_tensor(t, n, 4, "(batch, nheads, seqlen, headdim)")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    check.check_qkv(q, k, v, ("query", "key", "value"), ("(B, Hq, Sq, D)", "(B, Hkv, Sk, D)"))
-    check.check_dropout_p(dropout_p)
-    check.check_flag(enable_gqa, "enable_gqa")
-    check.check_flag(is_causal, "is_causal")
+    validation.check_qkv(q, k, v, ("query", "key", "value"), ("(B, Hq, Sq, D)", "(B, Hkv, Sk, D)"))
+    validation.check_dropout_p(dropout_p)
+    validation.check_flag(enable_gqa, "enable_gqa")
+    validation.check_flag(is_causal, "is_causal")
     if not enable_gqa and q.shape[2] != k.shape[2]:
         raise ValueError(
             f"query has {q.shape[2]} heads and key {k.shape[2]}: pass enable_gqa=True for grouped-query attention"
@@ -371,7 +372,7 @@ def scaled_dot_product_sigmoid_attention(
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal cannot both be set: fold the causal mask into attn_mask")
     batch, seqlen_q, num_heads, _ = q.shape
-    check.check_attn_mask(attn_mask, (batch, num_heads, seqlen_q, k.shape[1]), query)
+    validation.check_attn_mask(attn_mask, (batch, num_heads, seqlen_q, k.shape[1]), query)
     if attn_mask is not None and attn_mask.dim() < 4:
         attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     _check_options(q, bias, (-1, -1), None, is_causal, False, batch, max(seqlen_q, k.shape[1]))

@@ -2,13 +2,15 @@
 
 Test files import these helpers with ``from conftest import ...`` (pytest puts this folder on sys.path).
 
-The tolerance rule (flash-attention's): an implementation's error against the float64 reference is at
-most 2x the error of the reference computed in the inputs' own precision (``upcast=False``: what plain
-PyTorch gets), plus a small absolute term for values that both get exactly right.
+The tolerance rule (flash-attention's, ``sigattn.testing.tolerance``): an implementation's error against the
+float64 reference is at most 2x the error of the reference computed in the inputs' own precision
+(``upcast=False``: what plain PyTorch gets), plus a small absolute term (``ATOL``) for values that both get
+exactly right.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -21,9 +23,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
+from sigattn.testing.tolerance import ATOL, allowed_error, max_error
 
-# The absolute term of the tolerance rule, per dtype.
-ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_ID = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -118,18 +119,16 @@ def cast_args(args: dict, dtype: torch.dtype) -> dict:
     return out
 
 
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
 def assert_within_tolerance_rule(
     name: str, got: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor, dtype
 ):
-    """|got - truth| <= 2 |baseline - truth| + ATOL[dtype], as maximum absolute errors over the tensor."""
+    """|got - truth| <= 2 |baseline - truth| + ATOL[dtype], as maximum absolute errors over the tensor (a NaN
+    error is infinite); a baseline with an infinite error would allow anything, and fails."""
     assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
     assert torch.equal(torch.isfinite(got), torch.isfinite(truth)), f"{name}: non-finite values differ"
-    err, base = max_err(got, truth), max_err(baseline, truth)
-    assert err <= 2 * base + ATOL[dtype], (
+    err, base = max_error(got, truth), max_error(baseline, truth)
+    assert base < math.inf, f"{name}: PyTorch {dtype}'s result is NaN or infinite where the truth is not"
+    assert err <= allowed_error(base, ATOL[dtype]), (
         f"{name}: error {err:.3g} > 2 * PyTorch {dtype} error {base:.3g} + {ATOL[dtype]}"
     )
 

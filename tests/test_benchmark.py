@@ -12,10 +12,13 @@ import pytest
 import torch
 from conftest import assert_within_tolerance_rule
 
-from sigattn import benchmark as bench
 from sigattn import cli
-from sigattn.benchmark import MEMORY_MODE, MODES, Provider, Shape, attention_flops
+from sigattn.bench import command
+from sigattn.bench import inference as inf
+from sigattn.bench import sweep as bench
+from sigattn.bench.sweep import MEMORY_MODE, MODES, Provider, Shape, attention_flops
 from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
+from sigattn.runinfo import run_meta, write_json
 
 ROW_KEYS = {
     "provider",
@@ -88,7 +91,7 @@ def test_timed_call_runs_what_its_mode_times(mode):
 
 
 def test_default_plan_is_the_full_sweep():
-    plan = bench.make_plan(parse())
+    plan = command.make_plan(parse())
     assert plan.shapes == bench.sweep_shapes(
         (64, 128), (512, 1024, 2048, 4096, 8192, 16384), [True, False], "bf16"
     )
@@ -98,7 +101,7 @@ def test_default_plan_is_the_full_sweep():
 
 
 def test_quick_plan():
-    plan = bench.make_plan(parse("--quick"))
+    plan = command.make_plan(parse("--quick"))
     assert [(s.headdim, s.seqlen, s.causal) for s in plan.shapes] == [
         (128, 1024, True), (128, 4096, True), (128, 1024, False), (128, 4096, False),
     ]  # fmt: skip
@@ -108,19 +111,19 @@ def test_quick_plan():
 def test_selection_options():
     args = parse("--causal", "--headdim", "64", "--seqlen", "1k", "2048", "--providers", "sdpa-flash",
                  "--modes", "bwd", "fwd", "--dtype", "fp16")  # fmt: skip
-    plan = bench.make_plan(args)
+    plan = command.make_plan(args)
     assert plan.shapes == [Shape(16, 32, 1024, 64, True, "fp16"), Shape(8, 32, 2048, 64, True, "fp16")]
     assert plan.modes == ["bwd", "fwd"] and plan.providers == ["sdpa-flash"]
-    assert {s.causal for s in bench.make_plan(parse("--full")).shapes} == {False}
-    assert {s.causal for s in bench.make_plan(parse("--full", "--causal")).shapes} == {True, False}
+    assert {s.causal for s in command.make_plan(parse("--full")).shapes} == {False}
+    assert {s.causal for s in command.make_plan(parse("--full", "--causal")).shapes} == {True, False}
 
 
 def test_memory_plan():
-    plan = bench.make_plan(parse("--memory", "--providers", "sigattn"))
+    plan = command.make_plan(parse("--memory", "--providers", "sigattn"))
     assert plan.shapes == [Shape(1, 16, 65536, 128, True, "bf16"), Shape(1, 16, 65536, 128, False, "bf16")]
     assert plan.modes == [MEMORY_MODE] and plan.providers == ["sigattn"]
     with pytest.raises(ValueError, match="drop --seqlen, --modes"):
-        bench.make_plan(parse("--memory", "--seqlen", "1k", "--modes", "fwd"))
+        command.make_plan(parse("--memory", "--seqlen", "1k", "--modes", "fwd"))
 
 
 @pytest.mark.parametrize(
@@ -249,12 +252,11 @@ def test_table_shows_tflops_ratios_and_skips(sweep):
 def test_json_has_the_documented_schema(sweep, tmp_path):
     rows, _, _ = sweep
     path = tmp_path / "results" / "bench.json"
-    bench.write_json(path, bench.run_meta(["bench", "--quick", "--json", str(path)]), rows)
+    write_json(path, run_meta(f"sigattn bench --quick --json {path}"), rows)
     data = json.loads(path.read_text())
     assert set(data) == {"meta", "rows"}
     meta = data["meta"]
-    assert {"device", "torch", "triton", "cuda", "date", "command"} <= set(meta)
-    assert set(meta) <= {"device", "torch", "triton", "cuda", "date", "command", "git_commit"}
+    assert set(meta) == {"device", "torch", "triton", "python", "cuda", "date", "command", "git_commit"}
     assert meta["torch"] == torch.__version__ and meta["command"] == f"sigattn bench --quick --json {path}"
     assert data["rows"] == rows and all(set(r) == ROW_KEYS for r in rows)
 
@@ -369,8 +371,6 @@ def test_inference_sweeps_need_cuda(capsys, flag):
 
 
 def test_decode_shapes_and_bytes():
-    from sigattn import benchmark_inference as inf
-
     shapes = inf.decode_shapes(quick=False)
     assert len(shapes) == len(inf.DECODE_BATCHES) * len(inf.DECODE_CACHE_LENS) * len(inf.DECODE_HEADS)
     shape = inf.DecodeShape(2, 1024, 32, 8)
@@ -380,8 +380,6 @@ def test_decode_shapes_and_bytes():
 
 @pytest.mark.parametrize("mixed", [False, True])
 def test_varlen_lengths_cover_the_tokens(mixed):
-    from sigattn import benchmark_inference as inf
-
     lengths = inf._lengths(1024, mixed)
     assert sum(lengths) == inf.VARLEN_TOKENS
     assert lengths == inf._lengths(1024, mixed)  # the same for every provider
@@ -392,8 +390,6 @@ def test_varlen_lengths_cover_the_tokens(mixed):
 
 
 def test_decode_table_ratios():
-    from sigattn import benchmark_inference as inf
-
     def row(provider, ms):
         return {"provider": provider, "heads": 32, "kv_heads": 8, "batch": 1, "cache_len": 8192, "ms": ms,
                 "gbps": 1000 / ms, "gbps_eager": 100 / ms}  # fmt: skip
@@ -410,8 +406,6 @@ def test_decode_table_ratios():
 
 
 def test_varlen_table_ratios_from_graph_and_eager_times():
-    from sigattn import benchmark_inference as inf
-
     def row(provider, tflops, tflops_eager):
         return {"provider": provider, "lengths": "equal", "seqlen": 512, "mode": "fwd", "tflops": tflops,
                 "tflops_eager": tflops_eager}  # fmt: skip

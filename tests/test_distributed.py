@@ -12,7 +12,7 @@ Triton's interpreter (bfloat16; the auto backend on the CPU is the PyTorch one).
 Spawning processes is slow, so one group per world size runs every case and reports, per case id, the
 first error of each rank; each case is then its own pytest test. Pure helpers (shard layouts, the ring's
 per-step pieces, head repeats) are tested in-process. The last test runs the GPU check script,
-``python -m sigattn.distributed.check``, under torchrun on 2 CPU processes (its quick grid).
+``sigattn.testing.distributed``, under torchrun on 2 CPU processes (its quick grid).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from sigattn.distributed import (
     ulysses_sigmoid_attn,
     unshard_sequence,
 )
-from sigattn.distributed.check import full_inputs
 from sigattn.distributed.ring import ring_step_pieces
 from sigattn.distributed.ulysses import kv_head_repeats
 from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
+from sigattn.testing.distributed import full_inputs
 
 METHODS = {"ring": ring_sigmoid_attn, "ulysses": ulysses_sigmoid_attn}
 # The Triton cases run the kernels on CPU tensors, in Triton's interpreter (conftest sets it without a GPU).
@@ -390,12 +390,12 @@ def test_kv_head_repeats(heads, kv_heads, world_size, repeats):
 
 
 def test_check_script_under_torchrun(tmp_path):
-    """``python -m sigattn.distributed.check`` (the GPU grid's script) on the CPU: 2 gloo processes under
+    """``sigattn.testing.distributed`` (the GPU grid's script) on the CPU: 2 gloo processes under
     torchrun, the quick grid; it exits 0 and records every case on both ranks."""
     path = tmp_path / "check.json"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "sigattn.distributed.check", "--device", "cpu", "--quick", "--json", str(path),
+        "-m", "sigattn.testing.distributed", "--device", "cpu", "--quick", "--json", str(path),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # CI has 2 cores
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)

@@ -1,6 +1,6 @@
 """The Triton kernels, run on the CPU through TRITON_INTERPRET=1 (conftest sets it) or on a GPU.
 
-The full grid runs on the GPU with ``python -m sigattn.check``; here a slice of it forces every kernel
+The full grid runs on the GPU with ``python -m sigattn.testing.grid``; here a slice of it forces every kernel
 path: unmasked and masked tiles, ragged tiles, padded head dims, GQA/MQA, ALiBi, per-head bias; packed
 sequences (an empty one included); KV caches contiguous and paged, with and without GQA packing and key
 splits, with NaN in every unused cache slot.
@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import sigattn
-from sigattn.check import Case, KVCacheCase, VarlenCase, run_case
 from sigattn.ops.sigmoid_attn import flash
 from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
+from sigattn.testing.grid import Case, KVCacheCase, VarlenCase, run_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -1,6 +1,6 @@
 """The Gluon kernels for sm_90 (hopper.py, hopper_bwd.py) on the CPU: they compile for sm_90a in the
 specialisations the dispatch can ask for, fit their registers, and the dispatch rules take exactly the calls
-they support. (Gluon does not run in the interpreter; ``python -m sigattn.check`` runs them on a GPU.)"""
+they support. (Gluon does not run in the interpreter; ``python -m sigattn.testing.grid`` runs them on a GPU.)"""
 
 import os
 import re

@@ -43,6 +43,7 @@ import dataclasses
 import itertools
 import math
 import random
+import shlex
 import statistics
 import sys
 from collections.abc import Callable
@@ -51,8 +52,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .benchmark import describe_error, run_meta, write_json
-from .functional import sigmoid_attn_func, sigmoid_attn_varlen_func, sigmoid_attn_with_kvcache
+from .. import sigmoid_attn_func, sigmoid_attn_varlen_func, sigmoid_attn_with_kvcache
+from ..runinfo import run_meta, write_json
+from .sweep import describe_error
 
 DECODE_BATCHES = (1, 4, 16, 64)
 DECODE_CACHE_LENS = (1024, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -364,8 +366,9 @@ def plot_decode(rows: list[dict], copy: float, path: Path, title: str = ""):
 
 
 def run(args, argv: list[str]) -> int:
-    """The --decode / --varlen command (arguments checked by the caller)."""
-    meta = run_meta(argv)
+    """The --decode / --varlen sweep (arguments checked by ``sigattn.bench.command``); ``argv`` is the
+    command line after ``sigattn``."""
+    meta = run_meta(shlex.join(["sigattn", *argv]))
     meta["copy_gbps"] = round(copy_gbps(args.quick), 1)
     title = f"{meta['device']}, bf16, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}"
     progress = lambda line: print(line, file=sys.stderr, flush=True)

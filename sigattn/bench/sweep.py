@@ -22,9 +22,10 @@ graph). It is measured in its own call, outside ``do_bench``, whose cache-flushi
 forward + backward. Its rows have mode ``"fwd+bwd-memory"``, and there ``peak_mem_mb`` also leaves out
 the output and the three gradients: what remains is the attention's own working memory.
 
-``--json PATH`` writes ``{"meta": {"device", "torch", "triton", "cuda", "date", "command", "git_commit"},
-"rows": [{"provider", "mode", "batch", "heads", "seqlen", "headdim", "causal", "dtype", "ms", "tflops",
-"peak_mem_mb"}]}`` (``git_commit`` only inside a git checkout, "-dirty" when tracked files changed). A
+``--json PATH`` writes ``{"meta": {"device", "torch", "triton", "python", "cuda", "date", "command",
+"git_commit"}, "rows": [{"provider", "mode", "batch", "heads", "seqlen", "headdim", "causal", "dtype", "ms",
+"tflops", "peak_mem_mb"}]}`` (``meta`` is ``sigattn.runinfo.run_meta``: ``git_commit`` None outside a git
+checkout, "-dirty" when tracked files changed). A
 measurement that failed (out of memory, unsupported shape) is no row; the printed table marks it "skip"
 with the error. ``--plot PATH`` draws TFLOP/s against seqlen, one panel per (headdim, mask, mode).
 """
@@ -35,20 +36,18 @@ import argparse
 import dataclasses
 import importlib.util
 import itertools
-import json
 import math
 import shlex
-import subprocess
 import sys
 from collections.abc import Callable, Iterable
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .backends import BACKENDS, use_backend
-from .functional import sigmoid_attn_func
+from .. import sigmoid_attn_func, use_backend
+from ..backends import BACKENDS
+from ..runinfo import run_meta, write_json
 
 TOKENS, HIDDEN = 16384, 2048
 HEADDIMS = (64, 128)
@@ -365,56 +364,6 @@ def format_table(
     return "\n".join(text + [f"[{n}] {error}" for error, n in notes.items()])
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout this package runs from ("-dirty" if tracked files changed), or None."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(here), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
-
-
-def module_version(name: str) -> str | None:
-    try:
-        return importlib.import_module(name).__version__
-    except ImportError:
-        return None
-
-
-def run_meta(argv: list[str]) -> dict:
-    meta = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "triton": module_version("triton"),
-        "cuda": torch.version.cuda,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["sigattn", *argv]),
-    }
-    commit = git_commit()
-    if commit:
-        meta["git_commit"] = commit
-    return meta
-
-
-def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-
-
 def plot(rows: list[dict], path: Path, title: str = ""):
     """TFLOP/s against seqlen: a column per (headdim, mask), a row per mode, a line per provider."""
     from matplotlib.figure import Figure
@@ -452,153 +401,22 @@ def plot(rows: list[dict], path: Path, title: str = ""):
     return fig
 
 
-# ------------------------------------------------------------------------------------------- command
-
-
-def parse_seqlen(text: str) -> int:
-    """512, 4096, 4k (= 4096)."""
-    try:
-        value = int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a length such as 512, 4096 or 4k, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive length, got {text!r}")
-    return value
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Speed and memory of sigmoid attention against softmax-attention baselines on a CUDA GPU, in "
-        f"flash-attn's setup ({TOKENS} tokens, hidden {HIDDEN}); TFLOP/s from the median of "
-        "triton.testing.do_bench. See the docstring of sigattn/benchmark.py for the JSON schema."
-    )
-    parser.add_argument(
-        "--headdim", type=int, nargs="+", metavar="D", help="head dimensions (default: 64 128)"
-    )
-    parser.add_argument(
-        "--seqlen",
-        type=parse_seqlen,
-        nargs="+",
-        metavar="S",
-        help="sequence lengths, e.g. 512 2k (default: 512 1k 2k 4k 8k 16k)",
-    )
-    parser.add_argument(
-        "--causal", action="store_true", help="causal attention only (default: causal and full)"
-    )
-    parser.add_argument("--full", action="store_true", help="full (non-causal) attention only")
-    parser.add_argument(
-        "--providers",
-        nargs="+",
-        choices=list(PROVIDERS),
-        default=list(PROVIDERS),
-        metavar="P",
-        help=f"among {', '.join(PROVIDERS)} (default: all)",
-    )
-    parser.add_argument(
-        "--modes",
-        nargs="+",
-        choices=MODES,
-        default=list(MODES),
-        metavar="M",
-        help=f"among {', '.join(MODES)} (default: all)",
-    )
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
-    parser.add_argument(
-        "--plot", type=Path, metavar="PATH", help="draw TFLOP/s vs seqlen as a PNG (matplotlib)"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help=f"headdim {QUICK_HEADDIMS[0]}, seqlen 1k and 4k, shorter timing"
-    )
-    parser.add_argument(
-        "--memory",
-        action="store_true",
-        help="instead of the sweep: peak memory of forward + backward at B=1, H=16, D=128, "
-        "seqlen 64k, beyond inputs, output and gradients",
-    )
-    parser.add_argument(
-        "--decode",
-        action="store_true",
-        help="instead of the sweep: KV-cache decode bandwidth (GB/s) against SDPA's backends and a copy "
-        "(see sigattn/benchmark_inference.py)",
-    )
-    parser.add_argument(
-        "--varlen",
-        action="store_true",
-        help="instead of the sweep: packed sequences against the dense kernel and a per-sequence loop",
-    )
+# ------------------------------------------------------------------------------------------- the run
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
+    """What one ``sigattn bench`` sweep measures (``sigattn.bench.command.make_plan`` builds it)."""
+
     shapes: list[Shape]
     modes: list[str]
     providers: list[str]
     timing: tuple[int, int]
 
 
-def _check_inference_args(args: argparse.Namespace) -> None:
-    """--decode and --varlen run their own fixed sweeps: the dense sweep's options do not apply."""
-    chosen = [f"--{n}" for n in ("memory", "decode", "varlen") if getattr(args, n)]
-    if len(chosen) > 1:
-        raise ValueError(f"choose one of --memory, --decode and --varlen, got {' '.join(chosen)}")
-    conflicting = [f"--{n}" for n in ("headdim", "seqlen", "causal", "full") if getattr(args, n)]
-    conflicting += ["--modes"] if args.modes != list(MODES) else []
-    conflicting += ["--providers"] if args.providers != list(PROVIDERS) else []
-    conflicting += ["--dtype"] if args.dtype != "bf16" else []
-    conflicting += ["--plot"] if args.varlen and args.plot else []
-    if conflicting:
-        raise ValueError(f"{chosen[0]} runs its own fixed sweep (bf16): drop {', '.join(conflicting)}")
-
-
-def make_plan(args: argparse.Namespace) -> Plan:
-    causals = [c for c, flag in ((True, args.causal), (False, args.full)) if flag] or [True, False]
-    providers = list(dict.fromkeys(args.providers))
-    timing = QUICK_TIMING if args.quick else TIMING
-    if args.memory:
-        conflicting = [f"--{n}" for n in ("headdim", "seqlen", "quick", "plot") if getattr(args, n)]
-        conflicting += ["--modes"] if args.modes != list(MODES) else []
-        if conflicting:
-            raise ValueError(
-                f"--memory measures one fixed shape and draws no plot: drop {', '.join(conflicting)}"
-            )
-        return Plan(memory_shapes(causals, args.dtype), [MEMORY_MODE], providers, timing)
-    headdims = args.headdim or (QUICK_HEADDIMS if args.quick else HEADDIMS)
-    seqlens = args.seqlen or (QUICK_SEQLENS if args.quick else SEQLENS)
-    if bad := [d for d in headdims if HIDDEN % d]:
-        raise ValueError(f"--headdim must divide the hidden size {HIDDEN}, got {bad}")
-    modes = list(dict.fromkeys(args.modes))
-    return Plan(sweep_shapes(headdims, seqlens, causals, args.dtype), modes, providers, timing)
-
-
-def run(args: argparse.Namespace) -> int:
-    def fail(message: str, status: int) -> int:
-        print(f"sigattn bench: error: {message}", file=sys.stderr)
-        return status
-
-    inference = getattr(args, "decode", False) or getattr(args, "varlen", False)
-    try:
-        if inference:
-            _check_inference_args(args)
-        else:
-            plan = make_plan(args)
-    except ValueError as error:
-        return fail(str(error), 2)
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
-        return fail("--plot needs matplotlib: pip install 'sigattn[bench]'", 2)
-    if not torch.cuda.is_available():
-        return fail(
-            f"the benchmark needs a CUDA GPU, and torch {torch.__version__} sees none "
-            "(torch.cuda.is_available() is False)",
-            1,
-        )
-    if importlib.util.find_spec("triton") is None:
-        return fail("the benchmark times with triton.testing.do_bench: pip install 'sigattn[triton]'", 1)
-
-    if inference:
-        from .benchmark_inference import run as run_inference
-
-        return run_inference(args, getattr(args, "argv", sys.argv[1:]))
+def run(plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
+    """The sweep (or with ``args.memory``, the memory check) of ``plan`` on CUDA: prints the table and
+    writes ``args.json`` and ``args.plot`` if given. ``argv`` is the command line after ``sigattn``."""
     providers = []
     for name in plan.providers:
         reason = PROVIDERS[name].missing()
@@ -606,7 +424,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipping provider {name}: {reason}")
         else:
             providers.append(PROVIDERS[name])
-    meta = run_meta(getattr(args, "argv", sys.argv[1:]))
+    meta = run_meta(shlex.join(["sigattn", *argv]))
     title = f"{meta['device']}, {args.dtype}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}"
     if args.memory:
         print(

@@ -15,11 +15,9 @@ Sizes: ``full`` (the documented setting), ``quick`` (a few minutes on a 2-core C
 from __future__ import annotations
 
 import contextlib
-import datetime
 import functools
 import json
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -27,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from ..runinfo import cpu_name, utc_date, versions
 
 SIZES = ("test", "quick", "full")
 # The experiments' models are tiny: one intra-op thread avoids oversubscribing a shared CPU (a k-sum training
@@ -90,16 +90,13 @@ def cpu_threads(count: int):
 
 def environment(command: str | None = None) -> dict:
     """Where and how the experiment ran."""
-    from .. import __version__
-
+    found = versions()
     return {
-        "sigattn": __version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        **{name: found[name] for name in ("sigattn", "torch", "python")},
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
         "device": "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_date(),
         "command": command,
     }
 

@@ -1,8 +1,8 @@
 """Correctness grid of context parallelism (ring and Ulysses attention) on N GPUs, one process per GPU.
 
-    torchrun --standalone --nproc-per-node N -m sigattn.distributed.check \\
+    torchrun --standalone --nproc-per-node N -m sigattn.testing.distributed \\
         --json benchmarks/results/check_context_parallel_<gpu>x<N>_<date>.json
-    torchrun --standalone --nproc-per-node 2 -m sigattn.distributed.check --device cpu   # gloo, small grid
+    torchrun --standalone --nproc-per-node 2 -m sigattn.testing.distributed --device cpu   # gloo, small grid
 
 The GPU counterpart of tests/test_distributed.py. Every case builds the same full-sequence inputs on every
 rank (a fixed seed), shards them with ``shard_sequence``, runs ``ring_sigmoid_attn`` or
@@ -10,11 +10,11 @@ rank (a fixed seed), shards them with ``shard_sequence``, runs ``ring_sigmoid_at
 gradient), sums the per-head bias gradient over the group, and compares this rank's output and gradients
 with the same shard of
 
-* the float64 reference on the full sequence, by flash-attn's rule (``sigattn.check``): for the output
-  and every gradient, ``max|ours - truth| <= 2 * max|PyTorch in the same dtype - truth| + eps(dtype) *
-  max|truth|`` in bf16 and fp16; in float32 and float64 (the CPU grid) the last term is the CPU tests'
-  1e-5 and 1e-10 instead (no final rounding there, only another order of summation). This decides
-  ``passed``.
+* the float64 reference on the full sequence, by flash-attn's rule (``sigattn.testing.tolerance``, its
+  ``sharded_term``): for the output and every gradient, ``max|ours - truth| <= 2 * max|PyTorch in the same
+  dtype - truth| + eps(dtype) * max|truth|`` in bf16 and fp16; in float32 and float64 (the CPU grid) the
+  last term is the CPU tests' 1e-5 and 1e-10 instead (no final rounding there, only another order of
+  summation). This decides ``passed``.
 * the single-device ``sigmoid_attn_func`` on the full sequence on this rank: the largest absolute
   difference, and whether it is within the same rule. Informational.
 
@@ -35,7 +35,7 @@ after the last one. A failure inside ring or Ulysses's own communication leaves 
 until the process group's ``--timeout``.
 
 JSON (rank 0 writes it after every case, so a run cut short keeps its record): ``{"meta": {device,
-torch, triton, python, cuda, nccl, date, command, world_size, backend, git_commit}, "rows": [{"id",
+torch, triton, python, cuda, date, command, git_commit, nccl, world_size, backend}, "rows": [{"id",
 "method", "world_size", "batch", "seqlen_local", "seqlen", "heads", "kv_heads", "headdim", "causal",
 "load_balance", "bias", "dtype", "kernel_backend", "passed", "vs_single_within_rule", "per_rank": [{"rank",
 "errors", "pytorch_errors", "tolerances", "vs_single", "single_errors", "vs_single_within_rule",
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import re
@@ -64,24 +63,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..backends import use_backend
-from ..benchmark import git_commit
-from ..check import _max_err, versions
-from ..functional import sigmoid_attn_func
+from .. import sigmoid_attn_func, use_backend
+from ..distributed import ring_sigmoid_attn, shard_sequence, ulysses_sigmoid_attn
 from ..ops.sigmoid_attn.reference import sigmoid_attn_reference
-from .ring import ring_sigmoid_attn
-from .sharding import shard_sequence
-from .ulysses import ulysses_sigmoid_attn
+from ..runinfo import run_meta, write_json
+from .tolerance import allowed_error, max_error, sharded_term
 
 METHODS = {"ring": ring_sigmoid_attn, "ulysses": ulysses_sigmoid_attn}
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# The rule's last term. bf16/fp16 (the GPU grid): one rounding of a float32 accumulator to the result's
-# dtype, eps(dtype) * max|truth|, as in sigattn.check. float32/float64 (the CPU grid) round nothing at the
-# end; ours differs from the reference in the order of summation (partial sums per ring step and rank),
-# which the absolute terms of the CPU tests (tests/conftest.py) bound. PyTorch's error is zero in float64,
-# and in float32 the per-head bias gradient (a sum over every query and key) differs by a few ulps
-# (8e-6 against 2 x 2.5e-6 + eps * 25 on 2 ranks, ring, zig-zag causal MQA).
-SUMMATION_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+MODULE = "sigattn.testing.distributed"  # torchrun ... -m MODULE runs the grid
 NCCL_DEFAULTS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -264,14 +254,6 @@ def run_full_sequence(case: DistCase, args: dict) -> dict[str, Results]:
     return results
 
 
-def tolerance(pytorch_err: float, truth: Tensor, dtype: torch.dtype) -> float:
-    """flash-attn's rule: twice PyTorch's error in the same dtype, plus one rounding of the result (bf16,
-    fp16: ``sigattn.check``'s term) or the summation-order bound of float32 and float64 (SUMMATION_ATOL)."""
-    if dtype in SUMMATION_ATOL:
-        return 2 * pytorch_err + SUMMATION_ATOL[dtype]
-    return 2 * pytorch_err + torch.finfo(dtype).eps * (truth.abs().max().item() if truth.numel() else 0.0)
-
-
 def compare(case: DistCase, got: Results, full: dict[str, Results], record: dict) -> None:
     """Fills ``record`` with this rank's errors against the sharded single-process results; a result
     outside the rule (or of the wrong shape or dtype) is a failure."""
@@ -288,13 +270,13 @@ def compare(case: DistCase, got: Results, full: dict[str, Results], record: dict
                 f"{name}: {mine.dtype} {tuple(mine.shape)}, expected {dtype} {tuple(truth.shape)}"
             )
             continue
-        err, base = _max_err(mine, truth), _max_err(pytorch, truth)
-        tol = tolerance(base, truth, dtype)
+        err, base = max_error(mine, truth), max_error(pytorch, truth)
+        tol = allowed_error(base, sharded_term(truth, dtype))
         record["errors"][name], record["pytorch_errors"][name], record["tolerances"][name] = err, base, tol
-        record["vs_single"][name] = _max_err(mine, single.double())
-        record["single_errors"][name] = _max_err(single, truth)
+        record["vs_single"][name] = max_error(mine, single)
+        record["single_errors"][name] = max_error(single, truth)
         within &= record["vs_single"][name] <= tol
-        if not err <= tol:  # NaN errors are inf (_max_err): they fail too
+        if not err <= tol:  # NaN errors are inf (max_error): they fail too
             record["failures"].append(
                 f"{name}: error {err:.3g} > tolerance {tol:.3g} (PyTorch {case.dtype}: {base:.3g})"
             )
@@ -397,21 +379,20 @@ def init(args: argparse.Namespace) -> tuple[torch.device, str]:
     return device, backend
 
 
-def run_meta(argv: list[str], device: torch.device, backend: str) -> dict:
+def group_meta(argv: list[str], device: torch.device, backend: str) -> dict:
+    """``sigattn.runinfo.run_meta`` of this rank's device, with NCCL's version (on CUDA), the world size and
+    the process group's backend."""
     world_size = dist.get_world_size()
-    command = ["torchrun", "--standalone", "--nproc-per-node", str(world_size), "-m", "sigattn.distributed.check"]
-    meta = versions(shlex.join([*command, *argv]))
+    command = ["torchrun", "--standalone", "--nproc-per-node", str(world_size), "-m", MODULE]
+    meta = run_meta(shlex.join([*command, *argv]), device)
     if device.type == "cuda":
-        meta["device"] = torch.cuda.get_device_name(device)
         meta["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-    else:
-        meta["device"] = "cpu" + (" (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1" else "")
-    meta.update(world_size=world_size, backend=backend, git_commit=git_commit())
+    meta.update(world_size=world_size, backend=backend)
     return meta
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="torchrun ... -m sigattn.distributed.check", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=f"torchrun ... -m {MODULE}", description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: gloo, the CPU grid")
     p.add_argument("--json", metavar="PATH", help="rank 0 writes {meta, rows, summary} here")
     p.add_argument("--filter", metavar="REGEX", help="run only the cases whose id matches")
@@ -430,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     triton_on_cpu = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
     cases = grid(world_size, device.type, args.quick, triton_on_cpu)
     cases = [c for c in cases if args.filter is None or re.search(args.filter, c.id)]
-    meta = run_meta(argv, device, backend) if rank == 0 else {}
+    meta = group_meta(argv, device, backend) if rank == 0 else {}
     rows: list[dict] = []
 
     def save() -> None:
@@ -441,10 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 "failed": len(rows) - passed,
                 "failed_ids": [r["id"] for r in rows if not r["passed"]],
             }
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows, "summary": summary}, f, indent=1)
-                f.write("\n")
+            write_json(args.json, meta, rows, summary=summary)
 
     if rank == 0:
         print(f"{len(cases)} cases on {world_size} ranks ({backend}, {meta['device']})", flush=True)

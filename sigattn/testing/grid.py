@@ -1,8 +1,9 @@
-"""Correctness grid of the Triton kernels: ``python -m sigattn.check [--quick] [--json PATH]``.
+"""Correctness grid of the Triton kernels: ``python -m sigattn.testing.grid [--quick] [--json PATH]``.
 
-The rule is flash-attn's: for the output and every gradient,
+The rule is flash-attn's (``sigattn.testing.tolerance``): for the output and every gradient,
     max|kernel - float64 reference| <= 2 * max|PyTorch in the same precision - float64 reference| + rounding
-where rounding = eps(dtype) * max|reference| is the final cast of a float32 accumulator to the output dtype.
+where rounding = eps(dtype) * max|reference| (``rounding_term``) is the final cast of a float32 accumulator
+to the output dtype.
 Outputs and gradients are poisoned with NaN before each run, so an unwritten element fails.
 
 Robustness rows (``RobustnessCase``) call the public functions on the kernels twice and require the same bits:
@@ -15,23 +16,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import itertools
-import json
 import math
 import os
-import platform
 import re
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .ops.sigmoid_attn.reference import (
+from ..ops.sigmoid_attn.reference import (
     sigmoid_attn_kvcache_reference,
     sigmoid_attn_reference,
     sigmoid_attn_varlen_reference,
 )
+from ..runinfo import run_meta, write_json
+from .tolerance import allowed_error, max_error, rounding_term
 
 
 @dataclass(frozen=True)
@@ -137,26 +137,21 @@ class RobustnessCase:
 
 
 _DTYPE_ID = {"bfloat16": "bf16", "float16": "fp16"}
+MODULE = "sigattn.testing.grid"  # python -m MODULE runs the grid
 AnyCase = Case | VarlenCase | KVCacheCase | RobustnessCase
 
 
-def _max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    err = (x.double() - ref).abs().max().item() if x.numel() else 0.0
-    return math.inf if math.isnan(err) else err
-
-
-def _judge(row: dict, names: list[str], ours: list, truths: list, baselines: list, dtype: torch.dtype) -> dict:
-    """Apply the tolerance rule to each named result; ``row["ok"]`` is the conjunction."""
-    eps = torch.finfo(dtype).eps
+def judge(row: dict, names: list[str], ours: list, truths: list, baselines: list, dtype: torch.dtype) -> dict:
+    """Applies the tolerance rule (its rounding term) to each named result: records ``<name>_err`` and
+    ``<name>_pt_err`` (PyTorch's error) in ``row`` and ANDs the verdicts into ``row["ok"]``."""
     for name, mine, truth, baseline in zip(names, ours, truths, baselines, strict=True):
-        err, base = _max_err(mine, truth), _max_err(baseline, truth)
-        tol = 2 * base + eps * (truth.abs().max().item() if truth.numel() else 0.0)
+        err, base = max_error(mine, truth), max_error(baseline, truth)
         row[f"{name}_err"], row[f"{name}_pt_err"] = err, base
-        row["ok"] &= err <= tol
+        row["ok"] &= err <= allowed_error(base, rounding_term(truth, dtype))
     return row
 
 
-def _reference_results(reference, tensors: list, bias, do, **options) -> dict[bool, list]:
+def reference_results(reference, tensors: list, bias, do, **options) -> dict[bool, list]:
     """{upcast: [out, *grads of tensors (and of bias when it is a tensor)]} of ``reference``."""
     results = {}
     for upcast in (True, False):
@@ -191,7 +186,7 @@ def _extras(case, batch: int, gen, device):
 def _gluon_backward_at_every_length():
     """The grid checks kernels, not the speed rule that sends short calls to the Triton backward: inside,
     the Gluon backward takes every call it supports."""
-    from .ops.sigmoid_attn import hopper_bwd
+    from ..ops.sigmoid_attn import hopper_bwd
 
     saved = hopper_bwd.TRITON_UP_TO_QUERIES
     hopper_bwd.TRITON_UP_TO_QUERIES = dict.fromkeys(saved, 0)
@@ -202,7 +197,7 @@ def _gluon_backward_at_every_length():
 
 
 def _run_dense(case: Case, device, randn, gen) -> dict:
-    from .ops.sigmoid_attn.flash import backward_on_sm90, flash_bwd, flash_fwd, flash_params, forward_on_sm90
+    from ..ops.sigmoid_attn.flash import backward_on_sm90, flash_bwd, flash_fwd, flash_params, forward_on_sm90
 
     q = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
     k = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
@@ -219,7 +214,7 @@ def _run_dense(case: Case, device, randn, gen) -> dict:
         dq, dk, dv, dbias = flash_bwd(do, q, k, v, params, head_bias, alibi, grads=grads)
         backward_on = backward_on_sm90(do, q, k, v, grads, params, head_bias, alibi)
 
-    results = _reference_results(sigmoid_attn_reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
+    results = reference_results(sigmoid_attn_reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
     names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
     ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
     forward_kernel = "gluon-sm90" if forward_on_sm90(q, k, v, out, params, alibi) else "triton"
@@ -227,7 +222,7 @@ def _run_dense(case: Case, device, randn, gen) -> dict:
     row = {
         "id": case.id, **asdict(case), "forward_kernel": forward_kernel, "backward_kernel": backward_kernel, "ok": True
     }  # fmt: skip
-    return _judge(row, names, ours, results[True], results[False], q.dtype)
+    return judge(row, names, ours, results[True], results[False], q.dtype)
 
 
 def _cumulative(lengths: tuple[int, ...], device) -> torch.Tensor:
@@ -235,7 +230,7 @@ def _cumulative(lengths: tuple[int, ...], device) -> torch.Tensor:
 
 
 def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
-    from .ops.sigmoid_attn import flash
+    from ..ops.sigmoid_attn import flash
 
     total_q, total_k = sum(case.seqlens_q), sum(case.seqlens_k)
     q = randn(total_q, case.heads, case.head_dim)
@@ -259,17 +254,17 @@ def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
     def reference(q, k, v, **kw):
         return sigmoid_attn_varlen_reference(q, k, v, cu_q, cu_k, **kw)
 
-    results = _reference_results(reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
+    results = reference_results(reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
     names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
     ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
     row = {"id": case.id, **asdict(case), "forward_kernel": "gluon-sm90" if forward_on else "triton",
            "backward_kernel": "gluon-sm90" if backward_on else "triton", "ok": True}  # fmt: skip
-    return _judge(row, names, ours, results[True], results[False], q.dtype)
+    return judge(row, names, ours, results[True], results[False], q.dtype)
 
 
 def _run_kvcache(case: KVCacheCase, device, randn, gen) -> dict:
-    from .ops.sigmoid_attn.cache import append_kv
-    from .ops.sigmoid_attn.flash import flash_kvcache_fwd, flash_params
+    from ..ops.sigmoid_attn.cache import append_kv
+    from ..ops.sigmoid_attn.flash import flash_kvcache_fwd, flash_params
 
     batch = len(case.cache_seqlens)
     q = randn(batch, case.seqlen_new, case.heads, case.head_dim)
@@ -303,7 +298,7 @@ def _run_kvcache(case: KVCacheCase, device, randn, gen) -> dict:
         for upcast in (True, False)
     }
     row = {"id": case.id, **asdict(case), "ok": True}
-    return _judge(row, ["out"], [out], [results[True]], [results[False]], q.dtype)
+    return judge(row, ["out"], [out], [results[True]], [results[False]], q.dtype)
 
 
 def _poison_unused_slots(k_cache, v_cache, seqlens_k, block_table) -> None:
@@ -329,7 +324,7 @@ def _outputs(fn, inputs: list[torch.Tensor], dout: torch.Tensor | None) -> list[
     """fn(*leaves) and, unless ``dout`` is None (an inference call), the gradients of <fn, dout> w.r.t. the
     floating leaves but ALiBi slopes (the only 2-d floating inputs), from leaves that are detached views of
     ``inputs`` (their strides unchanged), on the kernels."""
-    from . import use_backend
+    from .. import use_backend
 
     def wants_grad(t):
         return dout is not None and t.is_floating_point() and t.dim() != 2
@@ -383,7 +378,7 @@ def _dense_qkv(case, randn, heads=4, kv_heads=2):
 def _strided_bias_alibi(case, device, randn, gen):
     """A per-head bias that is a column of a table (and, at head dims the sm_90 kernels do not take, ALiBi
     slopes stored transposed)."""
-    from . import sigmoid_attn_func
+    from .. import sigmoid_attn_func
 
     q, k, v, dout = _dense_qkv(case, randn)
     bias = torch.randn(4, generator=gen).to(device) - 2
@@ -404,7 +399,7 @@ def _strided_bias_alibi(case, device, randn, gen):
 
 def _strided_cu_seqlens(case, device, randn, gen):
     """cu_seqlens that are a column of a table."""
-    from . import sigmoid_attn_varlen_func
+    from .. import sigmoid_attn_varlen_func
 
     lengths = (case.seqlen_q, 0, case.seqlen_k, 5)
     cu = _cumulative(lengths, device)
@@ -418,7 +413,7 @@ def _strided_cu_seqlens(case, device, randn, gen):
 
 def _kvcache_strided_tables(case, device, randn, gen):
     """A column-major block table and cache lengths that are a column of a table."""
-    from . import sigmoid_attn_with_kvcache
+    from .. import sigmoid_attn_with_kvcache
 
     page, batch, pages = 16, 3, case.seqlen_k // 16 + 1
     k_cache, v_cache = (randn(batch * pages, page, 2, case.head_dim) for _ in range(2))
@@ -443,7 +438,7 @@ def _poisoned(t: torch.Tensor, index) -> torch.Tensor:
 
 def _top_left_keys_past_the_queries(case, device, randn, gen):
     """SDPA's is_causal with Sk > Sq: keys past Sq are never seen (NaN and inf there)."""
-    from . import scaled_dot_product_sigmoid_attention
+    from .. import scaled_dot_product_sigmoid_attention
 
     q, k, v, dout = (t.transpose(1, 2) for t in _dense_qkv(case, randn))
     unseen = (slice(None), slice(None), slice(case.seqlen_q, None))
@@ -457,7 +452,7 @@ def _top_left_keys_past_the_queries(case, device, randn, gen):
 def _queries_with_no_key(case, device, randn, gen):
     """Bottom-right causal with Sq > Sk: the first Sq - Sk queries see no key (NaN and inf in their queries
     and output gradients)."""
-    from . import sigmoid_attn_func
+    from .. import sigmoid_attn_func
 
     q, k, v, dout = _dense_qkv(case, randn)
     blind = (slice(None), slice(0, case.seqlen_q - case.seqlen_k))
@@ -470,7 +465,7 @@ def _queries_with_no_key(case, device, randn, gen):
 
 def _window_keys_outside(case, device, randn, gen):
     """A sliding window (9 left, 7 right) leaves the first keys unseen (NaN and inf there)."""
-    from . import sigmoid_attn_func
+    from .. import sigmoid_attn_func
 
     q, k, v, dout = _dense_qkv(case, randn)
     unseen = (slice(None), slice(0, case.seqlen_k - case.seqlen_q - 9))
@@ -484,7 +479,7 @@ def _window_keys_outside(case, device, randn, gen):
 def _packed_neighbour(case, device, randn, gen):
     """Three packed sequences, the middle one all NaN and inf (its queries, keys, values and output
     gradients): the others' outputs and gradients keep their bits."""
-    from . import sigmoid_attn_varlen_func
+    from .. import sigmoid_attn_varlen_func
 
     lengths = (case.seqlen_q, case.seqlen_k, case.seqlen_q + 5)
     cu = _cumulative(lengths, device)
@@ -511,7 +506,7 @@ def _packed_neighbour_forward(case, device, randn, gen):
 def _inf_in_a_query(case, device, randn, gen):
     """An inf in one query whose every score is then +inf: its output stays finite (every weight is 1), and
     no other query's output or dQ changes. Lengths end inside tiles, whose zero padding gave inf x 0 = NaN."""
-    from . import sigmoid_attn_func
+    from .. import sigmoid_attn_func
 
     q, k, v, dout = _dense_qkv(case, randn)
     k[..., 0] = k[..., 0].abs() + 0.5
@@ -535,7 +530,7 @@ def _inf_in_a_query(case, device, randn, gen):
 
 def _kvcache_unused_pages(case, device, randn, gen):
     """NaN and inf in every cache slot past a row's length and in every page no row uses."""
-    from . import sigmoid_attn_with_kvcache
+    from .. import sigmoid_attn_with_kvcache
 
     page, batch, pages = 16, 3, case.seqlen_k // 16 + 1
     k_cache, v_cache = (randn(batch * pages + 3, page, 2, case.head_dim) for _ in range(2))
@@ -649,27 +644,10 @@ def grid(quick: bool) -> list[AnyCase]:
     return list(dict.fromkeys(cases))
 
 
-def versions(command: str | None = None) -> dict:
-    """Device, versions, date and ``command`` (default: this module's command line) for a result JSON."""
-    import triton
-
-    meta = {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command or " ".join(["python -m sigattn.check", *sys.argv[1:]]),
-    }
-    if torch.cuda.is_available():
-        meta["device"] = torch.cuda.get_device_name()
-        meta["cuda"] = torch.version.cuda
-    else:
-        meta["device"] = "cpu (TRITON_INTERPRET=1)"
-    return meta
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sigattn.check", description=__doc__.splitlines()[0])
+    """Runs the grid (the small one on the CPU, in Triton's interpreter); returns 1 if a case failed."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the small grid (the CPU default)")
     parser.add_argument("--json", metavar="PATH", help="write {meta, rows} here")
     parser.add_argument("--filter", metavar="REGEX", help="run only the cases whose id matches")
@@ -679,10 +657,9 @@ def main(argv: list[str] | None = None) -> int:
         # Triton reads TRITON_INTERPRET when it is imported, and importing sigattn (torch.compile's
         # machinery) already imported it: start again with the variable set.
         os.environ["TRITON_INTERPRET"] = "1"
-        argv = sys.argv[1:] if argv is None else argv
-        os.execv(sys.executable, [sys.executable, "-m", "sigattn.check", *argv])
+        os.execv(sys.executable, [sys.executable, "-m", MODULE, *argv])
     quick = args.quick or device == "cpu"
-    rows, meta = [], versions()
+    rows, meta = [], run_meta(" ".join([f"python -m {MODULE}", *argv]))
     cases = [c for c in grid(quick) + robustness_grid(quick) if args.filter is None or re.search(args.filter, c.id)]
     for case in cases:
         row = run_case(case, device)
@@ -691,8 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         errs = " ".join(f"{n}={row[n + '_err']:.1e}/{row[n + '_pt_err']:.1e}" for n in names)
         print(f"{'ok  ' if row['ok'] else 'FAIL'} {case.id:60s} {errs} {row.get('detail', '')}", flush=True)
         if args.json:  # after every case, so a run cut short still leaves its record
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            write_json(args.json, meta, rows)
     failed = [r["id"] for r in rows if not r["ok"]]
     forwards, backwards = (sum(r.get(f"{p}_kernel") == "gluon-sm90" for r in rows) for p in ("forward", "backward"))
     print(f"{len(rows) - len(failed)} passed, {len(failed)} failed ({forwards} dense forwards and {backwards} "

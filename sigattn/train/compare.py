@@ -14,16 +14,11 @@ report written then say which runs were stopped (at which step) or not started.
 
 from __future__ import annotations
 
-import datetime
-import importlib.metadata
 import json
-import platform
 import sys
 from pathlib import Path
 
-import torch
-
-from .. import __version__
+from ..runinfo import utc_date, versions
 from .config import RunConfig
 from .metrics import read_metrics
 from .plots import plot_runs
@@ -34,16 +29,6 @@ ATTNS = ("sigmoid", "softmax")
 SUMMARY_KEYS = ("final_val_loss", "tokens_per_s", "val_loss_by_context", "train_seconds", "steps", "max_steps",
                 "tokens", "grad_spikes")  # fmt: skip
 COMPARE_FILE = "compare.json"
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of sigattn, Python, torch and triton (None if not installed)."""
-    out = {"sigattn": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    try:
-        out["triton"] = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        out["triton"] = None
-    return out
 
 
 def compare(
@@ -196,7 +181,7 @@ def summarize(preset: str, overrides: list[str], config: dict, results: dict[str
         config=config | {"model": {**config["model"], "attn": "(both)"}},
         device=" / ".join(sorted(devices)),
         versions=versions(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=utc_date(),
         command=" ".join(["sigattn", *sys.argv[1:]]) if Path(sys.argv[0]).name == "sigattn" else None,
     )
     return summary

@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import platform
 import shutil
 import signal
 import sys
@@ -54,6 +53,7 @@ import torch
 from torch import nn
 
 from ..data import CorpusUnavailableError
+from ..runinfo import cpu_name
 from . import parallel as par
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import RESUMABLE_CHANGES, ConfigError, RunConfig
@@ -103,7 +103,7 @@ def device_name(device: torch.device) -> str:
     """A readable name: the GPU's, or the CPU's with its thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_name()}, {torch.get_num_threads()} threads)"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -24,7 +24,7 @@ other call runs on the Triton kernels (``unsupported`` says why). Packed sequenc
 row to TMA, so a tile that runs past a sequence's end loads the next sequence's tokens: its keys are masked
 (P = 0; a dense row's keys past Sk load as zeros instead) and its output rows leave by register stores, not
 a TMA store that would overwrite the next sequence's rows. Gluon does not run in the Triton interpreter: the
-CPU tests compile it for sm_90a and check the dispatch rule, and ``python -m sigattn.check`` runs it on the
+CPU tests compile it for sm_90a and check the dispatch rule, and ``python -m sigattn.testing.grid`` runs it on the
 GPU.
 """
 
