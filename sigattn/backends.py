@@ -380,7 +380,10 @@ class TritonBackend:
 BACKENDS: dict[str, Backend] = {
     "triton": TritonBackend(),
     "torch": TorchBackend(
-        "torch", sigmoid_attn_blocked, sigmoid_attn_traceable, False,
+        "torch",
+        sigmoid_attn_blocked,
+        sigmoid_attn_traceable,
+        False,
         "memory-efficient blocked PyTorch (O(S*D) memory, recomputing backward); under torch.compile, "
         "materialised scores (O(S^2))",
     ),  # fmt: skip
@@ -447,8 +450,7 @@ def select_backend(call: AttnCall) -> Backend:
             return BACKENDS[candidate]
         declined[candidate] = reasons
     raise BackendNotSupportedError(
-        f"no backend can run this {call.kind} call: "
-        + "; ".join(f"{n}: {', '.join(r)}" for n, r in declined.items())
+        f"no backend can run this {call.kind} call: " + "; ".join(f"{n}: {', '.join(r)}" for n, r in declined.items())
     )
 
 

@@ -328,8 +328,7 @@ def run_example(args: argparse.Namespace) -> int:
     device, dtype = default_device_dtype()
     torch.manual_seed(0)
     q, k, v = (
-        torch.randn(BATCH, SEQLEN, HEADS, HEADDIM, device=device, dtype=dtype, requires_grad=True)
-        for _ in range(3)
+        torch.randn(BATCH, SEQLEN, HEADS, HEADDIM, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
     )
     call = example_calls(device, dtype)["sigmoid_attn_func"]
     backend = backend_choice(call, requested)["backend"]

@@ -77,8 +77,7 @@ def check_qkv(
     hq, hkv = q.shape[-2], k.shape[-2]
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(
-            f"the number of query heads ({hq}, {nq}) must be a multiple of the number of key/value heads "
-            f"({hkv}, {nk})"
+            f"the number of query heads ({hq}, {nq}) must be a multiple of the number of key/value heads ({hkv}, {nk})"
         )
     if q.shape[-1] == 0:
         raise ValueError(f"head dim must be at least 1, got {nq} of shape {tuple(q.shape)}")
@@ -223,6 +222,4 @@ def check_attn_mask(attn_mask, target: tuple[int, int, int, int], query: Tensor)
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(
-            f"attn_mask must broadcast to (B, Hq, Sq, Sk) = {target}, got shape {tuple(attn_mask.shape)}"
-        )
+        raise ValueError(f"attn_mask must broadcast to (B, Hq, Sq, Sk) = {target}, got shape {tuple(attn_mask.shape)}")

@@ -51,9 +51,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        parts = [
-            f"B{self.batch}-Sq{self.seqlen_q}-Sk{self.seqlen_k}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}"
-        ]
+        parts = [f"B{self.batch}-Sq{self.seqlen_q}-Sk{self.seqlen_k}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}"]
         if self.causal:
             parts.append("causal")
         if self.window != (-1, -1):
@@ -119,9 +117,7 @@ def cast_args(args: dict, dtype: torch.dtype) -> dict:
     return out
 
 
-def assert_within_tolerance_rule(
-    name: str, got: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor, dtype
-):
+def assert_within_tolerance_rule(name: str, got: torch.Tensor, truth: torch.Tensor, baseline: torch.Tensor, dtype):
     """|got - truth| <= 2 |baseline - truth| + ATOL[dtype], as maximum absolute errors over the tensor (a NaN
     error is infinite); a baseline with an infinite error would allow anything, and fails."""
     assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
@@ -142,9 +138,7 @@ def check_against_reference(fn, args: dict, dtype: torch.dtype, seed: int = 1) -
     truth_args = cast_args(test_args, torch.float64)
     gen = torch.Generator().manual_seed(seed)
     dout = torch.randn(args["q"].shape, generator=gen, dtype=torch.float64).to(dtype)
-    truth, truth_grads = forward_backward(
-        lambda **a: sigmoid_attn_reference(**a, upcast=True), truth_args, dout
-    )
+    truth, truth_grads = forward_backward(lambda **a: sigmoid_attn_reference(**a, upcast=True), truth_args, dout)
     got, got_grads = forward_backward(fn, test_args, dout)
     assert got.dtype == dtype, f"output dtype {got.dtype}, expected {dtype}"
     assert set(got_grads) == set(truth_grads)
@@ -153,14 +147,10 @@ def check_against_reference(fn, args: dict, dtype: torch.dtype, seed: int = 1) -
         for n, g in got_grads.items():
             assert g is not None, f"no gradient for {n}"
             assert g.dtype == test_args[n].dtype
-            torch.testing.assert_close(
-                g, truth_grads[n], atol=1e-10, rtol=1e-10, msg=lambda m, n=n: f"d{n}: {m}"
-            )
+            torch.testing.assert_close(g, truth_grads[n], atol=1e-10, rtol=1e-10, msg=lambda m, n=n: f"d{n}: {m}")
         return
     base_args = cast_args(args, dtype)
-    baseline, base_grads = forward_backward(
-        lambda **a: sigmoid_attn_reference(**a, upcast=False), base_args, dout
-    )
+    baseline, base_grads = forward_backward(lambda **a: sigmoid_attn_reference(**a, upcast=False), base_args, dout)
     assert_within_tolerance_rule("out", got, truth, baseline, dtype)
     for n, g in got_grads.items():
         assert g is not None, f"no gradient for {n}"

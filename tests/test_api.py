@@ -59,9 +59,7 @@ def test_attention_docstrings_document_every_argument(name):
     doc = inspect.getdoc(fn)
     assert "Returns:" in doc
     # Documented: an Args entry, or named in code markup (SDPA's ``enable_gqa=True`` in key's entry).
-    missing = [
-        p for p in inspect.signature(fn).parameters if p not in documented_args(doc) and f"``{p}" not in doc
-    ]
+    missing = [p for p in inspect.signature(fn).parameters if p not in documented_args(doc) and f"``{p}" not in doc]
     if missing:
         assert "Other options as in ``sigmoid_attn_func``" in doc, f"{name}: undocumented {missing}"
         base = documented_args(inspect.getdoc(sigattn.sigmoid_attn_func))

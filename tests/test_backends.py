@@ -165,9 +165,7 @@ def test_auto_falls_back_in_order(spies, monkeypatch):
 def test_auto_with_no_backend_left_lists_every_reason(spies, monkeypatch):
     monkeypatch.setitem(backends.BACKENDS, "declining", Declining())
     monkeypatch.setattr(backends, "AUTO_ORDER", ["declining"])
-    with pytest.raises(
-        BackendNotSupportedError, match=r"no backend can run this dense call: declining: float64"
-    ):
+    with pytest.raises(BackendNotSupportedError, match=r"no backend can run this dense call: declining: float64"):
         run_dense()
 
 
@@ -193,9 +191,7 @@ def test_reference_and_torch_backends_agree(case, dtype):
     torch.testing.assert_close(out_t, out_r, atol=tol, rtol=tol)
     assert grads_t.keys() == grads_r.keys()
     for n in grads_t:
-        torch.testing.assert_close(
-            grads_t[n], grads_r[n], atol=tol, rtol=tol, msg=lambda m, n=n: f"d{n}: {m}"
-        )
+        torch.testing.assert_close(grads_t[n], grads_r[n], atol=tol, rtol=tol, msg=lambda m, n=n: f"d{n}: {m}")
 
 
 def test_backends_agree_on_varlen_kvcache_and_sdpa():

@@ -92,12 +92,8 @@ def test_timed_call_runs_what_its_mode_times(mode):
 
 def test_default_plan_is_the_full_sweep():
     plan = command.make_plan(parse())
-    assert plan.shapes == bench.sweep_shapes(
-        (64, 128), (512, 1024, 2048, 4096, 8192, 16384), [True, False], "bf16"
-    )
-    assert (
-        plan.modes == list(MODES) and plan.providers == list(bench.PROVIDERS) and plan.timing == bench.TIMING
-    )
+    assert plan.shapes == bench.sweep_shapes((64, 128), (512, 1024, 2048, 4096, 8192, 16384), [True, False], "bf16")
+    assert plan.modes == list(MODES) and plan.providers == list(bench.PROVIDERS) and plan.timing == bench.TIMING
 
 
 def test_quick_plan():
@@ -302,9 +298,7 @@ def test_flex_sigmoid_uses_the_default_bias():
     """A wrong bias would change the output: the test above is not blind to it."""
     q, k, v = (torch.randn(1, 1, 37, 16, dtype=torch.float64) for _ in range(3))
     got = bench.flex_sigmoid_attention(37, False, "cpu", compiled=False)(q, k, v)
-    other = sigmoid_attn_reference(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias=-math.log(36)
-    )
+    other = sigmoid_attn_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), bias=-math.log(36))
     assert (got - other.transpose(1, 2)).abs().max() > 1e-4
 
 

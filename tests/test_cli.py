@@ -74,9 +74,7 @@ def test_info_json_reports_the_torch_backend_on_cpu(capsys):
         assert choice["backend"] == "torch", name
         assert set(choice["why_not"]) == set(BACKENDS) - {"torch"}
         assert all(choice["why_not"].values()), f"{name}: a backend without a reason: {choice['why_not']}"
-        assert choice["why_not"]["reference"] == [
-            "not tried by auto (force it with use_backend or $SIGATTN_BACKEND)"
-        ]
+        assert choice["why_not"]["reference"] == ["not tried by auto (force it with use_backend or $SIGATTN_BACKEND)"]
 
 
 def test_auto_takes_the_first_backend_that_can_run(monkeypatch, capsys):

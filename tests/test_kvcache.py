@@ -90,9 +90,7 @@ def page(case: CacheCase, k_cache: torch.Tensor, v_cache: torch.Tensor):
     return k_paged, v_paged, block_table
 
 
-def unpage(
-    case: CacheCase, paged: torch.Tensor, block_table: torch.Tensor, full: torch.Tensor
-) -> torch.Tensor:
+def unpage(case: CacheCase, paged: torch.Tensor, block_table: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """The logical (B, capacity, Hkv, D) view of a paged cache; unused pages are taken from ``full``."""
     out = full.clone()
     for b in range(case.batch):
@@ -147,8 +145,7 @@ def test_kvcache_equals_recompute(case, paged):
     k = v = None
     if case.seqlen_new:
         k, v = (
-            torch.randn(case.batch, case.seqlen_new, case.kv_heads, case.head_dim, dtype=torch.float64)
-            for _ in "kv"
+            torch.randn(case.batch, case.seqlen_new, case.kv_heads, case.head_dim, dtype=torch.float64) for _ in "kv"
         )
     k_cache, v_cache = logical_cache(case)
     opts = case.options()
@@ -242,9 +239,7 @@ def test_empty_cache_without_new_keys_outputs_zero():
     q = torch.randn(2, 2, 4, 16, dtype=torch.float64)
     k_cache, v_cache = logical_cache(case)
     with sigattn.use_backend("torch"):
-        out = sigmoid_attn_with_kvcache(
-            q, k_cache, v_cache, cache_seqlens=torch.tensor([0, 4], dtype=torch.int32)
-        )
+        out = sigmoid_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=torch.tensor([0, 4], dtype=torch.int32))
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     assert torch.isfinite(out).all() and (out[1].abs().sum(-1) > 0).all()
 
@@ -274,9 +269,7 @@ def test_query_gradient():
     torch.testing.assert_close(dq, dq_expected, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
-)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_low_precision_cache(dtype):
     case = CacheCase((0, 7, 21), 2, 2, causal=True)
     q = torch.randn(3, 2, 4, 16, dtype=dtype)

@@ -153,9 +153,7 @@ def test_seqlens_k(causal, top_left):
     # Row 1 is the same as attending to its first 3 keys alone.
     row1 = {**args, "k": args["k"][1:2, :3], "v": args["v"][1:2, :3], "q": args["q"][1:2]}
     row1["alibi_slopes"] = args["alibi_slopes"][1:2]
-    torch.testing.assert_close(
-        out[1:2], sigmoid_attn_reference(**row1, top_left=top_left), atol=1e-12, rtol=1e-12
-    )
+    torch.testing.assert_close(out[1:2], sigmoid_attn_reference(**row1, top_left=top_left), atol=1e-12, rtol=1e-12)
 
 
 MASK_SHAPES = [(2, 4, 6, 9), (1, 4, 6, 9), (2, 1, 6, 9), (6, 9), (9,)]
@@ -172,9 +170,7 @@ def test_sdpa_attn_mask(kind, shape):
         mask[torch.rand(shape) > 0.7] = float("-inf")
     mask4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     out = sigmoid_attn_reference(**args, attn_mask=mask4, top_left=True)
-    torch.testing.assert_close(
-        out, naive_sigmoid_attn(**args, attn_mask=mask4, top_left=True), atol=1e-12, rtol=1e-12
-    )
+    torch.testing.assert_close(out, naive_sigmoid_attn(**args, attn_mask=mask4, top_left=True), atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("seqlens", [(6, 9), (9, 4)], ids=["Sq6-Sk9", "Sq9-Sk4"])
@@ -201,9 +197,7 @@ def test_mask_pictures_in_the_docstring():
     assert window.tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]]
 
 
-@pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
-)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_upcast_flag(dtype):
     args = Case(1, 5, 7, 2, 1, 16, causal=True, alibi="H", bias="tensor").inputs()
     low = {**args, **{n: args[n].to(dtype) for n in ("q", "k", "v")}}

@@ -231,8 +231,10 @@ def test_resume_accepts_cosmetic_changes_and_lists_the_others(tmp_path, corpus, 
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     differences = "model.n_layer: 1 -> 2; optim.lr: 0.003 -> 0.01; train.seed: 0 -> 3"
-    assert err == f"sigattn train: error: --resume continues the run saved in {out} with its own settings; " \
+    assert (
+        err == f"sigattn train: error: --resume continues the run saved in {out} with its own settings; "
         f"these differ: {differences}\n"
+    )
     cosmetic = ["train.progress=true", "train.log_every=4", "train.eval_every=8", "train.ckpt_every=2",
                 "train.diagnostics=false", "train.threads=1", "train.plots=true"]  # fmt: skip
     assert cli.main(["train", "--resume", "--out", str(out), *cosmetic]) == 0, capsys.readouterr().err

@@ -23,9 +23,7 @@ I32 = torch.int32
 
 def t(*shape, dtype=F64, device="cpu"):
     return (
-        torch.randn(shape, dtype=dtype, device=device)
-        if dtype.is_floating_point
-        else torch.zeros(shape, dtype=dtype)
+        torch.randn(shape, dtype=dtype, device=device) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
     )
 
 
@@ -399,11 +397,7 @@ def test_nan_in_values_and_gradients(dtype):
     with sigattn.use_backend("torch"):
         out = sigmoid_attn_func(q, k, v)
     # Every query of head 1 reads value 7, only in its feature 0.
-    assert (
-        out[..., 1, 0].isnan().all()
-        and not out[..., 1, 1:].isnan().any()
-        and not out[..., 0, :].isnan().any()
-    )
+    assert out[..., 1, 0].isnan().all() and not out[..., 1, 1:].isnan().any() and not out[..., 0, :].isnan().any()
     out.backward(torch.ones_like(out))
     assert not q.grad[..., 0, :].isnan().any() and q.grad[..., 1, :].isnan().all()
 

@@ -100,9 +100,7 @@ def test_varlen_equals_per_sequence_loop(case, backend):
     dout = torch.randn(tensors["q"].shape, dtype=torch.float64)
     with sigattn.use_backend(backend):
         out, grads = forward_backward(lambda **a: varlen(case, tensors, opts), grad_args, dout)
-        loop, loop_grads = forward_backward(
-            lambda **a: per_sequence_loop(case, tensors, opts), grad_args, dout
-        )
+        loop, loop_grads = forward_backward(lambda **a: per_sequence_loop(case, tensors, opts), grad_args, dout)
     assert out.shape == tensors["q"].shape
     torch.testing.assert_close(out, loop, atol=1e-12, rtol=1e-12)
     for n, g in grads.items():
@@ -131,9 +129,7 @@ def test_varlen_empty_key_sequences_output_zero():
     assert torch.equal(out[7:10], torch.zeros_like(out[7:10]))  # Sq = 5 > Sk = 2: 3 rows see nothing
     assert (out[10:].abs().sum(-1) > 0).all()
     out.backward(torch.ones_like(out))
-    assert torch.isfinite(tensors["q"].grad).all() and torch.equal(
-        tensors["q"].grad[4:10], torch.zeros(6, 2, 16)
-    )
+    assert torch.isfinite(tensors["q"].grad).all() and torch.equal(tensors["q"].grad[4:10], torch.zeros(6, 2, 16))
 
 
 def test_varlen_equal_lengths_match_dense_batch():
@@ -158,9 +154,7 @@ def test_varlen_no_sequences():
     assert out.shape == (0, 2, 16)
 
 
-@pytest.mark.parametrize(
-    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
-)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_varlen_low_precision_dtype(dtype):
     case = VarlenCase((5, 0, 17), (7, 3, 30), 4, 2, causal=True)
     tensors, opts = case.inputs(dtype)

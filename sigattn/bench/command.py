@@ -49,9 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"flash-attn's setup ({TOKENS} tokens, hidden {HIDDEN}); TFLOP/s from the median of "
         "triton.testing.do_bench. See the docstring of sigattn/bench/sweep.py for the JSON schema."
     )
-    parser.add_argument(
-        "--headdim", type=int, nargs="+", metavar="D", help="head dimensions (default: 64 128)"
-    )
+    parser.add_argument("--headdim", type=int, nargs="+", metavar="D", help="head dimensions (default: 64 128)")
     parser.add_argument(
         "--seqlen",
         type=parse_seqlen,
@@ -59,9 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="sequence lengths, e.g. 512 2k (default: 512 1k 2k 4k 8k 16k)",
     )
-    parser.add_argument(
-        "--causal", action="store_true", help="causal attention only (default: causal and full)"
-    )
+    parser.add_argument("--causal", action="store_true", help="causal attention only (default: causal and full)")
     parser.add_argument("--full", action="store_true", help="full (non-causal) attention only")
     parser.add_argument(
         "--providers",
@@ -81,9 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
-    parser.add_argument(
-        "--plot", type=Path, metavar="PATH", help="draw TFLOP/s vs seqlen as a PNG (matplotlib)"
-    )
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="draw TFLOP/s vs seqlen as a PNG (matplotlib)")
     parser.add_argument(
         "--quick", action="store_true", help=f"headdim {QUICK_HEADDIMS[0]}, seqlen 1k and 4k, shorter timing"
     )
@@ -129,9 +123,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         conflicting = [f"--{n}" for n in ("headdim", "seqlen", "quick", "plot") if getattr(args, n)]
         conflicting += ["--modes"] if args.modes != list(MODES) else []
         if conflicting:
-            raise ValueError(
-                f"--memory measures one fixed shape and draws no plot: drop {', '.join(conflicting)}"
-            )
+            raise ValueError(f"--memory measures one fixed shape and draws no plot: drop {', '.join(conflicting)}")
         return Plan(memory_shapes(causals, args.dtype), [MEMORY_MODE], providers, timing)
     headdims = args.headdim or (QUICK_HEADDIMS if args.quick else HEADDIMS)
     seqlens = args.seqlen or (QUICK_SEQLENS if args.quick else SEQLENS)
@@ -143,6 +135,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``sigattn bench`` (``args.argv``: the command line after ``sigattn``); returns the exit status."""
+
     def fail(message: str, status: int) -> int:
         print(f"sigattn bench: error: {message}", file=sys.stderr)
         return status

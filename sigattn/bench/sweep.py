@@ -75,16 +75,9 @@ class Shape:
     dtype: str  # a key of DTYPES
 
 
-def sweep_shapes(
-    headdims: Iterable[int], seqlens: Iterable[int], causals: Iterable[bool], dtype: str
-) -> list[Shape]:
+def sweep_shapes(headdims: Iterable[int], seqlens: Iterable[int], causals: Iterable[bool], dtype: str) -> list[Shape]:
     """flash-attn's setup: TOKENS tokens per batch and HIDDEN = heads * headdim."""
-    return [
-        Shape(max(TOKENS // s, 1), HIDDEN // d, s, d, c, dtype)
-        for d in headdims
-        for c in causals
-        for s in seqlens
-    ]
+    return [Shape(max(TOKENS // s, 1), HIDDEN // d, s, d, c, dtype) for d in headdims for c in causals for s in seqlens]
 
 
 def memory_shapes(causals: Iterable[bool], dtype: str) -> list[Shape]:
@@ -141,9 +134,7 @@ def _sdpa_missing(kernel: str) -> Callable[[], str | None]:
     def missing():
         from torch.nn.attention import SDPBackend
 
-        return (
-            None if hasattr(SDPBackend, kernel) else f"torch {torch.__version__} has no SDPBackend.{kernel}"
-        )
+        return None if hasattr(SDPBackend, kernel) else f"torch {torch.__version__} has no SDPBackend.{kernel}"
 
     return missing
 
@@ -193,9 +184,7 @@ def _flex_attention_with_lse(flex_attention, q, k, v, score_mod, block_mask) -> 
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch < 2.9: return_lse, deprecated since
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, return_lse=True)
-    out, aux = flex_attention(
-        q, k, v, score_mod=score_mod, block_mask=block_mask, return_aux=AuxRequest(lse=True)
-    )
+    out, aux = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, return_aux=AuxRequest(lse=True))
     return out, aux.lse
 
 
@@ -309,10 +298,7 @@ def run_sweep(
                         torch.cuda.empty_cache()
                     continue
                 rows.append(make_row(provider.name, shape, mode, ms, peak))
-        progress(
-            f"headdim {shape.headdim} {_mask(shape.causal)} seqlen {shape.seqlen}: "
-            f"{len(rows) - before} measured"
-        )
+        progress(f"headdim {shape.headdim} {_mask(shape.causal)} seqlen {shape.seqlen}: {len(rows) - before} measured")
     return rows, skips
 
 
@@ -327,9 +313,7 @@ def _seqlen_label(s: int) -> str:
     return f"{s // 1024}k" if s >= 1024 and s % 1024 == 0 else str(s)
 
 
-def format_table(
-    rows: list[dict], skips: list[Skip], providers: list[str], metric="tflops", ratios=True
-) -> str:
+def format_table(rows: list[dict], skips: list[Skip], providers: list[str], metric="tflops", ratios=True) -> str:
     """One line per (headdim, mask, seqlen, mode): ``metric`` per provider, then sigattn's TFLOP/s over
     each other provider's (>1: sigattn is faster). A failed measurement shows "skip[n]", n its footnote."""
     cells: dict[tuple, dict[str, str]] = {}  # (headdim, causal, seqlen, mode) -> provider -> cell
@@ -341,9 +325,7 @@ def format_table(
         values.setdefault(key, {})[r["provider"]] = r[metric]
     for s in skips:
         note = notes.setdefault(s.error, len(notes) + 1)
-        cells.setdefault((s.shape.headdim, s.shape.causal, s.shape.seqlen, s.mode), {})[s.provider] = (
-            f"skip[{note}]"
-        )
+        cells.setdefault((s.shape.headdim, s.shape.causal, s.shape.seqlen, s.mode), {})[s.provider] = f"skip[{note}]"
     others = [p for p in providers if p != BASELINE] if ratios and BASELINE in providers else []
     lines = [["headdim", "mask", "seqlen", "mode", *providers, *(f"vs {p}" for p in others)]]
     for key, by_provider in cells.items():
@@ -427,9 +409,7 @@ def run(plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
     meta = run_meta(shlex.join(["sigattn", *argv]))
     title = f"{meta['device']}, {args.dtype}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}"
     if args.memory:
-        print(
-            f"{title}\nPeak MiB of forward + backward beyond inputs, output and gradients; B=1, H=16, D=128"
-        )
+        print(f"{title}\nPeak MiB of forward + backward beyond inputs, output and gradients; B=1, H=16, D=128")
     else:
         print(
             f"{title}\nTFLOP/s (median of triton.testing.do_bench), {TOKENS} tokens, hidden {HIDDEN}; "

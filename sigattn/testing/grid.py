@@ -292,8 +292,15 @@ def _run_kvcache(case: KVCacheCase, device, randn, gen) -> dict:
                       num_splits=case.num_splits, pack_gqa=case.pack_gqa)  # fmt: skip
     results = {
         upcast: sigmoid_attn_kvcache_reference(
-            q, k_cache, v_cache, seqlens_k, block_table=block_table, bias=bias, alibi_slopes=alibi,
-            upcast=upcast, **opts,
+            q,
+            k_cache,
+            v_cache,
+            seqlens_k,
+            block_table=block_table,
+            bias=bias,
+            alibi_slopes=alibi,
+            upcast=upcast,
+            **opts,
         )  # fmt: skip
         for upcast in (True, False)
     }

@@ -84,9 +84,7 @@ class _Tiles:
         self.attn_mask = None
         if attn_mask is not None:
             self.attn_mask = attn_mask.expand(batch, num_heads, seqlen_q, seqlen_k)
-        self.needs_mask = (
-            opts.causal or opts.window_size != (-1, -1) or seqlens_k is not None or attn_mask is not None
-        )
+        self.needs_mask = opts.causal or opts.window_size != (-1, -1) or seqlens_k is not None or attn_mask is not None
 
     def mask_tile(self, rows: slice, cols: slice) -> Tensor | None | bool:
         """Boolean (B or 1, Hkv or 1, G or 1, BQ, BK) allowed mask; None if all allowed; False if none is."""

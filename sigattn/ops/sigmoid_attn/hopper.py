@@ -219,8 +219,11 @@ def sequence_descriptor(desc, ptr, start, length):
     zeros there, not the next sequence's rows, where a NaN would reach this sequence's products through
     0 x NaN. (At least one row: a descriptor has no empty dimension; a sequence without rows loads none.)"""
     return tma.make_tensor_descriptor(
-        ptr + start.to(gl.int64) * desc.strides[1], [1, gl.maximum(length, 1), desc.shape[2], desc.shape[3]],
-        [desc.strides[0], desc.strides[1], desc.strides[2], 1], desc.block_type.shape, desc.layout,
+        ptr + start.to(gl.int64) * desc.strides[1],
+        [1, gl.maximum(length, 1), desc.shape[2], desc.shape[3]],
+        [desc.strides[0], desc.strides[1], desc.strides[2], 1],
+        desc.block_type.shape,
+        desc.layout,
     )
 
 
