@@ -152,7 +152,9 @@ def _dot(a, b, acc):
 def _sigmoid_of_half(z):
     """sigmoid(2 z): callers fold the 1/2 of 0.5 * tanh(x / 2) + 0.5 into their scale and bias."""
     if _HW_TANH:
-        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=tl.float32, is_pure=True, pack=1)
+        t = tl.inline_asm_elementwise(
+            "tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=tl.float32, is_pure=True, pack=1
+        )
         return 0.5 * t + 0.5
     else:
         return tl.sigmoid(2.0 * z)
@@ -193,7 +195,8 @@ def _counted(ok, i, j, diag_offset, window_left, window_right, HAS_LEFT: tl.cons
 
 
 @triton.jit
-def _sees_a_key(i, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+def _sees_a_key(i, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr,
+                HAS_RIGHT: tl.constexpr):
     """Whether query i has an allowed key: [i + off - left, i + off + right] meets [0, Sk). With the roles
     swapped (-off, Sq, right for left and left for right), whether key i is allowed for some query."""
     sees = (i >= 0) & (seqlen_k > 0)
@@ -205,17 +208,8 @@ def _sees_a_key(i, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT: t
 
 
 @triton.jit
-def _visible_keys(
-    m0,
-    rows,
-    diag_offset,
-    seqlen_q,
-    seqlen_k,
-    window_left,
-    window_right,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-):
+def _visible_keys(m0, rows, diag_offset, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT: tl.constexpr,
+                  HAS_RIGHT: tl.constexpr):
     """[lo, hi): the keys that a query of rows m0 .. m0 + rows - 1 (those before Sq) may see. Masked tiles load
     only these: a key no query of the tile sees reads as 0, so a NaN there cannot reach a product."""
     lo = 0
@@ -228,17 +222,8 @@ def _visible_keys(
 
 
 @triton.jit
-def _key_tiles(
-    m0,
-    diag_offset,
-    seqlen_k,
-    window_left,
-    window_right,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-):
+def _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Key-tile bounds for query rows [m0, m0 + BM): tiles in [lo, hi) hold an allowed key; tiles in
     [full_lo, full_hi) hold only allowed keys for every row and lie inside Sk (no mask, no bounds check)."""
     lo = 0
@@ -275,17 +260,8 @@ def _split_key_tiles(lo, full_lo, full_hi, hi, split, BLOCK_N: tl.constexpr, NUM
 
 
 @triton.jit
-def _query_tiles(
-    n0,
-    diag_offset,
-    seqlen_q,
-    window_left,
-    window_right,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-):
+def _query_tiles(n0, diag_offset, seqlen_q, window_left, window_right,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Query-tile bounds for key rows [n0, n0 + BN), as ``_key_tiles`` with the roles swapped: tiles in
     [full_lo, full_hi) need no mask and lie inside Sq."""
     lo = 0
@@ -307,7 +283,8 @@ def _query_tiles(
 
 
 @triton.jit
-def _row_bounds(b, CuSeqlensQ, CuSeqlensK, SeqlensK, seqlen_q, seqlen_k, VARLEN: tl.constexpr, KV_LENS: tl.constexpr):
+def _row_bounds(b, CuSeqlensQ, CuSeqlensK, SeqlensK, seqlen_q, seqlen_k,
+                VARLEN: tl.constexpr, KV_LENS: tl.constexpr):
     """(first query token, Sq, first key token, Sk) of batch row b. Dense rows start at 0 with the static
     lengths; packed sequences read their cumulative lengths; a KV-cache row's key count is SeqlensK[b]."""
     q_start = 0
@@ -346,20 +323,8 @@ def _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, row_half_bias, ALIBI: tl.
 
 
 @triton.jit
-def _kv_offsets(
-    n0,
-    offs_n,
-    Pages,
-    stride_kp,
-    stride_kn,
-    stride_vp,
-    stride_vn,
-    seqlen_k,
-    BLOCK_N: tl.constexpr,
-    CHECK_ROWS: tl.constexpr,
-    PAGED: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-):
+def _kv_offsets(n0, offs_n, Pages, stride_kp, stride_kn, stride_vp, stride_vn, seqlen_k,
+                BLOCK_N: tl.constexpr, CHECK_ROWS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr):
     """Memory offsets [BN] of keys ``offs_n`` = n0 + [0, BN) in K and in V: by position, or through the row's
     page table (one page per tile when pages are whole tiles, else a page per key)."""
     if PAGED:
@@ -376,9 +341,8 @@ def _kv_offsets(
 
 
 @triton.jit
-def _load_rows(
-    ptr, row_offsets, rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr
-):
+def _load_rows(ptr, row_offsets, rows_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
     """A [rows, BLOCK_D] tile at ptr + row_offsets; rows where ``rows_ok`` is false (when CHECK_ROWS) and
     columns past HEAD_DIM read as 0, without touching memory."""
     ptrs = ptr + row_offsets[:, None] + offs_d[None, :]
@@ -405,45 +369,11 @@ def _store_rows(ptr, value, row_offsets, offs_rows, offs_d, n_rows, HEAD_DIM: tl
 
 
 @triton.jit
-def _fwd_tiles(
-    acc,
-    q,
-    K,
-    V,
-    KDesc,
-    VDesc,
-    b,
-    h_kv,
-    Pages,
-    stride_kp,
-    stride_kn,
-    stride_vp,
-    stride_vn,
-    offs_m,
-    offs_d,
-    lo,
-    hi,
-    seqlen_k,
-    key_lo,
-    key_hi,
-    kv_first,
-    half_scale,
-    half_bias,
-    half_slope,
-    diag_offset,
-    window_left,
-    window_right,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    ALIBI: tl.constexpr,
-    PAGED: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    TMA: tl.constexpr,
-):
+def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn, stride_vp, stride_vn, offs_m, offs_d,
+               lo, hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope, diag_offset,
+               window_left, window_right, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr,
+               PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, TMA: tl.constexpr):
     """acc += P V over key tiles [lo, hi). MASKED tiles load only the keys [key_lo, key_hi) that a row of the
     tile may see (others read as 0; with TMA, the descriptors start at key kv_first and end where no query
     looks further, so the keys no query sees read as 0), and mask every score but the allowed ones, the keys
@@ -455,20 +385,8 @@ def _fwd_tiles(
             k = KDesc.load([b, n0 - kv_first, h_kv, 0]).reshape(BLOCK_N, BLOCK_D)
             v = VDesc.load([b, n0 - kv_first, h_kv, 0]).reshape(BLOCK_N, BLOCK_D)
         else:
-            k_rows, v_rows = _kv_offsets(
-                n0,
-                offs_n,
-                Pages,
-                stride_kp,
-                stride_kn,
-                stride_vp,
-                stride_vn,
-                seqlen_k,
-                BLOCK_N,
-                MASKED,
-                PAGED,
-                PAGE_SIZE,
-            )
+            k_rows, v_rows = _kv_offsets(n0, offs_n, Pages, stride_kp, stride_kn, stride_vp, stride_vn, seqlen_k,
+                                         BLOCK_N, MASKED, PAGED, PAGE_SIZE)
             k = _load_rows(K, k_rows, key_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
             v = _load_rows(V, v_rows, key_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s = _dot(q, tl.trans(k), None)  # [BM, BN]
@@ -478,11 +396,8 @@ def _fwd_tiles(
         # 16 bits, where it costs byte permutes; on z it stays one FSEL per score (D64 causal on sm_90, with
         # _allowed's single comparison: a masked tile's loop 377 -> 298 instructions per warp, 217 unmasked).
         if MASKED:
-            z = tl.where(
-                _counted(key_ok[None, :], i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT),
-                z,
-                float("-inf"),
-            )
+            z = tl.where(_counted(key_ok[None, :], i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                         z, float("-inf"))
         p = _sigmoid_of_half(z)
         acc = _dot(p.to(v.dtype), v, acc)  # [BM, BD]
     return acc
@@ -490,68 +405,22 @@ def _fwd_tiles(
 
 @triton.jit
 def sigmoid_attn_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
-    HeadBias,
-    Alibi,
-    CuSeqlensQ,
-    CuSeqlensK,
-    SeqlensK,
-    BlockTable,
-    KDesc,
-    VDesc,
-    stride_qb,
-    stride_qm,
-    stride_qh,
-    stride_kb,
-    stride_kn,
-    stride_kh,
-    stride_vb,
-    stride_vn,
-    stride_vh,
-    stride_os,
-    stride_ob,
-    stride_om,
-    stride_oh,
-    stride_alibi_b,
-    stride_bt,
-    seqlen_q,
-    seqlen_k,
-    window_left,
-    window_right,
-    kv_first,
-    half_scale,
-    half_scale_bias,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    TOP_LEFT: tl.constexpr,
-    HEAD_BIAS: tl.constexpr,
-    DEFAULT_BIAS: tl.constexpr,
-    ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr,
-    KV_LENS: tl.constexpr,
-    PAGED: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    PACK_GQA: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    TMA: tl.constexpr,
+    Q, K, V, Out, HeadBias, Alibi, CuSeqlensQ, CuSeqlensK, SeqlensK, BlockTable, KDesc, VDesc, stride_qb, stride_qm,
+    stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_os, stride_ob, stride_om,
+    stride_oh, stride_alibi_b, stride_bt, seqlen_q, seqlen_k, window_left, window_right, kv_first, half_scale,
+    half_scale_bias, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    TOP_LEFT: tl.constexpr, HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, KV_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK_GQA: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, TMA: tl.constexpr,
 ):
     """One program: BLOCK_Q query positions of one head (or, with PACK_GQA, of all GROUP heads of one kv
     head: BLOCK_M = BLOCK_Q * GROUP rows) of batch row b, against its share of the keys (one of
     NUM_SPLITS; with several, Out is an fp32 buffer of per-split partial sums)."""
     i_q, i_h, b = tl.program_id(0) // NUM_SPLITS, tl.program_id(1), tl.program_id(2)
     split = tl.program_id(0) % NUM_SPLITS
-    q_start, seqlen_q, k_start, seqlen_k = _row_bounds(
-        b, CuSeqlensQ, CuSeqlensK, SeqlensK, seqlen_q, seqlen_k, VARLEN, KV_LENS
-    )
+    q_start, seqlen_q, k_start, seqlen_k = _row_bounds(b, CuSeqlensQ, CuSeqlensK, SeqlensK, seqlen_q, seqlen_k,
+                                                       VARLEN, KV_LENS)
     m0 = i_q * BLOCK_Q
     # The grid covers the longest sequence: a tile past this one's end has no rows of its own. (A separate
     # `if` on the constexpr, so dense kernels compile without the branch.)
@@ -568,30 +437,14 @@ def sigmoid_attn_fwd_kernel(
         h_kv = i_h
         offs_m = m0 + rows // GROUP  # [BM] query position of each row
         heads = h_kv * GROUP + rows % GROUP  # [BM] query head of each row
-        half_bias, half_slope = _head_terms(
-            HeadBias,
-            Alibi,
-            stride_alibi_b,
-            b,
-            heads[:, None],
-            _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS),
-            ALIBI,
-            HEAD_BIAS,
-        )
+        half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, heads[:, None],
+                                            _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS), ALIBI, HEAD_BIAS)
     else:
         h_kv = i_h // GROUP
         offs_m = m0 + rows
         heads = i_h
-        half_bias, half_slope = _head_terms(
-            HeadBias,
-            Alibi,
-            stride_alibi_b,
-            b,
-            heads,
-            _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS),
-            ALIBI,
-            HEAD_BIAS,
-        )
+        half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, heads,
+                                            _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS), ALIBI, HEAD_BIAS)
     Q += b64 * stride_qb + q_start * stride_qm
     q = _load_rows(Q, offs_m * stride_qm + heads * stride_qh, offs_m < seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
     if PAGED:
@@ -604,146 +457,34 @@ def sigmoid_attn_fwd_kernel(
         Pages = BlockTable
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_tiles(
-        m0, diag_offset, seqlen_k, window_left, window_right, BLOCK_Q, BLOCK_N, HAS_LEFT, HAS_RIGHT
-    )
+    lo, full_lo, full_hi, hi = _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
+                                          BLOCK_Q, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     lo, full_lo, full_hi, hi = _split_key_tiles(lo, full_lo, full_hi, hi, split, BLOCK_N, NUM_SPLITS)
-    key_lo, key_hi = _visible_keys(
-        m0, BLOCK_Q, diag_offset, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT
-    )
-    acc = _fwd_tiles(
-        acc,
-        q,
-        K,
-        V,
-        KDesc,
-        VDesc,
-        b,
-        h_kv,
-        Pages,
-        stride_kb,
-        stride_kn,
-        stride_vb,
-        stride_vn,
-        offs_m,
-        offs_d,
-        lo,
-        full_lo,
-        seqlen_k,
-        key_lo,
-        key_hi,
-        kv_first,
-        half_scale,
-        half_bias,
-        half_slope,
-        diag_offset,
-        window_left,
-        window_right,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
-        True,
-        HAS_LEFT,
-        HAS_RIGHT,
-        ALIBI,
-        PAGED,
-        PAGE_SIZE,
-        TMA,
-    )
-    acc = _fwd_tiles(
-        acc,
-        q,
-        K,
-        V,
-        KDesc,
-        VDesc,
-        b,
-        h_kv,
-        Pages,
-        stride_kb,
-        stride_kn,
-        stride_vb,
-        stride_vn,
-        offs_m,
-        offs_d,
-        full_lo,
-        full_hi,
-        seqlen_k,
-        key_lo,
-        key_hi,
-        kv_first,
-        half_scale,
-        half_bias,
-        half_slope,
-        diag_offset,
-        window_left,
-        window_right,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
-        False,
-        HAS_LEFT,
-        HAS_RIGHT,
-        ALIBI,
-        PAGED,
-        PAGE_SIZE,
-        TMA,
-    )
-    acc = _fwd_tiles(
-        acc,
-        q,
-        K,
-        V,
-        KDesc,
-        VDesc,
-        b,
-        h_kv,
-        Pages,
-        stride_kb,
-        stride_kn,
-        stride_vb,
-        stride_vn,
-        offs_m,
-        offs_d,
-        full_hi,
-        hi,
-        seqlen_k,
-        key_lo,
-        key_hi,
-        kv_first,
-        half_scale,
-        half_bias,
-        half_slope,
-        diag_offset,
-        window_left,
-        window_right,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
-        True,
-        HAS_LEFT,
-        HAS_RIGHT,
-        ALIBI,
-        PAGED,
-        PAGE_SIZE,
-        TMA,
-    )
+    key_lo, key_hi = _visible_keys(m0, BLOCK_Q, diag_offset, seqlen_q, seqlen_k, window_left, window_right,
+                                   HAS_LEFT, HAS_RIGHT)
+    acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
+                     offs_d, lo, full_lo, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope,
+                     diag_offset, window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                     ALIBI, PAGED, PAGE_SIZE, TMA)
+    acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
+                     offs_d, full_lo, full_hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope,
+                     diag_offset, window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
+                     ALIBI, PAGED, PAGE_SIZE, TMA)
+    acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
+                     offs_d, full_hi, hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope,
+                     diag_offset, window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
+                     ALIBI, PAGED, PAGE_SIZE, TMA)
     if HAS_LEFT or HAS_RIGHT:  # a query with no allowed key outputs 0, whatever the values it masks hold
-        acc = tl.where(
-            _sees_a_key(offs_m, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)[:, None],
-            acc,
-            0.0,
-        )
+        acc = tl.where(_sees_a_key(offs_m, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT,
+                                   HAS_RIGHT)[:, None], acc, 0.0)
     Out += split * stride_os + b64 * stride_ob + q_start * stride_om
-    _store_rows(
-        Out, acc.to(Out.dtype.element_ty), offs_m * stride_om + heads * stride_oh, offs_m, offs_d, seqlen_q, HEAD_DIM
-    )
+    _store_rows(Out, acc.to(Out.dtype.element_ty), offs_m * stride_om + heads * stride_oh, offs_m, offs_d,
+                seqlen_q, HEAD_DIM)
 
 
 @triton.jit
-def sigmoid_attn_sum_splits_kernel(
-    Partial, Out, numel, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK: tl.constexpr
-):
+def sigmoid_attn_sum_splits_kernel(Partial, Out, numel, NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                                   BLOCK: tl.constexpr):
     """Out = the sum over splits of Partial (NUM_SPLITS, numel): one [splits, BLOCK] load, so every split's
     read is in flight at once (a loop over splits waits on each in turn), then a reduction whose order is
     fixed by the compiled kernel: deterministic."""
@@ -759,36 +500,10 @@ def sigmoid_attn_sum_splits_kernel(
 
 
 @triton.jit
-def _bwd_dkdv_tiles(
-    dk,
-    dv,
-    k,
-    v,
-    Q,
-    DO,
-    stride_qm,
-    stride_dom,
-    offs_n,
-    offs_d,
-    lo,
-    hi,
-    seqlen_q,
-    key_first,
-    key_last,
-    half_scale,
-    half_bias,
-    half_slope,
-    diag_offset,
-    window_left,
-    window_right,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    ALIBI: tl.constexpr,
-):
+def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, lo, hi, seqlen_q, key_first, key_last,
+                    half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr):
     """dK, dV of the key tile over query tiles [lo, hi). MASKED tiles load only the queries before Sq that see a
     key of the tile's [key_first, key_last] (others read as 0) and mask P and dS to the allowed pairs."""
     for m0 in range(lo, hi, BLOCK_M):
@@ -819,59 +534,17 @@ def _bwd_dkdv_tiles(
 
 @triton.jit
 def sigmoid_attn_bwd_kernel_dkdv(
-    Q,
-    K,
-    V,
-    DO,
-    DK,
-    DV,
-    HeadBias,
-    Alibi,
-    CuSeqlensQ,
-    CuSeqlensK,
-    stride_qb,
-    stride_qm,
-    stride_qh,
-    stride_kb,
-    stride_kn,
-    stride_kh,
-    stride_vb,
-    stride_vn,
-    stride_vh,
-    stride_dob,
-    stride_dom,
-    stride_doh,
-    stride_dkb,
-    stride_dkn,
-    stride_dkh,
-    stride_dvb,
-    stride_dvn,
-    stride_dvh,
-    stride_alibi_b,
-    seqlen_q,
-    seqlen_k,
-    window_left,
-    window_right,
-    scale,
-    half_scale,
-    half_scale_bias,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    TOP_LEFT: tl.constexpr,
-    HEAD_BIAS: tl.constexpr,
-    DEFAULT_BIAS: tl.constexpr,
-    ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr,
+    Q, K, V, DO, DK, DV, HeadBias, Alibi, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
+    stride_alibi_b, seqlen_q, seqlen_k, window_left, window_right, scale, half_scale, half_scale_bias,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr,
+    HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
 ):
     i_n, h_kv, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start, seqlen_q, k_start, seqlen_k = _row_bounds(
-        b, CuSeqlensQ, CuSeqlensK, CuSeqlensK, seqlen_q, seqlen_k, VARLEN, False
-    )
+    q_start, seqlen_q, k_start, seqlen_k = _row_bounds(b, CuSeqlensQ, CuSeqlensK, CuSeqlensK, seqlen_q, seqlen_k,
+                                                       VARLEN, False)
     n0 = i_n * BLOCK_N
     if VARLEN:  # noqa: SIM102
         if n0 >= seqlen_k:
@@ -883,147 +556,37 @@ def sigmoid_attn_bwd_kernel_dkdv(
     row_half_bias = _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(
-        K + b64 * stride_kb + k_start * stride_kn + h_kv * stride_kh,
-        offs_n * stride_kn,
-        offs_n < seqlen_k,
-        offs_d,
-        HEAD_DIM,
-        BLOCK_D,
-        True,
-    )
-    v = _load_rows(
-        V + b64 * stride_vb + k_start * stride_vn + h_kv * stride_vh,
-        offs_n * stride_vn,
-        offs_n < seqlen_k,
-        offs_d,
-        HEAD_DIM,
-        BLOCK_D,
-        True,
-    )
+    k = _load_rows(K + b64 * stride_kb + k_start * stride_kn + h_kv * stride_kh, offs_n * stride_kn,
+                   offs_n < seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + b64 * stride_vb + k_start * stride_vn + h_kv * stride_vh, offs_n * stride_vn,
+                   offs_n < seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
     key_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _query_tiles(
-        n0, diag_offset, seqlen_q, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
-    )
+    lo, full_lo, full_hi, hi = _query_tiles(n0, diag_offset, seqlen_q, window_left, window_right,
+                                            BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     for g in range(GROUP):
         h = h_kv * GROUP + g
         Qh = Q + b64 * stride_qb + q_start * stride_qm + h * stride_qh
         DOh = DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh
         half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, row_half_bias, ALIBI, HEAD_BIAS)
-        dk, dv = _bwd_dkdv_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            Qh,
-            DOh,
-            stride_qm,
-            stride_dom,
-            offs_n,
-            offs_d,
-            lo,
-            full_lo,
-            seqlen_q,
-            n0,
-            key_last,
-            half_scale,
-            half_bias,
-            half_slope,
-            diag_offset,
-            window_left,
-            window_right,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            True,
-            HAS_LEFT,
-            HAS_RIGHT,
-            ALIBI,
-        )
-        dk, dv = _bwd_dkdv_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            Qh,
-            DOh,
-            stride_qm,
-            stride_dom,
-            offs_n,
-            offs_d,
-            full_lo,
-            full_hi,
-            seqlen_q,
-            n0,
-            key_last,
-            half_scale,
-            half_bias,
-            half_slope,
-            diag_offset,
-            window_left,
-            window_right,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            False,
-            HAS_LEFT,
-            HAS_RIGHT,
-            ALIBI,
-        )
-        dk, dv = _bwd_dkdv_tiles(
-            dk,
-            dv,
-            k,
-            v,
-            Qh,
-            DOh,
-            stride_qm,
-            stride_dom,
-            offs_n,
-            offs_d,
-            full_hi,
-            hi,
-            seqlen_q,
-            n0,
-            key_last,
-            half_scale,
-            half_bias,
-            half_slope,
-            diag_offset,
-            window_left,
-            window_right,
-            HEAD_DIM,
-            BLOCK_M,
-            BLOCK_D,
-            True,
-            HAS_LEFT,
-            HAS_RIGHT,
-            ALIBI,
-        )
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, lo, full_lo, seqlen_q,
+                                 n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
+                                 window_right, HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_lo, full_hi,
+                                 seqlen_q, n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
+                                 window_right, HEAD_DIM, BLOCK_M, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI)
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_hi, hi, seqlen_q,
+                                 n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
+                                 window_right, HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
     if HAS_LEFT or HAS_RIGHT:  # a key no query may see gets exactly 0, whatever the rows that mask it hold
         seen = _sees_a_key(offs_n, -diag_offset, seqlen_q, window_right, window_left, HAS_RIGHT, HAS_LEFT)
         dk = tl.where(seen[:, None], dk, 0.0)
         dv = tl.where(seen[:, None], dv, 0.0)
-    _store_rows(
-        DK + b64 * stride_dkb + k_start * stride_dkn + h_kv * stride_dkh,
-        (dk * scale).to(DK.dtype.element_ty),
-        offs_n * stride_dkn,
-        offs_n,
-        offs_d,
-        seqlen_k,
-        HEAD_DIM,
-    )
-    _store_rows(
-        DV + b64 * stride_dvb + k_start * stride_dvn + h_kv * stride_dvh,
-        dv.to(DV.dtype.element_ty),
-        offs_n * stride_dvn,
-        offs_n,
-        offs_d,
-        seqlen_k,
-        HEAD_DIM,
-    )
+    _store_rows(DK + b64 * stride_dkb + k_start * stride_dkn + h_kv * stride_dkh, (dk * scale).to(DK.dtype.element_ty),
+                offs_n * stride_dkn, offs_n, offs_d, seqlen_k, HEAD_DIM)
+    _store_rows(DV + b64 * stride_dvb + k_start * stride_dvn + h_kv * stride_dvh, dv.to(DV.dtype.element_ty),
+                offs_n * stride_dvn, offs_n, offs_d, seqlen_k, HEAD_DIM)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1031,36 +594,11 @@ def sigmoid_attn_bwd_kernel_dkdv(
 
 
 @triton.jit
-def _bwd_dq_tiles(
-    dq,
-    dsum,
-    q,
-    do,
-    K,
-    V,
-    stride_kn,
-    stride_vn,
-    offs_m,
-    offs_d,
-    lo,
-    hi,
-    key_lo,
-    key_hi,
-    half_scale,
-    half_bias,
-    half_slope,
-    diag_offset,
-    window_left,
-    window_right,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    MASKED: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    ALIBI: tl.constexpr,
-    HEAD_BIAS: tl.constexpr,
-):
+def _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, key_lo, key_hi,
+                  half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr,
+                  HEAD_BIAS: tl.constexpr):
     """dQ of the query tile over key tiles [lo, hi); MASKED tiles as in ``_fwd_tiles``, with dS masked too."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -1073,9 +611,8 @@ def _bwd_dq_tiles(
         dp = _dot(do, tl.trans(v), None)  # [BM, BN]
         ds = dp * p * (1.0 - p)
         if MASKED:
-            ds = tl.where(
-                _counted(key_ok[None, :], i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT), ds, 0.0
-            )
+            ds = tl.where(_counted(key_ok[None, :], i, j, diag_offset, window_left, window_right, HAS_LEFT,
+                                   HAS_RIGHT), ds, 0.0)
         dq = _dot(ds.to(k.dtype), k, dq)  # [BM, BD]
         if HEAD_BIAS:
             dsum += tl.sum(ds, axis=1)
@@ -1084,56 +621,17 @@ def _bwd_dq_tiles(
 
 @triton.jit
 def sigmoid_attn_bwd_kernel_dq(
-    Q,
-    K,
-    V,
-    DO,
-    DQ,
-    DBiasPartial,
-    HeadBias,
-    Alibi,
-    CuSeqlensQ,
-    CuSeqlensK,
-    stride_qb,
-    stride_qm,
-    stride_qh,
-    stride_kb,
-    stride_kn,
-    stride_kh,
-    stride_vb,
-    stride_vn,
-    stride_vh,
-    stride_dob,
-    stride_dom,
-    stride_doh,
-    stride_dqb,
-    stride_dqm,
-    stride_dqh,
-    stride_alibi_b,
-    seqlen_q,
-    seqlen_k,
-    window_left,
-    window_right,
-    scale,
-    half_scale,
-    half_scale_bias,
-    GROUP: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_LEFT: tl.constexpr,
-    HAS_RIGHT: tl.constexpr,
-    TOP_LEFT: tl.constexpr,
-    HEAD_BIAS: tl.constexpr,
-    DEFAULT_BIAS: tl.constexpr,
-    ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr,
+    Q, K, V, DO, DQ, DBiasPartial, HeadBias, Alibi, CuSeqlensQ, CuSeqlensK,
+    stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
+    stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_alibi_b,
+    seqlen_q, seqlen_k, window_left, window_right, scale, half_scale, half_scale_bias,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr,
+    HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
 ):
     i_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start, seqlen_q, k_start, seqlen_k = _row_bounds(
-        b, CuSeqlensQ, CuSeqlensK, CuSeqlensK, seqlen_q, seqlen_k, VARLEN, False
-    )
+    q_start, seqlen_q, k_start, seqlen_k = _row_bounds(b, CuSeqlensQ, CuSeqlensK, CuSeqlensK, seqlen_q, seqlen_k,
+                                                       VARLEN, False)
     m0 = i_m * BLOCK_M
     if VARLEN:  # noqa: SIM102 (its bias partial stays at the buffer's 0)
         if m0 >= seqlen_q:
@@ -1146,138 +644,32 @@ def sigmoid_attn_bwd_kernel_dq(
     offs_d = tl.arange(0, BLOCK_D)
     K += b64 * stride_kb + k_start * stride_kn + (h // GROUP) * stride_kh
     V += b64 * stride_vb + k_start * stride_vn + (h // GROUP) * stride_vh
-    half_bias, half_slope = _head_terms(
-        HeadBias, Alibi, stride_alibi_b, b, h, _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS), ALIBI, HEAD_BIAS
-    )
-    q = _load_rows(
-        Q + b64 * stride_qb + q_start * stride_qm + h * stride_qh,
-        offs_m * stride_qm,
-        offs_m < seqlen_q,
-        offs_d,
-        HEAD_DIM,
-        BLOCK_D,
-        True,
-    )
-    do = _load_rows(
-        DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh,
-        offs_m * stride_dom,
-        offs_m < seqlen_q,
-        offs_d,
-        HEAD_DIM,
-        BLOCK_D,
-        True,
-    )
+    half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h,
+                                        _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS), ALIBI, HEAD_BIAS)
+    q = _load_rows(Q + b64 * stride_qb + q_start * stride_qm + h * stride_qh, offs_m * stride_qm, offs_m < seqlen_q,
+                   offs_d, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh, offs_m * stride_dom,
+                    offs_m < seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo, full_lo, full_hi, hi = _key_tiles(
-        m0, diag_offset, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
-    )
-    key_lo, key_hi = _visible_keys(
-        m0, BLOCK_M, diag_offset, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT
-    )
-    dq, dsum = _bwd_dq_tiles(
-        dq,
-        dsum,
-        q,
-        do,
-        K,
-        V,
-        stride_kn,
-        stride_vn,
-        offs_m,
-        offs_d,
-        lo,
-        full_lo,
-        key_lo,
-        key_hi,
-        half_scale,
-        half_bias,
-        half_slope,
-        diag_offset,
-        window_left,
-        window_right,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
-        True,
-        HAS_LEFT,
-        HAS_RIGHT,
-        ALIBI,
-        HEAD_BIAS,
-    )
-    dq, dsum = _bwd_dq_tiles(
-        dq,
-        dsum,
-        q,
-        do,
-        K,
-        V,
-        stride_kn,
-        stride_vn,
-        offs_m,
-        offs_d,
-        full_lo,
-        full_hi,
-        key_lo,
-        key_hi,
-        half_scale,
-        half_bias,
-        half_slope,
-        diag_offset,
-        window_left,
-        window_right,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
-        False,
-        HAS_LEFT,
-        HAS_RIGHT,
-        ALIBI,
-        HEAD_BIAS,
-    )
-    dq, dsum = _bwd_dq_tiles(
-        dq,
-        dsum,
-        q,
-        do,
-        K,
-        V,
-        stride_kn,
-        stride_vn,
-        offs_m,
-        offs_d,
-        full_hi,
-        hi,
-        key_lo,
-        key_hi,
-        half_scale,
-        half_bias,
-        half_slope,
-        diag_offset,
-        window_left,
-        window_right,
-        HEAD_DIM,
-        BLOCK_N,
-        BLOCK_D,
-        True,
-        HAS_LEFT,
-        HAS_RIGHT,
-        ALIBI,
-        HEAD_BIAS,
-    )
+    lo, full_lo, full_hi, hi = _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
+                                          BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    key_lo, key_hi = _visible_keys(m0, BLOCK_M, diag_offset, seqlen_q, seqlen_k, window_left, window_right,
+                                   HAS_LEFT, HAS_RIGHT)
+    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, full_lo, key_lo, key_hi,
+                             half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+                             HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, HEAD_BIAS)
+    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, full_lo, full_hi, key_lo,
+                             key_hi, half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+                             HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI, HEAD_BIAS)
+    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, full_hi, hi, key_lo, key_hi,
+                             half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+                             HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, HEAD_BIAS)
     if HAS_LEFT or HAS_RIGHT:  # a query with no allowed key gets exactly 0, whatever the keys it masks hold
-        dq = tl.where(
-            _sees_a_key(offs_m, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)[:, None], dq, 0.0
-        )
-    _store_rows(
-        DQ + b64 * stride_dqb + q_start * stride_dqm + h * stride_dqh,
-        (dq * scale).to(DQ.dtype.element_ty),
-        offs_m * stride_dqm,
-        offs_m,
-        offs_d,
-        seqlen_q,
-        HEAD_DIM,
-    )
+        dq = tl.where(_sees_a_key(offs_m, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT,
+                                  HAS_RIGHT)[:, None], dq, 0.0)
+    _store_rows(DQ + b64 * stride_dqb + q_start * stride_dqm + h * stride_dqh, (dq * scale).to(DQ.dtype.element_ty),
+                offs_m * stride_dqm, offs_m, offs_d, seqlen_q, HEAD_DIM)
     if HEAD_BIAS:
         # One partial sum per (b, h, query tile), reduced on the host in a fixed order: deterministic.
         n_tiles = tl.num_programs(0)
