@@ -99,14 +99,17 @@ def test_default_plan_is_the_full_sweep():
 def test_quick_plan():
     plan = command.make_plan(parse("--quick"))
     assert [(s.headdim, s.seqlen, s.causal) for s in plan.shapes] == [
-        (128, 1024, True), (128, 4096, True), (128, 1024, False), (128, 4096, False),
-    ]  # fmt: skip
+        (128, 1024, True),
+        (128, 4096, True),
+        (128, 1024, False),
+        (128, 4096, False),
+    ]
     assert plan.timing == bench.QUICK_TIMING
 
 
 def test_selection_options():
-    args = parse("--causal", "--headdim", "64", "--seqlen", "1k", "2048", "--providers", "sdpa-flash",
-                 "--modes", "bwd", "fwd", "--dtype", "fp16")  # fmt: skip
+    shapes = ("--causal", "--headdim", "64", "--seqlen", "1k", "2048")
+    args = parse(*shapes, "--providers", "sdpa-flash", "--modes", "bwd", "fwd", "--dtype", "fp16")
     plan = command.make_plan(args)
     assert plan.shapes == [Shape(16, 32, 1024, 64, True, "fp16"), Shape(8, 32, 2048, 64, True, "fp16")]
     assert plan.modes == ["bwd", "fwd"] and plan.providers == ["sdpa-flash"]
@@ -202,12 +205,14 @@ def test_sweep_records_failures_and_goes_on(sweep):
     rows, skips, progress = sweep
     measured = {(r["provider"], r["seqlen"], r["mode"]) for r in rows}
     assert measured == {("sigattn", s, m) for s in (1024, 2048) for m in ("fwd", "fwd+bwd")} | {
-        ("sdpa-flash", 1024, "fwd"), ("sdpa-flash", 1024, "fwd+bwd"),
-    }  # fmt: skip
+        ("sdpa-flash", 1024, "fwd"),
+        ("sdpa-flash", 1024, "fwd+bwd"),
+    }
     assert {(s.provider, s.shape.seqlen, s.mode) for s in skips} == {
-        ("sdpa-flash", 2048, "fwd"), ("sdpa-flash", 2048, "fwd+bwd"),
+        ("sdpa-flash", 2048, "fwd"),
+        ("sdpa-flash", 2048, "fwd+bwd"),
         *(("flex-sigmoid", s, m) for s in (1024, 2048) for m in ("fwd", "fwd+bwd")),
-    }  # fmt: skip
+    }
     assert {s.error for s in skips} == {
         "OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB",
         "NotImplementedError: no kernel for this shape",
@@ -235,8 +240,16 @@ def test_table_shows_tflops_ratios_and_skips(sweep):
     sigattn, flash = cell(1024, "fwd", 1.0), cell(1024, "fwd", 2.0)
     assert table[1].split() == ["64", "causal", "1024", "fwd", sigattn, flash, "skip[1]", "2.00x", "-"]
     assert table[4].split() == [
-        "64", "causal", "2048", "fwd+bwd", cell(2048, "fwd+bwd", 2.0), "skip[2]", "skip[1]", "-", "-",
-    ]  # fmt: skip
+        "64",
+        "causal",
+        "2048",
+        "fwd+bwd",
+        cell(2048, "fwd+bwd", 2.0),
+        "skip[2]",
+        "skip[1]",
+        "-",
+        "-",
+    ]
     assert table[-2:] == [
         "[1] NotImplementedError: no kernel for this shape",
         "[2] OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB",
@@ -330,8 +343,8 @@ def test_flex_sigmoid_compiled_with_gradients(causal):
 @needs_cuda
 def test_bench_command_on_cuda(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    argv = ["bench", "--providers", "sdpa-flash", "flex-sigmoid", "--headdim", "64", "--seqlen", "512",
-            "--quick", "--json", str(path)]  # fmt: skip
+    providers = ["--providers", "sdpa-flash", "flex-sigmoid"]
+    argv = ["bench", *providers, "--headdim", "64", "--seqlen", "512", "--quick", "--json", str(path)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     rows = json.loads(path.read_text())["rows"]
@@ -385,8 +398,16 @@ def test_varlen_lengths_cover_the_tokens(mixed):
 
 def test_decode_table_ratios():
     def row(provider, ms):
-        return {"provider": provider, "heads": 32, "kv_heads": 8, "batch": 1, "cache_len": 8192, "ms": ms,
-                "gbps": 1000 / ms, "gbps_eager": 100 / ms}  # fmt: skip
+        return {
+            "provider": provider,
+            "heads": 32,
+            "kv_heads": 8,
+            "batch": 1,
+            "cache_len": 8192,
+            "ms": ms,
+            "gbps": 1000 / ms,
+            "gbps_eager": 100 / ms,
+        }
 
     rows = [row("sigattn", 0.5), row("sdpa-flash", 1.0), row("sdpa-cudnn", 0.25), row("copy", 0.4)]
     skips = [("sdpa-math", inf.DecodeShape(1, 8192, 32, 8), "OutOfMemoryError: ...")]
@@ -401,8 +422,14 @@ def test_decode_table_ratios():
 
 def test_varlen_table_ratios_from_graph_and_eager_times():
     def row(provider, tflops, tflops_eager):
-        return {"provider": provider, "lengths": "equal", "seqlen": 512, "mode": "fwd", "tflops": tflops,
-                "tflops_eager": tflops_eager}  # fmt: skip
+        return {
+            "provider": provider,
+            "lengths": "equal",
+            "seqlen": 512,
+            "mode": "fwd",
+            "tflops": tflops,
+            "tflops_eager": tflops_eager,
+        }
 
     rows = [row("sigattn-varlen", 300, 100), row("sigattn-dense", 320, 200), row("sigattn-loop", 10, 5)]
     line = inf.format_varlen(rows, []).splitlines()[2]

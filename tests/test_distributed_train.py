@@ -52,13 +52,13 @@ FULL_RUNS = {
 
 def micro(text_file, mode: str = "none", *extra: str) -> list[str]:
     """Overrides turning the tiny preset into an 8-step run on generated text, one log line per step."""
-    return [
-        "data.dataset=text", f"data.path={text_file}", f"train.parallel={mode}",
-        "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=16",
-        "train.batch_size=8", f"train.max_steps={STEPS}", "train.log_every=1", f"train.eval_every={EVAL_EVERY}",
-        "train.eval_windows=4", "train.eval_context_lengths=32", "optim.warmup_steps=2", "train.progress=false",
-        "train.plots=false", "train.device=cpu", "train.compile=off", *extra,
-    ]  # fmt: skip
+    settings = (
+        f"train.parallel={mode} model.n_layer=1 model.d_model=32 model.n_head=2 model.block_size=16 "
+        f"train.batch_size=8 train.max_steps={STEPS} train.log_every=1 train.eval_every={EVAL_EVERY} "
+        "train.eval_windows=4 train.eval_context_lengths=32 optim.warmup_steps=2 train.progress=false "
+        "train.plots=false train.device=cpu train.compile=off"
+    )
+    return ["data.dataset=text", f"data.path={text_file}", *settings.split(), *extra]
 
 
 def quiet(line: str) -> None:
@@ -79,8 +79,11 @@ def run_to_end(config, out, *, resume: bool = False, until_step: int | None = No
     weight = next(trainer.model.blocks[0].parameters())
     if trainer.parallel.is_main:
         torch.save(params, out / "params.pt")
-        how = {"rows": [trainer.rows.start, trainer.rows.stop], "wrapper": type(trainer.forward).__name__,
-               "sharded": type(weight).__name__ == "DTensor"}  # fmt: skip
+        how = {
+            "rows": [trainer.rows.start, trainer.rows.stop],
+            "wrapper": type(trainer.forward).__name__,
+            "sharded": type(weight).__name__ == "DTensor",
+        }
         (out / "how.json").write_text(json.dumps(how))
 
 
@@ -91,14 +94,15 @@ def _worker(rank: int, world_size: int, text_file: str, root: str) -> None:
     torch.set_num_threads(1)  # 2 cores for up to 4 processes
     root = Path(root)
     dist.init_process_group(
-        "gloo", init_method=f"file://{root / 'store'}", rank=rank, world_size=world_size,
+        "gloo",
+        init_method=f"file://{root / 'store'}",
+        rank=rank,
+        world_size=world_size,
         timeout=timedelta(seconds=60),
-    )  # fmt: skip
-    jobs = {
-        name: (lambda mode=mode, extra=extra, name=name: run_to_end(
-            build_config("tiny", micro(text_file, mode, *extra)), root / name))
-        for name, (mode, extra) in FULL_RUNS.items()
-    }  # fmt: skip
+    )
+    jobs = {}
+    for name, (mode, extra) in FULL_RUNS.items():
+        jobs[name] = lambda m=mode, e=extra, n=name: run_to_end(build_config("tiny", micro(text_file, m, *e)), root / n)
     for mode in MODES:
         config = build_config("tiny", micro(text_file, mode, RESUME_LOG))
         # Resume the 1-process run the parent checkpointed at step SPLIT (copied to root / "resumed-MODE").
@@ -230,8 +234,8 @@ def test_each_rank_takes_its_rows_of_the_global_batch():
         slice(4, 6),
         slice(6, 8),
     ]
-    with pytest.raises(ParallelError, match=r"train.batch_size \(6\) is the global batch and must be a multiple "
-                       r"of the number of processes \(4\)"):  # fmt: skip
+    shares = r"train.batch_size \(6\) is the global batch and must be a multiple of the number of processes \(4\)"
+    with pytest.raises(ParallelError, match=shares):
         local_rows(6, Parallel("fsdp", rank=1, world_size=4))
 
 

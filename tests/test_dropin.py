@@ -129,8 +129,8 @@ def test_softmax_scale_is_scale(name):
 
 @pytest.mark.parametrize("name", list(FLASH_FUNCTIONS))
 def test_scale_and_softmax_scale_together_is_an_error(name):
-    with pytest.raises(ValueError, match=r"scale and softmax_scale name the same argument .* got scale=0\.1 and "
-                                         r"softmax_scale=0\.2"):  # fmt: skip
+    both = r"scale and softmax_scale name the same argument .* got scale=0\.1 and softmax_scale=0\.2"
+    with pytest.raises(ValueError, match=both):
         FLASH_FUNCTIONS[name](scale=0.1, softmax_scale=0.2)
 
 

@@ -26,9 +26,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 
 @pytest.mark.parametrize(
     "p, df, expected",
-    [(0.975, 1, 12.7062), (0.975, 5, 2.5706), (0.975, 10, 2.2281), (0.975, 30, 2.0423), (0.95, 4, 2.1318),
-     (0.975, 1e7, 1.9600), (0.025, 10, -2.2281)],
-)  # fmt: skip
+    [
+        (0.975, 1, 12.7062),
+        (0.975, 5, 2.5706),
+        (0.975, 10, 2.2281),
+        (0.975, 30, 2.0423),
+        (0.95, 4, 2.1318),
+        (0.975, 1e7, 1.9600),
+        (0.025, 10, -2.2281),
+    ],
+)
 def test_student_t_quantile_matches_tables(p, df, expected):
     assert common.student_t_quantile(p, df) == pytest.approx(expected, abs=2e-4)
 

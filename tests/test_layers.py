@@ -61,6 +61,11 @@ def test_imports_resolve_relative_names():
     assert ("sigattn.bench", "command") in imports(MODULES["sigattn.cli"])
 
 
+def test_plotting_imports_none_of_the_tools_that_draw():
+    """``sigattn.plotting`` serves train, experiments and bench (the lab): it imports nothing from sigattn."""
+    assert not [module for module, _ in imports(MODULES["sigattn.plotting"]) if module.startswith("sigattn")]
+
+
 @pytest.mark.parametrize("name", [n for n in MODULES if not lab_room(n) and n not in WIRES_COMMANDS])
 def test_the_library_does_not_import_the_lab(name):
     lab = sorted(
@@ -77,7 +82,8 @@ def test_the_lab_uses_public_names_of_other_packages(name):
     private = [
         f"{module}.{what}"
         for module, what in imports(MODULES[name])
-        if module.startswith("sigattn") and lab_room(module) != lab_room(name)
+        if module.startswith("sigattn")
+        and lab_room(module) != lab_room(name)
         and any(is_private(part) for part in [*module.split("."), what or ""])
-    ]  # fmt: skip
+    ]
     assert not private, f"{name} imports private names of other packages: {', '.join(private)}"

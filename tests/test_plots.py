@@ -111,8 +111,11 @@ def figure_problems(fig: Figure) -> list[str]:
         if any(isinstance(c, BarContainer) for c in ax.containers) and ax.get_ylim()[0] > 0:
             problems.append(f"{where}: bars start at {ax.get_ylim()[0]:.3g}, not 0 (it exaggerates the gaps)")
         for axis in (ax.xaxis, ax.yaxis):
-            labels = [t for t in axis.get_ticklabels(minor=False) + axis.get_ticklabels(minor=True)
-                      if t.get_visible() and t.get_text()]  # fmt: skip
+            labels = [
+                t
+                for t in axis.get_ticklabels(minor=False) + axis.get_ticklabels(minor=True)
+                if t.get_visible() and t.get_text()
+            ]
             boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in labels]
             for (text_a, a), (text_b, b) in itertools.combinations(boxes, 2):
                 if _overlaps(a, b):
@@ -156,17 +159,24 @@ def test_compare_plots_are_readable(tmp_path, inspected, capsys):
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(600)))
     out = tmp_path / "cmp"
-    argv = ["compare", "--preset", "tiny", "--out", str(out), "--max-steps", "8", "data.dataset=text",
-            f"data.path={text}", "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.block_size=16",
-            "train.batch_size=8", "train.log_every=2", "train.eval_every=4", "train.eval_windows=4",
-            "train.eval_context_lengths=8,32", "optim.warmup_steps=2", "train.progress=false"]  # fmt: skip
+    settings = (
+        "model.n_layer=2 model.d_model=32 model.n_head=2 model.block_size=16 train.batch_size=8 train.log_every=2 "
+        "train.eval_every=4 train.eval_windows=4 train.eval_context_lengths=8,32 optim.warmup_steps=2 "
+        "train.progress=false"
+    )
+    argv = ["compare", "--preset", "tiny", "--out", str(out), "--max-steps", "8", "data.dataset=text"]
+    argv += [f"data.path={text}", *settings.split()]
     assert cli.main(argv) == 0, capsys.readouterr().err
     written = sorted(out.rglob("*.png"))
     # the comparison's two plots and each run's own (one series each)
     assert {str(p.relative_to(out)) for p in written} == {
-        "loss.png", "diagnostics.png", "sigmoid/loss.png", "sigmoid/diagnostics.png", "softmax/loss.png",
+        "loss.png",
+        "diagnostics.png",
+        "sigmoid/loss.png",
+        "sigmoid/diagnostics.png",
+        "softmax/loss.png",
         "softmax/diagnostics.png",
-    }  # fmt: skip
+    }
     assert_readable(inspected, written)
 
 

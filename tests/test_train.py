@@ -36,13 +36,12 @@ def text_file(tmp_path_factory):
 
 def micro(text_file, *extra: str) -> list[str]:
     """Overrides turning the tiny preset into a run of a few seconds on generated text."""
-    return [
-        "data.dataset=text", f"data.path={text_file}",
-        "model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=16",
-        "train.batch_size=8", "train.max_steps=8", "train.log_every=2", "train.eval_every=4",
-        "train.eval_windows=4", "train.eval_context_lengths=8,32", "optim.warmup_steps=2", "train.progress=false",
-        "train.plots=false", *extra,
-    ]  # fmt: skip
+    settings = (
+        "model.n_layer=1 model.d_model=32 model.n_head=2 model.block_size=16 train.batch_size=8 train.max_steps=8 "
+        "train.log_every=2 train.eval_every=4 train.eval_windows=4 train.eval_context_lengths=8,32 "
+        "optim.warmup_steps=2 train.progress=false train.plots=false"
+    )
+    return ["data.dataset=text", f"data.path={text_file}", *settings.split(), *extra]
 
 
 def quiet(line: str) -> None:
@@ -66,11 +65,19 @@ def test_bundled_presets_build_and_round_trip():
 def test_overrides_parse_by_field_type():
     config = build_config(
         "tiny",
-        ["model.layerscale=0.5", "train.eval_context_lengths=8,16", "qk_norm=rmsnorm", "train.diagnostics=false",
-         "lr=2e-3", "model.n_kv_head=2", "model.bias_init=none", "data.path=some file.txt"],
+        [
+            "model.layerscale=0.5",
+            "train.eval_context_lengths=8,16",
+            "qk_norm=rmsnorm",
+            "train.diagnostics=false",
+            "lr=2e-3",
+            "model.n_kv_head=2",
+            "model.bias_init=none",
+            "data.path=some file.txt",
+        ],
         attn="softmax",
         max_steps=7,
-    )  # fmt: skip
+    )
     assert config.model.layerscale == 0.5 and config.model.qk_norm == "rmsnorm" and config.model.n_kv_head == 2
     assert config.train.eval_context_lengths == (8, 16) and config.train.diagnostics is False
     assert config.optim.lr == 2e-3 and config.model.bias_init is None and config.data.path == "some file.txt"
@@ -274,11 +281,11 @@ def test_vit_trains_on_generated_images(tmp_path):
     for image, label in zip(images, labels, strict=True):
         image[0, :, 4 * label : 4 * label + 4] += 0.7
     np.savez(tmp_path / "halves.npz", images=images, labels=labels)
-    overrides = [
-        "data.dataset=images", f"data.path={tmp_path / 'halves.npz'}", "model.n_layer=1", "model.d_model=16",
-        "model.n_head=2", "train.max_steps=30", "train.eval_every=30", "train.log_every=10", "train.progress=false",
-        "optim.warmup_steps=5", "optim.lr=3e-3", "train.batch_size=16",
-    ]  # fmt: skip
+    settings = (
+        "model.n_layer=1 model.d_model=16 model.n_head=2 train.max_steps=30 train.eval_every=30 train.log_every=10 "
+        "train.progress=false optim.warmup_steps=5 optim.lr=3e-3 train.batch_size=16"
+    )
+    overrides = ["data.dataset=images", f"data.path={tmp_path / 'halves.npz'}", *settings.split()]
     result = train(build_config("digits-vit", overrides), tmp_path / "run", log=quiet)
     last = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
     assert last["val_acc"] >= 0.9 and result.final_val_loss == last["val_loss"]
@@ -348,8 +355,7 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_cli_train_and_resume(tmp_path, text_file, capsys):
     out = tmp_path / "run"
-    args = ["train", "--preset", "tiny", "--attn", "softmax", "--out", str(out), "--max-steps", "4",
-            *micro(text_file)]  # fmt: skip
+    args = ["train", "--preset", "tiny", "--attn", "softmax", "--out", str(out), "--max-steps", "4", *micro(text_file)]
     status, stdout, err = run_cli(capsys, *args)
     assert status == 0, err
     result = json.loads(stdout)

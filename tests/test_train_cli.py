@@ -50,11 +50,11 @@ def corpus(tmp_path_factory) -> Path:
 def micro(corpus: Path, *extra: str) -> list[str]:
     """Overrides turning the tiny preset into a run of a few milliseconds per step on generated text (one
     thread: a second one makes such small steps many times slower when the test suite shares the cores)."""
-    return [
-        "data.dataset=text", f"data.path={corpus}", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
-        "model.block_size=16", "train.batch_size=8", "train.log_every=2", "train.eval_every=50",
-        "train.eval_windows=4", "optim.warmup_steps=2", "train.plots=false", "train.threads=1", *extra,
-    ]  # fmt: skip
+    settings = (
+        "model.n_layer=1 model.d_model=32 model.n_head=2 model.block_size=16 train.batch_size=8 train.log_every=2 "
+        "train.eval_every=50 train.eval_windows=4 optim.warmup_steps=2 train.plots=false train.threads=1"
+    )
+    return ["data.dataset=text", f"data.path={corpus}", *settings.split(), *extra]
 
 
 def command_env() -> dict:
@@ -65,16 +65,29 @@ def command_env() -> dict:
 
 def sigattn(*argv: str, **kwargs) -> subprocess.CompletedProcess:
     """Runs ``sigattn ARGV`` to the end."""
-    return subprocess.run([sys.executable, "-m", "sigattn.cli", *argv], capture_output=True, text=True,
-                          env=command_env(), cwd=REPO, timeout=600, **kwargs)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "sigattn.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=command_env(),
+        cwd=REPO,
+        timeout=600,
+        **kwargs,
+    )
 
 
 class Running:
     """A ``sigattn`` command running in the background, its stdout and stderr collected by threads."""
 
     def __init__(self, *argv: str):
-        self.process = subprocess.Popen([sys.executable, "-m", "sigattn.cli", *argv], stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True, env=command_env(), cwd=REPO)  # fmt: skip
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "sigattn.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=command_env(),
+            cwd=REPO,
+        )
         self.out: list[str] = []
         self.err: list[str] = []
         streams = ((self.process.stdout, self.out), (self.process.stderr, self.err))
@@ -211,8 +224,9 @@ def test_extending_a_finished_run_keeps_its_schedule(tmp_path, corpus):
     assert json.loads(extended.stdout)["steps"] == 12
     saved = json.loads((out / "config.json").read_text())["train"]
     assert (saved["max_steps"], saved["decay_steps"]) == (12, 8)
-    fresh = build_config("tiny", micro(corpus, "train.eval_every=4", "train.decay_steps=8", "train.progress=false"),
-                         max_steps=12)  # fmt: skip
+    fresh = build_config(
+        "tiny", micro(corpus, "train.eval_every=4", "train.decay_steps=8", "train.progress=false"), max_steps=12
+    )
     train(fresh, tmp_path / "fresh", log=lambda line: None)
     rows, expected = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "fresh" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
@@ -235,8 +249,15 @@ def test_resume_accepts_cosmetic_changes_and_lists_the_others(tmp_path, corpus, 
         err == f"sigattn train: error: --resume continues the run saved in {out} with its own settings; "
         f"these differ: {differences}\n"
     )
-    cosmetic = ["train.progress=true", "train.log_every=4", "train.eval_every=8", "train.ckpt_every=2",
-                "train.diagnostics=false", "train.threads=1", "train.plots=true"]  # fmt: skip
+    cosmetic = [
+        "train.progress=true",
+        "train.log_every=4",
+        "train.eval_every=8",
+        "train.ckpt_every=2",
+        "train.diagnostics=false",
+        "train.threads=1",
+        "train.plots=true",
+    ]
     assert cli.main(["train", "--resume", "--out", str(out), *cosmetic]) == 0, capsys.readouterr().err
     saved = json.loads((out / "config.json").read_text())["train"]
     assert (saved["log_every"], saved["threads"], saved["diagnostics"]) == (4, 1, False)
@@ -246,8 +267,11 @@ def test_resume_accepts_cosmetic_changes_and_lists_the_others(tmp_path, corpus, 
 
 def test_threads_are_set_for_the_run_and_restored(tmp_path, corpus):
     before = torch.get_num_threads()
-    result = train(build_config("tiny", micro(corpus, "train.threads=1", "train.progress=false"), max_steps=2),
-                   tmp_path / "run", log=lambda line: None)  # fmt: skip
+    result = train(
+        build_config("tiny", micro(corpus, "train.threads=1", "train.progress=false"), max_steps=2),
+        tmp_path / "run",
+        log=lambda line: None,
+    )
     assert result.device.endswith(", 1 threads)")
     assert torch.get_num_threads() == before
 
@@ -256,10 +280,16 @@ def test_threads_are_set_for_the_run_and_restored(tmp_path, corpus):
 
 
 FILE_ERRORS = [
-    "train --out is a file", "compare --out is a file", "experiment --out is a file", "missing parent of --out",
-    "resume a folder that does not exist", "resume a folder without config.json", "resume with a damaged config.json",
-    "compare --resume without compare.json", "a run that fails at its start",
-]  # fmt: skip
+    "train --out is a file",
+    "compare --out is a file",
+    "experiment --out is a file",
+    "missing parent of --out",
+    "resume a folder that does not exist",
+    "resume a folder without config.json",
+    "resume with a damaged config.json",
+    "compare --resume without compare.json",
+    "a run that fails at its start",
+]
 
 
 def file_error_cases(tmp: Path, corpus: Path) -> dict[str, tuple[list[str], str]]:
@@ -341,8 +371,9 @@ def test_a_reader_that_goes_away_is_not_a_traceback():
     os.close(read_end)
     try:
         argv = [sys.executable, "-m", "sigattn.cli", "info", "--json"]
-        result = subprocess.run(argv, stdout=write_end, stderr=subprocess.PIPE, text=True, env=command_env(),
-                                cwd=REPO, timeout=300)  # fmt: skip
+        result = subprocess.run(
+            argv, stdout=write_end, stderr=subprocess.PIPE, text=True, env=command_env(), cwd=REPO, timeout=300
+        )
     finally:
         os.close(write_end)
     assert result.returncode == 141  # 128 + SIGPIPE, as a shell reports a process killed by it
@@ -357,8 +388,15 @@ def run_in_terminal(argv: list[str], columns: int = 120) -> tuple[int, str]:
     everything it wrote to the terminal."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 30, columns, 0, 0))
-    process = subprocess.Popen([sys.executable, "-m", "sigattn.cli", *argv], stdin=follower, stdout=follower,
-                               stderr=follower, env=command_env(), cwd=REPO, close_fds=True)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sigattn.cli", *argv],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=command_env(),
+        cwd=REPO,
+        close_fds=True,
+    )
     os.close(follower)
     output = b""
     deadline = time.monotonic() + 600
@@ -382,8 +420,8 @@ def run_in_terminal(argv: list[str], columns: int = 120) -> tuple[int, str]:
 def test_on_a_terminal_lines_are_written_through_the_progress_bar(tmp_path, corpus):
     """Each evaluation line starts a terminal line of its own: the bar is cleared first (before, the line was
     written after the bar's text, `…tok/s][sigmoid] step 100: val loss`)."""
-    code, screen = run_in_terminal(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--max-steps", "60",
-                                    *micro(corpus, "train.eval_every=20")])  # fmt: skip
+    argv = ["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--max-steps", "60"]
+    code, screen = run_in_terminal([*argv, *micro(corpus, "train.eval_every=20")])
     assert code == 0, screen
     assert re.search(r"sigmoid: +\d+%\|", screen), "no progress bar on the terminal"
     evaluations = [line for line in screen.split("\n") if "val loss" in line]
@@ -410,8 +448,8 @@ def test_metrics_go_to_tensorboard_and_trackio(tmp_path, corpus, monkeypatch, lo
     monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # the commands below inherit it
     out = tmp_path / "runs" / "logged"
     out.parent.mkdir()
-    first = sigattn("train", "--preset", "tiny", "--out", str(out), "--max-steps", "4",
-                    *micro(corpus, f"train.log_to={logger}", "train.eval_every=4"))  # fmt: skip
+    overrides = micro(corpus, f"train.log_to={logger}", "train.eval_every=4")
+    first = sigattn("train", "--preset", "tiny", "--out", str(out), "--max-steps", "4", *overrides)
     assert first.returncode == 0, first.stderr
     resumed = sigattn("train", "--resume", "--out", str(out), "--max-steps", "8")
     assert resumed.returncode == 0, resumed.stderr
@@ -431,8 +469,13 @@ def test_metrics_go_to_tensorboard_and_trackio(tmp_path, corpus, monkeypatch, lo
         assert {"lr", "grad_norm", "val_loss", "val_loss_by_context/16", "attn_sparsity/layer0"} <= tags
         assert [e.step for e in events.Scalars("val_loss")] == [4, 8]
     else:
-        read = subprocess.run([sys.executable, "-c", TRACKIO_READ, "runs/logged"], capture_output=True, text=True,
-                              env=command_env(), timeout=300)  # fmt: skip
+        read = subprocess.run(
+            [sys.executable, "-c", TRACKIO_READ, "runs/logged"],
+            capture_output=True,
+            text=True,
+            env=command_env(),
+            timeout=300,
+        )
         assert read.returncode == 0, read.stderr
         logs = json.loads(read.stdout)
         assert [entry["step"] for entry in logs] == list(expected)
@@ -445,8 +488,9 @@ def test_tensorboard_drops_the_steps_logged_after_the_checkpoint(tmp_path, corpu
     pytest.importorskip("tensorboard", reason="tensorboard is not installed: pip install 'sigattn[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = build_config("tiny", micro(corpus, "train.log_to=tensorboard", "train.ckpt_every=4",
-                                        "train.progress=false"), max_steps=8)  # fmt: skip
+    config = build_config(
+        "tiny", micro(corpus, "train.log_to=tensorboard", "train.ckpt_every=4", "train.progress=false"), max_steps=8
+    )
     crashed = trainer_module.Trainer(config, tmp_path, log=lambda line: None)
     crashed.fit(until_step=4)  # checkpoint at 4
     crashed.save = lambda: None  # steps 5-6 are logged, never checkpointed
@@ -465,8 +509,8 @@ def test_a_missing_logger_package_is_named_before_the_run(tmp_path, corpus, monk
 
     monkeypatch.setitem(loggers.REQUIREMENTS, "tensorboard", ("sigattn_no_such_module", "tensorboard"))
     config = build_config("tiny", micro(corpus, "train.log_to=tensorboard"), max_steps=2)
-    with pytest.raises(TrainError, match=r"train.log_to=tensorboard needs the sigattn_no_such_module package: "
-                                         r"pip install 'sigattn\[tensorboard\]'"):  # fmt: skip
+    needs = r"train.log_to=tensorboard needs the sigattn_no_such_module package: pip install 'sigattn\[tensorboard\]'"
+    with pytest.raises(TrainError, match=needs):
         train(config, tmp_path / "run", log=lambda line: None)
     assert not (tmp_path / "run").exists()
 

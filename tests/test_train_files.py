@@ -32,11 +32,12 @@ def overrides(tmp_path_factory) -> list[str]:
     rng = random.Random(0)
     text = tmp_path_factory.mktemp("data") / "corpus.txt"
     text.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))) for _ in range(600)))
-    return [
-        "data.dataset=text", f"data.path={text}", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
-        "model.block_size=16", "train.batch_size=8", "train.log_every=2", "train.eval_every=4", "train.eval_windows=4",
-        "train.eval_context_lengths=8,32", "optim.warmup_steps=2", "train.progress=false", "train.plots=false",
-    ]  # fmt: skip
+    settings = (
+        "model.n_layer=1 model.d_model=32 model.n_head=2 model.block_size=16 train.batch_size=8 train.log_every=2 "
+        "train.eval_every=4 train.eval_windows=4 train.eval_context_lengths=8,32 optim.warmup_steps=2 "
+        "train.progress=false train.plots=false"
+    )
+    return ["data.dataset=text", f"data.path={text}", *settings.split()]
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from .. import sigmoid_attn_func, sigmoid_attn_varlen_func, sigmoid_attn_with_kvcache
+from ..plotting import figure, save_figure
 from ..runinfo import run_meta, write_json
 from .sweep import describe_error
 
@@ -87,8 +88,10 @@ def _bench_graph(fn: Callable[[], object], quick: bool) -> float:
     with torch.cuda.graph(graph):
         fn()
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(50 if quick else 200)]  # fmt: skip
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(50 if quick else 200)
+    ]
     for start, end in events:
         flush.zero_()
         start.record()
@@ -153,8 +156,8 @@ def _decode_copy(shape: DecodeShape) -> Callable[[], Tensor]:
 def _decode_sdpa(shape: DecodeShape, kernel: str) -> Callable[[], Tensor]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = getattr(SDPBackend, {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                                   "cudnn": "CUDNN_ATTENTION", "math": "MATH"}[kernel])  # fmt: skip
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+    backend = getattr(SDPBackend, names[kernel])
     b, n, hq, hkv, d = shape.batch, shape.cache_len, shape.heads, shape.kv_heads, shape.headdim
     q = torch.randn(b, hq, 1, d, device="cuda", dtype=DTYPE)
     k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=DTYPE) for _ in "kv")
@@ -192,10 +195,18 @@ def run_decode(quick: bool, progress=print) -> tuple[list[dict], list[tuple[str,
                 continue
             finally:
                 torch.cuda.empty_cache()
-            rows.append({"provider": name, "mode": "decode", **dataclasses.asdict(shape), "dtype": "bf16",
-                         "ms": round(ms, 5), "gbps": round(shape.kv_bytes / (ms * 1e-3) / 1e9, 1),
-                         "ms_eager": round(ms_eager, 5),
-                         "gbps_eager": round(shape.kv_bytes / (ms_eager * 1e-3) / 1e9, 1)})  # fmt: skip
+            rows.append(
+                {
+                    "provider": name,
+                    "mode": "decode",
+                    **dataclasses.asdict(shape),
+                    "dtype": "bf16",
+                    "ms": round(ms, 5),
+                    "gbps": round(shape.kv_bytes / (ms * 1e-3) / 1e9, 1),
+                    "ms_eager": round(ms_eager, 5),
+                    "gbps_eager": round(shape.kv_bytes / (ms_eager * 1e-3) / 1e9, 1),
+                }
+            )
         progress(f"decode B={shape.batch} cache={shape.cache_len} {shape.heads}/{shape.kv_heads}: done")
     return rows, skips
 
@@ -203,9 +214,17 @@ def run_decode(quick: bool, progress=print) -> tuple[list[dict], list[tuple[str,
 def format_decode(rows: list[dict], skips: list, copy: float) -> str:
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     others = [p for p in providers if p.startswith("sdpa")]
-    header = ["Hq/Hkv", "batch", "cache", *[f"{p} GB/s" for p in providers], "sigattn/copy",
-              "sigattn/copy of its bytes", *[f"vs {p}" for p in others], "sigattn eager GB/s",
-              "sdpa-flash eager GB/s"]  # fmt: skip
+    header = [
+        "Hq/Hkv",
+        "batch",
+        "cache",
+        *[f"{p} GB/s" for p in providers],
+        "sigattn/copy",
+        "sigattn/copy of its bytes",
+        *[f"vs {p}" for p in others],
+        "sigattn eager GB/s",
+        "sdpa-flash eager GB/s",
+    ]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     keys = sorted({(r["heads"], r["kv_heads"], r["batch"], r["cache_len"]) for r in rows})
     for key in keys:
@@ -259,10 +278,12 @@ def _varlen_step(provider: str, lengths: list[int], mode: str) -> Callable[[], o
     else:
 
         def attn():
-            return torch.cat([
-                sigmoid_attn_func(*(t[None, a:b] for t in (q, k, v)), causal=True)[0]
-                for a, b in itertools.pairwise(starts)
-            ])  # fmt: skip
+            return torch.cat(
+                [
+                    sigmoid_attn_func(*(t[None, a:b] for t in (q, k, v)), causal=True)[0]
+                    for a, b in itertools.pairwise(starts)
+                ]
+            )
 
     if mode == "fwd":
         return attn
@@ -301,20 +322,39 @@ def run_varlen(quick: bool, progress=print) -> tuple[list[dict], list]:
                 skips.append((provider, seqlen, f"graph replay: {describe_error(error)}"))
                 ms = None
             flops = _varlen_flops(lengths, mode)
-            rows.append({"provider": provider, "mode": mode, "lengths": "mixed" if mixed else "equal",
-                         "total_tokens": VARLEN_TOKENS, "seqlen": seqlen, "batch": len(lengths),
-                         "heads": VARLEN_HEADS, "headdim": VARLEN_HEADDIM, "causal": True, "dtype": "bf16",
-                         "ms": None if ms is None else round(ms, 5),
-                         "tflops": None if ms is None else round(flops / (ms * 1e-3) / 1e12, 2),
-                         "ms_eager": round(ms_eager, 5),
-                         "tflops_eager": round(flops / (ms_eager * 1e-3) / 1e12, 2)})  # fmt: skip
+            rows.append(
+                {
+                    "provider": provider,
+                    "mode": mode,
+                    "lengths": "mixed" if mixed else "equal",
+                    "total_tokens": VARLEN_TOKENS,
+                    "seqlen": seqlen,
+                    "batch": len(lengths),
+                    "heads": VARLEN_HEADS,
+                    "headdim": VARLEN_HEADDIM,
+                    "causal": True,
+                    "dtype": "bf16",
+                    "ms": None if ms is None else round(ms, 5),
+                    "tflops": None if ms is None else round(flops / (ms * 1e-3) / 1e12, 2),
+                    "ms_eager": round(ms_eager, 5),
+                    "tflops_eager": round(flops / (ms_eager * 1e-3) / 1e12, 2),
+                }
+            )
         progress(f"varlen seqlen={seqlen} {'mixed' if mixed else 'equal'} {mode}: done")
     return rows, skips
 
 
 def format_varlen(rows: list[dict], skips: list) -> str:
-    header = ["lengths", "seqlen", "mode", *[f"{p} TFLOP/s" for p in VARLEN_PROVIDERS], "varlen/dense",
-              "varlen/loop", "eager: varlen/dense", "eager: varlen/loop"]  # fmt: skip
+    header = [
+        "lengths",
+        "seqlen",
+        "mode",
+        *[f"{p} TFLOP/s" for p in VARLEN_PROVIDERS],
+        "varlen/dense",
+        "varlen/loop",
+        "eager: varlen/dense",
+        "eager: varlen/loop",
+    ]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
 
     def ratios(cell: dict) -> list[str]:
@@ -335,19 +375,20 @@ def format_varlen(rows: list[dict], skips: list) -> str:
 
 def plot_decode(rows: list[dict], copy: float, path: Path, title: str = ""):
     """GB/s against cache length: a panel per (Hq/Hkv, batch), a line per provider, the copy as a line."""
-    from matplotlib.figure import Figure
-
     panels = sorted({(r["heads"], r["kv_heads"], r["batch"]) for r in rows})
     heads = sorted({p[:2] for p in panels})
     batches = sorted({p[2] for p in panels})
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig = Figure(figsize=(3.6 * len(batches), 3.0 * len(heads)), layout="constrained")
+    fig = figure(figsize=(3.6 * len(batches), 3.0 * len(heads)), layout="constrained", extra="bench")
     axes = fig.subplots(len(heads), len(batches), squeeze=False)
     for (i, hh), (j, b) in itertools.product(enumerate(heads), enumerate(batches)):
         ax = axes[i][j]
         for n, p in enumerate(providers):
-            pts = sorted((r["cache_len"], r["gbps"]) for r in rows if (r["heads"], r["kv_heads"], r["batch"]) ==
-                         (*hh, b) and r["provider"] == p)  # fmt: skip
+            pts = sorted(
+                (r["cache_len"], r["gbps"])
+                for r in rows
+                if (r["heads"], r["kv_heads"], r["batch"]) == (*hh, b) and r["provider"] == p
+            )
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=p, color=f"C{n}")
         ax.axhline(copy, color="gray", linestyle="--", label="copy of 1 GiB (read + write)")
@@ -361,8 +402,7 @@ def plot_decode(rows: list[dict], copy: float, path: Path, title: str = ""):
     fig.legend(handles, labels, loc="outside lower center", ncols=len(labels))
     if title:
         fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def run(args, argv: list[str]) -> int:
@@ -375,8 +415,10 @@ def run(args, argv: list[str]) -> int:
     print(title)
     if args.decode:
         rows, skips = run_decode(args.quick, progress)
-        print(f"Decode: GB/s of K and V read (median of CUDA-graph replays; eager: of do_bench); copy "
-              f"{meta['copy_gbps']:.0f} GB/s (read + write); 'vs P' = P's time / sigattn's")  # fmt: skip
+        print(
+            f"Decode: GB/s of K and V read (median of CUDA-graph replays; eager: of do_bench); copy "
+            f"{meta['copy_gbps']:.0f} GB/s (read + write); 'vs P' = P's time / sigattn's"
+        )
         print(format_decode(rows, skips, meta["copy_gbps"]))
     else:
         rows, skips = run_varlen(args.quick, progress)

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from .. import sigmoid_attn_func, use_backend
 from ..backends import BACKENDS
+from ..plotting import figure, save_figure
 from ..runinfo import run_meta, write_json
 
 TOKENS, HIDDEN = 16384, 2048
@@ -348,13 +349,11 @@ def format_table(rows: list[dict], skips: list[Skip], providers: list[str], metr
 
 def plot(rows: list[dict], path: Path, title: str = ""):
     """TFLOP/s against seqlen: a column per (headdim, mask), a row per mode, a line per provider."""
-    from matplotlib.figure import Figure
-
     rows = [r for r in rows if r["mode"] in MODES]
     columns = sorted({(r["headdim"], r["causal"]) for r in rows}, key=lambda c: (c[0], not c[1]))
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    fig = Figure(figsize=(4.2 * len(columns), 3.2 * len(modes)), layout="constrained")
+    fig = figure(figsize=(4.2 * len(columns), 3.2 * len(modes)), layout="constrained", extra="bench")
     axes = fig.subplots(len(modes), len(columns), squeeze=False)
     for (i, mode), (j, (headdim, causal)) in itertools.product(enumerate(modes), enumerate(columns)):
         ax = axes[i][j]
@@ -378,8 +377,7 @@ def plot(rows: list[dict], path: Path, title: str = ""):
     fig.legend(handles, labels, loc="outside lower center", ncols=len(providers))
     if title:
         fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     return fig
 
 

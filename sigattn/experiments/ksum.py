@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import BlockConfig, TransformerBlock
+from ..plotting import pyplot
 from .common import (
     COLORS,
     LINESTYLES,
@@ -36,7 +37,6 @@ from .common import (
     binomial_stderr,
     fit_line,
     markdown_table,
-    pyplot,
     save_figure,
 )
 
@@ -190,8 +190,17 @@ def plot(mean: dict, settings: Settings, out: Path) -> str:
     count = settings.eval_per_k * len(settings.seeds)
     for kind in KINDS:
         errors = [2 * binomial_stderr(a, count) for a in mean[kind]]
-        ax.errorbar(ks, mean[kind], yerr=errors, color=COLORS[kind], marker=MARKERS[kind], linestyle=LINESTYLES[kind],
-                    markerfacecolor="none", capsize=3, label=kind)  # fmt: skip
+        ax.errorbar(
+            ks,
+            mean[kind],
+            yerr=errors,
+            color=COLORS[kind],
+            marker=MARKERS[kind],
+            linestyle=LINESTYLES[kind],
+            markerfacecolor="none",
+            capsize=3,
+            label=kind,
+        )
     ax.set_xlabel("k (tokens whose values are summed)")
     ax.set_ylabel("exact-sum accuracy (±2 SE)")
     ax.set_ylim(-0.02, 1.02)
@@ -201,8 +210,14 @@ def plot(mean: dict, settings: Settings, out: Path) -> str:
     gap_ax.axhline(0, color="gray", lw=0.8)
     gap_ax.plot(ks, gaps, "o", color="tab:purple", label="sigmoid - softmax")
     ci = f"[{trend.ci95[0]:+.4f}, {trend.ci95[1]:+.4f}]"
-    gap_ax.plot(ks, [trend.intercept + trend.slope * k for k in ks], "-", color="tab:purple", alpha=0.7,
-                label=f"least-squares fit: {trend.slope:+.4f} per k, 95% CI {ci}")  # fmt: skip
+    gap_ax.plot(
+        ks,
+        [trend.intercept + trend.slope * k for k in ks],
+        "-",
+        color="tab:purple",
+        alpha=0.7,
+        label=f"least-squares fit: {trend.slope:+.4f} per k, 95% CI {ci}",
+    )
     gap_ax.set_xlabel("k (tokens whose values are summed)")
     gap_ax.set_ylabel("accuracy gap (sigmoid - softmax)")
     gap_ax.set_title("the gap and its trend (the verdict's rule)")

@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..models import GPTConfig
-from .common import COLORS, Outcome, Verdict, label_log_ticks, markdown_table, pyplot, save_figure
+from ..plotting import label_log_ticks, pyplot
+from .common import COLORS, Outcome, Verdict, markdown_table, save_figure
 from .lm import TrainRecipe, corpus_data, run_config, train_run
 
 POSITIONS = ("rope", "alibi")
@@ -72,12 +73,21 @@ def plot(losses: dict, settings: Settings, out: Path) -> str:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     lengths = [f * settings.train_length for f in FACTORS]
-    looks = {"rope": {"linestyle": "-", "marker": "o"}, "alibi": {"linestyle": "--", "marker": "s",
-                                                               "markerfacecolor": "none"}}  # fmt: skip
+    looks = {
+        "rope": {"linestyle": "-", "marker": "o"},
+        "alibi": {"linestyle": "--", "marker": "s", "markerfacecolor": "none"},
+    }
     for pos in POSITIONS:
         for kind in KINDS:
-            ax.plot(lengths, [losses[pos][kind][str(n)] for n in lengths], color=COLORS[kind], markersize=6,
-                    markeredgewidth=1.5, label=f"{kind} + {pos}", **looks[pos])  # fmt: skip
+            ax.plot(
+                lengths,
+                [losses[pos][kind][str(n)] for n in lengths],
+                color=COLORS[kind],
+                markersize=6,
+                markeredgewidth=1.5,
+                label=f"{kind} + {pos}",
+                **looks[pos],
+            )
     ax.axvline(settings.train_length, color="gray", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
     label_log_ticks(ax.xaxis, lengths)
@@ -96,8 +106,15 @@ def run(size: str, out: Path, log=print) -> Outcome:
     losses, ratios = {pos: {} for pos in POSITIONS}, {pos: {} for pos in POSITIONS}
     for pos in POSITIONS:
         for kind in KINDS:
-            model = GPTConfig(d_model=settings.d_model, n_head=settings.n_head, n_layer=settings.n_layer,
-                              block_size=length, attn=kind, pos=pos, qk_norm="layernorm")  # fmt: skip
+            model = GPTConfig(
+                d_model=settings.d_model,
+                n_head=settings.n_head,
+                n_layer=settings.n_layer,
+                block_size=length,
+                attn=kind,
+                pos=pos,
+                qk_norm="layernorm",
+            )
             run_result = train_run(
                 run_config(model, data, settings.recipe, eval_lengths), out / "runs" / f"{kind}-{pos}"
             )
@@ -119,8 +136,11 @@ def run(size: str, out: Path, log=print) -> Outcome:
 * Evaluation: {r.eval_windows} fixed windows spread over the held-out 10% of the text, at L, 2L, 4L, 8L. One
   training run per model (no seed-to-seed spread measured): small differences between ratios are not evidence.
 """
-    rows = [[f"{kind} + {pos}", *[round(losses[pos][kind][str(f * length)], 4) for f in FACTORS],
-             round(ratios[pos][kind], 4)] for pos in POSITIONS for kind in KINDS]  # fmt: skip
+    rows = []
+    for pos in POSITIONS:
+        for kind in KINDS:
+            at_lengths = [round(losses[pos][kind][str(f * length)], 4) for f in FACTORS]
+            rows.append([f"{kind} + {pos}", *at_lengths, round(ratios[pos][kind], 4)])
     findings = markdown_table(["model", *[f"loss at {f}L = {f * length}" for f in FACTORS], "loss(8L)/loss(L)"], rows)
     results = {"val_loss_by_context": losses, "loss_ratio_8x": ratios, "train_length": length}
     return Outcome(results, verdict, asdict(settings), setup, findings, [figure])

@@ -77,11 +77,18 @@ def run_config(
         data=data,
         optim=OptimConfig(lr=recipe.lr, min_lr=recipe.lr / 10, warmup_steps=recipe.warmup_steps),
         train=TrainSettings(
-            max_steps=recipe.steps, batch_size=recipe.batch_size, seed=recipe.seed, log_every=1,
-            eval_every=recipe.steps, eval_windows=recipe.eval_windows, eval_context_lengths=eval_lengths,
-            device=recipe.device, progress=False, plots=False,
+            max_steps=recipe.steps,
+            batch_size=recipe.batch_size,
+            seed=recipe.seed,
+            log_every=1,
+            eval_every=recipe.steps,
+            eval_windows=recipe.eval_windows,
+            eval_context_lengths=eval_lengths,
+            device=recipe.device,
+            progress=False,
+            plots=False,
         ),
-    )  # fmt: skip
+    )
 
 
 def train_run(config: RunConfig, run_dir: Path) -> dict:

@@ -30,18 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .common import (
-    COLORS,
-    LINESTYLES,
-    MARKERS,
-    Outcome,
-    Verdict,
-    fit_power_law,
-    label_log_ticks,
-    markdown_table,
-    pyplot,
-    save_figure,
-)
+from ..plotting import label_log_ticks, pyplot
+from .common import COLORS, LINESTYLES, MARKERS, Outcome, Verdict, fit_power_law, markdown_table, save_figure
 
 KINDS = ("sigmoid", "softmax")
 REGIMES = ("dense", "sparse")
@@ -61,8 +51,11 @@ class TrueModel:
     eta: tuple
 
     def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
-        return (torch.tensor(self.A, dtype=torch.float64), torch.tensor(self.c, dtype=torch.float64),
-                torch.tensor(self.eta, dtype=torch.float64))  # fmt: skip
+        return (
+            torch.tensor(self.A, dtype=torch.float64),
+            torch.tensor(self.c, dtype=torch.float64),
+            torch.tensor(self.eta, dtype=torch.float64),
+        )
 
 
 # Dense: every true gating matrix is non-zero, so every gate depends on the input. Sparse: the first
@@ -257,14 +250,16 @@ def measure(kind: str, regime: str, settings: Settings, log) -> dict:
         best = error.view(reps, restarts).argmin(1) + torch.arange(reps) * restarts
         losses = voronoi_loss(theta[best], truth, kind)
         error_at_truth = (clean - y).pow(2).mean(1)
-        per_n.append({
-            "n": n,
-            "losses": losses.tolist(),
-            "geometric_mean": math.exp(losses.log().mean().item()),
-            "train_mse": error[best].mean().item(),
-            "train_mse_at_truth": error_at_truth.mean().item(),
-            "max_grad_norm": grad_norm[best].max().item(),
-        })  # fmt: skip
+        per_n.append(
+            {
+                "n": n,
+                "losses": losses.tolist(),
+                "geometric_mean": math.exp(losses.log().mean().item()),
+                "train_mse": error[best].mean().item(),
+                "train_mse_at_truth": error_at_truth.mean().item(),
+                "max_grad_norm": grad_norm[best].max().item(),
+            }
+        )
         log(f"  moe-rates {regime} {kind} n={n}: Voronoi loss geometric mean {per_n[-1]['geometric_mean']:.4g}")
     xs = [p["n"] for p in per_n for _ in p["losses"]]
     ys = [loss for p in per_n for loss in p["losses"]]
@@ -301,14 +296,27 @@ def plot(results: dict, settings: Settings, out: Path) -> str:
             res = results[regime][kind]
             ns = [p["n"] for p in res["per_n"]]
             for p in res["per_n"]:
-                ax.scatter([p["n"]] * len(p["losses"]), p["losses"], s=8, alpha=0.35, color=COLORS[kind],
-                           marker=MARKERS[kind])  # fmt: skip
-            ax.plot(ns, [p["geometric_mean"] for p in res["per_n"]], MARKERS[kind], color=COLORS[kind],
-                    markerfacecolor="none", markeredgewidth=1.5, label=f"{kind}: geometric mean per n")  # fmt: skip
+                ax.scatter(
+                    [p["n"]] * len(p["losses"]), p["losses"], s=8, alpha=0.35, color=COLORS[kind], marker=MARKERS[kind]
+                )
+            ax.plot(
+                ns,
+                [p["geometric_mean"] for p in res["per_n"]],
+                MARKERS[kind],
+                color=COLORS[kind],
+                markerfacecolor="none",
+                markeredgewidth=1.5,
+                label=f"{kind}: geometric mean per n",
+            )
             line = [math.exp(res["intercept"]) * n ** res["slope"] for n in ns]
             lo, hi = res["ci95"]
-            ax.plot(ns, line, LINESTYLES[kind], color=COLORS[kind],
-                    label=f"{kind} fit: slope {res['slope']:.2f} [{lo:.2f}, {hi:.2f}]")  # fmt: skip
+            ax.plot(
+                ns,
+                line,
+                LINESTYLES[kind],
+                color=COLORS[kind],
+                label=f"{kind} fit: slope {res['slope']:.2f} [{lo:.2f}, {hi:.2f}]",
+            )
         ref = [results[regime]["sigmoid"]["per_n"][0]["geometric_mean"] * (n / ns[0]) ** -0.5 for n in ns]
         ax.plot(ns, ref, ":", color="gray", label="n^(-1/2)")
         ax.set_xscale("log")
@@ -359,13 +367,13 @@ def findings_text(results: dict) -> str:
         for kind in KINDS:
             res = results[regime][kind]
             first, last = res["per_n"][0], res["per_n"][-1]
-            rows.append([regime, kind, round(res["slope"], 3), f"[{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}]",
-                         first["geometric_mean"], last["geometric_mean"],
-                         f"{last['train_mse']:.5f} / {last['train_mse_at_truth']:.5f}"])  # fmt: skip
-    table = markdown_table(
-        ["regime", "gate", "slope", "95% CI", "loss at smallest n", "loss at largest n",
-         "train MSE / MSE at truth (largest n)"], rows,
-    )  # fmt: skip
+            ci = f"[{res['ci95'][0]:.3f}, {res['ci95'][1]:.3f}]"
+            mse = f"{last['train_mse']:.5f} / {last['train_mse_at_truth']:.5f}"
+            rows.append(
+                [regime, kind, round(res["slope"], 3), ci, first["geometric_mean"], last["geometric_mean"], mse]
+            )
+    header = ["regime", "gate", "slope", "95% CI", "loss at smallest n", "loss at largest n"]
+    table = markdown_table([*header, "train MSE / MSE at truth (largest n)"], rows)
     per_n = []
     for regime in REGIMES:
         for kind in KINDS:
@@ -386,6 +394,12 @@ def run(size: str, out: Path, log=print) -> Outcome:
     results = {regime: {kind: measure(kind, regime, settings, log) for kind in KINDS} for regime in REGIMES}
     verdict = decide(results)
     figure = plot(results, settings, out)
-    settings_dict = {**asdict(settings), "dim": DIM, "noise": NOISE, "box": BOX, "init_spread": INIT_SPREAD,
-                     "truth": {r: asdict(t) for r, t in TRUTH.items()}}  # fmt: skip
+    settings_dict = {
+        **asdict(settings),
+        "dim": DIM,
+        "noise": NOISE,
+        "box": BOX,
+        "init_spread": INIT_SPREAD,
+        "truth": {r: asdict(t) for r, t in TRUTH.items()},
+    }
     return Outcome(results, verdict, settings_dict, setup_text(settings), findings_text(results), [figure])

@@ -22,18 +22,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vjp
 
-from .common import (
-    COLORS,
-    LINESTYLES,
-    MARKERS,
-    Outcome,
-    Verdict,
-    fit_line,
-    label_log_ticks,
-    markdown_table,
-    pyplot,
-    save_figure,
-)
+from ..plotting import label_log_ticks, pyplot
+from .common import COLORS, LINESTYLES, MARKERS, Outcome, Verdict, fit_line, markdown_table, save_figure
 
 KINDS = ("sigmoid", "softmax")
 
@@ -55,13 +45,16 @@ def geometric(start: float, stop: float, count: int) -> tuple[float, ...]:
 
 
 SETTINGS = {
-    "test": Settings(tokens=4, dim=4, radii=geometric(0.5, 8, 5), inputs_per_radius=1, power_iterations=15,
-                     ascent_steps=1),
-    "quick": Settings(tokens=8, dim=8, radii=geometric(0.25, 16, 9), inputs_per_radius=4, power_iterations=30,
-                      ascent_steps=5),
-    "full": Settings(tokens=16, dim=16, radii=geometric(0.25, 32, 15), inputs_per_radius=6, power_iterations=40,
-                     ascent_steps=10),
-}  # fmt: skip
+    "test": Settings(
+        tokens=4, dim=4, radii=geometric(0.5, 8, 5), inputs_per_radius=1, power_iterations=15, ascent_steps=1
+    ),
+    "quick": Settings(
+        tokens=8, dim=8, radii=geometric(0.25, 16, 9), inputs_per_radius=4, power_iterations=30, ascent_steps=5
+    ),
+    "full": Settings(
+        tokens=16, dim=16, radii=geometric(0.25, 32, 15), inputs_per_radius=6, power_iterations=40, ascent_steps=10
+    ),
+}
 
 
 def make_weights(dim: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,9 +139,11 @@ def decide(results: dict) -> Verdict:
     )
 
     def describe(kind, fit):
-        return (f"{kind}: {fit['growth']} (L ~ r^{fit['polynomial']['exponent']:.2f}, RMS "
-                f"{fit['polynomial']['rms']:.3f}; L ~ e^({fit['exponential']['rate']:.3f} r), RMS "
-                f"{fit['exponential']['rms']:.3f})")  # fmt: skip
+        return (
+            f"{kind}: {fit['growth']} (L ~ r^{fit['polynomial']['exponent']:.2f}, RMS "
+            f"{fit['polynomial']['rms']:.3f}; L ~ e^({fit['exponential']['rate']:.3f} r), RMS "
+            f"{fit['exponential']['rms']:.3f})"
+        )
 
     return Verdict(ok, rule, f"{describe('sigmoid', sig)}; {describe('softmax', soft)}.")
 
@@ -162,8 +157,16 @@ def plot(results: dict, settings: Settings, out: Path) -> str:
     for ax, (xscale, model, name) in zip(axes, panels, strict=True):
         for kind in KINDS:
             res = results[kind]
-            ax.plot(settings.radii, res["lipschitz"], color=COLORS[kind], marker=MARKERS[kind], markerfacecolor="none",
-                    markeredgewidth=1.5, lw=1, label=kind)  # fmt: skip
+            ax.plot(
+                settings.radii,
+                res["lipschitz"],
+                color=COLORS[kind],
+                marker=MARKERS[kind],
+                markerfacecolor="none",
+                markeredgewidth=1.5,
+                lw=1,
+                label=kind,
+            )
             fit = res["fit"][model]
             radii = res["fit"]["fitted_radii"]
             if model == "polynomial":
@@ -172,8 +175,15 @@ def plot(results: dict, settings: Settings, out: Path) -> str:
             else:
                 curve = [math.exp(fit["intercept"] + fit["rate"] * r) for r in radii]
                 what = f"e^({fit['rate']:.3f} r)"
-            ax.plot(radii, curve, LINESTYLES[kind] if kind == "softmax" else ":", color=COLORS[kind], lw=2, alpha=0.8,
-                    label=f"{kind} {name}: L ~ {what}, RMS {fit['rms']:.3f}")  # fmt: skip
+            ax.plot(
+                radii,
+                curve,
+                LINESTYLES[kind] if kind == "softmax" else ":",
+                color=COLORS[kind],
+                lw=2,
+                alpha=0.8,
+                label=f"{kind} {name}: L ~ {what}, RMS {fit['rms']:.3f}",
+            )
         ax.axvspan(settings.fit_from_radius, max(settings.radii), color="gray", alpha=0.08, lw=0)
         ax.set_xscale(xscale)
         if xscale == "log":  # powers of two: the default minor-tick labels collide on a short log axis
@@ -220,14 +230,16 @@ def run(size: str, out: Path, log=print) -> Outcome:
   gradient-ascent steps on |J(X)v| — a lower bound on the worst case over the ball.
 * Growth models fitted over r ≥ {settings.fit_from_radius}.
 """
-    rows = [[r, results["sigmoid"]["lipschitz"][i], results["softmax"]["lipschitz"][i]]
-            for i, r in enumerate(settings.radii)]  # fmt: skip
-    fits = [
-        [kind, results[kind]["fit"]["growth"], round(results[kind]["fit"]["polynomial"]["exponent"], 3),
-         round(results[kind]["fit"]["polynomial"]["rms"], 4), round(results[kind]["fit"]["exponential"]["rate"], 4),
-         round(results[kind]["fit"]["exponential"]["rms"], 4)]
-        for kind in KINDS
-    ]  # fmt: skip
+    rows = [
+        [r, results["sigmoid"]["lipschitz"][i], results["softmax"]["lipschitz"][i]]
+        for i, r in enumerate(settings.radii)
+    ]
+    fits = []
+    for kind in KINDS:
+        fit = results[kind]["fit"]
+        poly, expo = fit["polynomial"], fit["exponential"]
+        numbers = [round(poly["exponent"], 3), round(poly["rms"], 4), round(expo["rate"], 4), round(expo["rms"], 4)]
+        fits.append([kind, fit["growth"], *numbers])
     findings = (
         "Each value is the largest found by the search: a lower bound on the worst case over the ball, so a "
         "growth faster than the one measured is not excluded.\n\n"
@@ -243,6 +255,6 @@ def run(size: str, out: Path, log=print) -> Outcome:
                 "RMS (exponential)",
             ],
             fits,
-        )  # fmt: skip
+        )
     )
     return Outcome(results, verdict, asdict(settings), setup, findings, [figure])

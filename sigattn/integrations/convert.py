@@ -72,8 +72,9 @@ class _LogitHistograms:
         width = 2 * _HIST_RANGE / _HIST_BINS
         bins = ((logits + _HIST_RANGE) / width).floor().clamp(0, _HIST_BINS - 1).long()
         counts = torch.zeros(num_heads, _HIST_BINS, dtype=torch.float64, device=logits.device)
-        counts.scatter_add_(1, bins.transpose(0, 1).reshape(num_heads, -1),
-                            allowed.transpose(0, 1).reshape(num_heads, -1).double())  # fmt: skip
+        counts.scatter_add_(
+            1, bins.transpose(0, 1).reshape(num_heads, -1), allowed.transpose(0, 1).reshape(num_heads, -1).double()
+        )
         queries = float(allowed[:, 0].any(dim=-1).sum())  # rows with at least one key
         if layer in self.counts:
             self.counts[layer] += counts.cpu()
@@ -262,20 +263,17 @@ def bias_summary(bias: float | list) -> dict:
 
 
 # Standard-library modules whose docstrings give English text without downloading anything.
-_DOC_MODULES = (
-    "argparse", "ast", "asyncio", "base64", "bisect", "calendar", "cmd", "codecs", "collections",
-    "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime", "decimal",
-    "difflib", "doctest", "email", "enum", "filecmp", "fileinput", "fnmatch", "fractions", "ftplib",
-    "functools", "gettext", "glob", "graphlib", "gzip", "hashlib", "heapq", "hmac", "html.parser",
-    "http.client", "imaplib", "importlib", "inspect", "io", "ipaddress", "itertools", "json", "locale",
-    "logging", "lzma", "mailbox", "mimetypes", "multiprocessing", "netrc", "numbers", "operator", "optparse",
-    "os", "pathlib", "pdb", "pickle", "pickletools", "pkgutil", "platform", "plistlib", "poplib", "pprint",
-    "pydoc", "queue", "random", "re", "reprlib", "runpy", "sched", "secrets", "selectors", "shelve", "shlex",
-    "shutil", "signal", "smtplib", "socket", "sqlite3", "ssl", "statistics", "string", "struct",
-    "subprocess", "symtable", "sysconfig", "tarfile", "tempfile", "textwrap", "threading", "timeit",
-    "tokenize", "traceback", "types", "unittest", "urllib.request", "uuid", "warnings", "wave", "weakref",
-    "xml.etree.ElementTree", "zipfile", "zipimport",
-)  # fmt: skip
+_DOC_MODULE_NAMES = """
+    argparse ast asyncio base64 bisect calendar cmd codecs collections concurrent.futures configparser
+    contextlib copy csv dataclasses datetime decimal difflib doctest email enum filecmp fileinput fnmatch
+    fractions ftplib functools gettext glob graphlib gzip hashlib heapq hmac html.parser http.client imaplib
+    importlib inspect io ipaddress itertools json locale logging lzma mailbox mimetypes multiprocessing netrc
+    numbers operator optparse os pathlib pdb pickle pickletools pkgutil platform plistlib poplib pprint pydoc
+    queue random re reprlib runpy sched secrets selectors shelve shlex shutil signal smtplib socket sqlite3 ssl
+    statistics string struct subprocess symtable sysconfig tarfile tempfile textwrap threading timeit tokenize
+    traceback types unittest urllib.request uuid warnings wave weakref xml.etree.ElementTree zipfile zipimport
+"""
+_DOC_MODULES = tuple(_DOC_MODULE_NAMES.split())
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _CODE_LIKE = re.compile(r"[<>{}\[\]=_`|\\]")
 
@@ -304,11 +302,8 @@ def docstring_sentences(min_chars: int = 30, max_chars: int = 250) -> list[str]:
 
 def text_batches(tokenizer, texts: list[str], batch_size: int, max_length: int) -> list[dict]:
     """Padded, truncated batches of tokenised ``texts`` (model inputs as dicts of tensors)."""
-    return [
-        dict(tokenizer(texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                       return_tensors="pt"))
-        for i in range(0, len(texts), batch_size)
-    ]  # fmt: skip
+    options = {"padding": True, "truncation": True, "max_length": max_length, "return_tensors": "pt"}
+    return [dict(tokenizer(texts[i : i + batch_size], **options)) for i in range(0, len(texts), batch_size)]
 
 
 # ------------------------------------------------------------------------------------------ CLI

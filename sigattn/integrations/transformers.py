@@ -342,10 +342,8 @@ def _packed_attention(query, key, value, bias, scaling, causal, kwargs) -> Tenso
     if max_q is None or max_k is None:
         raise ValueError("packed sequences need max_length_q and max_length_k with cu_seq_lens_q / cu_seq_lens_k")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [total, H, D]
-    out = sigmoid_attn_varlen_func(
-        q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k),
-        bias=bias, scale=scaling, causal=causal,
-    )  # fmt: skip
+    cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
+    out = sigmoid_attn_varlen_func(q, k, v, cu_q, cu_k, int(max_q), int(max_k), bias=bias, scale=scaling, causal=causal)
     return out[None]
 
 

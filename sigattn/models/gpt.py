@@ -86,10 +86,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(batch * seqlen, -1), targets.reshape(batch * seqlen))
         return logits, loss
 
-    def num_params(self) -> int:
-        """The number of parameters (tied embeddings counted once)."""
-        return sum(p.numel() for p in self.parameters())
-
     @torch.no_grad()
     def generate(self, idx: Tensor, num_tokens: int, temperature: float = 1.0, generator=None) -> Tensor:
         """Samples ``num_tokens`` tokens after idx (B, S0), each from the last ``block_size`` tokens;

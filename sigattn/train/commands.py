@@ -51,24 +51,30 @@ def positive_int(text: str) -> int:
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--preset", metavar="NAME",
+        "--preset",
+        metavar="NAME",
         help=f"a bundled preset ({', '.join(preset_names())}) or a path to a .toml (or .json) file of the same form; "
         "not needed with --resume",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--max-steps", type=positive_int, metavar="N",
+        "--max-steps",
+        type=positive_int,
+        metavar="N",
         help="train for N steps (train.max_steps); with --resume, a larger N extends the run",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="continue the run (or comparison) saved in --out DIR with its own settings (its config.json or "
         "compare.json)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "overrides", nargs="*", metavar="key=value",
+        "overrides",
+        nargs="*",
+        metavar="key=value",
         help="change a setting, e.g. model.n_layer=6 or lr=3e-4 (section.key or an unambiguous key); "
         "see --list-settings",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--list-settings", action="store_true", help="print the preset's settings as key=value overrides and exit"
     )
@@ -84,14 +90,16 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     _common_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument(
-        "--report-only", action="store_true",
+        "--report-only",
+        action="store_true",
         help="train nothing: write summary.json, report.md and plots from the finished runs in DIR/sigmoid and "
         "DIR/softmax",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--json", action="store_true",
+        "--json",
+        action="store_true",
         help="print the summary (summary.json's contents) as JSON on stdout; the other lines go to stderr",
-    )  # fmt: skip
+    )
 
 
 # ------------------------------------------------------------------------------------------- settings

@@ -26,8 +26,16 @@ from .presets import build_config
 from .trainer import CHECKPOINT, Log, StopRequest, Trainer, TrainError
 
 ATTNS = ("sigmoid", "softmax")
-SUMMARY_KEYS = ("final_val_loss", "tokens_per_s", "val_loss_by_context", "train_seconds", "steps", "max_steps",
-                "tokens", "grad_spikes")  # fmt: skip
+SUMMARY_KEYS = (
+    "final_val_loss",
+    "tokens_per_s",
+    "val_loss_by_context",
+    "train_seconds",
+    "steps",
+    "max_steps",
+    "tokens",
+    "grad_spikes",
+)
 COMPARE_FILE = "compare.json"
 
 
@@ -92,8 +100,12 @@ def _load_compare_file(out_dir: Path) -> dict:
             )
         return {"preset": "(unknown)", "overrides": [], "config": _read_json(config_path, "a run's config.json")}
     saved = _read_json(path, "a comparison's compare.json")
-    if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict) and isinstance(saved.get("preset"), str)
-            and isinstance(saved.get("overrides"), list)):  # fmt: skip
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("config"), dict)
+        and isinstance(saved.get("preset"), str)
+        and isinstance(saved.get("overrides"), list)
+    ):
         raise TrainError(f"{path}: expected {{preset, overrides, config}}; restore it or start a new comparison")
     return saved
 
@@ -160,14 +172,17 @@ def incomplete(results: dict[str, dict | None]) -> dict[str, str]:
     return out
 
 
+def _run_summary(result: dict | None) -> dict | None:
+    """One run's part of summary.json: its SUMMARY_KEYS, folder and stopping signal (None if not started)."""
+    if result is None:
+        return None
+    return {k: result[k] for k in SUMMARY_KEYS} | {"out_dir": result["out_dir"], "stopped_by": result.get("stopped_by")}
+
+
 def summarize(preset: str, overrides: list[str], config: dict, results: dict[str, dict | None]) -> dict:
     """The summary.json object: per attention its SUMMARY_KEYS (None for a run not started), the runs that
     did not finish (``incomplete``), the gaps, and where and how it ran."""
-    summary: dict = {
-        attn: None if r is None else {k: r[k] for k in SUMMARY_KEYS} | {"out_dir": r["out_dir"],
-                                                                         "stopped_by": r.get("stopped_by")}
-        for attn, r in results.items()
-    }  # fmt: skip
+    summary: dict = {attn: _run_summary(r) for attn, r in results.items()}
     summary["incomplete"] = incomplete(results)
     sig, soft = results["sigmoid"] or {}, results["softmax"] or {}
     if sig.get("final_val_loss") is not None and soft.get("final_val_loss"):

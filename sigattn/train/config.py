@@ -168,10 +168,19 @@ class TrainSettings:
 
 
 # Settings that do not change what a run computes: they may differ when it is resumed.
-RESUMABLE_CHANGES = frozenset({
-    "train.log_every", "train.eval_every", "train.ckpt_every", "train.diagnostics", "train.progress",
-    "train.plots", "train.log_to", "train.trackio_project", "train.threads",
-})  # fmt: skip
+RESUMABLE_CHANGES = frozenset(
+    {
+        "train.log_every",
+        "train.eval_every",
+        "train.ckpt_every",
+        "train.diagnostics",
+        "train.progress",
+        "train.plots",
+        "train.log_to",
+        "train.trackio_project",
+        "train.threads",
+    }
+)
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": TrainSettings}

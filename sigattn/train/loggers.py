@@ -60,8 +60,9 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: events at or after it, logged before an interruption, are dropped from the view.
-        self.writer = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=None if resume_step is None
-                                    else resume_step + 1)  # fmt: skip
+        self.writer = SummaryWriter(
+            str(out / TENSORBOARD_DIR), purge_step=None if resume_step is None else resume_step + 1
+        )
         if resume_step is None:
             self.writer.add_text("config", "```\n" + _config_text(config) + "\n```", 0)
 
@@ -81,8 +82,9 @@ class TrackioLogger:
         self.trackio = trackio
         # trackio prints its banner on stdout, which holds the command's result (JSON): send it to stderr.
         with contextlib.redirect_stdout(sys.stderr):
-            self.run = trackio.init(project=project, name=run_name(out), config=config,
-                                    resume="allow" if resume else "never", embed=False)  # fmt: skip
+            self.run = trackio.init(
+                project=project, name=run_name(out), config=config, resume="allow" if resume else "never", embed=False
+            )
 
     def log(self, row: dict) -> None:
         self.run.log(scalars(row), step=row["step"])

@@ -12,8 +12,17 @@ import json
 import os
 from pathlib import Path
 
-REQUIRED_KEYS = ("step", "train_loss", "lr", "grad_norm", "grad_norm_max", "grad_spikes", "tokens",
-                 "tokens_per_s", "elapsed_s")  # fmt: skip
+REQUIRED_KEYS = (
+    "step",
+    "train_loss",
+    "lr",
+    "grad_norm",
+    "grad_norm_max",
+    "grad_spikes",
+    "tokens",
+    "tokens_per_s",
+    "elapsed_s",
+)
 
 
 class MetricsError(ValueError):

@@ -11,34 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..plotting import pyplot, run_style, save_figure
 from .diagnostics import SPARSITY_THRESHOLD
-
-# Each run's look: colour, line style and marker differ, so that curves which overlap stay distinguishable.
-STYLES = {
-    "sigmoid": {"color": "tab:blue", "linestyle": "-", "marker": "o"},
-    "softmax": {"color": "tab:orange", "linestyle": "--", "marker": "s"},
-}
-OTHER_STYLES = [
-    {"color": "tab:green", "linestyle": "-.", "marker": "^"},
-    {"color": "tab:red", "linestyle": ":", "marker": "D"},
-    {"color": "tab:purple", "linestyle": "-", "marker": "v"},
-]
-
-
-def run_style(label: str, index: int) -> dict:
-    """The colour, line style and marker of run ``label`` (the ``index``-th run of a plot)."""
-    return STYLES.get(label, OTHER_STYLES[index % len(OTHER_STYLES)])
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'sigattn[train]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list]:
@@ -48,7 +22,7 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list]:
 
 def loss_figure(runs: dict[str, list[dict]]):
     """The figure of loss.png."""
-    plt = _pyplot()
+    plt = pyplot()
     last_evals = {label: next((r for r in reversed(rows) if "val_loss" in r), None) for label, rows in runs.items()}
     contexts = sorted({int(n) for r in last_evals.values() if r for n in r.get("val_loss_by_context", {})})
     panels = 3 if contexts else 2
@@ -58,8 +32,14 @@ def loss_figure(runs: dict[str, list[dict]]):
         style = run_style(label, i)
         line = {"color": style["color"], "linestyle": style["linestyle"]}
         axes[0].plot(*_series(rows, "train_loss"), label=label, lw=1.3, alpha=0.85, **line)
-        axes[1].plot(*_series(rows, "val_loss"), marker=style["marker"], markersize=4, markerfacecolor="none",
-                     label=label, **line)  # fmt: skip
+        axes[1].plot(
+            *_series(rows, "val_loss"),
+            marker=style["marker"],
+            markersize=4,
+            markerfacecolor="none",
+            label=label,
+            **line,
+        )
     axes[0].set_title("training loss (mean per logged interval)")
     axes[1].set_title("validation loss")
     for ax in axes[:2]:
@@ -90,7 +70,7 @@ def loss_figure(runs: dict[str, list[dict]]):
 
 def diagnostics_figure(runs: dict[str, list[dict]]):
     """The figure of diagnostics.png."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(3, len(runs), figsize=(5 * len(runs), 9), squeeze=False, sharey="row")
     for col, (label, rows) in enumerate(runs.items()):
         ax = axes[0][col]
@@ -102,8 +82,13 @@ def diagnostics_figure(runs: dict[str, list[dict]]):
             if r["grad_spikes"] > prev["grad_spikes"]
         ]
         if spikes:
-            ax.scatter([r["step"] for r in spikes], [r["grad_norm_max"] for r in spikes], color="red", zorder=3,
-                       label=f"spikes ({rows[-1]['grad_spikes']})")  # fmt: skip
+            ax.scatter(
+                [r["step"] for r in spikes],
+                [r["grad_norm_max"] for r in spikes],
+                color="red",
+                zorder=3,
+                label=f"spikes ({rows[-1]['grad_spikes']})",
+            )
             ax.legend()
         ax.set_title(f"{label}: gradient norm (max per interval)")
         ax.set_ylabel("global gradient norm (before clipping)")
@@ -128,14 +113,10 @@ def diagnostics_figure(runs: dict[str, list[dict]]):
     return fig
 
 
-def save(fig, path: Path) -> Path:
-    """Writes ``fig`` to ``path`` (PNG) and closes it."""
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
-
-
 def plot_runs(runs: dict[str, list[dict]], out_dir: str | Path) -> list[Path]:
     """Writes loss.png and diagnostics.png for ``runs`` ({label: metrics rows}) into ``out_dir``."""
     out_dir = Path(out_dir)
-    return [save(loss_figure(runs), out_dir / "loss.png"), save(diagnostics_figure(runs), out_dir / "diagnostics.png")]
+    return [
+        save_figure(loss_figure(runs), out_dir / "loss.png"),
+        save_figure(diagnostics_figure(runs), out_dir / "diagnostics.png"),
+    ]

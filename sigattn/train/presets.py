@@ -29,8 +29,10 @@ def preset_path(name: str) -> Path:
         return path
     path = PRESET_DIR / f"{name}.toml"
     if not path.is_file():
-        raise ConfigError(f"--preset: unknown preset {name!r}; expected one of {', '.join(preset_names())} "
-                          "or a path to a .toml or .json file")  # fmt: skip
+        raise ConfigError(
+            f"--preset: unknown preset {name!r}; expected one of {', '.join(preset_names())} "
+            "or a path to a .toml or .json file"
+        )
     return path
 
 

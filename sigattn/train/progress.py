@@ -86,5 +86,4 @@ def _tqdm_bar(label: str, total: int, initial: int):
         from tqdm.auto import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=initial, desc=label, unit="step", dynamic_ncols=True, leave=False,
-                file=sys.stderr)  # fmt: skip
+    return tqdm(total=total, initial=initial, desc=label, unit="step", dynamic_ncols=True, leave=False, file=sys.stderr)

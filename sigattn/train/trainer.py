@@ -69,8 +69,12 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 STATE_KEYS = ("config", "step", "rng", "task", "loop")  # besides "format"; checkpoint.pt adds the next two
 MODEL_KEYS = ("model", "optimizer")
-SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
-                 "math": "MATH"}  # fmt: skip
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
 
 
 class TrainError(RuntimeError):
@@ -112,6 +116,37 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainError("train.device is 'cuda' but CUDA is not available; use train.device=cpu or auto")
     return torch.device(name)
+
+
+def compile_mode(setting: str, device: torch.device, parallel: str) -> str | None:
+    """How ``train.compile`` = ``setting`` compiles the training step on ``device`` under ``train.parallel``:
+    None (eager), "default" (``torch.compile``) or "reduce-overhead" (``torch.compile`` replaying CUDA
+    graphs, which needs one CUDA device). auto: CUDA graphs on one CUDA device, "default" on CUDA under data
+    parallelism, eager on the CPU."""
+    one_gpu = device.type == "cuda" and parallel == "none"
+    if setting == "cudagraphs" and not one_gpu:
+        raise TrainError(
+            f"compile='cudagraphs' needs a CUDA device and parallel='none', got device {device.type!r} and "
+            f"parallel={parallel!r}: use compile='on' instead"
+        )
+    if setting == "cudagraphs" or (setting == "auto" and one_gpu):
+        return "reduce-overhead"
+    if setting == "on" or (setting == "auto" and device.type == "cuda"):
+        return "default"
+    return None
+
+
+def join_ranks(mode: str, batch_size: int, device: torch.device) -> tuple[par.Parallel, slice]:
+    """This process's place in ``train.parallel`` = ``mode`` and its rows of the global batch; a setup that
+    cannot run is a TrainError (and leaves no process group it created behind)."""
+    parallel = None
+    try:
+        parallel = par.setup(mode, device)
+        return parallel, par.local_rows(batch_size, parallel)
+    except par.ParallelError as error:
+        if parallel is not None:
+            parallel.close()
+        raise TrainError(str(error)) from None
 
 
 def prepare_run_folder(out: Path) -> Path | None:
@@ -241,11 +276,8 @@ class Trainer:
         self.config, self.out = config, Path(out_dir)
         self.log = log or (lambda line: print(line, file=sys.stderr))
         state = self._load_state() if resume else None
-        if not resume and ((self.out / CHECKPOINT).exists() or par.checkpoint_exists(self.out)):
-            raise TrainError(
-                f"{self.out} already holds a run ({CHECKPOINT} or {par.CHECKPOINT_DIR}/): pass --resume to continue "
-                "it, or choose another --out"
-            )
+        if not resume:
+            self._refuse_existing_run()
         missing = check_available(self.config.train.log_to)
         if missing:
             raise TrainError(missing)
@@ -257,25 +289,36 @@ class Trainer:
                 shutil.rmtree(created, ignore_errors=True)
             raise
 
-    def _setup(self, state: dict | None) -> None:
-        config = self.config
-        settings = config.train
-        device = resolve_device(settings.device)
-        one_gpu = device.type == "cuda" and settings.parallel == "none"
-        self.cuda_graphs = settings.compile == "cudagraphs" or (settings.compile == "auto" and one_gpu)
-        if self.cuda_graphs and not one_gpu:
+    def _refuse_existing_run(self) -> None:
+        if (self.out / CHECKPOINT).exists() or par.checkpoint_exists(self.out):
             raise TrainError(
-                f"compile='cudagraphs' needs a CUDA device and parallel='none', got device {device.type!r} and "
-                f"parallel={settings.parallel!r}: use compile='on' instead"
+                f"{self.out} already holds a run ({CHECKPOINT} or {par.CHECKPOINT_DIR}/): pass --resume to continue "
+                "it, or choose another --out"
             )
-        try:
-            self.parallel = par.setup(settings.parallel, device)
-            self.rows = par.local_rows(settings.batch_size, self.parallel)  # this rank's share of the batch
-        except par.ParallelError as error:
-            if hasattr(self, "parallel"):
-                self.parallel.close()
-            raise TrainError(str(error)) from None
+
+    def _setup(self, state: dict | None) -> None:
+        """Everything after the run folder exists: the steps in the order they must run."""
+        settings = self.config.train
+        device = resolve_device(settings.device)
+        self.compile_mode = compile_mode(settings.compile, device, settings.parallel)
+        # self.rows: this rank's share of the batch
+        self.parallel, self.rows = join_ranks(settings.parallel, settings.batch_size, device)
         self.device = par.rank_device(device, self.parallel)
+        self.use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and self.device.type == "cuda")
+        self._build(state)
+        self._reset_loop()
+        if state is not None:
+            self._restore(state)
+        self._open_run_files(resumed=state is not None)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether each step replays CUDA graphs (``torch.compile(mode="reduce-overhead")``)."""
+        return self.compile_mode == "reduce-overhead"
+
+    def _build(self, state: dict | None) -> None:
+        """The task (data), the model on this rank's device, its optimizer and the step's forward."""
+        config, settings = self.config, self.config.train
         torch.manual_seed(settings.seed)  # the same initial model on every rank
         try:
             self.task = make_task(config, state["task"] if state else None)
@@ -285,7 +328,6 @@ class Trainer:
         self.model.activation_checkpointing = settings.activation_checkpointing
         if self.parallel.rank > 0:
             torch.manual_seed(settings.seed + self.parallel.rank)  # dropout masks differ between the ranks
-        self.use_bf16 = settings.precision == "bf16" or (settings.precision == "auto" and self.device.type == "cuda")
         # DDP's wrapper; FSDP2 shards self.model in place (before the optimizer sees its parameters).
         wrapped = par.wrap(self.model, self.parallel, self.device, self.use_bf16)
         fused = self.device.type == "cuda"
@@ -293,12 +335,11 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), fused=fused
         )
-        use_compile = settings.compile in ("on", "cudagraphs") or (
-            settings.compile == "auto" and self.device.type == "cuda"
-        )
-        mode = "reduce-overhead" if self.cuda_graphs else None
-        self.forward = torch.compile(wrapped, mode=mode) if use_compile else wrapped
-        self.spikes = SpikeDetector(settings.spike_factor)
+        self.forward = wrapped if self.compile_mode is None else torch.compile(wrapped, mode=self.compile_mode)
+
+    def _reset_loop(self) -> None:
+        """The loop's state at step 0 (``_restore`` then sets a resumed run's)."""
+        self.spikes = SpikeDetector(self.config.train.spike_factor)
         self.step = 0
         self.pending_losses: list = []  # since the last logged step: losses, gradient norms
         self.pending_norms: list = []
@@ -307,16 +348,18 @@ class Trainer:
         self.timed_tokens, self.timed_seconds = 0, 0.0  # the same, less each process's first interval
         self.last_eval: dict = {}
         self.devices: list[str] = []  # where the steps ran
-        if state is not None:
-            self._restore(state)
+
+    def _open_run_files(self, resumed: bool) -> None:
+        """config.json, tokenizer.json and metrics.jsonl on rank 0; the other ranks log nothing."""
         self.metrics = None  # rank 0 only
-        if self.parallel.is_main:
-            (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            if config.task == "lm":
-                (self.out / "tokenizer.json").write_text(json.dumps(self.task.state()["tokenizer"]) + "\n")
-            self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step if state else None)
         if not self.parallel.is_main:
             self.log = _silent
+            return
+        config = self.config
+        (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if config.task == "lm":
+            (self.out / "tokenizer.json").write_text(json.dumps(self.task.state()["tokenizer"]) + "\n")
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step if resumed else None)
 
     # ------------------------------------------------------------------------------- state
 
@@ -447,9 +490,12 @@ class Trainer:
                 stack.enter_context(_cpu_threads(settings.threads))
             loggers = stack.enter_context(self._metrics_loggers())
             progress = Progress(
-                self.config.model.attn, settings.max_steps, self.step, settings.progress and self.parallel.is_main,
+                self.config.model.attn,
+                settings.max_steps,
+                self.step,
+                settings.progress and self.parallel.is_main,
                 self.log,
-            )  # fmt: skip
+            )
             stack.callback(progress.close)
             stopped = self._loop(until_step, stop, progress, loggers)
             if stopped:
@@ -512,8 +558,9 @@ class Trainer:
         """TensorBoard and trackio (``train.log_to``) on rank 0, for the steps of one ``fit``."""
         names = self.config.train.log_to if self.parallel.is_main else ()
         resume_step = self.step if self.step > 0 else None
-        loggers = MetricsLoggers(names, self.out, self.config.to_dict(), project=self.config.train.trackio_project,
-                                 resume_step=resume_step)  # fmt: skip
+        loggers = MetricsLoggers(
+            names, self.out, self.config.to_dict(), project=self.config.train.trackio_project, resume_step=resume_step
+        )
         try:
             yield loggers
         finally:
