@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from sigattn.ops.sigmoid_attn import flash, hopper_bwd
+from sigattn.ops.sigmoid_attn import hopper_bwd, kernels
+from sigattn.ops.sigmoid_attn.params import Params
+from sigattn.ops.sigmoid_attn.reference import Mask, resolve_bias
 from sigattn.runinfo import run_meta, write_json
 
 
@@ -34,13 +36,13 @@ def main():
     for S, D, causal in ((512, 128, False), (1024, 128, True), (2048, 128, True), (2048, 64, False), (4096, 128, True)):
         B, H = 16384 // S, 2048 // D
         q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        kw = dict(scale=D**-0.5, bias=None, causal=causal, window_size=(-1, -1))
-        fast, det = flash.flash_params(**kw)[0], flash.flash_params(**kw, deterministic=True)[0]
+        bias = resolve_bias(None, S)
+        fast, det = Params(D**-0.5, Mask(causal=causal)), Params(D**-0.5, Mask(causal=causal), deterministic=True)
 
         def uncapped():
             saved, hopper_bwd.WORKSPACE_BYTES = hopper_bwd.WORKSPACE_BYTES, 1 << 40
             try:
-                flash.flash_bwd(do, q, k, v, fast)
+                kernels.backward(do, q, k, v, fast, bias)
             finally:
                 hopper_bwd.WORKSPACE_BYTES = saved
 
@@ -48,9 +50,9 @@ def main():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             o = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
         fns = dict(
-            gluon=lambda: flash.flash_bwd(do, q, k, v, fast),
+            gluon=lambda: kernels.backward(do, q, k, v, fast, bias),
             gluon_uncapped=uncapped,
-            triton=lambda: flash.flash_bwd(do, q, k, v, det),
+            triton=lambda: kernels.backward(do, q, k, v, det, bias),
             cudnn=lambda: torch.autograd.grad(o, (qt, kt, vt), dot, retain_graph=True),
         )
         row = dict(S=S, D=D, causal=causal, chunks=hopper_bwd._chunks(B, H, S * D * 4, S))

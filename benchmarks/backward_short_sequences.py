@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from host_overhead import graph_us  # benchmarks/ is on the path of a script run from it
 
-from sigattn.ops.sigmoid_attn import flash
+from sigattn.ops.sigmoid_attn import kernels
+from sigattn.ops.sigmoid_attn.params import Params
+from sigattn.ops.sigmoid_attn.reference import Mask, resolve_bias
 from sigattn.runinfo import run_meta, write_json
 
 
@@ -24,12 +26,12 @@ def main() -> list[dict]:
         q, k, v, do = (
             torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)
         )
-        kw = dict(scale=head_dim**-0.5, bias=None, causal=causal, window_size=(-1, -1))
-        fast, det = flash.flash_params(**kw)[0], flash.flash_params(**kw, deterministic=True)[0]
+        bias, mask = resolve_bias(None, seqlen), Mask(causal=causal)
+        fast, det = Params(head_dim**-0.5, mask), Params(head_dim**-0.5, mask, deterministic=True)
         grads = tuple(torch.empty_like(t) for t in (q, k, v))
         row = dict(batch=batch, seqlen=seqlen, heads=heads, head_dim=head_dim, causal=causal)
-        row["gluon_us"] = graph_us(lambda p=fast: flash.flash_bwd(do, q, k, v, p, grads=grads))
-        row["triton_us"] = graph_us(lambda p=det: flash.flash_bwd(do, q, k, v, p, grads=grads))
+        row["gluon_us"] = graph_us(lambda p=fast: kernels.backward(do, q, k, v, p, bias, grads=grads))
+        row["triton_us"] = graph_us(lambda p=det: kernels.backward(do, q, k, v, p, bias, grads=grads))
         print(json.dumps(row), flush=True)
         rows.append(row)
     return rows

@@ -183,11 +183,21 @@ def configs(args, world_size: int) -> list[list[Config]]:
             for layout in layouts:
                 series.append(
                     [
-                        Config(provider, mask, layout, args.batch, args.heads, args.kv_heads, args.headdim, s,
-                               args.dtype, world_size)
+                        Config(
+                            provider,
+                            mask,
+                            layout,
+                            args.batch,
+                            args.heads,
+                            args.kv_heads,
+                            args.headdim,
+                            s,
+                            args.dtype,
+                            world_size,
+                        )
                         for s in sorted(args.seqlens)
                     ]
-                )  # fmt: skip
+                )
     return series
 
 
@@ -206,9 +216,18 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
         lines.append(
-            [r["provider"], r["mask"], r["layout"], str(r["seqlen"]), r["mode"], f"{r['ms']:.2f}",
-             f"{r['tokens_per_s']:.0f}", f"{r['tflops_per_gpu']:.1f}", peak]
-        )  # fmt: skip
+            [
+                r["provider"],
+                r["mask"],
+                r["layout"],
+                str(r["seqlen"]),
+                r["mode"],
+                f"{r['ms']:.2f}",
+                f"{r['tokens_per_s']:.0f}",
+                f"{r['tflops_per_gpu']:.1f}",
+                peak,
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
 
@@ -267,12 +286,22 @@ def parse_seqlen(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS))
-    p.add_argument("--seqlens", nargs="+", type=parse_seqlen, default=list(DEFAULT_SEQLENS), metavar="S",
-                   help="whole-sequence lengths, e.g. 16k 32k (default: 16k to 256k)")  # fmt: skip
+    p.add_argument(
+        "--seqlens",
+        nargs="+",
+        type=parse_seqlen,
+        default=list(DEFAULT_SEQLENS),
+        metavar="S",
+        help="whole-sequence lengths, e.g. 16k 32k (default: 16k to 256k)",
+    )
     p.add_argument("--masks", nargs="+", choices=("causal", "full"), default=["causal", "full"])
-    p.add_argument("--layouts", nargs="+", choices=("zigzag", "contiguous"), default=["zigzag"],
-                   help="how the sequence is sharded (zigzag: load_balance=True); contiguous is unbalanced "
-                        "under a causal mask")  # fmt: skip
+    p.add_argument(
+        "--layouts",
+        nargs="+",
+        choices=("zigzag", "contiguous"),
+        default=["zigzag"],
+        help="how the sequence is sharded (zigzag: load_balance=True); contiguous is unbalanced under a causal mask",
+    )
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=32)
@@ -331,8 +360,11 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 if rank == 0:
                     r = rows[-1]
-                    print(f"{c.provider} {c.mask} {c.layout} seqlen {c.seqlen} {mode}: {r['ms']:.2f} ms, "
-                          f"{r['tokens_per_s']:.0f} tokens/s", flush=True)  # fmt: skip
+                    print(
+                        f"{c.provider} {c.mask} {c.layout} seqlen {c.seqlen} {mode}: {r['ms']:.2f} ms, "
+                        f"{r['tokens_per_s']:.0f} tokens/s",
+                        flush=True,
+                    )
                 save()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

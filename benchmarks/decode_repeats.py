@@ -14,7 +14,8 @@ import torch
 from graph_timing import bench_graph, write_result
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sigattn.ops.sigmoid_attn import flash
+from sigattn.ops.sigmoid_attn import kernels
+from sigattn.ops.sigmoid_attn.params import Params
 
 SHAPES = [  # (batch, cache length, heads, kv heads): below 1.0x cuDNN in bench_decode_h200_2026-12-03_short_tiles
     (1, 1024, 32, 32),
@@ -37,7 +38,7 @@ def measure(B, S, Hq, Hkv, rounds):
     q = torch.randn(B, 1, Hq, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in "kv")
     qs, ks, vs = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    params = flash.flash_params(scale=D**-0.5, bias=-math.log(S), causal=False, window_size=(-1, -1))[0]
+    params, bias = Params(D**-0.5), -math.log(S)
     out = torch.empty_like(q)
 
     def cudnn():
@@ -46,15 +47,27 @@ def measure(B, S, Hq, Hkv, rounds):
 
     ours, theirs = [], []
     for _ in range(rounds):
-        ours.append(bench_graph(lambda: flash.flash_kvcache_fwd(q, k, v, None, params, out=out)))
+        ours.append(bench_graph(lambda: kernels.decode(q, k, v, params, bias, None, None, out=out)))
         theirs.append(bench_graph(cudnn))
     ratios = [t / o for o, t in zip(ours, theirs, strict=True)]
     kvb = 2 * B * S * Hkv * D * 2
-    print(f"B{B} S{S} {Hq}/{Hkv}: sigattn {statistics.median(ours):.1f} us ({kvb / statistics.median(ours) / 1e3:.0f}"
-          f" GB/s), cudnn {statistics.median(theirs):.1f} us; cudnn/sigattn per round "
-          + " ".join(f"{r:.3f}" for r in ratios), flush=True)  # fmt: skip
-    return dict(batch=B, cache_len=S, heads=Hq, kv_heads=Hkv, kv_bytes=kvb, sigattn_us=ours, cudnn_us=theirs,
-                cudnn_over_sigattn=ratios, median_ratio=statistics.median(ratios))  # fmt: skip
+    print(
+        f"B{B} S{S} {Hq}/{Hkv}: sigattn {statistics.median(ours):.1f} us ({kvb / statistics.median(ours) / 1e3:.0f}"
+        f" GB/s), cudnn {statistics.median(theirs):.1f} us; cudnn/sigattn per round "
+        + " ".join(f"{r:.3f}" for r in ratios),
+        flush=True,
+    )
+    return dict(
+        batch=B,
+        cache_len=S,
+        heads=Hq,
+        kv_heads=Hkv,
+        kv_bytes=kvb,
+        sigattn_us=ours,
+        cudnn_us=theirs,
+        cudnn_over_sigattn=ratios,
+        median_ratio=statistics.median(ratios),
+    )
 
 
 def main() -> None:

@@ -13,8 +13,9 @@ from functools import partial
 import torch
 from graph_timing import bench_copy, bench_graph, write_result
 
-from sigattn.ops.sigmoid_attn import flash
-from sigattn.ops.sigmoid_attn.flash import Rows, TileConfig, _launch_fwd
+from sigattn.ops.sigmoid_attn import kernels, triton_host
+from sigattn.ops.sigmoid_attn.params import Params, Rows
+from sigattn.ops.sigmoid_attn.triton_host import TileConfig
 
 SHAPES = [  # (batch, cache length, heads, kv heads)
     (1, 8192, 32, 8),
@@ -31,7 +32,7 @@ CONFIGS = [TileConfig(16, 64, 4, 3), TileConfig(16, 128, 4, 3), TileConfig(16, 6
 
 def launch_and_sum(launch, part, out):
     launch()
-    flash.sum_splits(part, out)
+    triton_host.sum_splits(part, out)
 
 
 def measure(B, S, Hq, Hkv, empty_us):
@@ -41,10 +42,10 @@ def measure(B, S, Hq, Hkv, empty_us):
     copy_us = bench_copy(kvb)
     q = torch.randn(B, 1, Hq, D, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in "kv")
-    params = flash.flash_params(scale=D**-0.5, bias=-math.log(S), causal=False, window_size=(-1, -1))[0]
+    params, bias = Params(D**-0.5), -math.log(S)
     out = torch.empty_like(q)
-    _, pack, plan = flash.kvcache_plan(B, 1, Hq, Hkv, D, S, q.device)
-    public_us = bench_graph(lambda: flash.flash_kvcache_fwd(q, k, v, None, params, out=out))
+    _, pack, plan = triton_host.kvcache_plan(B, 1, Hq, Hkv, D, S, q.device)
+    public_us = bench_graph(lambda: kernels.decode(q, k, v, params, bias, None, None, out=out))
     print(
         f"B{B} S{S} {Hq}/{Hkv}: {kvb / 1e6:.1f} MB, copy same bytes {copy_us:.1f} us ({kvb / copy_us / 1e3:.0f} GB/s), "
         f"public (plan {plan} splits) {public_us:.1f} us ({kvb / public_us / 1e3:.0f} GB/s)",
@@ -68,7 +69,20 @@ def measure(B, S, Hq, Hkv, empty_us):
             if S // cfg.block_n // splits < 2:
                 continue
             part = torch.empty(splits, *q.shape, dtype=torch.float32, device="cuda")
-            launch = partial(_launch_fwd, q, k, v, part, params, None, None, rws, cfg, pack_gqa=pack, num_splits=splits)
+            launch = partial(
+                triton_host.launch_forward,
+                q,
+                k,
+                v,
+                part,
+                params,
+                bias,
+                None,
+                rws,
+                cfg,
+                pack_gqa=pack,
+                num_splits=splits,
+            )
             m_us, b_us = bench_graph(launch), bench_graph(partial(launch_and_sum, launch, part, out))
             rows.append(
                 dict(

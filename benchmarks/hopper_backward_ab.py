@@ -1,4 +1,4 @@
-"""Device script: the Gluon backward (hopper_bwd.py) through flash_bwd, checked against float64 (including
+"""Device script: the Gluon backward (hopper_bwd.py) through kernels.backward, checked against float64 (including
 chunked workspaces, the deterministic fallback and per-head bias) and timed against the Triton backward
 and SDPA. python benchmarks/hopper_backward_ab.py OUT.json [check|bench|both]"""
 
@@ -13,8 +13,9 @@ import time
 import torch
 from triton.testing import do_bench
 
-from sigattn.ops.sigmoid_attn import flash, hopper_bwd
-from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
+from sigattn.ops.sigmoid_attn import hopper_bwd, kernels
+from sigattn.ops.sigmoid_attn.params import Params, Rows
+from sigattn.ops.sigmoid_attn.reference import Mask, resolve_bias, sigmoid_attn_reference
 from sigattn.runinfo import run_meta
 from sigattn.testing.grid import Case, judge, reference_results, run_case
 
@@ -45,14 +46,16 @@ def run(B, Sq, Sk, H, Hkv, D, causal, top_left, dtype, deterministic=False, work
         torch.randn(B, s, h, D, generator=g).to("cuda", dtype) for s, h in ((Sq, H), (Sk, Hkv), (Sk, Hkv), (Sq, H))
     )
     opts = dict(scale=D**-0.5, causal=causal, window_size=(-1, -1), top_left=top_left)
-    params = flash.flash_params(bias=None, deterministic=deterministic, **opts)[0]
+    params = Params(D**-0.5, Mask(causal=causal, top_left=top_left), deterministic)
+    bias = resolve_bias(None, Sk)
     grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
     saved = hopper_bwd.WORKSPACE_BYTES
     if workspace:
         hopper_bwd.WORKSPACE_BYTES = workspace
     try:
-        on_sm90 = flash.backward_on_sm90(do, q, k, v, grads, params, None, None)
-        flash.flash_bwd(do, q, k, v, params, grads=grads)
+        kernel, _ = kernels.choose(kernels.BACKWARD, do, q, k, v, grads, params, bias, None, Rows.dense(q, k))
+        on_sm90 = kernel.name == "gluon-sm90"
+        kernels.backward(do, q, k, v, params, bias, grads=grads)
     finally:
         hopper_bwd.WORKSPACE_BYTES = saved
     torch.cuda.synchronize()
@@ -108,24 +111,24 @@ def bench(results):
         B, H = 16384 // S, 2048 // D
         q, k, v, do = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         flops = 2.5 * 4 * B * H * S * S * D / (2 if causal else 1)
-        kw = dict(scale=D**-0.5, bias=None, causal=causal, window_size=(-1, -1))
-        p_fast = flash.flash_params(**kw)[0]
-        p_det = flash.flash_params(**kw, deterministic=True)[0]
+        bias = resolve_bias(None, S)
+        p_fast = Params(D**-0.5, Mask(causal=causal))
+        p_det = Params(D**-0.5, Mask(causal=causal), deterministic=True)
         head_bias = torch.full((H,), -math.log(S), device="cuda")
 
         def keys4096():
             saved, hopper_bwd.WORKSPACE_KEYS = hopper_bwd.WORKSPACE_KEYS, 4096
             try:
-                return flash.flash_bwd(do, q, k, v, p_fast)
+                return kernels.backward(do, q, k, v, p_fast, bias)
             finally:
                 hopper_bwd.WORKSPACE_KEYS = saved
 
         fns = {
-            "triton": lambda: flash.flash_bwd(do, q, k, v, p_det),
-            "gluon": lambda: flash.flash_bwd(do, q, k, v, p_fast),
+            "triton": lambda: kernels.backward(do, q, k, v, p_det, bias),
+            "gluon": lambda: kernels.backward(do, q, k, v, p_fast, bias),
             "gluon_keys4096": keys4096,
-            "triton_headbias": lambda: flash.flash_bwd(do, q, k, v, p_det, head_bias),
-            "gluon_headbias": lambda: flash.flash_bwd(do, q, k, v, p_fast, head_bias),
+            "triton_headbias": lambda: kernels.backward(do, q, k, v, p_det, head_bias),
+            "gluon_headbias": lambda: kernels.backward(do, q, k, v, p_fast, head_bias),
         }
         qt, kt, vt, dot = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v, do))
         for nm, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2", SDPBackend.FLASH_ATTENTION)):

@@ -87,8 +87,11 @@ def bench(head_dim: int, configs: dict[str, hopper.ForwardConfig], seqlens: list
                     row["tflops"].setdefault(name, []).append(round(flops / ms / 1e9, 1))
             best = {name: max(t) for name, t in row["tflops"].items()}
             fa2 = best["sdpa-flash"]
-            print(f"D{head_dim} {'causal' if causal else 'full'} {seqlen}: "
-                  + " ".join(f"{n}={t:.0f}({t / fa2:.2f}x FA2)" for n, t in best.items()), flush=True)  # fmt: skip
+            print(
+                f"D{head_dim} {'causal' if causal else 'full'} {seqlen}: "
+                + " ".join(f"{n}={t:.0f}({t / fa2:.2f}x FA2)" for n, t in best.items()),
+                flush=True,
+            )
             rows.append(row)
     return rows
 

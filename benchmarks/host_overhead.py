@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sigattn
-from sigattn.ops.sigmoid_attn import flash
+from sigattn.ops.sigmoid_attn import kernels
+from sigattn.ops.sigmoid_attn.params import Params
+from sigattn.ops.sigmoid_attn.reference import Mask
 from sigattn.runinfo import run_meta
 
 
@@ -76,7 +78,7 @@ def calls(batch: int, seqlen: int, heads: int, head_dim: int) -> dict[str, Calla
     qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))  # SDPA's (B, H, S, D) views
     dot = do.transpose(1, 2)
     bias = -math.log(seqlen)
-    params, _ = flash.flash_params(scale=head_dim**-0.5, bias=bias, causal=True, window_size=(-1, -1))
+    params = Params(head_dim**-0.5, Mask(causal=True))
 
     def ours_fwd():
         with torch.no_grad():
@@ -102,8 +104,8 @@ def calls(batch: int, seqlen: int, heads: int, head_dim: int) -> dict[str, Calla
     return {
         "sigattn fwd": ours_fwd,
         "sigattn fwd+bwd": ours_fwd_bwd,
-        "launcher fwd": lambda: flash.flash_fwd(q.detach(), k.detach(), v.detach(), params),
-        "launcher bwd": lambda: flash.flash_bwd(do, q.detach(), k.detach(), v.detach(), params),
+        "launcher fwd": lambda: kernels.forward(q.detach(), k.detach(), v.detach(), params, bias),
+        "launcher bwd": lambda: kernels.backward(do, q.detach(), k.detach(), v.detach(), params, bias),
         "cudnn fwd": cudnn_fwd,
         "cudnn fwd+bwd": cudnn_fwd_bwd,
         "flash fwd": fa2_fwd,

@@ -34,8 +34,10 @@ def cases():
     def dense(seqlen, head_dim, backward, **options):
         def build():
             batch, heads = max(TOKENS // seqlen, 1), HIDDEN // head_dim
-            q, k, v = (torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16,
-                                   requires_grad=backward) for _ in range(3))  # fmt: skip
+            q, k, v = (
+                torch.randn(batch, seqlen, heads, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                for _ in range(3)
+            )
             if not backward:
                 return lambda: sigattn.sigmoid_attn_func(q, k, v, **options)
             out = sigattn.sigmoid_attn_func(q, k, v, **options)
@@ -47,8 +49,10 @@ def cases():
     def varlen(lengths, backward):
         def build():
             cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-            q, k, v = (torch.randn(sum(lengths), 16, 128, device="cuda", dtype=torch.bfloat16,
-                                   requires_grad=backward) for _ in range(3))  # fmt: skip
+            q, k, v = (
+                torch.randn(sum(lengths), 16, 128, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                for _ in range(3)
+            )
             call = lambda: sigattn.sigmoid_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True)  # noqa: E731
             if not backward:
                 return call
@@ -71,8 +75,14 @@ def cases():
     out = []
     for backward in (False, True):
         mode = "bwd" if backward else "fwd"
-        for head_dim, seqlen, causal in ((128, 2048, False), (128, 16384, False), (128, 2048, True),
-                                         (128, 16384, True), (64, 16384, False), (64, 16384, True)):  # fmt: skip
+        for head_dim, seqlen, causal in (
+            (128, 2048, False),
+            (128, 16384, False),
+            (128, 2048, True),
+            (128, 16384, True),
+            (64, 16384, False),
+            (64, 16384, True),
+        ):
             mask = "causal" if causal else "full"
             out.append((f"dense-D{head_dim}-{mask}-{seqlen}", mode, dense(seqlen, head_dim, backward, causal=causal)))
         out.append(("dense-D128-causal-2001 (ends inside tiles)", mode, dense(2001, 128, backward, causal=True)))

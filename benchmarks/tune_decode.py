@@ -3,7 +3,7 @@
 Decode (one query per row), bf16, D = 128, contiguous cache, on shapes from the four corners of
 ``sigattn bench --decode``. For each tile config (block_m cap, block_n, warps, stages), every power-of-two
 number of splits is timed, and the launcher's own plan (``kvcache_plan``) beside them; GB/s = bytes of K and
-V read per second. The winners go into KVCACHE_CONFIGS in sigattn/ops/sigmoid_attn/flash.py, citing the
+V read per second. The winners go into KVCACHE_CONFIGS in sigattn/ops/sigmoid_attn/triton_host.py, citing the
 JSON this writes.
 """
 
@@ -18,7 +18,8 @@ from functools import partial
 import torch
 import triton
 
-from sigattn.ops.sigmoid_attn import flash
+from sigattn.ops.sigmoid_attn import kernels, triton_host
+from sigattn.ops.sigmoid_attn.params import Params
 from sigattn.runinfo import run_meta
 
 SHAPES = [(1, 131072, 32, 8), (4, 32768, 32, 8), (16, 8192, 32, 8), (64, 8192, 32, 32), (1, 8192, 32, 32)]
@@ -32,21 +33,23 @@ PAGED_CANDIDATES = [(64, 64, 4, 3), (64, 16, 4, 4), (64, 32, 4, 4), (64, 128, 4,
 
 
 _TABLES = (
-    flash.KVCACHE_CONFIGS, flash.KVCACHE_MANY_PROGRAMS_CONFIGS, flash.KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS,
-    flash.KVCACHE_PAGED_CONFIGS,
-)  # fmt: skip
+    triton_host.KVCACHE_CONFIGS,
+    triton_host.KVCACHE_MANY_PROGRAMS_CONFIGS,
+    triton_host.KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS,
+    triton_host.KVCACHE_PAGED_CONFIGS,
+)
 _DEFAULTS = tuple(table[HEAD_DIM] for table in _TABLES)
 
 
 def _use_config(cand: tuple | None) -> None:
     """Every contiguous-cache plan (few programs or many) and the paged one run on tiles ``cand``; None
     restores the launcher's tables."""
-    configs = _DEFAULTS if cand is None else (flash.TileConfig(*cand),) * len(_TABLES)
+    configs = _DEFAULTS if cand is None else (triton_host.TileConfig(*cand),) * len(_TABLES)
     for table, config in zip(_TABLES, configs, strict=True):
         table[HEAD_DIM] = config
 
 
-def tune_paged(params) -> list[dict]:
+def tune_paged(params, bias) -> list[dict]:
     """Contiguous and paged caches (pages shuffled) at the launcher's split plan."""
     rows = []
     for batch, cache_len, heads, kv_heads in PAGED_SHAPES:
@@ -63,10 +66,20 @@ def tune_paged(params) -> list[dict]:
             else:
                 kc, vc = k.view(batch, cache_len, kv_heads, HEAD_DIM), v.view(batch, cache_len, kv_heads, HEAD_DIM)
                 table = None
-            step = partial(flash.flash_kvcache_fwd, q, kc, vc, lens, params, block_table=table)
+            step = partial(kernels.decode, q, kc, vc, params, bias, None, lens, table)
             ms = triton.testing.do_bench(step, return_mode="median")
-            rows.append(dict(batch=batch, cache_len=cache_len, heads=heads, kv_heads=kv_heads, config=cand,
-                             page_size=page, ms=ms, gbps=gbytes / (ms * 1e-3)))  # fmt: skip
+            rows.append(
+                dict(
+                    batch=batch,
+                    cache_len=cache_len,
+                    heads=heads,
+                    kv_heads=kv_heads,
+                    config=cand,
+                    page_size=page,
+                    ms=ms,
+                    gbps=gbytes / (ms * 1e-3),
+                )
+            )
             print(f"B{batch} L{cache_len} {cand} page={page}: {rows[-1]['gbps']:.0f} GB/s", flush=True)
     _use_config(None)
     return rows
@@ -78,9 +91,9 @@ def main() -> None:
     parser.add_argument("--paged", action="store_true", help="tile widths against page sizes instead")
     args = parser.parse_args()
     rows = []
-    params, _ = flash.flash_params(scale=HEAD_DIM**-0.5, bias=-8.0, causal=False, window_size=(-1, -1))
+    params, bias = Params(HEAD_DIM**-0.5), -8.0
     if args.paged:
-        rows = tune_paged(params)
+        rows = tune_paged(params, bias)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": run_meta(" ".join(["python", *sys.argv])), "rows": rows}, f, indent=1)
@@ -92,19 +105,31 @@ def main() -> None:
         gbytes = 2 * k.numel() * k.element_size() / 1e9
         for cand in CANDIDATES:
             _use_config(cand)
-            planned = flash.kvcache_plan(batch, 1, heads, kv_heads, HEAD_DIM, cache_len, q.device)[2]
+            planned = triton_host.kvcache_plan(batch, 1, heads, kv_heads, HEAD_DIM, cache_len, q.device)[2]
             for splits in [*SPLITS, None]:
                 try:
-                    step = partial(flash.flash_kvcache_fwd, q, k, v, lens, params, num_splits=splits)
+                    step = partial(kernels.decode, q, k, v, params, bias, None, lens, num_splits=splits)
                     ms = triton.testing.do_bench(step, return_mode="median")
                 except Exception as e:  # out of shared memory or registers: record and go on
                     ms = math.nan
                     print(f"  {cand} splits={splits}: {type(e).__name__}: {str(e)[:120]}")
-                rows.append(dict(batch=batch, cache_len=cache_len, heads=heads, kv_heads=kv_heads, config=cand,
-                                 splits=splits if splits is not None else f"plan={planned}", ms=ms,
-                                 gbps=gbytes / (ms * 1e-3)))  # fmt: skip
-                print(f"B{batch} L{cache_len} {heads}/{kv_heads} {cand} splits={rows[-1]['splits']}: "
-                      f"{ms * 1e3:.1f} us {rows[-1]['gbps']:.0f} GB/s", flush=True)  # fmt: skip
+                rows.append(
+                    dict(
+                        batch=batch,
+                        cache_len=cache_len,
+                        heads=heads,
+                        kv_heads=kv_heads,
+                        config=cand,
+                        splits=splits if splits is not None else f"plan={planned}",
+                        ms=ms,
+                        gbps=gbytes / (ms * 1e-3),
+                    )
+                )
+                print(
+                    f"B{batch} L{cache_len} {heads}/{kv_heads} {cand} splits={rows[-1]['splits']}: "
+                    f"{ms * 1e3:.1f} us {rows[-1]['gbps']:.0f} GB/s",
+                    flush=True,
+                )
         _use_config(None)
     best = {}
     for r in rows:

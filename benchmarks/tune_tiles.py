@@ -6,7 +6,7 @@ dense forward at head dim 128 and the backward at 64 and 128 (beyond 128-512 que
 deterministic) run on the Gluon kernels, which these tables do not steer. Each kernel's table entry is
 varied with the others fixed; medians from triton.testing.do_bench. The best config of a (kernel, head
 dim, mask) has the highest geometric mean of TFLOP/s over the sequence lengths. The winners go into the
-tables in sigattn/ops/sigmoid_attn/flash.py, citing the JSON this writes.
+tables in sigattn/ops/sigmoid_attn/triton_host.py, citing the JSON this writes.
 """
 
 from __future__ import annotations
@@ -21,18 +21,51 @@ from functools import partial
 import torch
 import triton
 
-from sigattn.ops.sigmoid_attn import flash
+from sigattn.ops.sigmoid_attn import kernels, triton_host
+from sigattn.ops.sigmoid_attn.params import Params
+from sigattn.ops.sigmoid_attn.reference import Mask, resolve_bias
 from sigattn.runinfo import run_meta
 
 CANDIDATES = {
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (128, 32, 4, 3), (128, 32, 4, 5),
-            (64, 32, 4, 4), (128, 64, 8, 4), (128, 32, 8, 4), (128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3)],
-    "dkdv": [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3),
-             (128, 64, 8, 3), (32, 32, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3)],
-    "dq": [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3), (32, 64, 4, 3),
-           (64, 64, 8, 3), (128, 32, 4, 3)],
-}  # fmt: skip
-TABLES = {"fwd": flash.FWD_CONFIGS, "dkdv": flash.BWD_DKDV_CONFIGS, "dq": flash.BWD_DQ_CONFIGS}
+    "fwd": [
+        (128, 64, 4, 3),
+        (128, 64, 8, 3),
+        (128, 32, 4, 4),
+        (64, 64, 4, 3),
+        (128, 32, 4, 3),
+        (128, 32, 4, 5),
+        (64, 32, 4, 4),
+        (128, 64, 8, 4),
+        (128, 32, 8, 4),
+        (128, 128, 8, 3),
+        (128, 64, 4, 4),
+        (64, 128, 4, 3),
+    ],
+    "dkdv": [
+        (64, 64, 4, 3),
+        (64, 64, 4, 2),
+        (64, 64, 4, 4),
+        (64, 64, 8, 3),
+        (32, 64, 4, 3),
+        (64, 32, 4, 3),
+        (128, 64, 8, 3),
+        (32, 32, 4, 3),
+        (64, 128, 8, 2),
+        (64, 128, 8, 3),
+        (32, 128, 8, 3),
+    ],
+    "dq": [
+        (128, 64, 8, 3),
+        (64, 64, 4, 3),
+        (64, 64, 4, 2),
+        (64, 32, 4, 3),
+        (128, 32, 8, 3),
+        (32, 64, 4, 3),
+        (64, 64, 8, 3),
+        (128, 32, 4, 3),
+    ],
+}
+TABLES = {"fwd": triton_host.FWD_CONFIGS, "dkdv": triton_host.BWD_DKDV_CONFIGS, "dq": triton_host.BWD_DQ_CONFIGS}
 
 
 def flops(batch, heads, seqlen, head_dim, causal):
@@ -55,27 +88,30 @@ def main() -> None:
         batch, heads = 16384 // seqlen, 2048 // head_dim
         shape = (batch, seqlen, heads, head_dim)
         q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        params, _ = flash.flash_params(scale=head_dim**-0.5, bias=None, causal=causal, window_size=(-1, -1))
+        params, bias = Params(head_dim**-0.5, Mask(causal=causal)), resolve_bias(None, seqlen)
         fwd_flops = flops(batch, heads, seqlen, head_dim, causal)
         for kernel in args.kernels:
             candidates, table = CANDIDATES[kernel], TABLES[kernel]
             default = table[(head_dim, causal)]
             for cand in candidates:
-                table[(head_dim, causal)] = flash.TileConfig(*cand)
+                table[(head_dim, causal)] = triton_host.TileConfig(*cand)
                 try:
                     if kernel == "fwd":
-                        fn, work = partial(flash.flash_fwd, q, k, v, params), fwd_flops
+                        fn, work = partial(kernels.forward, q, k, v, params, bias), fwd_flops
                     else:
-                        fn, work = partial(flash.flash_bwd, do, q, k, v, params), 2.5 * fwd_flops
+                        fn, work = partial(kernels.backward, do, q, k, v, params, bias), 2.5 * fwd_flops
                     ms = triton.testing.do_bench(fn, return_mode="median")
                     tf = work / ms * 1e-9
                 except Exception as e:  # out of shared memory or registers: record and go on
                     ms, tf = math.nan, math.nan
                     print(f"  {kernel} {cand}: {type(e).__name__}: {str(e)[:120]}")
-                rows.append(dict(kernel=kernel, head_dim=head_dim, causal=causal, seqlen=seqlen, config=cand, ms=ms,
-                                 tflops=tf))  # fmt: skip
-                print(f"D{head_dim} causal={causal} S={seqlen} {kernel:5s} {cand}: {ms:.3f} ms {tf:.0f} TFLOP/s",
-                      flush=True)  # fmt: skip
+                rows.append(
+                    dict(kernel=kernel, head_dim=head_dim, causal=causal, seqlen=seqlen, config=cand, ms=ms, tflops=tf)
+                )
+                print(
+                    f"D{head_dim} causal={causal} S={seqlen} {kernel:5s} {cand}: {ms:.3f} ms {tf:.0f} TFLOP/s",
+                    flush=True,
+                )
             table[(head_dim, causal)] = default
     scores = defaultdict(list)  # (key, config) -> TFLOP/s at each seqlen
     for r in rows:

@@ -12,7 +12,9 @@ from functools import partial
 import torch
 import triton
 
-from sigattn.ops.sigmoid_attn import flash
+from sigattn.ops.sigmoid_attn import kernels
+from sigattn.ops.sigmoid_attn.params import Params, Rows
+from sigattn.ops.sigmoid_attn.reference import Mask, resolve_bias
 from sigattn.runinfo import run_meta
 
 H, D, TOKENS = 16, 128, 16384
@@ -27,12 +29,16 @@ def main() -> None:
         batch = TOKENS // seqlen
         q, k, v = (torch.randn(TOKENS, H, D, device="cuda", dtype=torch.bfloat16) for _ in "qkv")
         cu = torch.arange(0, TOKENS + 1, seqlen, dtype=torch.int32, device="cuda")
-        params, _ = flash.flash_params(scale=D**-0.5, bias=None, causal=causal, window_size=(-1, -1))
+        params = Params(D**-0.5, Mask(causal=causal))
         flops = 4 * batch * H * D * (seqlen * (seqlen + 1) / 2 if causal else seqlen * seqlen)
         shape = (batch, seqlen, H, D)
         steps = {
-            "dense": partial(flash.flash_fwd, q.view(shape), k.view(shape), v.view(shape), params),
-            "varlen": partial(flash.flash_varlen_fwd, q, k, v, cu, cu, seqlen, seqlen, params),
+            # dense rows take the bias resolved (-log S, as the public functions pass it); packed ones None,
+            # -log of each sequence's length: the same S here
+            "dense": partial(
+                kernels.forward, q.view(shape), k.view(shape), v.view(shape), params, resolve_bias(None, seqlen)
+            ),
+            "varlen": partial(kernels.forward, q, k, v, params, None, None, Rows.packed(cu, cu, seqlen, seqlen)),
         }
         for name in ["dense", "varlen", "dense", "varlen"]:
             ms = triton.testing.do_bench(steps[name], rep=300, return_mode="median")

@@ -22,7 +22,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
@@ -30,8 +30,11 @@ from torch import Tensor
 
 from .ops.sigmoid_attn.blocked import sigmoid_attn_blocked
 from .ops.sigmoid_attn.reference import (
+    Bias,
+    Mask,
+    masked_reference,
+    resolve_bias,
     sigmoid_attn_kvcache_reference,
-    sigmoid_attn_reference,
     sigmoid_attn_varlen_reference,
 )
 from .ops.sigmoid_attn.traceable import sigmoid_attn_traceable, sigmoid_attn_varlen_traceable
@@ -54,20 +57,21 @@ def _constant_under_compile(fn):
 class AttnCall:
     """One validated call of a public function, in flash layout ((B, S, H, D), or (total, H, D) for varlen).
 
-    ``top_left`` aligns the causal diagonal at the top-left (SDPA) instead of the bottom-right (flash-attn).
-    ``seqlens_k`` (kvcache) is each row's number of keys after the append (None: the whole cache)."""
+    ``bias`` is resolved here, once, for every backend and kernel: a call whose rows all have the same key
+    count (dense; a cache without ``seqlens_k``) turns None into ``-log(Sk)`` (``reference.resolve_bias``);
+    packed sequences and caches with lengths keep None, -log of each row's own count. ``mask`` is the one
+    description of the causal and window masks and their alignment. ``seqlens_k`` (kvcache) is each row's
+    number of keys after the append (None: the whole cache)."""
 
     kind: CallKind
     q: Tensor
     k: Tensor
     v: Tensor
     scale: float
-    bias: float | Tensor | None
-    causal: bool
-    window_size: tuple[int, int]
+    bias: Bias
+    mask: Mask
     alibi_slopes: Tensor | None
     deterministic: bool
-    top_left: bool = False
     attn_mask: Tensor | None = None
     cu_seqlens_q: Tensor | None = None
     cu_seqlens_k: Tensor | None = None
@@ -75,20 +79,20 @@ class AttnCall:
     max_seqlen_k: int | None = None
     seqlens_k: Tensor | None = None
     block_table: Tensor | None = None
-    options: dict = field(init=False)
 
     @property
     def qkv(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.q, self.k, self.v
 
+    @property
+    def capacity(self) -> int:
+        """The keys of a dense row, or the slots of each cache row (pages times page size when paged)."""
+        pages = self.block_table.shape[1] if self.block_table is not None else 1
+        return pages * self.k.shape[1]
+
     def __post_init__(self):
-        self.options = dict(
-            scale=self.scale,
-            bias=self.bias,
-            causal=self.causal,
-            window_size=self.window_size,
-            top_left=self.top_left,
-        )
+        if self.kind == "dense" or (self.kind == "kvcache" and self.seqlens_k is None):
+            self.bias = resolve_bias(self.bias, self.capacity)
 
 
 class BackendNotSupportedError(ValueError):
@@ -129,23 +133,17 @@ class TorchBackend:
         dense = self.traced_dense if traced else self.dense
         # A paged cache is a pool of pages, read by gathering (a fresh copy); any other q, k, v is copied too.
         q, k, v = (t if call.block_table is not None and t is not call.q else _canonical(t) for t in call.qkv)
+        options = dict(scale=call.scale, bias=call.bias, mask=call.mask, alibi_slopes=call.alibi_slopes)
         if call.kind == "varlen":
+            cu_seqlens = (call.cu_seqlens_q, call.cu_seqlens_k)
             if traced:
-                return sigmoid_attn_varlen_traceable(
-                    q, k, v, call.cu_seqlens_q, call.cu_seqlens_k, alibi_slopes=call.alibi_slopes, exact=self.exact,
-                    **call.options,
-                )  # fmt: skip
-            return sigmoid_attn_varlen_reference(
-                q, k, v, call.cu_seqlens_q, call.cu_seqlens_k, alibi_slopes=call.alibi_slopes, dense=dense,
-                **call.options,
-            )  # fmt: skip
+                return sigmoid_attn_varlen_traceable(q, k, v, *cu_seqlens, exact=self.exact, **options)
+            return sigmoid_attn_varlen_reference(q, k, v, *cu_seqlens, dense=dense, **options)
         if call.kind == "kvcache":
             return sigmoid_attn_kvcache_reference(
-                q, k, v, call.seqlens_k, block_table=call.block_table, alibi_slopes=call.alibi_slopes, dense=dense,
-                **call.options,
-            )  # fmt: skip
-        mask = _canonical_mask(call.attn_mask)
-        return dense(q, k, v, alibi_slopes=call.alibi_slopes, attn_mask=mask, **call.options)
+                q, k, v, call.seqlens_k, block_table=call.block_table, dense=dense, **options
+            )
+        return dense(q, k, v, attn_mask=_canonical_mask(call.attn_mask), **options)
 
 
 # PyTorch's CPU matrix products choose their algorithm, and so their rounding, by the operands' layout: a
@@ -183,7 +181,7 @@ class _CanonicalGrad(torch.autograd.Function):
 
 
 def _exact(q, k, v, **options) -> Tensor:
-    return sigmoid_attn_reference(q, k, v, upcast=True, **options).to(q.dtype)
+    return masked_reference(q, k, v, upcast=True, **options).to(q.dtype)
 
 
 # Looked up once: find_spec costs 37 us, too much for every dispatch.
@@ -268,9 +266,17 @@ def _kernel_key(call: AttnCall) -> tuple:
     """What chooses and specialises the kernels of a call, lengths aside: calls with the same key compile the
     same kernels (give or take the tile choices of short and long calls)."""
     return (
-        call.kind, call.q.device, call.q.dtype, call.q.shape[-1], call.causal, call.window_size != (-1, -1),
-        call.alibi_slopes is not None, isinstance(call.bias, Tensor), call.deterministic, call.block_table is not None,
-    )  # fmt: skip
+        call.kind,
+        call.q.device,
+        call.q.dtype,
+        call.q.shape[-1],
+        call.mask.bounds[1] >= 0,
+        call.mask.bounds != (-1, -1),
+        call.alibi_slopes is not None,
+        isinstance(call.bias, Tensor),
+        call.deterministic,
+        call.block_table is not None,
+    )
 
 
 def _build_failure(error: BaseException, call: AttnCall) -> str | None:
@@ -362,19 +368,38 @@ class TritonBackend:
     def __call__(self, call: AttnCall) -> Tensor:
         from .ops.sigmoid_attn import flash
 
+        params, rows = _kernel_args(call)
         if call.kind == "varlen":
-            return flash.sigmoid_attn_varlen_flash(
-                call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k,
-                alibi_slopes=call.alibi_slopes, **call.options,
-            )  # fmt: skip
+            return flash.sigmoid_attn_varlen_flash(*call.qkv, rows, params, call.bias, call.alibi_slopes)
         if call.kind == "kvcache":
             return flash.sigmoid_attn_kvcache_flash(
-                call.q, call.k, call.v, call.seqlens_k, block_table=call.block_table,
-                alibi_slopes=call.alibi_slopes, **call.options,
-            )  # fmt: skip
-        return flash.sigmoid_attn_flash(
-            call.q, call.k, call.v, alibi_slopes=call.alibi_slopes, deterministic=call.deterministic, **call.options
+                *call.qkv, call.seqlens_k, call.block_table, params, call.bias, call.alibi_slopes
+            )
+        return flash.sigmoid_attn_flash(*call.qkv, params, call.bias, call.alibi_slopes)
+
+    @staticmethod
+    def kernels(call: AttnCall) -> dict[str, tuple[str, dict[str, str]]]:
+        """For each direction of ``call`` (forward and backward, or decode), the kernel that runs it and why
+        each kernel tried before it declined (``ops/sigmoid_attn/kernels.py``)."""
+        from .ops.sigmoid_attn import kernels
+
+        params, rows = _kernel_args(call)
+        return kernels.explain(call.kind == "kvcache", *call.qkv, params, call.bias, call.alibi_slopes, rows)
+
+
+def _kernel_args(call: AttnCall):
+    """The kernels' ``Params`` and ``Rows`` of a call."""
+    from .ops.sigmoid_attn.params import Params, Rows
+
+    params = Params(call.scale, call.mask, call.deterministic)
+    if call.kind == "varlen":
+        return params, Rows.packed(call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k)
+    if call.kind == "kvcache":
+        q = call.q
+        return params, Rows(
+            q.shape[0], q.shape[1], call.capacity, seqlens_k=call.seqlens_k, block_table=call.block_table
         )
+    return params, Rows.dense(call.q, call.k)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -386,7 +411,7 @@ BACKENDS: dict[str, Backend] = {
         False,
         "memory-efficient blocked PyTorch (O(S*D) memory, recomputing backward); under torch.compile, "
         "materialised scores (O(S^2))",
-    ),  # fmt: skip
+    ),
     "reference": TorchBackend(
         "reference", _exact, _exact, True, "exact reference: materialises the scores, computes in float64"
     ),
@@ -426,32 +451,61 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
-def explain(call: AttnCall) -> dict[str, list[str]]:
-    """For every backend, why it cannot serve ``call`` (an empty list: it can)."""
-    return {name: backend.not_supported_reasons(call) for name, backend in BACKENDS.items()}
+def _choose(call: AttnCall) -> tuple[str | None, dict[str, list[str]]]:
+    """The rule: the requested backend if it can serve ``call``, else under ``auto`` the first of
+    ``AUTO_ORDER`` that can (None: none); with every backend's reasons to decline."""
+    requested = requested_backend()
+    reasons = {name: backend.not_supported_reasons(call) for name, backend in BACKENDS.items()}
+    if requested != "auto":
+        return (None if reasons[requested] else requested), reasons
+    return next((name for name in AUTO_ORDER if not reasons[name]), None), reasons
+
+
+def explain(call: AttnCall) -> dict:
+    """What the dispatcher does with ``call``, without doing it (and without its fall-back warning):
+
+    ``backend``: the backend that runs it (None: the call raises); ``kernels``: for the ``triton`` backend,
+    the kernel of each direction (forward and backward, or decode); ``why_not``: why each other backend,
+    and each kernel tried before the chosen one (``"<kernel> <direction>"``), does not run it."""
+    requested = requested_backend()
+    chosen, reasons = _choose(call)
+    why_not = {}
+    for name, declined in reasons.items():
+        if name == chosen:
+            continue
+        if declined:
+            why_not[name] = declined
+        elif requested != "auto":
+            why_not[name] = [f"not requested ({requested!r} is forced)"]
+        elif name not in AUTO_ORDER:
+            why_not[name] = ["not tried by auto (force it with use_backend or $SIGATTN_BACKEND)"]
+        else:
+            why_not[name] = [f"{chosen!r} comes first in the auto order"]
+    kernels = {}
+    if chosen == "triton":
+        for direction, (kernel, declined) in BACKENDS["triton"].kernels(call).items():
+            kernels[direction] = kernel
+            why_not.update({f"{name} {direction}": [reason] for name, reason in declined.items()})
+    return {"backend": chosen, "kernels": kernels, "why_not": why_not}
 
 
 def select_backend(call: AttnCall) -> Backend:
-    name = requested_backend()
-    if name != "auto":
-        backend = BACKENDS[name]
-        reasons = backend.not_supported_reasons(call)
-        if reasons:
-            raise BackendNotSupportedError(
-                f"backend {name!r} was requested but cannot run this {call.kind} call: " + "; ".join(reasons)
-            )
-        return backend
-    declined = {}
-    for candidate in AUTO_ORDER:
-        reasons = BACKENDS[candidate].not_supported_reasons(call)
-        if not reasons:
-            if declined and call.q.device.type == "cuda":
-                _warn_fallback(call, candidate, declined)
-            return BACKENDS[candidate]
-        declined[candidate] = reasons
-    raise BackendNotSupportedError(
-        f"no backend can run this {call.kind} call: " + "; ".join(f"{n}: {', '.join(r)}" for n, r in declined.items())
-    )
+    chosen, reasons = _choose(call)
+    requested = requested_backend()
+    if chosen is None and requested != "auto":
+        why = "; ".join(reasons[requested])
+        raise BackendNotSupportedError(
+            f"backend {requested!r} was requested but cannot run this {call.kind} call: {why}"
+        )
+    if chosen is None:
+        raise BackendNotSupportedError(
+            f"no backend can run this {call.kind} call: "
+            + "; ".join(f"{n}: {', '.join(reasons[n])}" for n in AUTO_ORDER)
+        )
+    declined = {name: reasons[name] for name in AUTO_ORDER[: AUTO_ORDER.index(chosen)]} if requested == "auto" else {}
+    if declined and call.q.device.type == "cuda":
+        _warn_fallback(call, chosen, declined)
+    return BACKENDS[chosen]
 
 
 def _warn_fallback(call: AttnCall, chosen: str, declined: dict[str, list[str]]) -> None:

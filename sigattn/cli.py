@@ -35,11 +35,10 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, completion
+from . import __version__, backends, completion
 from . import experiments as experiments_module
 from .__main__ import COMMANDS
 from .backends import (
-    AUTO_ORDER,
     BACKENDS,
     ENV_VAR,
     AttnCall,
@@ -53,7 +52,7 @@ from .bench import command as bench_command
 from .experiments.index import write_index
 from .functional import sigmoid_attn_func
 from .integrations import convert as convert_command
-from .ops.sigmoid_attn.reference import sigmoid_attn_reference
+from .ops.sigmoid_attn.reference import Mask, sigmoid_attn_reference
 from .runinfo import cpu_name, versions
 from .testing.tolerance import ATOL, allowed_error, max_error
 from .train import commands as train_commands
@@ -122,8 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=run_convert)
 
     experiment = commands.add_parser("experiment", help=COMMANDS["experiment"])
-    experiment.add_argument("name", choices=list(experiments_module.EXPERIMENTS), metavar="NAME",
-                            help=f"one of: {', '.join(experiments_module.EXPERIMENTS)}")  # fmt: skip
+    experiment.add_argument(
+        "name",
+        choices=list(experiments_module.EXPERIMENTS),
+        metavar="NAME",
+        help=f"one of: {', '.join(experiments_module.EXPERIMENTS)}",
+    )
     experiment.add_argument("--quick", action="store_true", help="a reduced setting: minutes on a 2-core CPU")
     experiment.add_argument(
         "--out",
@@ -131,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (default: results/NAME, or runs/experiments/NAME-quick with --quick)",
     )
     experiment.add_argument(
-        "--json", action="store_true",
+        "--json",
+        action="store_true",
         help="print the result (result.json's contents) as JSON on stdout; the progress lines go to stderr",
-    )  # fmt: skip
+    )
     experiment.set_defaults(run=run_experiment)
 
     shell = commands.add_parser("completion", help=COMMANDS["completion"])
@@ -205,55 +209,26 @@ def example_calls(device: torch.device, dtype: torch.dtype) -> dict[str, AttnCal
     flash layout (B, S, H, D), default scale and bias. varlen packs two sequences of 300 and 212 tokens;
     kvcache decodes one token against full caches; the SDPA function aligns the mask top-left."""
     q, k, v = (torch.randn(BATCH, SEQLEN, HEADS, HEADDIM, device=device, dtype=dtype) for _ in range(3))
-    options = dict(
-        scale=1 / math.sqrt(HEADDIM),
-        bias=None,
-        causal=True,
-        window_size=(-1, -1),
-        alibi_slopes=None,
-        deterministic=False,
-    )
+    options = dict(scale=1 / math.sqrt(HEADDIM), bias=None, alibi_slopes=None, deterministic=False)
+    causal, top_left = Mask(causal=True), Mask(causal=True, top_left=True)
     cu_seqlens = torch.tensor([0, 300, BATCH * SEQLEN], dtype=torch.int32, device=device)
     full = torch.full((BATCH,), SEQLEN, dtype=torch.int32, device=device)
     packed = [t.flatten(0, 1) for t in (q, k, v)]  # [B * S, H, D]
     return {
-        "sigmoid_attn_func": AttnCall("dense", q, k, v, **options),
+        "sigmoid_attn_func": AttnCall("dense", q, k, v, mask=causal, **options),
         "sigmoid_attn_varlen_func": AttnCall(
             "varlen",
             *packed,
+            mask=causal,
             **options,
             cu_seqlens_q=cu_seqlens,
             cu_seqlens_k=cu_seqlens,
             max_seqlen_q=300,
             max_seqlen_k=300,
         ),
-        "sigmoid_attn_with_kvcache": AttnCall("kvcache", q[:, -1:], k, v, **options, seqlens_k=full),
-        "scaled_dot_product_sigmoid_attention": AttnCall("dense", q, k, v, **options, top_left=True),
+        "sigmoid_attn_with_kvcache": AttnCall("kvcache", q[:, -1:], k, v, mask=causal, **options, seqlens_k=full),
+        "scaled_dot_product_sigmoid_attention": AttnCall("dense", q, k, v, mask=top_left, **options),
     }
-
-
-def backend_choice(call: AttnCall, requested: str) -> dict:
-    """The backend the dispatcher would pick for ``call`` (None if none can), and why not each other one.
-
-    Mirrors ``backends.select_backend`` without its side effect (the once-per-process fall-back warning)."""
-    reasons = explain(call)
-    if requested == "auto":
-        chosen = next((name for name in AUTO_ORDER if not reasons[name]), None)
-    else:
-        chosen = requested if not reasons[requested] else None
-    why_not = {}
-    for name, declined in reasons.items():
-        if name == chosen:
-            continue
-        if declined:
-            why_not[name] = declined
-        elif requested != "auto":
-            why_not[name] = [f"not requested ({requested!r} is forced)"]
-        elif name not in AUTO_ORDER:
-            why_not[name] = ["not tried by auto (force it with use_backend or $SIGATTN_BACKEND)"]
-        else:
-            why_not[name] = [f"{chosen!r} comes first in the auto order"]
-    return {"backend": chosen, "why_not": why_not}
 
 
 def collect_info() -> dict:
@@ -274,14 +249,14 @@ def collect_info() -> dict:
         "env": {name: os.environ.get(name) for name in ("TRITON_INTERPRET", ENV_VAR)},
         "requested_backend": requested,
         "backends": list(BACKENDS),
-        "auto_order": list(AUTO_ORDER),
+        "auto_order": list(backends.AUTO_ORDER),
         "example": {
             "dtype": str(dtype).removeprefix("torch."),
             "device": device.type,
             "shape": [BATCH, SEQLEN, HEADS, HEADDIM],
             "causal": True,
         },
-        "functions": {name: backend_choice(call, requested) for name, call in calls.items()},
+        "functions": {name: explain(call) for name, call in calls.items()},
     }
 
 
@@ -305,7 +280,9 @@ def format_info(info: dict) -> str:
         f"(batch, seqlen, heads, headdim) = {tuple(example['shape'])}:",
     ]
     for name, choice in info["functions"].items():
-        lines.append(f"  {name:<38} -> {choice['backend'] or 'none: the call would raise'}")
+        kernels = ", ".join(f"{direction}: {kernel}" for direction, kernel in choice["kernels"].items())
+        chosen = choice["backend"] or "none: the call would raise"
+        lines.append(f"  {name:<38} -> {chosen}" + (f" ({kernels})" if kernels else ""))
         lines += [f"      not {other}: {'; '.join(why)}" for other, why in choice["why_not"].items()]
     return "\n".join(lines)
 
@@ -331,7 +308,7 @@ def run_example(args: argparse.Namespace) -> int:
         torch.randn(BATCH, SEQLEN, HEADS, HEADDIM, device=device, dtype=dtype, requires_grad=True) for _ in range(3)
     )
     call = example_calls(device, dtype)["sigmoid_attn_func"]
-    backend = backend_choice(call, requested)["backend"]
+    backend = explain(call)["backend"]
     print(
         f"sigmoid_attn_func(q, k, v, causal=True) on {device.type}, {str(dtype).removeprefix('torch.')}, "
         f"backend {backend!r} ({requested} requested)"

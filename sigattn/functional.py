@@ -15,6 +15,7 @@ from torch import Tensor
 from . import validation
 from .backends import AttnCall, dispatch, select_backend
 from .ops.sigmoid_attn.cache import append_kv
+from .ops.sigmoid_attn.reference import Mask
 
 
 def _resolve_scale(scale, head_dim: int, softmax_scale=None) -> float:
@@ -105,7 +106,7 @@ def sigmoid_attn_func(
     longest = max(q.shape[1], k.shape[1])
     window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, q.shape[0], longest)
     scale = _resolve_scale(scale, q.shape[-1], softmax_scale)
-    call = AttnCall("dense", q, k, v, scale, bias, causal, window, alibi_slopes, deterministic)
+    call = AttnCall("dense", q, k, v, scale, bias, Mask(causal, window), alibi_slopes, deterministic)
     return dispatch(call)
 
 
@@ -159,12 +160,22 @@ def sigmoid_attn_varlen_func(
     # No sequence is longer than the packed tensors (max_seqlen_* may be larger; they only size grids).
     longest = max(q.shape[0], k.shape[0])
     window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, batch, longest)
+    scale = _resolve_scale(scale, q.shape[-1], softmax_scale)
     call = AttnCall(
-        "varlen", q, k, v, _resolve_scale(scale, q.shape[-1], softmax_scale), bias, causal, window, alibi_slopes,
+        "varlen",
+        q,
+        k,
+        v,
+        scale,
+        bias,
+        Mask(causal, window),
+        alibi_slopes,
         deterministic,
-        cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k),
-    )  # fmt: skip
+        cu_seqlens_q=cu_seqlens_q,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=int(max_seqlen_q),
+        max_seqlen_k=int(max_seqlen_k),
+    )
     return dispatch(call)
 
 
@@ -185,11 +196,15 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
         for t, n in ((k, "k"), (v, "v")):
             validation.check_tensor(t, n, 4, "(batch, seqlen_new, nheads_k, headdim)")
             if t.dtype != k_cache.dtype or t.device != k_cache.device:
-                raise TypeError(f"{n} must match the cache's dtype and device ({k_cache.dtype}, {k_cache.device}), "
-                                f"got {t.dtype} on {t.device}")  # fmt: skip
+                raise TypeError(
+                    f"{n} must match the cache's dtype and device ({k_cache.dtype}, {k_cache.device}), "
+                    f"got {t.dtype} on {t.device}"
+                )
             if t.shape[0] != batch or t.shape[2:] != k_cache.shape[2:]:
-                raise ValueError(f"{n} must have shape (B, seqlen_new, Hkv, D) = ({batch}, *, "
-                                 f"{k_cache.shape[2]}, {k_cache.shape[3]}), got {tuple(t.shape)}")  # fmt: skip
+                raise ValueError(
+                    f"{n} must have shape (B, seqlen_new, Hkv, D) = ({batch}, *, "
+                    f"{k_cache.shape[2]}, {k_cache.shape[3]}), got {tuple(t.shape)}"
+                )
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
         for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
@@ -212,8 +227,9 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
                 f"got {validation.describe(block_table)}"
             )
         if block_table.shape[0] != batch:
-            raise ValueError(f"block_table must have shape (batch, max_blocks) with batch = {batch}, "
-                             f"got {tuple(block_table.shape)}")  # fmt: skip
+            raise ValueError(
+                f"block_table must have shape (batch, max_blocks) with batch = {batch}, got {tuple(block_table.shape)}"
+            )
         if block_table.device != q.device:
             raise ValueError(f"block_table must be on the device of q ({q.device}), got {block_table.device}")
         capacity = block_table.shape[1] * k_cache.shape[1]
@@ -308,10 +324,20 @@ def sigmoid_attn_with_kvcache(
     num_new = 0 if k is None else k.shape[1]
     # None: every row holds the whole cache (no lengths tensor to build on each decode step).
     seqlens_k = None if cache_seqlens is None else cache_seqlens + num_new
+    scale = _resolve_scale(scale, q.shape[-1], softmax_scale)
     call = AttnCall(
-        "kvcache", q, k_cache, v_cache, _resolve_scale(scale, q.shape[-1], softmax_scale), bias, causal, window,
-        alibi_slopes, deterministic, seqlens_k=seqlens_k, block_table=block_table,
-    )  # fmt: skip
+        "kvcache",
+        q,
+        k_cache,
+        v_cache,
+        scale,
+        bias,
+        Mask(causal, window),
+        alibi_slopes,
+        deterministic,
+        seqlens_k=seqlens_k,
+        block_table=block_table,
+    )
     # Every check, the backend's included, comes before the append: a call that raises leaves the cache as
     # it was (but for kernels that fail to build for it under a forced "triton": see backends.dispatch).
     backend = select_backend(call)
@@ -376,8 +402,6 @@ def scaled_dot_product_sigmoid_attention(
     if attn_mask is not None and attn_mask.dim() < 4:
         attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     _check_options(q, bias, (-1, -1), None, is_causal, False, batch, max(seqlen_q, k.shape[1]))
-    call = AttnCall(
-        "dense", q, k, v, _resolve_scale(scale, q.shape[-1]), bias, is_causal, (-1, -1), None, False,
-        top_left=True, attn_mask=attn_mask,
-    )  # fmt: skip
+    mask = Mask(is_causal, top_left=True)
+    call = AttnCall("dense", q, k, v, _resolve_scale(scale, q.shape[-1]), bias, mask, None, False, attn_mask=attn_mask)
     return dispatch(call).transpose(1, 2)

@@ -12,6 +12,7 @@ from conftest import Case, forward_backward
 import sigattn
 from sigattn import backends
 from sigattn.backends import AttnCall, BackendNotSupportedError, explain, requested_backend, select_backend
+from sigattn.ops.sigmoid_attn.reference import Mask
 
 
 class Spy:
@@ -56,7 +57,7 @@ def spies(monkeypatch):
 
 def small_call(dtype=torch.float64) -> AttnCall:
     q, k = torch.randn(1, 3, 2, 8, dtype=dtype), torch.randn(1, 4, 2, 8, dtype=dtype)
-    return AttnCall("dense", q, k, k.clone(), 0.35, None, False, (-1, -1), None, False)
+    return AttnCall("dense", q, k, k.clone(), 0.35, None, Mask(), None, False)
 
 
 def run_dense():
@@ -132,14 +133,31 @@ def test_auto_on_cpu_uses_torch(spies):
     assert spies["torch"].calls == 1 and spies["reference"].calls == 0
 
 
-def test_explain_lists_reasons_per_backend(spies, monkeypatch):
+def test_explain_names_the_backend_and_why_not_each_other(spies, monkeypatch):
     monkeypatch.setitem(backends.BACKENDS, "declining", Declining())
-    reasons = explain(small_call())
-    assert {"torch", "reference", "declining"} <= set(reasons)
-    assert reasons["torch"] == [] and reasons["reference"] == []
-    assert reasons["declining"] == ["float64 inputs (this backend takes float32)"]
-    assert all(isinstance(r, str) and r for rs in reasons.values() for r in rs)
-    assert explain(small_call(torch.float32))["declining"] == []
+    plan = explain(small_call())
+    assert plan["backend"] == "torch" and plan["kernels"] == {}
+    assert plan["why_not"]["declining"] == ["float64 inputs (this backend takes float32)"]
+    assert plan["why_not"]["reference"] == ["not tried by auto (force it with use_backend or $SIGATTN_BACKEND)"]
+    assert "triton" in plan["why_not"] and "torch" not in plan["why_not"]
+    assert all(isinstance(r, str) and r for rs in plan["why_not"].values() for r in rs)
+    with sigattn.use_backend("declining"):
+        assert explain(small_call(torch.float32))["backend"] == "declining"
+        assert explain(small_call())["backend"] is None  # the call would raise
+    assert spies["torch"].calls == 0  # explaining runs nothing
+
+
+def test_explain_names_the_kernel_of_each_direction(monkeypatch):
+    """On the 'triton' backend (here the interpreter's) explain names each direction's kernel and why the ones
+    before it declined, as the kernels' own rule (ops/sigmoid_attn/kernels.py) decides."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.randn(1, 8, 2, 16, dtype=torch.float16)
+    with sigattn.use_backend("triton"):
+        plan = explain(AttnCall("dense", q, q, q, 0.25, None, Mask(causal=True), None, False))
+    assert plan["backend"] == "triton"
+    assert plan["kernels"] == {"forward": "triton", "backward": "triton"}
+    interpreter = ["Triton's interpreter (it runs only the Triton kernels)"]
+    assert plan["why_not"]["gluon-sm90 forward"] == plan["why_not"]["gluon-sm90 backward"] == interpreter
 
 
 def test_forced_backend_that_declines_says_why(spies, monkeypatch):

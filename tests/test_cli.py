@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sigattn
-from sigattn import cli
+from sigattn import backends, cli
 from sigattn.backends import BACKENDS
 from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
 
@@ -78,8 +78,9 @@ def test_info_json_reports_the_torch_backend_on_cpu(capsys):
 
 
 def test_auto_takes_the_first_backend_that_can_run(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "AUTO_ORDER", ["reference", "torch"])
+    monkeypatch.setattr(backends, "AUTO_ORDER", ["reference", "torch"])
     info = info_json(capsys)
+    assert info["auto_order"] == ["reference", "torch"]
     for choice in info["functions"].values():
         assert choice["backend"] == "reference"
         assert choice["why_not"]["torch"] == ["'reference' comes first in the auto order"]

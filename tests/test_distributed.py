@@ -117,11 +117,12 @@ def _cases(world_size: int) -> list[DistCase]:
         ]
     if n == 2:  # the Triton kernels' launchers, in Triton's interpreter (slow: tiny shapes)
         table += [
-            DistCase(n, "ring", 1, 8, 2, 1, 16, causal=True, load_balance=True, bias="tensor", dtype="bf16",
-                     backend="triton"),
+            DistCase(
+                n, "ring", 1, 8, 2, 1, 16, causal=True, load_balance=True, bias="tensor", dtype="bf16", backend="triton"
+            ),
             DistCase(n, "ring", 1, 5, 2, 2, 16, dtype="bf16", backend="triton"),
             DistCase(n, "ulysses", 1, 8, 2, 1, 16, causal=True, load_balance=True, dtype="bf16", backend="triton"),
-        ]  # fmt: skip
+        ]
     return table
 
 
@@ -394,9 +395,20 @@ def test_check_script_under_torchrun(tmp_path):
     torchrun, the quick grid; it exits 0 and records every case on both ranks."""
     path = tmp_path / "check.json"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "sigattn.testing.distributed", "--device", "cpu", "--quick", "--json", str(path),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "sigattn.testing.distributed",
+        "--device",
+        "cpu",
+        "--quick",
+        "--json",
+        str(path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # CI has 2 cores
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

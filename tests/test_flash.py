@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import sigattn
-from sigattn.ops.sigmoid_attn import flash
-from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
+from sigattn.ops.sigmoid_attn import flash, kernels, triton_host
+from sigattn.ops.sigmoid_attn.params import Params, Rows
+from sigattn.ops.sigmoid_attn.reference import Mask, resolve_bias, sigmoid_attn_reference
 from sigattn.testing.grid import Case, KVCacheCase, VarlenCase, run_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,35 +50,39 @@ def test_kernels_within_twice_pytorch_error(case):
 @pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=lambda c: c.id)
 def test_tma_loads_within_twice_pytorch_error(monkeypatch, case):
     """Rows this short load K/V through pointers; with the length threshold lowered, through TMA."""
-    monkeypatch.setattr(flash, "TMA_MIN_KEYS", 1)
-    made, descriptor = [], flash.TensorDescriptor
-    monkeypatch.setattr(flash, "TensorDescriptor", lambda *args: made.append(args) or descriptor(*args))
+    monkeypatch.setattr(triton_host, "TMA_MIN_KEYS", 1)
+    made, descriptor = [], triton_host.TensorDescriptor
+    monkeypatch.setattr(triton_host, "TensorDescriptor", lambda *args: made.append(args) or descriptor(*args))
     row = run_case(case, DEVICE)
     assert made and row["ok"], {k: v for k, v in row.items() if k.endswith("_err")}
 
 
 def test_kvcache_plan_splits_small_batches_and_widens_tiles_for_large_ones(monkeypatch):
     """The plan outside the interpreter (whose tiles are fixed small), on the CPU's stand-in of 4 SMs."""
-    monkeypatch.setattr(flash, "INTERPRET", False)
+    monkeypatch.setattr(triton_host, "INTERPRET", False)
     cpu = torch.device("cpu")
-    few, many = flash.KVCACHE_CONFIGS[128], flash.KVCACHE_MANY_PROGRAMS_CONFIGS[128]
+    few, many = triton_host.KVCACHE_CONFIGS[128], triton_host.KVCACHE_MANY_PROGRAMS_CONFIGS[128]
     # one row, one kv head: one packed program of 4 query heads, split in 4 (one program per SM)
-    cfg, pack, splits = flash.kvcache_plan(1, 1, 4, 1, 128, 8192, cpu)
+    cfg, pack, splits = triton_host.kvcache_plan(1, 1, 4, 1, 128, 8192, cpu)
     assert (cfg.block_m, cfg.block_n, pack, splits) == (16, few.block_n, True, 4)
     # 8 programs, two per SM: no split, wide tiles; a paged cache keeps its own table
-    cfg, pack, splits = flash.kvcache_plan(8, 1, 4, 1, 128, 8192, cpu)
+    cfg, pack, splits = triton_host.kvcache_plan(8, 1, 4, 1, 128, 8192, cpu)
     assert (cfg.block_n, cfg.num_warps, cfg.num_stages, splits) == (many.block_n, many.num_warps, many.num_stages, 1)
-    cfg, _, _ = flash.kvcache_plan(8, 1, 4, 1, 128, 8192, cpu, paged=True)
-    assert cfg.block_n == flash.KVCACHE_PAGED_CONFIGS[128].block_n
+    cfg, _, _ = triton_host.kvcache_plan(8, 1, 4, 1, 128, 8192, cpu, paged=True)
+    assert cfg.block_n == triton_host.KVCACHE_PAGED_CONFIGS[128].block_n
     # head dims without a wide table keep theirs
-    assert flash.kvcache_plan(8, 1, 4, 1, 256, 8192, cpu)[0].block_n == flash.KVCACHE_CONFIGS[256].block_n
+    assert triton_host.kvcache_plan(8, 1, 4, 1, 256, 8192, cpu)[0].block_n == triton_host.KVCACHE_CONFIGS[256].block_n
     # a short cache with as many programs: the shallower ring
-    short = flash.KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS[128]
-    for capacity in (1024, flash.KVCACHE_SHORT_KEYS):
-        cfg, _, splits = flash.kvcache_plan(8, 1, 4, 1, 128, capacity, cpu)
-        assert (cfg.block_n, cfg.num_warps, cfg.num_stages, splits) == (short.block_n, short.num_warps,
-                                                                       short.num_stages, 1)  # fmt: skip
-    assert flash.kvcache_plan(8, 1, 4, 1, 128, flash.KVCACHE_SHORT_KEYS + 1, cpu)[0].block_n == many.block_n
+    short = triton_host.KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS[128]
+    for capacity in (1024, triton_host.KVCACHE_SHORT_KEYS):
+        cfg, _, splits = triton_host.kvcache_plan(8, 1, 4, 1, 128, capacity, cpu)
+        assert (cfg.block_n, cfg.num_warps, cfg.num_stages, splits) == (
+            short.block_n,
+            short.num_warps,
+            short.num_stages,
+            1,
+        )
+    assert triton_host.kvcache_plan(8, 1, 4, 1, 128, triton_host.KVCACHE_SHORT_KEYS + 1, cpu)[0].block_n == many.block_n
 
 
 def test_exact_logic_in_float32():
@@ -97,7 +102,7 @@ def test_exact_logic_in_float32():
         bias = torch.randn(4, generator=gen, requires_grad=True)
         alibi = torch.rand(2, 4, generator=gen)
         kw = dict(scale=0.3, bias=bias, causal=causal, window_size=window, top_left=top_left, alibi_slopes=alibi)
-        out = flash.sigmoid_attn_flash(q, k, v, **kw)
+        out = flash.sigmoid_attn_flash(q, k, v, Params(0.3, Mask(causal, window, top_left)), bias, alibi)
         ref = sigmoid_attn_reference(q, k, v, **kw)
         g = torch.randn(out.shape, generator=gen)
         grads = torch.autograd.grad(out, (q, k, v, bias), g)
@@ -132,9 +137,9 @@ def test_backward_is_deterministic():
     gen = torch.Generator().manual_seed(3)
     q, k, v, do = (torch.randn(1, 37, 4, 32, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(4))
     bias = torch.randn(4, generator=gen).to(DEVICE)
-    params, head_bias = flash.flash_params(scale=0.2, bias=bias, causal=True, window_size=(-1, -1))
-    first = flash.flash_bwd(do, q, k, v, params, head_bias)
-    second = flash.flash_bwd(do, q, k, v, params, head_bias)
+    params = Params(0.2, Mask(causal=True))
+    first = kernels.backward(do, q, k, v, params, bias)
+    second = kernels.backward(do, q, k, v, params, bias)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
@@ -142,9 +147,8 @@ def test_backward_is_deterministic():
 def test_every_output_element_written():
     """Poisoned buffers: a row with no allowed key must still be written (as 0)."""
     q, k, v = (torch.randn(1, 20, 2, 16).to(DEVICE, torch.float16) for _ in range(3))
-    params, _ = flash.flash_params(scale=0.25, bias=None, causal=True, window_size=(-1, -1), top_left=False)
     out = torch.full_like(q, math.nan)
-    flash.flash_fwd(q, k[:, :4], v[:, :4], params, out=out)
+    kernels.forward(q, k[:, :4], v[:, :4], Params(0.25, Mask(causal=True)), resolve_bias(None, 4), out=out)
     assert not out.isnan().any()
     assert (out[:, :16] == 0).all()  # Sq=20, Sk=4: rows 0..15 see nothing
 
@@ -157,12 +161,12 @@ def test_kvcache_split_sum_into_a_strided_out(pack_gqa):
     q = torch.randn(3, 2, 4, 32, generator=gen).to(DEVICE, torch.float16)
     k_cache, v_cache = (torch.randn(3, 96, 2, 32, generator=gen).to(DEVICE, torch.float16) for _ in "kv")
     lens = torch.tensor([0, 50, 96], dtype=torch.int32, device=DEVICE)
-    params, _ = flash.flash_params(scale=32**-0.5, bias=None, causal=True, window_size=(-1, -1))
-    whole = flash.flash_kvcache_fwd(q, k_cache, v_cache, lens, params, num_splits=1, pack_gqa=pack_gqa)
+    params = Params(32**-0.5, Mask(causal=True))
+    whole = kernels.decode(q, k_cache, v_cache, params, None, None, lens, num_splits=1, pack_gqa=pack_gqa)
     wide = torch.full((3, 2, 4, 64), math.nan, dtype=q.dtype, device=DEVICE)
     out = wide[..., 16:48]
     for _ in range(2):
-        flash.flash_kvcache_fwd(q, k_cache, v_cache, lens, params, out=out, num_splits=3, pack_gqa=pack_gqa)
+        kernels.decode(q, k_cache, v_cache, params, None, None, lens, out=out, num_splits=3, pack_gqa=pack_gqa)
         torch.testing.assert_close(out, whole, atol=2e-3, rtol=0)
     assert wide[..., :16].isnan().all() and wide[..., 48:].isnan().all()
 
@@ -171,7 +175,7 @@ def test_triton_backend_declines_with_reasons():
     from sigattn.backends import BACKENDS, AttnCall
 
     q = torch.randn(1, 4, 2, 300, dtype=torch.float64, requires_grad=True)
-    call = AttnCall("kvcache", q, q, q, 1.0, None, False, (-1, -1), None, False)
+    call = AttnCall("kvcache", q, q, q, 1.0, None, Mask(), None, False)
     reasons = " ".join(BACKENDS["triton"].not_supported_reasons(call))
     assert "float64" in reasons and "head dim 300" in reasons and "q requires grad" in reasons
 
@@ -182,7 +186,7 @@ def test_compiles_without_graph_breaks():
     bias = torch.randn(2, generator=gen).to(DEVICE).requires_grad_()
 
     def f(q, k, v, bias):
-        return flash.sigmoid_attn_flash(q, k, v, scale=0.25, bias=bias, causal=True, window_size=(-1, -1))
+        return flash.sigmoid_attn_flash(q, k, v, Params(0.25, Mask(causal=True)), bias, None)
 
     compiled = torch.compile(f, fullgraph=True, backend="eager" if DEVICE == "cpu" else "inductor")
     out = compiled(q, k, v, bias)
@@ -284,11 +288,11 @@ def test_inference_ops_compile_without_graph_breaks():
     q_dec = torch.randn(2, 1, 4, 16, generator=gen).to(DEVICE, torch.bfloat16)
     cache = torch.randn(2, 32, 2, 16, generator=gen).to(DEVICE, torch.bfloat16)
     lens = torch.tensor([5, 32], dtype=torch.int32, device=DEVICE)
-    opts = dict(scale=0.25, bias=None, causal=True, window_size=(-1, -1))
+    params = Params(0.25, Mask(causal=True))
 
     def f(q, k, q_dec, cache):
-        packed = flash.sigmoid_attn_varlen_flash(q, k, k, cu_q, cu_k, 21, 25, **opts)
-        decoded = flash.sigmoid_attn_kvcache_flash(q_dec, cache, cache, lens, **opts)
+        packed = flash.sigmoid_attn_varlen_flash(q, k, k, Rows.packed(cu_q, cu_k, 21, 25), params, None, None)
+        decoded = flash.sigmoid_attn_kvcache_flash(q_dec, cache, cache, lens, None, params, None, None)
         return packed, decoded
 
     compiled = torch.compile(f, fullgraph=True, backend="eager" if DEVICE == "cpu" else "inductor")

@@ -69,6 +69,7 @@ from sigattn import (
     sigmoid_attn_with_kvcache,
 )
 from sigattn.ops.sigmoid_attn.reference import (
+    Mask,
     allowed_keys,
     sigmoid_attn_reference,
     sigmoid_attn_varlen_reference,
@@ -127,15 +128,21 @@ class Limits:
 
 LIMITS = {
     "torch": Limits(
-        (torch.float64, torch.float32, torch.float16, torch.bfloat16), 80, (1, 3, 8, 16, 24, 40, 64, 80),
-        ((1, 1), (2, 1), (2, 2), (3, 1), (4, 1), (4, 2), (4, 4), (6, 2), (6, 3), (8, 2)), 3,
+        (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+        80,
+        (1, 3, 8, 16, 24, 40, 64, 80),
+        ((1, 1), (2, 1), (2, 2), (3, 1), (4, 1), (4, 2), (4, 4), (6, 2), (6, 3), (8, 2)),
+        3,
     ),
     # The interpreter runs a program of 16 x 16 tiles in ~25 ms: few heads, short sequences.
     "triton": Limits(
-        (torch.float16, torch.bfloat16), 40, (1, 3, 8, 16, 24, 40, 64, 128),
-        ((1, 1), (2, 1), (2, 2), (3, 1), (4, 1), (4, 2)), 3,
+        (torch.float16, torch.bfloat16),
+        40,
+        (1, 3, 8, 16, 24, 40, 64, 128),
+        ((1, 1), (2, 1), (2, 2), (3, 1), (4, 1), (4, 2)),
+        3,
     ),
-}  # fmt: skip
+}
 
 
 @functools.cache
@@ -199,10 +206,11 @@ LAYOUTS = ("contiguous", "permuted", "sliced", "column", "expanded")
 WRITABLE_LAYOUTS = ("contiguous", "permuted", "sliced", "column")  # caches are written in place: no stride 0
 
 
-def allowed(seqlen_q: int, seqlen_k: int, batch: int, **mask) -> torch.Tensor:
+def allowed(seqlen_q: int, seqlen_k: int, batch: int, *, causal=False, window_size=(-1, -1), top_left=False):
     """The reference's mask of allowed keys as a full (B, Sq, Sk) boolean tensor."""
     lengths = torch.full((batch,), seqlen_k, device=DEVICE)
-    return allowed_keys(seqlen_q, seqlen_k, lengths, **mask)[:, 0].expand(batch, seqlen_q, seqlen_k)
+    mask = Mask(causal, tuple(window_size), top_left)
+    return allowed_keys(seqlen_q, seqlen_k, lengths, mask)[:, 0].expand(batch, seqlen_q, seqlen_k)
 
 
 def reference_window(window: tuple[int, int]) -> tuple[int, int]:
@@ -346,9 +354,10 @@ def against_reference(ref: Callable, values: dict, grad_names: list[str], dout: 
     def args(cast):
         return {
             n: leaf(cast(t) if t.is_floating_point() and n != "alibi_slopes" else t, n in grad_names)
-            if isinstance(t, torch.Tensor) else t
+            if isinstance(t, torch.Tensor)
+            else t
             for n, t in values.items()
-        }  # fmt: skip
+        }
 
     truth, truth_grads = run(partial(ref, upcast=True), args(torch.Tensor.double), dout)
     base, base_grads = run(partial(ref, upcast=False), args(lambda t: t), dout)
@@ -486,10 +495,18 @@ def dense_cases(draw, backend: str) -> DenseCase:
 
 
 def dense_values(case: DenseCase, gen) -> dict:
-    B, Sq, Sk, Hq, Hkv, D, dtype = (case.batch, case.seqlen_q, case.seqlen_k, case.heads, case.kv_heads,
-                                    case.head_dim, case.dtype)  # fmt: skip
-    values = dict(q=randn(gen, (B, Sq, Hq, D), dtype), k=randn(gen, (B, Sk, Hkv, D), dtype),
-                  v=randn(gen, (B, Sk, Hkv, D), dtype))  # fmt: skip
+    B, Sq, Sk, Hq, Hkv, D, dtype = (
+        case.batch,
+        case.seqlen_q,
+        case.seqlen_k,
+        case.heads,
+        case.kv_heads,
+        case.head_dim,
+        case.dtype,
+    )
+    values = dict(
+        q=randn(gen, (B, Sq, Hq, D), dtype), k=randn(gen, (B, Sk, Hkv, D), dtype), v=randn(gen, (B, Sk, Hkv, D), dtype)
+    )
     bias = bias_value(gen, case.opts, Hq, dtype)
     if isinstance(bias, torch.Tensor):
         values["bias"] = bias
@@ -580,8 +597,10 @@ class SdpaCase:
     seed: int
 
     def __repr__(self) -> str:
-        parts = [f"{self.backend}:B{self.batch}-Sq{self.seqlen_q}-Sk{self.seqlen_k}-H{self.heads}-Hkv{self.kv_heads}"
-                 f"-D{self.head_dim}-{DTYPE_ID[self.dtype]}"]  # fmt: skip
+        parts = [
+            f"{self.backend}:B{self.batch}-Sq{self.seqlen_q}-Sk{self.seqlen_k}-H{self.heads}-Hkv{self.kv_heads}"
+            f"-D{self.head_dim}-{DTYPE_ID[self.dtype]}"
+        ]
         parts += ["is_causal"] if self.is_causal else []
         parts += ["enable_gqa"] if self.enable_gqa else []
         parts += [f"mask-{self.mask}({self.mask_shape}):{self.mask_dtype}"] if self.mask else []
@@ -624,10 +643,18 @@ def sdpa_cases(draw, backend: str) -> SdpaCase:
 
 
 def sdpa_values(case: SdpaCase, gen) -> dict:
-    B, Sq, Sk, Hq, Hkv, D, dtype = (case.batch, case.seqlen_q, case.seqlen_k, case.heads, case.kv_heads,
-                                    case.head_dim, case.dtype)  # fmt: skip
-    values = dict(q=randn(gen, (B, Hq, Sq, D), dtype), k=randn(gen, (B, Hkv, Sk, D), dtype),
-                  v=randn(gen, (B, Hkv, Sk, D), dtype))  # fmt: skip
+    B, Sq, Sk, Hq, Hkv, D, dtype = (
+        case.batch,
+        case.seqlen_q,
+        case.seqlen_k,
+        case.heads,
+        case.kv_heads,
+        case.head_dim,
+        case.dtype,
+    )
+    values = dict(
+        q=randn(gen, (B, Hq, Sq, D), dtype), k=randn(gen, (B, Hkv, Sk, D), dtype), v=randn(gen, (B, Hkv, Sk, D), dtype)
+    )
     if case.bias == "tensor":
         values["bias"] = (torch.rand(Hq, generator=gen, dtype=torch.float64) * 4.5 - 4.0).to(DEVICE, dtype)
     size = case.mask_size()
@@ -645,9 +672,15 @@ def sdpa_reference(q, k, v, *, attn_mask=None, is_causal=False, enable_gqa=False
     if attn_mask is not None:
         attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     out = sigmoid_attn_reference(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=is_causal, top_left=True,
-        attn_mask=attn_mask, upcast=upcast, **options,
-    )  # fmt: skip
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        causal=is_causal,
+        top_left=True,
+        attn_mask=attn_mask,
+        upcast=upcast,
+        **options,
+    )
     return out.transpose(1, 2)
 
 
@@ -732,8 +765,9 @@ def varlen_cases(draw, backend: str) -> VarlenCase:
 
 
 def cumulative(lengths) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32,
-                        device=DEVICE)  # fmt: skip
+    return torch.tensor(
+        [0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE
+    )
 
 
 def varlen_per_sequence(args: dict, lengths_q, lengths_k, options: dict) -> torch.Tensor:
@@ -768,9 +802,13 @@ def test_varlen_equals_per_sequence_loop_and_reference(backend):
         gen = torch.Generator().manual_seed(case.seed)
         Hq, Hkv, D, dtype = case.heads, case.kv_heads, case.head_dim, case.dtype
         total_q, total_k, num_seqs = sum(case.lengths_q), sum(case.lengths_k), len(case.lengths_q)
-        values = dict(q=randn(gen, (total_q, Hq, D), dtype), k=randn(gen, (total_k, Hkv, D), dtype),
-                      v=randn(gen, (total_k, Hkv, D), dtype), cu_seqlens_q=cumulative(case.lengths_q),
-                      cu_seqlens_k=cumulative(case.lengths_k))  # fmt: skip
+        values = dict(
+            q=randn(gen, (total_q, Hq, D), dtype),
+            k=randn(gen, (total_k, Hkv, D), dtype),
+            v=randn(gen, (total_k, Hkv, D), dtype),
+            cu_seqlens_q=cumulative(case.lengths_q),
+            cu_seqlens_k=cumulative(case.lengths_k),
+        )
         bias = bias_value(gen, case.opts, Hq, dtype)
         if isinstance(bias, torch.Tensor):
             values["bias"] = bias
@@ -787,10 +825,15 @@ def test_varlen_equals_per_sequence_loop_and_reference(backend):
 
         # cu_seqlens junk is 0: wrong but in bounds (see the module docstring).
         presented = {
-            n: present(t, case.layouts[n], gen, 0 if n.startswith("cu_") else junk_value(case.junk, t.dtype),
-                       requires_grad=n in grad_names)
+            n: present(
+                t,
+                case.layouts[n],
+                gen,
+                0 if n.startswith("cu_") else junk_value(case.junk, t.dtype),
+                requires_grad=n in grad_names,
+            )
             for n, t in values.items()
-        }  # fmt: skip
+        }
         dout_p = present(dout, case.layouts["dout"], gen, junk_value(case.junk, dtype))
         note(f"layouts: {layout_id(presented | {'dout': dout_p})}")
         assert torch.equal(presented["cu_seqlens_q"].values, values["cu_seqlens_q"])  # 1-D: never expanded here
@@ -827,13 +870,15 @@ def test_varlen_equals_per_sequence_loop_and_reference(backend):
 
         against_reference(ref, ref_values, grad_names, dout_p.values, dtype, out, grads)
         if "bias" in grads:  # the loop's bias gradient adds per-sequence sums: rounding apart
-            truth_args = {n: leaf(t.double() if n != "alibi_slopes" else t, n in grad_names)
-                          for n, t in ref_values.items()}  # fmt: skip
+            truth_args = {
+                n: leaf(t.double() if n != "alibi_slopes" else t, n in grad_names) for n, t in ref_values.items()
+            }
             _, truth_grads = run(partial(ref, upcast=True), truth_args, dout_p.values)
             base_args = {n: leaf(t, n in grad_names) for n, t in ref_values.items()}
             _, base_grads = run(partial(ref, upcast=False), base_args, dout_p.values)
-            assert_within_tolerance_rule("dbias (per-sequence loop)", grads_loop["bias"], truth_grads["bias"],
-                                         base_grads["bias"], dtype)  # fmt: skip
+            assert_within_tolerance_rule(
+                "dbias (per-sequence loop)", grads_loop["bias"], truth_grads["bias"], base_grads["bias"], dtype
+            )
 
         # One sequence's keys and values poisoned, and the dO rows of queries that see no key.
         with_keys = [b for b, n in enumerate(case.lengths_k) if n > 0]
@@ -932,11 +977,15 @@ class CacheCase:
         cache = f"paged{self.page_size}x{self.capacity // self.page_size}" if self.page_size else "contiguous"
         lens = "_".join(map(str, self.lengths))
         new = f"-new{self.seqlen_new}" if self.seqlen_new is not None else ""
-        shape = (f"B{self.batch}-Sq{self.seqlen_q}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}-{cache}"
-                 f"-cap{self.capacity}-lens{lens}({self.seqlens_form}){new}")  # fmt: skip
+        shape = (
+            f"B{self.batch}-Sq{self.seqlen_q}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}-{cache}"
+            f"-cap{self.capacity}-lens{lens}({self.seqlens_form}){new}"
+        )
         extra = "-".join(p for p in (self.opts.id(), "q-grad" if self.q_grad else "") if p)
-        return (f"{self.backend}:{shape}-{DTYPE_ID[self.dtype]}{'-' + extra if extra else ''} junk={self.junk} "
-                f"poison={self.poison} seed={self.seed}")  # fmt: skip
+        return (
+            f"{self.backend}:{shape}-{DTYPE_ID[self.dtype]}{'-' + extra if extra else ''} junk={self.junk} "
+            f"poison={self.poison} seed={self.seed}"
+        )
 
     @property
     def num_new(self) -> int:
@@ -994,8 +1043,27 @@ def cache_cases(draw, backend: str, dtype=None, append=None, paged=None) -> Cach
 def empty_page_pool(backend: str) -> CacheCase:
     """Paged, every row empty, no append: a pool of zero pages, every block_table entry -1."""
     layouts = {n: "contiguous" for n in CACHE_TENSORS}
-    return CacheCase(backend, torch.float16, 2, 1, 2, 1, 8, 4, 4, 0, None, (0, 0), "tensor", False, Options(),
-                     layouts, "nan", "nan", 0)  # fmt: skip
+    return CacheCase(
+        backend,
+        torch.float16,
+        2,
+        1,
+        2,
+        1,
+        8,
+        4,
+        4,
+        0,
+        None,
+        (0, 0),
+        "tensor",
+        False,
+        Options(),
+        layouts,
+        "nan",
+        "nan",
+        0,
+    )
 
 
 @dataclass
@@ -1057,8 +1125,9 @@ def build_cache_inputs(case: CacheCase) -> CacheInputs:
     lengths = list(case.lengths)
     if case.seqlens_form == "tensor":
         # Junk: the capacity (in bounds: every page index of a row is valid or -1).
-        presented["cache_seqlens"] = present(torch.tensor(lengths, dtype=torch.int32, device=DEVICE),
-                                             layouts["cache_seqlens"], gen, case.capacity)  # fmt: skip
+        presented["cache_seqlens"] = present(
+            torch.tensor(lengths, dtype=torch.int32, device=DEVICE), layouts["cache_seqlens"], gen, case.capacity
+        )
         lengths = presented["cache_seqlens"].values.tolist()  # an expanded layout made them equal
 
     table, num_blocks = None, case.batch
@@ -1080,8 +1149,9 @@ def build_cache_inputs(case: CacheCase) -> CacheInputs:
                 rows.append(order[start : start + used[b]] + [-1] * (max_blocks - used[b]))
                 start += used[b]
         junk = -1 if randint(gen, 2) else num_blocks  # the guard page before or after: in bounds
-        presented["block_table"] = present(torch.tensor(rows, dtype=torch.int32, device=DEVICE),
-                                           layouts["block_table"], gen, junk)  # fmt: skip
+        presented["block_table"] = present(
+            torch.tensor(rows, dtype=torch.int32, device=DEVICE), layouts["block_table"], gen, junk
+        )
         table = presented["block_table"].values.tolist()
 
     shape = (num_blocks, ps, Hkv, D) if ps else (B, case.capacity, Hkv, D)
@@ -1194,8 +1264,9 @@ def test_kvcache_equals_recomputation_and_appends_exactly(backend):
         if "bias" in inputs.values:
             values["bias"] = inputs.values["bias"]
         grad_names, grads = (["q"], {"q": dq}) if case.q_grad else ([], {})
-        against_reference(partial(kvcache_reference, inputs), values, grad_names, inputs.dout.values, case.dtype,
-                          out, grads)  # fmt: skip
+        against_reference(
+            partial(kvcache_reference, inputs), values, grad_names, inputs.dout.values, case.dtype, out, grads
+        )
 
     check()
 
@@ -1217,12 +1288,16 @@ BAD_CACHE_CALLS = {
     "v-wrong-length": (lambda kw, c: kw | dict(v=torch.cat([kw["v"], kw["v"][:, :1]], 1)), "k and v"),
     "k-requires-grad": (lambda kw, c: kw | dict(k=kw["k"].detach().clone().requires_grad_()), "require grad"),
     "q-head-dim": (lambda kw, c: kw | dict(q=torch.cat([kw["q"], kw["q"][..., :1]], -1)), "head dim"),
-    "cache-overflow": (lambda kw, c: kw | dict(cache_seqlens=torch.full((c.batch,), c.capacity, dtype=torch.int32,
-                                                                        device=DEVICE)), "capacity"),
-    "cache_seqlens-int64": (lambda kw, c: kw | dict(cache_seqlens=torch.zeros(c.batch, dtype=torch.long,
-                                                                              device=DEVICE)), "cache_seqlens"),
+    "cache-overflow": (
+        lambda kw, c: kw | dict(cache_seqlens=torch.full((c.batch,), c.capacity, dtype=torch.int32, device=DEVICE)),
+        "capacity",
+    ),
+    "cache_seqlens-int64": (
+        lambda kw, c: kw | dict(cache_seqlens=torch.zeros(c.batch, dtype=torch.long, device=DEVICE)),
+        "cache_seqlens",
+    ),
     "triton-declines-float32": (None, "triton"),  # use_backend("triton") on a float32 call
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("bad", list(BAD_CACHE_CALLS))
@@ -1300,10 +1375,20 @@ def masked_cases(draw, backend: str) -> MaskedCase:
         scale=draw(SCALES),
     )
     return MaskedCase(
-        backend, api, draw(st.sampled_from(lim.dtypes)), draw(st.integers(1, lim.max_batch)), seqlen_q, seqlen_k,
-        heads, kv_heads, draw(st.sampled_from(lim.head_dims)), opts, sdpa_mask,
-        draw(st.sampled_from(("nan", "inf", "-inf"))), draw(st.integers(0, 2**32 - 1)),
-    )  # fmt: skip
+        backend,
+        api,
+        draw(st.sampled_from(lim.dtypes)),
+        draw(st.integers(1, lim.max_batch)),
+        seqlen_q,
+        seqlen_k,
+        heads,
+        kv_heads,
+        draw(st.sampled_from(lim.head_dims)),
+        opts,
+        sdpa_mask,
+        draw(st.sampled_from(("nan", "inf", "-inf"))),
+        draw(st.integers(0, 2**32 - 1)),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -1317,8 +1402,15 @@ def test_masked_nonfinite_never_reaches_outputs_or_gradients(backend):
     def check(case: MaskedCase):
         note(repr(case))
         gen = torch.Generator().manual_seed(case.seed)
-        B, Sq, Sk, Hq, Hkv, D, dtype = (case.batch, case.seqlen_q, case.seqlen_k, case.heads, case.kv_heads,
-                                        case.head_dim, case.dtype)  # fmt: skip
+        B, Sq, Sk, Hq, Hkv, D, dtype = (
+            case.batch,
+            case.seqlen_q,
+            case.seqlen_k,
+            case.heads,
+            case.kv_heads,
+            case.head_dim,
+            case.dtype,
+        )
         group = Hq // Hkv
         q, k, v = (randn(gen, shape, dtype) for shape in ((B, Sq, Hq, D), (B, Sk, Hkv, D), (B, Sk, Hkv, D)))
         dout = randn(gen, (B, Sq, Hq, D), dtype)
@@ -1343,8 +1435,10 @@ def test_masked_nonfinite_never_reaches_outputs_or_gradients(backend):
         unseen = ~seen.reshape(B, Hkv, group, Sq, Sk).any(dim=(2, 3)).transpose(1, 2)  # [B, Sk, Hkv]
         no_key = ~seen.any(dim=3).transpose(1, 2)  # [B, Sq, Hq]
         assume(bool(unseen.any() or no_key.any()))
-        note(f"unseen keys (b, j, h_kv): {unseen.nonzero().tolist()[:8]}; queries without keys: "
-             f"{no_key.nonzero().tolist()[:8]}")  # fmt: skip
+        note(
+            f"unseen keys (b, j, h_kv): {unseen.nonzero().tolist()[:8]}; queries without keys: "
+            f"{no_key.nonzero().tolist()[:8]}"
+        )
         poison = junk_value(case.poison, dtype)
         poisoned = dict(values, k=k.masked_fill(unseen[..., None], poison), v=v.masked_fill(unseen[..., None], poison))
         dout_poisoned = dout.masked_fill(no_key[..., None], poison)
@@ -1367,8 +1461,7 @@ def test_masked_nonfinite_never_reaches_outputs_or_gradients(backend):
             for n in ("q", "k", "v"):
                 d[n] = flip(d[n])
         with on_backend(case.backend):
-            out, grads = run(fn, {n: leaf(t, n in grad_names) for n, t in poisoned.items()},
-                                          flip(dout_poisoned))  # fmt: skip
+            out, grads = run(fn, {n: leaf(t, n in grad_names) for n, t in poisoned.items()}, flip(dout_poisoned))
         why = f"{case.poison} in keys/values no query sees or in dO rows of queries without keys"
         assert_finite("out", out, why)
         for n in grad_names:
@@ -1391,8 +1484,9 @@ def test_inf_in_one_query_stays_in_its_row(backend):
         gen = torch.Generator().manual_seed(case.seed)
         values = dense_values(case, gen)
         ref_options = dense_options(case, reference=True)
-        seen = allowed(case.seqlen_q, case.seqlen_k, case.batch, causal=case.opts.causal,
-                       window_size=ref_options["window_size"])  # fmt: skip
+        seen = allowed(
+            case.seqlen_q, case.seqlen_k, case.batch, causal=case.opts.causal, window_size=ref_options["window_size"]
+        )
         rows = seen.any(dim=2).nonzero().tolist()  # (b, i) of queries that see a key
         assume(rows)
         b, i = rows[randint(gen, len(rows))]
@@ -1402,8 +1496,11 @@ def test_inf_in_one_query_stays_in_its_row(backend):
         grad_names = [n for n in ("q", "k", "v", "bias") if n in values]
         dout = randn(gen, values["q"].shape, case.dtype)
         with on_backend(case.backend):
-            out, grads = run(partial(sigmoid_attn_func, **dense_options(case)),
-                                          {n: leaf(t, n in grad_names) for n, t in values.items()}, dout)  # fmt: skip
+            out, grads = run(
+                partial(sigmoid_attn_func, **dense_options(case)),
+                {n: leaf(t, n in grad_names) for n, t in values.items()},
+                dout,
+            )
         others = torch.ones(out.shape[:3], dtype=torch.bool, device=DEVICE)
         others[b, i, h] = False
         assert_finite("out (other queries)", out[others], "an inf in one query")
@@ -1512,8 +1609,9 @@ def _bad_arg_call(function: str, **kw):
     if function == "kvcache":
         return sigmoid_attn_with_kvcache(q, torch.zeros(1, 8, 1, 8), torch.zeros(1, 8, 1, 8), cache_seqlens=4, **kw)
     kw.pop("alibi_slopes", None)
-    return scaled_dot_product_sigmoid_attention(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2),
-                                                enable_gqa=True, **kw)  # fmt: skip
+    return scaled_dot_product_sigmoid_attention(
+        q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2), enable_gqa=True, **kw
+    )
 
 
 BAD_ARGS = [

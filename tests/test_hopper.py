@@ -15,7 +15,9 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.experimental.gluon._runtime import GluonASTSource
 from triton.runtime.jit import mangle_type
 
-from sigattn.ops.sigmoid_attn import compat, flash, hopper, hopper_bwd, host
+from sigattn.ops.sigmoid_attn import compat, hopper, hopper_bwd, host, kernels, sm90
+from sigattn.ops.sigmoid_attn.params import Params, Rows
+from sigattn.ops.sigmoid_attn.reference import Mask
 
 KERNEL = hopper.sigmoid_attn_fwd_kernel_sm90
 
@@ -39,24 +41,39 @@ def _pristine_triton_language():
 
 
 def compile_sm90(
-    head_dim: int, dtype: torch.dtype, causal: bool, head_bias: bool, group: int, varlen: bool = False,
+    head_dim: int,
+    dtype: torch.dtype,
+    causal: bool,
+    head_bias: bool,
+    group: int,
+    varlen: bool = False,
     key_tail: bool = False,
-):  # fmt: skip
+):
     q = torch.empty(2, 256, 4, head_dim, dtype=dtype)
     config = hopper.CONFIGS[(head_dim, causal)]
     rows = int(hopper.ROWS)
     args = dict(
-        q_desc=host.descriptor(q, rows), k_desc=host.descriptor(q, config.block_n),
-        v_desc=host.descriptor(q, config.block_n), o_desc=host.descriptor(q, rows),
-    )  # fmt: skip
+        q_desc=host.descriptor(q, rows),
+        k_desc=host.descriptor(q, config.block_n),
+        v_desc=host.descriptor(q, config.block_n),
+        o_desc=host.descriptor(q, rows),
+    )
     signature = {name: mangle_type(d) for name, d in args.items()}
     signature.update(o_ptr=mangle_type(q), head_bias_ptr="*fp32", cu_seqlens_q="*i32", cu_seqlens_k="*i32")
     signature.update(seqlen_q="i32", seqlen_k="i32", diag_offset="i32")
     signature.update(half_scale="fp32", half_scale_bias="fp32")
     max_registers, consumer_registers = config.registers
-    constants = dict(GROUP=group, CAUSAL=causal, HEAD_BIAS=head_bias, SEQUENCE_BIAS=varlen and not head_bias,
-                     VARLEN=varlen, KEY_TAIL=varlen or key_tail, CONSUMERS=config.consumers, STAGES=config.stages,
-                     CONSUMER_REGS=consumer_registers)  # fmt: skip
+    constants = dict(
+        GROUP=group,
+        CAUSAL=causal,
+        HEAD_BIAS=head_bias,
+        SEQUENCE_BIAS=varlen and not head_bias,
+        VARLEN=varlen,
+        KEY_TAIL=varlen or key_tail,
+        CONSUMERS=config.consumers,
+        STAGES=config.stages,
+        CONSUMER_REGS=consumer_registers,
+    )
     if not head_bias:  # launched with None: Triton makes them constants
         constants["head_bias_ptr"] = None
     if not varlen:
@@ -89,8 +106,10 @@ def ptxas_report(ptx: str, tmp_path) -> str:
     path.write_text(ptx)
     result = subprocess.run(
         [get_ptxas(90).path, "-v", "-arch=sm_90a", str(path), "-o", os.devnull],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return result.stderr
 
 
@@ -111,11 +130,22 @@ def ptxas_report(ptx: str, tmp_path) -> str:
         (64, torch.bfloat16, False, True, 1, True, True),
         (64, torch.float16, True, False, 4, True, True),
     ],
-    ids=["D128-bf16-full", "D128-bf16-causal-headbias-G4", "D128-fp16-causal", "D128-fp16-full-headbias-G2",
-         "D64-bf16-causal", "D64-fp16-full-headbias-G2", "D128-bf16-full-tail", "D128-bf16-causal-tail-G2",
-         "D64-bf16-full-tail", "varlen-D128-bf16-full-G2", "varlen-D128-bf16-causal",
-         "varlen-D64-bf16-full-headbias", "varlen-D64-fp16-causal-G4"],
-)  # fmt: skip
+    ids=[
+        "D128-bf16-full",
+        "D128-bf16-causal-headbias-G4",
+        "D128-fp16-causal",
+        "D128-fp16-full-headbias-G2",
+        "D64-bf16-causal",
+        "D64-fp16-full-headbias-G2",
+        "D128-bf16-full-tail",
+        "D128-bf16-causal-tail-G2",
+        "D64-bf16-full-tail",
+        "varlen-D128-bf16-full-G2",
+        "varlen-D128-bf16-causal",
+        "varlen-D64-bf16-full-headbias",
+        "varlen-D64-fp16-causal-G4",
+    ],
+)
 def test_compiles_for_sm90a_without_spills(head_dim, dtype, causal, head_bias, group, varlen, key_tail, tmp_path):
     compiled = compile_sm90(head_dim, dtype, causal, head_bias, group, varlen, key_tail)
     consumer_registers = hopper.CONFIGS[(head_dim, causal)].registers[1]
@@ -136,21 +166,33 @@ def _tensors(head_dim=128, dtype=torch.bfloat16, sk=256):
     return q, k, torch.empty_like(k), torch.empty_like(q)
 
 
+FULL, CAUSAL = Params(0.1), Params(0.1, Mask(causal=True))
+
+
+def _window(left: int, right: int) -> Params:
+    return Params(0.1, Mask(window=(left, right)))
+
+
+def _forward_why(q, k, v, out, params=FULL, alibi=None):
+    return hopper.unsupported(q, k, v, out, params, alibi, Rows.dense(q, k))
+
+
 def test_unsupported_names_what_it_cannot_run():
-    full, causal = (-1, -1), (-1, 0)
-    assert hopper.unsupported(*_tensors(), full, None) is None
-    assert hopper.unsupported(*_tensors(), causal, None) is None
-    assert hopper.unsupported(*_tensors(head_dim=64), full, None) is None
-    assert "head dim 96" in hopper.unsupported(*_tensors(head_dim=96), full, None)
-    assert "dtype" in hopper.unsupported(*_tensors(dtype=torch.float32), full, None)
-    assert hopper.unsupported(*_tensors(), full, torch.ones(2, 4)) == "ALiBi"
-    assert "window" in hopper.unsupported(*_tensors(), (16, 0), None)
-    assert "window" in hopper.unsupported(*_tensors(), (-1, 8), None)
-    assert hopper.unsupported(*_tensors(sk=0), full, None) == "no keys"
+    assert _forward_why(*_tensors()) is None
+    assert _forward_why(*_tensors(), CAUSAL) is None
+    assert _forward_why(*_tensors(), _window(-1, 0)) is None  # a window that is the causal mask
+    assert _forward_why(*_tensors(head_dim=64)) is None
+    assert "head dim 96" in _forward_why(*_tensors(head_dim=96))
+    assert "dtype" in _forward_why(*_tensors(dtype=torch.float32))
+    assert _forward_why(*_tensors(), alibi=torch.ones(2, 4)) == "ALiBi"
+    assert "window" in _forward_why(*_tensors(), _window(16, 0))
+    assert "window" in _forward_why(*_tensors(), _window(-1, 8))
+    assert _forward_why(*_tensors(sk=0)) == "no keys"
     q, k, v, out = _tensors()
     strided = torch.empty(2, 100, 4, 130, dtype=torch.bfloat16)[..., :128]  # rows of 260 bytes
-    assert "TMA" in hopper.unsupported(strided, k, v, out, full, None)
-    assert "TMA" in hopper.unsupported(q, k, v.transpose(1, 3).contiguous().transpose(1, 3), out, full, None)
+    assert "TMA" in _forward_why(strided, k, v, out)
+    assert "TMA" in _forward_why(q, k, v.transpose(1, 3).contiguous().transpose(1, 3), out)
+    assert _forward_why(q, k, v, None) is None  # an output buffer the entry point makes
 
 
 def test_gluon_kernels_decline_a_triton_they_were_not_tested_with(monkeypatch):
@@ -161,39 +203,69 @@ def test_gluon_kernels_decline_a_triton_they_were_not_tested_with(monkeypatch):
     assert reason == "triton 3.9: the Gluon kernels are tested with 3.6 to 3.8"
     assert compat.unsupported_triton((3, 5)) == "triton 3.5: the Gluon kernels are tested with 3.6 to 3.8"
     monkeypatch.setattr(compat, "UNSUPPORTED_TRITON", reason)
-    assert hopper.unsupported(*_tensors(), (-1, -1), None) == reason
-    assert hopper_bwd.unsupported(*_bwd_tensors(), (-1, 0), None, None, False) == reason
+    assert _forward_why(*_tensors()) == reason
+    q, k, v, do, grads = _bwd_tensors()
+    assert hopper_bwd.unsupported(do, q, k, v, grads, CAUSAL, 0.0, None, Rows.dense(q, k)) == reason
 
 
-def test_cpu_tensors_never_take_the_sm90_kernel():
-    assert not hopper.runs_on_sm90(*_tensors(), (-1, -1), None)
+def test_cpu_tensors_never_take_the_sm90_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRET", False)  # (in the interpreter, that is the reason)
+    q, k, v, out = _tensors()
+    kernel, declined = kernels.choose(kernels.FORWARD, q, k, v, out, FULL, 0.0, None, Rows.dense(q, k))
+    assert kernel.name == "triton" and declined == {"gluon-sm90": "cpu tensors"}
 
 
-def compile_bwd_sm90(head_dim: int, dtype: torch.dtype, causal: bool, group: int, head_bias: bool = False,
-                     varlen: bool = False, tail: bool = False):  # fmt: skip
+def compile_bwd_sm90(
+    head_dim: int,
+    dtype: torch.dtype,
+    causal: bool,
+    group: int,
+    head_bias: bool = False,
+    varlen: bool = False,
+    tail: bool = False,
+):
     kernel = hopper_bwd.sigmoid_attn_bwd_kernel_sm90
     t = torch.empty(2, 256, 4, head_dim, dtype=dtype)
     workspace = torch.empty(2, 256, 4, head_dim, dtype=torch.float32)
     rows, keys = int(hopper_bwd.ROWS), int(hopper_bwd.KEYS)
     descriptors = dict(
-        q_desc=host.descriptor(t, rows), k_desc=host.descriptor(t, keys), v_desc=host.descriptor(t, keys),
-        do_desc=host.descriptor(t, rows), dq_desc=host.descriptor(workspace, rows, int(hopper_bwd.DQ_COLS)),
-        dk_desc=host.descriptor(t, keys), dv_desc=host.descriptor(t, keys),
-    )  # fmt: skip
+        q_desc=host.descriptor(t, rows),
+        k_desc=host.descriptor(t, keys),
+        v_desc=host.descriptor(t, keys),
+        do_desc=host.descriptor(t, rows),
+        dq_desc=host.descriptor(workspace, rows, int(hopper_bwd.DQ_COLS)),
+        dk_desc=host.descriptor(t, keys),
+        dv_desc=host.descriptor(t, keys),
+    )
     signature = {name: mangle_type(d) for name, d in descriptors.items()}
     signature.update({name: mangle_type(t) for name in ("q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr")})
     signature.update(head_bias_ptr="*fp32", dbias_ptr="*fp32")
     signature.update(cu_seqlens_q="*i32", cu_seqlens_k="*i32", num_heads="i32", b0="i32", h0="i32")
     signature.update(seqlen_q="i32", seqlen_k="i32", diag_offset="i32", q_shift="i32")
     signature.update(scale="fp32", half_scale="fp32", half_scale_bias="fp32")
-    constants = dict(GROUP=group, CAUSAL=causal, STAGES=hopper_bwd.STAGES[head_dim], HEAVY_FIRST=causal,
-                     HEAD_BIAS=head_bias, SEQUENCE_BIAS=varlen and not head_bias, VARLEN=varlen,
-                     TAIL=varlen or tail)  # fmt: skip
+    constants = dict(
+        GROUP=group,
+        CAUSAL=causal,
+        STAGES=hopper_bwd.STAGES[head_dim],
+        HEAVY_FIRST=causal,
+        HEAD_BIAS=head_bias,
+        SEQUENCE_BIAS=varlen and not head_bias,
+        VARLEN=varlen,
+        TAIL=varlen or tail,
+    )
     if not head_bias:  # launched with None: Triton makes them constants
         constants.update(head_bias_ptr=None, dbias_ptr=None)
     if not varlen:
-        constants.update(q_ptr=None, k_ptr=None, v_ptr=None, do_ptr=None, dk_ptr=None, dv_ptr=None, cu_seqlens_q=None,
-                         cu_seqlens_k=None)  # fmt: skip
+        constants.update(
+            q_ptr=None,
+            k_ptr=None,
+            v_ptr=None,
+            do_ptr=None,
+            dk_ptr=None,
+            dv_ptr=None,
+            cu_seqlens_q=None,
+            cu_seqlens_k=None,
+        )
     signature.update({name: "constexpr" for name in constants})
     source = GluonASTSource(
         kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()}
@@ -213,8 +285,9 @@ def compile_bwd_sm90(head_dim: int, dtype: torch.dtype, causal: bool, group: int
     ],
     ids=["D128-bf16-full", "D128-fp16-causal-G2", "D64-bf16-causal-G4", "D64-fp16-full", "D64-bf16-causal-G2-headbias"],
 )
-@pytest.mark.parametrize("varlen,tail", [(False, False), (False, True), (True, True)],
-                         ids=["dense", "dense-tail", "varlen"])  # fmt: skip
+@pytest.mark.parametrize(
+    "varlen,tail", [(False, False), (False, True), (True, True)], ids=["dense", "dense-tail", "varlen"]
+)
 def test_backward_compiles_for_sm90a(head_dim, dtype, causal, group, head_bias, max_spill, varlen, tail, tmp_path):
     kernel = compile_bwd_sm90(head_dim, dtype, causal, group, head_bias, varlen, tail)
     ptx = kernel.asm["ptx"]
@@ -233,7 +306,7 @@ def test_backward_compiles_for_sm90a(head_dim, dtype, causal, group, head_bias, 
     # D128 keeps dK, dV (128 registers), the score tiles and a dQ block within 240: ptxas spills a few
     # scalars (36-120 bytes; the H100 numbers in benchmarks/results are with them), never the products. The
     # masks of tiles that end past Sq or Sk add up to 32 bytes, a packed sequence's last dQ rows 32 more.
-    loader = spilled.pop(None, 0) + spilled.pop(int(hopper.LOADER_REGISTERS), 0)
+    loader = spilled.pop(None, 0) + spilled.pop(int(sm90.LOADER_REGISTERS), 0)
     assert sum(spilled.values()) <= max_spill + 32 * tail + 32 * varlen, spilled
     # With 24 registers, the loader keeps the fields of its four sequence descriptors in local memory: stored
     # at entry and read before its loop (44-72 bytes as Triton 3.6 compiles it; its SASS loop has no spill
@@ -249,52 +322,51 @@ def _bwd_tensors(head_dim=128, dtype=torch.bfloat16, sq=600, sk=256):
 
 
 def test_backward_unsupported_names_what_it_cannot_run():
-    full, causal = (-1, -1), (-1, 0)
-
-    def why(*tensors, window=full, alibi=None, head_bias=None, deterministic=False):
-        return hopper_bwd.unsupported(*tensors, window, alibi, head_bias, deterministic)
+    def why(q, k, v, do, grads, params=FULL, alibi=None, bias=0.0):
+        return hopper_bwd.unsupported(do, q, k, v, grads, params, bias, alibi, Rows.dense(q, k))
 
     assert why(*_bwd_tensors()) is None
-    assert why(*_bwd_tensors(head_dim=64), window=causal) is None
+    assert why(*_bwd_tensors(head_dim=64), CAUSAL) is None
     assert "head dim 96" in why(*_bwd_tensors(head_dim=96))
-    assert "deterministic" in why(*_bwd_tensors(), deterministic=True)
+    assert "deterministic" in why(*_bwd_tensors(), Params(0.1, deterministic=True))
     # A per-head bias: its gradient is summed by the kernel at D64; at D128 the Triton backward is faster.
-    assert why(*_bwd_tensors(head_dim=64), head_bias=torch.zeros(4)) is None
-    assert (
-        why(*_bwd_tensors(), head_bias=torch.zeros(4)) == "per-head bias at head dim 128: the Triton backward is faster"
-    )
+    assert why(*_bwd_tensors(head_dim=64), bias=torch.zeros(4)) is None
+    assert why(*_bwd_tensors(), bias=torch.zeros(4)) == "per-head bias at head dim 128: the Triton backward is faster"
     assert "dtype" in why(*_bwd_tensors(dtype=torch.float32))
     assert why(*_bwd_tensors(), alibi=torch.ones(2, 4)) == "ALiBi"
-    assert "window" in why(*_bwd_tensors(), window=(16, 0))
+    assert "window" in why(*_bwd_tensors(), _window(16, 0))
     assert why(*_bwd_tensors(sk=0)) == "no keys"
     assert why(*_bwd_tensors(sq=0)) == "no queries"
     # Short calls run faster on the Triton backward: up to 512 queries at D64 causal, 128 at D128 full.
-    assert why(*_bwd_tensors(head_dim=64, sq=513), window=causal) is None
-    assert "faster" in why(*_bwd_tensors(head_dim=64, sq=512), window=causal)
+    assert why(*_bwd_tensors(head_dim=64, sq=513), CAUSAL) is None
+    assert "faster" in why(*_bwd_tensors(head_dim=64, sq=512), CAUSAL)
     assert why(*_bwd_tensors(sq=129)) is None
     assert "faster" in why(*_bwd_tensors(sq=128))
     q, k, v, do, (dq, dk, dv) = _bwd_tensors()
     strided = torch.empty(2, 256, 2, 130, dtype=torch.bfloat16)[..., :128]
     assert "TMA" in why(q, k, v, do, (dq, strided, dv))
+    assert why(q, k, v, None, None) is None  # buffers the entry point makes
 
 
 def test_backward_dispatch_never_takes_cpu_tensors_or_deterministic_calls(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRET", False)
     q, k, v, do, grads = _bwd_tensors()
-    params = flash.flash_params(scale=0.1, bias=None, causal=True, window_size=(-1, -1))[0]
-    assert not flash.backward_on_sm90(do, q, k, v, grads, params, None, None)
-    # On an sm_90 GPU the rule is hopper_bwd.unsupported's; determinism comes from either switch.
-    seen = []
-    monkeypatch.setattr(flash, "INTERPRET", False)
-    monkeypatch.setattr(hopper_bwd, "runs_on_sm90", lambda *args: seen.append(args[8]) or True)  # deterministic
-    assert flash.backward_on_sm90(do, q, k, v, grads, params, None, None)
-    deterministic = flash.flash_params(scale=0.1, bias=None, causal=True, window_size=(-1, -1), deterministic=True)
-    flash.backward_on_sm90(do, q, k, v, grads, deterministic[0], None, None)
+    rows = Rows.dense(q, k)
+    kernel, declined = kernels.choose(kernels.BACKWARD, do, q, k, v, grads, CAUSAL, 0.0, None, rows)
+    assert kernel.name == "triton" and declined == {"gluon-sm90": "cpu tensors"}
+    # Past the device check (as on an sm_90 GPU) the rule is hopper_bwd.unsupported's; determinism comes from
+    # either switch.
+    monkeypatch.setattr(kernels, "_sm90_reason", lambda q: None)
+    assert kernels.choose(kernels.BACKWARD, do, q, k, v, grads, CAUSAL, 0.0, None, rows)[0].name == "gluon-sm90"
+    deterministic = Params(0.1, Mask(causal=True), deterministic=True)
+    kernel, declined = kernels.choose(kernels.BACKWARD, do, q, k, v, grads, deterministic, 0.0, None, rows)
+    assert kernel.name == "triton" and "deterministic" in declined["gluon-sm90"]
     torch.use_deterministic_algorithms(True)
     try:
-        flash.backward_on_sm90(do, q, k, v, grads, params, None, None)
+        kernel, declined = kernels.choose(kernels.BACKWARD, do, q, k, v, grads, CAUSAL, 0.0, None, rows)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert seen == [False, True, True]
+    assert kernel.name == "triton" and "deterministic" in declined["gluon-sm90"]
 
 
 def test_packed_sequences_dispatch_as_one_row_by_their_longest_lengths(monkeypatch):
@@ -303,23 +375,25 @@ def test_packed_sequences_dispatch_as_one_row_by_their_longest_lengths(monkeypat
     q, k = torch.empty(600, 4, 128, dtype=torch.bfloat16), torch.empty(300, 2, 128, dtype=torch.bfloat16)
     v, do, out = torch.empty_like(k), torch.empty_like(q), torch.empty_like(q)
     grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(k))
-    why = hopper_bwd.unsupported(*(t[None] for t in (q, k, v, do)), tuple(g[None] for g in grads), (-1, 0), None,
-                                 None, False, max_seqlens=(128, 300))  # fmt: skip
+    cu = torch.tensor([0, 300, 600], dtype=torch.int32)
+
+    def packed(max_q, max_k):
+        return Rows.packed(cu, cu[:2] // 2, max_q, max_k)
+
+    why = hopper_bwd.unsupported(do, q, k, v, grads, CAUSAL, None, None, packed(128, 300))
     assert why == "128 queries: the Triton backward is faster up to 256"
-    assert hopper_bwd.unsupported(*(t[None] for t in (q, k, v, do)), tuple(g[None] for g in grads), (-1, 0), None,
-                                  None, False, max_seqlens=(257, 300)) is None  # fmt: skip
-    seen = []
-    monkeypatch.setattr(flash, "INTERPRET", False)
-    monkeypatch.setattr(hopper, "runs_on_sm90", lambda *args: seen.append(args[0].shape) or True)
-    monkeypatch.setattr(hopper_bwd, "runs_on_sm90", lambda *args: seen.append((args[0].shape, args[-1])) or True)
-    causal = flash.flash_params(scale=0.1, bias=None, causal=True, window_size=(-1, -1))[0]
-    assert flash.forward_on_sm90(q, k, v, out, causal, None, varlen=True)
-    assert flash.backward_on_sm90(do, q, k, v, grads, causal, None, None, max_seqlens=(300, 200))
-    assert seen == [(1, 600, 4, 128), ((1, 600, 4, 128), (300, 200))]
-    top_left = flash.FlashParams(0.1, 0.0, True, -1, 0, True)
-    assert not flash.forward_on_sm90(q, k, v, out, top_left, None, varlen=True)
-    assert not flash.backward_on_sm90(do, q, k, v, grads, top_left, None, None, max_seqlens=(300, 200))
-    assert flash.forward_on_sm90(q[None], k[None], v[None], out[None], top_left, None)  # dense: any diagonal
+    assert hopper_bwd.unsupported(do, q, k, v, grads, CAUSAL, None, None, packed(257, 300)) is None
+    monkeypatch.setattr(kernels, "_sm90_reason", lambda q: None)
+    rows = packed(300, 200)
+    assert kernels.choose(kernels.FORWARD, q, k, v, out, CAUSAL, None, None, rows)[0].name == "gluon-sm90"
+    assert kernels.choose(kernels.BACKWARD, do, q, k, v, grads, CAUSAL, None, None, rows)[0].name == "gluon-sm90"
+    top_left = Params(0.1, Mask(causal=True, top_left=True))
+    assert "top left" in kernels.choose(kernels.FORWARD, q, k, v, out, top_left, None, None, rows)[1]["gluon-sm90"]
+    assert (
+        "top left" in kernels.choose(kernels.BACKWARD, do, q, k, v, grads, top_left, None, None, rows)[1]["gluon-sm90"]
+    )
+    dense = (q[None], k[None], v[None], out[None])
+    assert _forward_why(*dense, top_left) is None  # dense rows: any diagonal
 
 
 @pytest.mark.parametrize(

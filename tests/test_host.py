@@ -138,7 +138,7 @@ def test_forward_kernel_specialises_on_nothing_outside_its_key():
             (torch.empty(q.numel() + 1, dtype=q.dtype)[1:], unaligned, cu_unaligned, cu, (17, 1, 1)),
             (q, aligned, cu, cu_unaligned, (1, 33, -16)),
         )
-    ]  # fmt: skip
+    ]
     assert specs[0] == specs[1] == specs[2]
 
 
@@ -151,13 +151,20 @@ def test_backward_kernel_specialises_on_nothing_outside_its_key():
     cu, cu_unaligned = torch.zeros(4, dtype=torch.int32), torch.zeros(5, dtype=torch.int32)[1:]
     constexprs = (1, True, 4, True, True, True, True, True)
     specs = [
-        specialization(kernel, (*descriptors, *packed, dk, t, bias, dbias, cu_q, cu, *ints, 0.1, 0.05, -0.3,
-                                *constexprs))
+        specialization(
+            kernel, (*descriptors, *packed, dk, t, bias, dbias, cu_q, cu, *ints, 0.1, 0.05, -0.3, *constexprs)
+        )
         for packed, dk, bias, dbias, cu_q, ints in (
             ((t,) * 4, t, aligned, aligned, cu, (4, 0, 0, 2048, 2048, 0, 0)),
-            ((torch.empty(t.numel() + 1, dtype=t.dtype)[1:],) * 4, torch.empty(t.numel() + 1, dtype=t.dtype)[1:],
-             unaligned, aligned, cu_unaligned, (3, 1, 16, 17, 33, 1, 16)),
+            (
+                (torch.empty(t.numel() + 1, dtype=t.dtype)[1:],) * 4,
+                torch.empty(t.numel() + 1, dtype=t.dtype)[1:],
+                unaligned,
+                aligned,
+                cu_unaligned,
+                (3, 1, 16, 17, 33, 1, 16),
+            ),
             ((t,) * 4, t, aligned, unaligned, cu, (16, 32, 1, 1, 16, -15, 1)),
         )
-    ]  # fmt: skip
+    ]
     assert specs[0] == specs[1] == specs[2]

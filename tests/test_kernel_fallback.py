@@ -23,8 +23,9 @@ from triton.runtime.jit import JITFunction
 
 import sigattn
 from sigattn import backends, cli
-from sigattn.backends import AttnCall, BackendNotSupportedError, explain, select_backend
+from sigattn.backends import BACKENDS, AttnCall, BackendNotSupportedError, select_backend
 from sigattn.ops.sigmoid_attn import flash
+from sigattn.ops.sigmoid_attn.reference import Mask
 
 
 @pytest.fixture(autouse=True)
@@ -39,13 +40,14 @@ def fresh_dispatcher(monkeypatch):
 
 def cuda_call(kind: str = "dense") -> AttnCall:
     """A bf16 call on cuda:0 as the dispatcher sees it (device, dtype, shape): it is only inspected."""
-    q = types.SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(1, 128, 4, 64),
-                              requires_grad=False)  # fmt: skip
-    return AttnCall(kind, q, q, q, 0.125, None, True, (-1, -1), None, False)
+    q = types.SimpleNamespace(
+        device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(1, 128, 4, 64), requires_grad=False
+    )
+    return AttnCall(kind, q, q, q, 0.125, None, Mask(causal=True), None, False)
 
 
 def torch_reasons_are_empty(call: AttnCall) -> bool:
-    return explain(call)["torch"] == []
+    return BACKENDS["torch"].not_supported_reasons(call) == []
 
 
 # ------------------------------------------------------------------------------- an unsupported GPU
@@ -54,7 +56,7 @@ def torch_reasons_are_empty(call: AttnCall) -> bool:
 def test_a_gpu_older_than_ampere_runs_on_torch(monkeypatch):
     monkeypatch.setattr(backends, "_capability", lambda index: (7, 5))
     call = cuda_call()
-    assert explain(call)["triton"] == ["compute capability (7, 5) (needs 8.0 or newer)"]
+    assert BACKENDS["triton"].not_supported_reasons(call) == ["compute capability (7, 5) (needs 8.0 or newer)"]
     assert backends._import_error == []  # the kernels are not even imported for a GPU they cannot run on
     with pytest.warns(UserWarning, match=r"runs on the slower 'torch' backend \(triton: compute capability \(7, 5\)"):
         assert select_backend(call).name == "torch"
@@ -100,7 +102,7 @@ def kernels_that_do_not_import(monkeypatch, tmp_path):
 def test_kernels_that_do_not_import_leave_auto_on_torch(kernels_that_do_not_import):
     reason = kernels_that_do_not_import
     call = cuda_call()
-    assert explain(call)["triton"] == [reason]
+    assert BACKENDS["triton"].not_supported_reasons(call) == [reason]
     with pytest.warns(UserWarning, match="no_such_module") as record:
         assert select_backend(call).name == "torch"
     assert reason in str(record[0].message)
@@ -197,8 +199,9 @@ def test_a_failed_build_runs_the_call_on_torch_and_warns_once(failing_build):
         warnings.simplefilter("error")  # warned once; the kernels are not tried again for calls like it
         torch.testing.assert_close(sigattn.sigmoid_attn_func(q, k, v, causal=True), expected, rtol=0, atol=0)
     assert failing_build.calls == 1
-    call = AttnCall("dense", q, k, v, 0.25, None, True, (-1, -1), None, False)
-    assert "its kernels failed to build" in explain(call)["triton"][0] and torch_reasons_are_empty(call)
+    call = AttnCall("dense", q, k, v, 0.25, None, Mask(causal=True), None, False)
+    assert "its kernels failed to build" in BACKENDS["triton"].not_supported_reasons(call)[0]
+    assert torch_reasons_are_empty(call)
 
     sigattn.sigmoid_attn_func(q, k, v, causal=False)  # another kind of call tries the kernels again
     assert failing_build.calls == 2

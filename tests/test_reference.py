@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import Case, ids
 
-from sigattn.ops.sigmoid_attn.reference import allowed_keys, sigmoid_attn_reference
+from sigattn.ops.sigmoid_attn.reference import Mask, allowed_keys, sigmoid_attn_reference
 
 
 def _sigmoid(x: float) -> float:
@@ -189,11 +189,11 @@ def test_mask_pictures_in_the_docstring():
     """The two causal masks drawn in sigattn.functional's docstring (bottom-right aligned)."""
 
     def causal_mask(sq, sk):
-        return allowed_keys(sq, sk, torch.tensor([sk]), causal=True, window_size=(-1, -1))[0, 0].int()
+        return allowed_keys(sq, sk, torch.tensor([sk]), Mask(causal=True))[0, 0].int()
 
     assert causal_mask(2, 5).tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
     assert causal_mask(5, 2).tolist() == [[0, 0], [0, 0], [0, 0], [1, 0], [1, 1]]
-    window = allowed_keys(3, 6, torch.tensor([6]), causal=False, window_size=(1, 0))[0, 0].int()
+    window = allowed_keys(3, 6, torch.tensor([6]), Mask(window=(1, 0)))[0, 0].int()
     assert window.tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1]]
 
 

@@ -103,10 +103,12 @@ def test_strided_block_table_and_cache_seqlens_equal_contiguous(backend, dtype):
     cache_seqlens = torch.tensor([3, 20, 11], dtype=torch.int32, device=DEVICE)
     q = randn(batch, 2, 4, 16, dtype=dtype)
     with sigattn.use_backend(backend), torch.no_grad():
-        want = sigattn.sigmoid_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
-                                                 block_table=block_table, causal=True)  # fmt: skip
-        got = sigattn.sigmoid_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=strided(cache_seqlens),
-                                                block_table=column_major, causal=True)  # fmt: skip
+        want = sigattn.sigmoid_attn_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens=cache_seqlens, block_table=block_table, causal=True
+        )
+        got = sigattn.sigmoid_attn_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens=strided(cache_seqlens), block_table=column_major, causal=True
+        )
     assert bitwise_equal(got, want)
 
 
@@ -131,8 +133,9 @@ def test_strided_attn_mask_equals_contiguous(backend):
 
 
 @pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("window", [(sys.maxsize, sys.maxsize), (-1, sys.maxsize), (2**31 - 1, 2**31 - 1),
-                                    (2**31, 2**63 - 1), (9, 9)])  # fmt: skip
+@pytest.mark.parametrize(
+    "window", [(sys.maxsize, sys.maxsize), (-1, sys.maxsize), (2**31 - 1, 2**31 - 1), (2**31, 2**63 - 1), (9, 9)]
+)
 def test_window_bounds_past_the_sequence_are_unbounded(backend, dtype, window):
     q = randn(1, 7, 2, 16, dtype=dtype)
     k, v = (randn(1, 9, 2, 16, dtype=dtype) for _ in range(2))
@@ -203,8 +206,12 @@ def _dense_case(backend, dtype, poison, **options):
     ``poison(q, k, v, dout)`` wrote NaN and inf where no query may look; both must agree bit for bit."""
     sdpa = options.pop("sdpa", False)
     shape_q, shape_k = options.pop("shapes")
-    clean = [randn(*shape_q, dtype=dtype), randn(*shape_k, dtype=dtype), randn(*shape_k, dtype=dtype),
-             randn(*shape_q, dtype=dtype)]  # fmt: skip
+    clean = [
+        randn(*shape_q, dtype=dtype),
+        randn(*shape_k, dtype=dtype),
+        randn(*shape_k, dtype=dtype),
+        randn(*shape_q, dtype=dtype),
+    ]
     dirty = [t.clone() for t in clean]
     poison(*dirty)
     results = []
@@ -259,11 +266,11 @@ def test_queries_with_no_key_pass_nothing_on(backend, dtype):
 def test_unseen_keys_never_reach_anything_through_tma(monkeypatch, sdpa):
     """The Triton forward's TMA loads (forced on these short rows; D = 32 has no padded columns) cover only the
     keys some query sees: the others load as zeros."""
-    from sigattn.ops.sigmoid_attn import flash
+    from sigattn.ops.sigmoid_attn import triton_host
 
-    monkeypatch.setattr(flash, "TMA_MIN_KEYS", 1)
-    made, descriptor = [], flash.TensorDescriptor
-    monkeypatch.setattr(flash, "TensorDescriptor", lambda *args: made.append(args) or descriptor(*args))
+    monkeypatch.setattr(triton_host, "TMA_MIN_KEYS", 1)
+    made, descriptor = [], triton_host.TensorDescriptor
+    monkeypatch.setattr(triton_host, "TensorDescriptor", lambda *args: made.append(args) or descriptor(*args))
 
     def poison(q, k, v, dout):
         unseen = (slice(None), slice(None), slice(20, None)) if sdpa else (slice(None), slice(0, 17))
@@ -331,8 +338,11 @@ def test_unused_cache_slots_and_pages_never_reach_the_output(backend, dtype):
                     c[[4, 6]] = float("nan")  # pages no row uses
                     c[3, 1:] = float("inf")  # row 0's positions 9..11
                     c[2, 2:] = float("nan")  # row 1's positions 6..7
-            outs.append(sigattn.sigmoid_attn_with_kvcache(q, kc, vc, cache_seqlens=lengths, block_table=block_table,
-                                                          causal=True))  # fmt: skip
+            outs.append(
+                sigattn.sigmoid_attn_with_kvcache(
+                    q, kc, vc, cache_seqlens=lengths, block_table=block_table, causal=True
+                )
+            )
     assert torch.isfinite(outs[0]).all() and bitwise_equal(*outs)
 
 
@@ -410,13 +420,15 @@ def test_every_function_compiles_with_fullgraph_and_dynamic_shapes():
 
     def every_function(q, k, v, k_cache, v_cache):
         dense = sigattn.sigmoid_attn_func(q, k, v, causal=True, window_size=(5, -1), alibi_slopes=alibi)
-        sdpa = sigattn.scaled_dot_product_sigmoid_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                            attn_mask=bool_mask, enable_gqa=True)  # fmt: skip
+        sdpa = sigattn.scaled_dot_product_sigmoid_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bool_mask, enable_gqa=True
+        )
         packed = sigattn.sigmoid_attn_varlen_func(q[0], k[0], v[0], cu, cu, 9, 9, causal=True)
         new = [t[:, :2].detach() for t in (q, k, v)]
         with torch.no_grad():
-            cached = sigattn.sigmoid_attn_with_kvcache(new[0], k_cache, v_cache, *new[1:], cache_seqlens=lengths,
-                                                       causal=True)  # fmt: skip
+            cached = sigattn.sigmoid_attn_with_kvcache(
+                new[0], k_cache, v_cache, *new[1:], cache_seqlens=lengths, causal=True
+            )
         return dense.sum() + sdpa.sum() + packed.sum(), cached
 
     q = randn(2, 13, 4, 8, requires_grad=True)

@@ -15,7 +15,7 @@ import sigattn
 from sigattn import scaled_dot_product_sigmoid_attention, sigmoid_attn_func
 from sigattn.ops.sigmoid_attn import blocked
 from sigattn.ops.sigmoid_attn.blocked import sigmoid_attn_blocked
-from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
+from sigattn.ops.sigmoid_attn.reference import Mask, sigmoid_attn_reference
 
 BLOCK = 16
 
@@ -34,8 +34,9 @@ CASES = [
 LOW_PRECISION_CASES = [CASES[2], CASES[4], CASES[6], CASES[8]]
 
 
-def blocked_fn(**args):
-    return sigmoid_attn_blocked(**args, block=BLOCK)
+def blocked_fn(*, causal=False, window_size=(-1, -1), top_left=False, block=BLOCK, **args):
+    """``sigmoid_attn_blocked`` called with the public functions' mask arguments (as the cases give them)."""
+    return sigmoid_attn_blocked(**args, mask=Mask(causal, tuple(window_size), top_left), block=block)
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids(CASES))
@@ -53,7 +54,7 @@ def test_blocked_low_precision(case, dtype):
 def test_blocked_tile_size_does_not_change_the_result(block):
     args = Case(1, 113, 203, 4, 2, 16, causal=True, alibi="H", bias="tensor").inputs(requires_grad=True)
     dout = torch.randn_like(args["q"])
-    out, grads = forward_backward(lambda **a: sigmoid_attn_blocked(**a, block=block), args, dout)
+    out, grads = forward_backward(lambda **a: blocked_fn(**a, block=block), args, dout)
     ref, ref_grads = forward_backward(lambda **a: sigmoid_attn_reference(**a), args, dout)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     for n in ref_grads:
@@ -110,7 +111,7 @@ def test_float_attn_mask_gradient(shape):
     mask = torch.randn(shape, dtype=torch.float64)
     mask[torch.rand(shape) > 0.8] = float("-inf")
     args.update(attn_mask=mask.requires_grad_(), top_left=True)
-    check_against_reference(lambda **a: sigmoid_attn_blocked(**a, block=BLOCK), args, torch.float64)
+    check_against_reference(blocked_fn, args, torch.float64)
     with sigattn.use_backend("torch"):
         check_against_reference(_flash_to_sdpa(scaled_dot_product_sigmoid_attention), args, torch.float64)
         check_against_reference(_flash_to_sdpa(scaled_dot_product_sigmoid_attention), args, torch.float32)
@@ -239,7 +240,7 @@ def test_no_grad_forward_and_partial_grads():
 def test_rows_without_keys_are_exactly_zero(block):
     """Sq = 113 > Sk = 17, causal: rows 0..95 see no key and output exactly 0, with zero gradients."""
     args = Case(2, 113, 17, 4, 1, 16, causal=True).inputs(torch.float32, requires_grad=True)
-    out = sigmoid_attn_blocked(**args, block=block)
+    out = blocked_fn(**args, block=block)
     assert torch.equal(out[:, :96], torch.zeros_like(out[:, :96]))
     assert (out[:, 96:].abs().sum(-1) > 0).all()
     out.backward(torch.randn_like(out))

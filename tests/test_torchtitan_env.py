@@ -20,15 +20,23 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # torchtitan and what it imports that the test extra lacks, installed without their pins (--no-deps) ...
-WITHOUT_PINS = ("torchtitan==0.3.0", "torchdata==0.11.0", "torch_checkpointing==0.1.1", "spmd_types==0.2.3",
-                "tyro==1.0.17", "docstring_parser==0.18.0", "typeguard==4.6.1")  # fmt: skip
+WITHOUT_PINS = (
+    "torchtitan==0.3.0",
+    "torchdata==0.11.0",
+    "torch_checkpointing==0.1.1",
+    "spmd_types==0.2.3",
+    "tyro==1.0.17",
+    "docstring_parser==0.18.0",
+    "typeguard==4.6.1",
+)
 # ... and then these with their dependencies (datasets 5.2 accepts huggingface-hub 2).
 WITH_DEPENDENCIES = ("datasets==5.2.0", "einops==0.8.2")
 
 
 def run(command: list, env: dict, timeout: int) -> subprocess.CompletedProcess:
-    result = subprocess.run([str(c) for c in command], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=timeout)  # fmt: skip
+    result = subprocess.run(
+        [str(c) for c in command], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     output = f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     assert result.returncode == 0, f"{command}: exit {result.returncode}\n{output}"
     return result

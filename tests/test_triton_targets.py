@@ -12,8 +12,12 @@ import pytest
 import triton_targets
 
 SCRIPT = Path(__file__).with_name("triton_targets.py")
-KERNELS = {"sigmoid_attn_fwd_kernel", "sigmoid_attn_sum_splits_kernel", "sigmoid_attn_bwd_kernel_dkdv",
-           "sigmoid_attn_bwd_kernel_dq"}  # fmt: skip
+KERNELS = {
+    "sigmoid_attn_fwd_kernel",
+    "sigmoid_attn_sum_splits_kernel",
+    "sigmoid_attn_bwd_kernel_dkdv",
+    "sigmoid_attn_bwd_kernel_dq",
+}
 # What does not build, per target, as (case, kernel): problem. With a head dim above 128 on sm_100, Triton
 # 3.6-3.8 compile the dK/dV kernel to a single trap (its two [64, 256] fp32 accumulators and two score tiles
 # need more than the 512 columns of tensor memory), so the dispatcher keeps such backward calls off the Triton
@@ -26,10 +30,16 @@ def compiled() -> dict[int, tuple[int, list[dict], str]]:
     """(exit status, records, end of stderr) of ``triton_targets.py`` per target, the three run at once."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     runs = {
-        capability: subprocess.Popen([sys.executable, str(SCRIPT), str(capability)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env, cwd=SCRIPT.parent.parent)
+        capability: subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(capability)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=SCRIPT.parent.parent,
+        )
         for capability in (80, 90, 100)
-    }  # fmt: skip
+    }
     results = {}
     for capability, run in runs.items():
         stdout, stderr = run.communicate(timeout=900)
@@ -65,12 +75,14 @@ def test_dispatch_keeps_wide_heads_with_gradients_off_blackwell_kernels(monkeypa
     import torch
 
     from sigattn import backends
+    from sigattn.ops.sigmoid_attn.reference import Mask
 
     monkeypatch.setattr(backends, "_capability", lambda index: capability)
     monkeypatch.setattr(backends, "_import_error", [None])
-    q = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(1, 128, 4, head_dim),
-                        requires_grad=grad)  # fmt: skip
-    call = backends.AttnCall("dense", q, q, q, 0.125, None, True, (-1, -1), None, False)
+    q = SimpleNamespace(
+        device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(1, 128, 4, head_dim), requires_grad=grad
+    )
+    call = backends.AttnCall("dense", q, q, q, 0.125, None, Mask(causal=True), None, False)
     declines = head_dim > 128 and grad and capability >= (10, 0)
     reason = f"head dim {head_dim} with gradients on compute capability 10.0 or newer"
-    assert backends.explain(call)["triton"] == ([reason] if declines else [])
+    assert backends.BACKENDS["triton"].not_supported_reasons(call) == ([reason] if declines else [])

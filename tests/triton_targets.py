@@ -1,4 +1,4 @@
-"""Compiles the Triton kernels of ``flash.py`` for a GPU target on a machine without a GPU.
+"""Compiles the Triton kernels (``triton_kernels.py``) for a GPU target on a machine without a GPU.
 
 ``python tests/triton_targets.py 80`` (or 90, 100) runs the launchers on CPU tensors for every call kind
 in ``CASES`` while Triton's active driver reports an sm_80 (sm_90, sm_100) GPU, so every kernel the
@@ -22,6 +22,9 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
+
+from sigattn.ops.sigmoid_attn.params import Params, Rows
+from sigattn.ops.sigmoid_attn.reference import Mask
 
 
 class TargetDriver:
@@ -62,32 +65,32 @@ def _qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, packed=Fal
     return torch.randn(shape_q, dtype=dtype), torch.randn(shape_k, dtype=dtype), torch.randn(shape_k, dtype=dtype)
 
 
-def _dense(flash, dtype, head_dim, causal, seqlen_k, bias=None, heads=(4, 2)):
-    """Forward and backward of dense rows (TMA K/V descriptors on sm_90+ from flash.TMA_MIN_KEYS keys on)."""
+def _dense(kernels, dtype, head_dim, causal, seqlen_k, bias=-2.0, heads=(4, 2)):
+    """Forward and backward of dense rows (TMA K/V descriptors on sm_90+ from triton_host.TMA_MIN_KEYS keys)."""
     q, k, v = _qkv(1, 128, seqlen_k, *heads, head_dim, dtype)
-    params, head_bias = flash.flash_params(scale=0.1, bias=bias, causal=causal, window_size=(-1, -1))
-    out = flash.flash_fwd(q, k, v, params, head_bias)
-    flash.flash_bwd(torch.randn_like(out), q, k, v, params, head_bias)
+    params = Params(0.1, Mask(causal))
+    out = kernels.forward(q, k, v, params, bias)
+    kernels.backward(torch.randn_like(out), q, k, v, params, bias)
 
 
-def _varlen(flash, dtype, head_dim, causal, window=(-1, -1), alibi=None):
+def _varlen(kernels, dtype, head_dim, causal, window=(-1, -1), alibi=None):
     q, k, v = _qkv(2, 64, 96, 4, 2, head_dim, dtype, packed=True)
     cu_q, cu_k = torch.tensor([0, 50, 128], dtype=torch.int32), torch.tensor([0, 100, 192], dtype=torch.int32)
-    params, _ = flash.flash_params(scale=0.1, bias=None, causal=causal, window_size=window)
-    out = flash.flash_varlen_fwd(q, k, v, cu_q, cu_k, 78, 100, params, None, alibi)
-    flash.flash_varlen_bwd(torch.randn_like(out), q, k, v, cu_q, cu_k, 78, 100, params, None, alibi)
+    params, rows = Params(0.1, Mask(causal, window)), Rows.packed(cu_q, cu_k, 78, 100)
+    out = kernels.forward(q, k, v, params, None, alibi, rows)
+    kernels.backward(torch.randn_like(out), q, k, v, params, None, alibi, rows)
 
 
-def _kvcache(flash, dtype, head_dim, paged, splits):
+def _kvcache(kernels, dtype, head_dim, paged, splits):
     q = torch.randn(2, 1, 8, head_dim, dtype=dtype)
     if paged:
         k = torch.randn(8, 64, 2, head_dim, dtype=dtype)
         block_table = torch.arange(8, dtype=torch.int32).view(2, 4)
     else:
         k, block_table = torch.randn(2, 256, 2, head_dim, dtype=dtype), None
-    params, _ = flash.flash_params(scale=0.1, bias=None, causal=True, window_size=(-1, -1))
     seqlens = torch.tensor([100, 256], dtype=torch.int32)
-    flash.flash_kvcache_fwd(q, k, torch.randn_like(k), seqlens, params, block_table=block_table, num_splits=splits)
+    params = Params(0.1, Mask(causal=True))
+    kernels.decode(q, k, torch.randn_like(k), params, None, None, seqlens, block_table, num_splits=splits)
 
 
 # Every kernel, in the specialisations that change its code most: each tile table's head dims (64, 128, 256,
@@ -101,7 +104,7 @@ CASES = {
     "dense-D256-fp16-causal-G4": lambda f: _dense(f, torch.float16, 256, True, 200, heads=(8, 2)),
     "varlen-D96-bf16-window-alibi": lambda f: _varlen(
         f, torch.bfloat16, 96, False, window=(32, 8), alibi=torch.full((4,), 0.1)
-    ),  # fmt: skip
+    ),
     "kvcache-D128-bf16-split": lambda f: _kvcache(f, torch.bfloat16, 128, paged=False, splits=4),
     "kvcache-D64-fp16-paged": lambda f: _kvcache(f, torch.float16, 64, paged=True, splits=1),
 }
@@ -126,20 +129,24 @@ def check(name: str, options: dict, ptx: str, capability: int) -> list[str]:
 def main(capability: int) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the kernels must be imported as they are on a GPU")
-    from sigattn.ops.sigmoid_attn import flash
+    from sigattn.ops.sigmoid_attn import kernels, triton_host
 
     driver.set_active(TargetDriver(capability))
-    flash._has_tma.cache_clear()
-    flash._has_tma = lambda device: capability >= 90  # what the launcher asks the GPU
+    triton_host._has_tma.cache_clear()
+    triton_host._has_tma = lambda device: capability >= 90  # what the launcher asks the GPU
     compiled: list = []
-    for name in ("sigmoid_attn_fwd_kernel", "sigmoid_attn_sum_splits_kernel", "sigmoid_attn_bwd_kernel_dkdv",
-                 "sigmoid_attn_bwd_kernel_dq"):  # fmt: skip
-        setattr(flash, name, Compiling(getattr(flash, name), compiled))
+    for name in (
+        "sigmoid_attn_fwd_kernel",
+        "sigmoid_attn_sum_splits_kernel",
+        "sigmoid_attn_bwd_kernel_dkdv",
+        "sigmoid_attn_bwd_kernel_dq",
+    ):
+        setattr(triton_host, name, Compiling(getattr(triton_host, name), compiled))
     failures = 0
     for case, run in CASES.items():
         start = len(compiled)
         try:
-            run(flash)
+            run(kernels)
         except Exception as error:  # a compile error: report it with the case, then go on
             print(json.dumps({"case": case, "error": f"{type(error).__name__}: {str(error)[-2000:]}"}))
             failures += 1
@@ -148,8 +155,19 @@ def main(capability: int) -> int:
             problems = check(name, options, kernel.asm["ptx"], capability)
             failures += bool(problems)
             flags = {k: v for k, v in options.items() if k in ("BLOCK_M", "BLOCK_N", "HEAD_DIM", "TMA", "NUM_SPLITS")}
-            print(json.dumps({"case": case, "kernel": name, "target": f"sm_{capability}", "triton": triton.__version__,
-                              "cubin_bytes": len(kernel.asm["cubin"]), "problems": problems, **flags}))  # fmt: skip
+            print(
+                json.dumps(
+                    {
+                        "case": case,
+                        "kernel": name,
+                        "target": f"sm_{capability}",
+                        "triton": triton.__version__,
+                        "cubin_bytes": len(kernel.asm["cubin"]),
+                        "problems": problems,
+                        **flags,
+                    }
+                )
+            )
     return 1 if failures else 0
 
 

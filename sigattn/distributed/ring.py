@@ -27,9 +27,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..backends import AttnCall, select_backend
+from ..ops.sigmoid_attn.reference import Mask
 from .checks import ShardedCall, check_sharded_call
 
-_NO_WINDOW = (-1, -1)
 _TAG_KV, _TAG_DKV = 0, 1  # gloo matches messages by tag; NCCL ignores tags and matches in order
 
 
@@ -89,31 +89,31 @@ class _LocalAttention:
         self.flash = self.backend.name == "triton"
 
     def _call(self, q, k, v, bias, causal) -> AttnCall:
-        return AttnCall("dense", q, k, v, self.cp.scale, bias, causal, _NO_WINDOW, None, False)
+        return AttnCall("dense", q, k, v, self.cp.scale, bias, Mask(causal), None, False)
 
-    def _flash_params(self, causal: bool):
-        from ..ops.sigmoid_attn.flash import flash_params
+    def _params(self, causal: bool):
+        from ..ops.sigmoid_attn.params import Params
 
-        return flash_params(scale=self.cp.scale, bias=self.cp.bias, causal=causal, window_size=_NO_WINDOW)
+        return Params(self.cp.scale, Mask(causal))
 
     def _empty(self, like: Tensor) -> Tensor:
         return torch.empty(like.shape, dtype=self.acc, device=like.device)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
         if self.flash:
-            from ..ops.sigmoid_attn.flash import flash_fwd
+            from ..ops.sigmoid_attn import kernels
 
-            return flash_fwd(q, k, v, *self._flash_params(causal), out=self._empty(q))
+            return kernels.forward(q, k, v, self._params(causal), self.cp.bias, out=self._empty(q))
         q, k, v = (t.to(self.acc) for t in (q, k, v))
         return self.backend(self._call(q, k, v, self.cp.bias, causal))
 
     def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, causal: bool):
         """(dq, dk, dv, dbias or None) of the piece for the output gradient ``do``."""
         if self.flash:
-            from ..ops.sigmoid_attn.flash import flash_bwd
+            from ..ops.sigmoid_attn import kernels
 
             grads = tuple(self._empty(t) for t in (q, k, v))
-            return flash_bwd(do, q, k, v, *self._flash_params(causal), grads=grads)
+            return kernels.backward(do, q, k, v, self._params(causal), self.cp.bias, grads=grads)
         with torch.enable_grad():
             inputs = [t.detach().to(self.acc).requires_grad_() for t in (q, k, v)]
             bias = self.cp.bias

@@ -136,8 +136,7 @@ def grid(world_size: int, device: str, quick: bool, triton_on_cpu: bool = False)
 
     def case(method, seqlen_local, load_balance, causal, **options) -> DistCase:
         batch = 2 if seqlen_local <= 128 else 1
-        return DistCase(method, n, batch, seqlen_local, causal=causal, load_balance=load_balance,
-                        **{**base, **options})  # fmt: skip
+        return DistCase(method, n, batch, seqlen_local, causal=causal, load_balance=load_balance, **{**base, **options})
 
     if quick:  # causal, both layouts: a float bias; MQA, a per-head bias and the second dtype
         return [
@@ -299,8 +298,16 @@ def run_case(case: DistCase, device: torch.device) -> dict:
     """This rank's record of one case. Every rank makes the same collective calls whatever happens to it
     (short of a failure inside the method's own communication): the ranks agree on failures before the
     method's collectives and before the bias reduction, and the comparisons come last."""
-    record = {"rank": dist.get_rank(), "errors": {}, "pytorch_errors": {}, "tolerances": {}, "vs_single": {},
-              "single_errors": {}, "vs_single_within_rule": False, "failures": []}  # fmt: skip
+    record = {
+        "rank": dist.get_rank(),
+        "errors": {},
+        "pytorch_errors": {},
+        "tolerances": {},
+        "vs_single": {},
+        "single_errors": {},
+        "vs_single_within_rule": False,
+        "failures": [],
+    }
 
     def attempt(step):
         try:

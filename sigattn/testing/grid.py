@@ -25,7 +25,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..ops.sigmoid_attn.params import Params, Rows
 from ..ops.sigmoid_attn.reference import (
+    Mask,
+    resolve_bias,
     sigmoid_attn_kvcache_reference,
     sigmoid_attn_reference,
     sigmoid_attn_varlen_reference,
@@ -171,8 +174,9 @@ def run_case(case: AnyCase, device: str | torch.device, seed: int = 0) -> dict:
     def randn(*shape):
         return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-    runner = {Case: _run_dense, VarlenCase: _run_varlen, KVCacheCase: _run_kvcache,
-              RobustnessCase: _run_robustness}[type(case)]  # fmt: skip
+    runner = {Case: _run_dense, VarlenCase: _run_varlen, KVCacheCase: _run_kvcache, RobustnessCase: _run_robustness}[
+        type(case)
+    ]
     return runner(case, device, randn, gen)
 
 
@@ -197,7 +201,7 @@ def _gluon_backward_at_every_length():
 
 
 def _run_dense(case: Case, device, randn, gen) -> dict:
-    from ..ops.sigmoid_attn.flash import backward_on_sm90, flash_bwd, flash_fwd, flash_params, forward_on_sm90
+    from ..ops.sigmoid_attn import kernels
 
     q = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
     k = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
@@ -206,23 +210,24 @@ def _run_dense(case: Case, device, randn, gen) -> dict:
     bias, alibi = _extras(case, case.batch, gen, device)
     opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window, top_left=case.top_left)
 
-    params, head_bias = flash_params(bias=bias, **opts)
+    params = Params(opts["scale"], Mask(case.causal, case.window, case.top_left))
+    kernel_bias = resolve_bias(bias, case.seqlen_k)
     out = torch.full_like(q, math.nan)
     grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
-    flash_fwd(q, k, v, params, head_bias, alibi, out=out)
+    kernels.forward(q, k, v, params, kernel_bias, alibi, out=out)
     with _gluon_backward_at_every_length():
-        dq, dk, dv, dbias = flash_bwd(do, q, k, v, params, head_bias, alibi, grads=grads)
-        backward_on = backward_on_sm90(do, q, k, v, grads, params, head_bias, alibi)
+        dq, dk, dv, dbias = kernels.backward(do, q, k, v, params, kernel_bias, alibi, grads=grads)
+        chosen = kernels.explain(False, q, k, v, params, kernel_bias, alibi, Rows.dense(q, k))
 
     results = reference_results(sigmoid_attn_reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
     names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
     ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
-    forward_kernel = "gluon-sm90" if forward_on_sm90(q, k, v, out, params, alibi) else "triton"
-    backward_kernel = "gluon-sm90" if backward_on else "triton"
-    row = {
-        "id": case.id, **asdict(case), "forward_kernel": forward_kernel, "backward_kernel": backward_kernel, "ok": True
-    }  # fmt: skip
-    return judge(row, names, ours, results[True], results[False], q.dtype)
+    return judge(_row(case, chosen), names, ours, results[True], results[False], q.dtype)
+
+
+def _row(case: AnyCase, chosen: dict) -> dict:
+    """The start of a case's result row: the case and the kernel that ran each direction."""
+    return {"id": case.id, **asdict(case), **{f"{d}_kernel": name for d, (name, _) in chosen.items()}, "ok": True}
 
 
 def _cumulative(lengths: tuple[int, ...], device) -> torch.Tensor:
@@ -230,7 +235,7 @@ def _cumulative(lengths: tuple[int, ...], device) -> torch.Tensor:
 
 
 def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
-    from ..ops.sigmoid_attn import flash
+    from ..ops.sigmoid_attn import kernels
 
     total_q, total_k = sum(case.seqlens_q), sum(case.seqlens_k)
     q = randn(total_q, case.heads, case.head_dim)
@@ -239,17 +244,16 @@ def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
     do = randn(total_q, case.heads, case.head_dim)
     bias, alibi = _extras(case, len(case.seqlens_q), gen, device)
     cu_q, cu_k = _cumulative(case.seqlens_q, device), _cumulative(case.seqlens_k, device)
-    lens = (cu_q, cu_k, max(case.seqlens_q), max(case.seqlens_k))
+    rows = Rows.packed(cu_q, cu_k, max(case.seqlens_q), max(case.seqlens_k))
     opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window)
 
-    params, head_bias = flash.flash_params(bias=bias, **opts)
+    params = Params(opts["scale"], Mask(case.causal, case.window))
     out = torch.full_like(q, math.nan)
     grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
-    flash.flash_varlen_fwd(q, k, v, *lens, params, head_bias, alibi, out=out)
+    kernels.forward(q, k, v, params, bias, alibi, rows, out=out)
     with _gluon_backward_at_every_length():
-        dq, dk, dv, dbias = flash.flash_varlen_bwd(do, q, k, v, *lens, params, head_bias, alibi, grads=grads)
-        backward_on = flash.backward_on_sm90(do, q, k, v, grads, params, head_bias, alibi, lens[2:])
-    forward_on = flash.forward_on_sm90(q, k, v, out, params, alibi, varlen=True)
+        dq, dk, dv, dbias = kernels.backward(do, q, k, v, params, bias, alibi, rows, grads=grads)
+        chosen = kernels.explain(False, q, k, v, params, bias, alibi, rows)
 
     def reference(q, k, v, **kw):
         return sigmoid_attn_varlen_reference(q, k, v, cu_q, cu_k, **kw)
@@ -257,14 +261,12 @@ def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
     results = reference_results(reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
     names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
     ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
-    row = {"id": case.id, **asdict(case), "forward_kernel": "gluon-sm90" if forward_on else "triton",
-           "backward_kernel": "gluon-sm90" if backward_on else "triton", "ok": True}  # fmt: skip
-    return judge(row, names, ours, results[True], results[False], q.dtype)
+    return judge(_row(case, chosen), names, ours, results[True], results[False], q.dtype)
 
 
 def _run_kvcache(case: KVCacheCase, device, randn, gen) -> dict:
+    from ..ops.sigmoid_attn import kernels
     from ..ops.sigmoid_attn.cache import append_kv
-    from ..ops.sigmoid_attn.flash import flash_kvcache_fwd, flash_params
 
     batch = len(case.cache_seqlens)
     q = randn(batch, case.seqlen_new, case.heads, case.head_dim)
@@ -286,10 +288,21 @@ def _run_kvcache(case: KVCacheCase, device, randn, gen) -> dict:
     bias, alibi = _extras(case, batch, gen, device)
     opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window)
 
-    params, head_bias = flash_params(bias=bias, **opts)
+    params = Params(opts["scale"], Mask(case.causal, case.window))
     out = torch.full_like(q, math.nan)
-    flash_kvcache_fwd(q, k_cache, v_cache, seqlens_k, params, head_bias, alibi, block_table, out=out,
-                      num_splits=case.num_splits, pack_gqa=case.pack_gqa)  # fmt: skip
+    kernels.decode(
+        q,
+        k_cache,
+        v_cache,
+        params,
+        bias,
+        alibi,
+        seqlens_k,
+        block_table,
+        out,
+        num_splits=case.num_splits,
+        pack_gqa=case.pack_gqa,
+    )
     results = {
         upcast: sigmoid_attn_kvcache_reference(
             q,
@@ -301,7 +314,7 @@ def _run_kvcache(case: KVCacheCase, device, randn, gen) -> dict:
             alibi_slopes=alibi,
             upcast=upcast,
             **opts,
-        )  # fmt: skip
+        )
         for upcast in (True, False)
     }
     row = {"id": case.id, **asdict(case), "ok": True}
@@ -570,8 +583,11 @@ ROBUSTNESS_CHECKS = {
 
 
 # Lengths per check: queries with no key need Sq > Sk, unseen keys Sk > Sq (by more than the window's 9).
-_ROBUSTNESS_LENGTHS = {"queries-with-no-key": (1100, 700), "topleft-unseen-keys": (700, 1100),
-                       "window-unseen-keys": (700, 1100)}  # fmt: skip
+_ROBUSTNESS_LENGTHS = {
+    "queries-with-no-key": (1100, 700),
+    "topleft-unseen-keys": (700, 1100),
+    "window-unseen-keys": (700, 1100),
+}
 
 
 def robustness_grid(quick: bool) -> list[RobustnessCase]:
@@ -678,8 +694,10 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.json, meta, rows)
     failed = [r["id"] for r in rows if not r["ok"]]
     forwards, backwards = (sum(r.get(f"{p}_kernel") == "gluon-sm90" for r in rows) for p in ("forward", "backward"))
-    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed ({forwards} dense forwards and {backwards} "
-          "backwards on the sm_90 kernels)")  # fmt: skip
+    print(
+        f"{len(rows) - len(failed)} passed, {len(failed)} failed ({forwards} dense forwards and {backwards} "
+        "backwards on the sm_90 kernels)"
+    )
     return 1 if failed else 0
 
 

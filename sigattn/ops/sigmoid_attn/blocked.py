@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .reference import Bias, allowed_keys, default_bias, key_offsets
+from .reference import UNMASKED, Bias, Mask, allowed_keys, default_bias, key_offsets
 
 # Scores held at once, in elements (16 MiB of float32): large tiles amortise the Python loop, small
 # enough that B * H * BQ * BK stays far below the S^2 the path exists to avoid.
@@ -33,10 +33,8 @@ def block_size(batch_heads: int) -> int:
 @dataclass(frozen=True)
 class _Options:
     scale: float
-    const_bias: float | None  # a float bias; None with no bias tensor means -log(Sk_b)
-    causal: bool
-    window_size: tuple[int, int]
-    top_left: bool
+    bias: float | None  # the bias unless it is a (Hq,) tensor (the autograd input head_bias); None: -log(Sk_b)
+    mask: Mask
     block: int
 
 
@@ -69,8 +67,8 @@ class _Tiles:
         bias_rows = torch.zeros(1, num_heads, dtype=self.dtype, device=q.device)
         if head_bias is not None:
             bias_rows = bias_rows + head_bias.to(self.dtype)[None]
-        elif opts.const_bias is not None:
-            bias_rows = bias_rows + opts.const_bias
+        elif opts.bias is not None:
+            bias_rows = bias_rows + opts.bias
         else:
             bias_rows = bias_rows + default_bias(self.lengths).to(self.dtype)[:, None]
         self.bias = bias_rows.reshape(-1, hkv, g, 1, 1)
@@ -79,12 +77,12 @@ class _Tiles:
         if alibi_slopes is not None:
             slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None]
             self.alibi = slopes.to(self.dtype).reshape(-1, hkv, g, 1, 1)
-        self.offsets = key_offsets(seqlen_q, self.lengths, opts.top_left).to(self.dtype)[:, None, None, None, None]
+        self.offsets = key_offsets(seqlen_q, self.lengths, opts.mask.top_left).to(self.dtype)[:, None, None, None, None]
 
         self.attn_mask = None
         if attn_mask is not None:
             self.attn_mask = attn_mask.expand(batch, num_heads, seqlen_q, seqlen_k)
-        self.needs_mask = opts.causal or opts.window_size != (-1, -1) or seqlens_k is not None or attn_mask is not None
+        self.needs_mask = not opts.mask.full or seqlens_k is not None or attn_mask is not None
 
     def mask_tile(self, rows: slice, cols: slice) -> Tensor | None | bool:
         """Boolean (B or 1, Hkv or 1, G or 1, BQ, BK) allowed mask; None if all allowed; False if none is."""
@@ -95,9 +93,7 @@ class _Tiles:
             self.seqlen_q,
             self.seqlen_k,
             self.lengths,
-            causal=self.opts.causal,
-            window_size=self.opts.window_size,
-            top_left=self.opts.top_left,
+            self.opts.mask,
             rows=torch.arange(rows.start, rows.stop, device=device),
             cols=torch.arange(cols.start, cols.stop, device=device),
         )[:, :, None]
@@ -232,24 +228,20 @@ def sigmoid_attn_blocked(
     *,
     scale: float | None = None,
     bias: Bias = None,
-    causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
+    mask: Mask = UNMASKED,
     alibi_slopes: Tensor | None = None,
     seqlens_k: Tensor | None = None,
-    top_left: bool = False,
     attn_mask: Tensor | None = None,
     block: int | None = None,
 ) -> Tensor:
-    """Same arguments and result as ``sigmoid_attn_reference(..., upcast=False)``, in O(S * D) memory.
+    """Same arguments and result as ``masked_reference(..., upcast=False)``, in O(S * D) memory.
 
     ``block`` overrides the tile side (tests use it to force many tiles on small inputs)."""
     batch, _, num_heads, head_dim = q.shape
     opts = _Options(
         scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
-        const_bias=float(bias) if bias is not None and not isinstance(bias, Tensor) else None,
-        causal=causal,
-        window_size=tuple(window_size),
-        top_left=top_left,
+        bias=None if isinstance(bias, Tensor) else bias,
+        mask=mask,
         block=block or block_size(batch * num_heads),
     )
     head_bias = bias if isinstance(bias, Tensor) else None

@@ -25,7 +25,7 @@ VERSION = tuple(int(part) for part in triton.__version__.split("+")[0].split("."
 
 def unsupported_triton(version: tuple[int, int] = VERSION) -> str | None:
     """Why the Gluon kernels do not run with this Triton release (None: they do). Outside ``SUPPORTED`` the
-    Triton kernels serve the calls the Gluon ones would have (``hopper.unsupported_common``)."""
+    Triton kernels serve the calls the Gluon ones would have (``host.unsupported_common``)."""
     if SUPPORTED[0] <= version <= SUPPORTED[1]:
         return None
     first, last = (".".join(map(str, v)) for v in SUPPORTED)

@@ -30,11 +30,8 @@ GPU.
 
 from __future__ import annotations
 
-import functools
-import math
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -46,25 +43,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from . import compat, host
+from . import compat, host, sm90
+from .params import Params, Rows
+from .reference import Bias
 
 # (Constexprs: the kernels read them as globals.)
 ROWS = gl.constexpr(64)  # query rows per consumer warpgroup
-LOADER_REGISTERS = gl.constexpr(24)  # per loader thread, once it has given back the rest
-
-
-def register_split(consumers: int) -> tuple[int, int]:
-    """(registers per thread at launch, per consumer thread) of a program with ``consumers`` warpgroups and
-    a loader warp, rounded up to a group: at launch they share the SM's 64k registers equally; the loader
-    then gives back all but LOADER_REGISTERS, which the consumers share (all in steps of 8). Two groups: 168
-    and 240; three: 128 and 160; four: 96 and 112, enough for D = 64 without spills."""
-    launch = 65536 // (128 * (consumers + 1)) // 8 * 8
-    return launch, (launch + (launch - int(LOADER_REGISTERS)) // consumers) // 8 * 8
-
-
-# Two consumer groups, as the backward (hopper_bwd.py) always has.
-MAX_REGISTERS = register_split(2)[0]
-CONSUMER_REGISTERS = gl.constexpr(register_split(2)[1])
+LOADER_REGISTERS = sm90.LOADER_REGISTERS
 
 
 @dataclass(frozen=True)
@@ -75,8 +60,8 @@ class ForwardConfig:
 
     @property
     def registers(self) -> tuple[int, int]:
-        """(registers per thread at launch, per consumer thread): ``register_split``."""
-        return register_split(self.consumers)
+        """(registers per thread at launch, per consumer thread): ``sm90.register_split``."""
+        return sm90.register_split(self.consumers)
 
 
 # Per (head dim, causal), from interleaved runs against the Triton forward on an H200 (bf16, 16k tokens,
@@ -97,9 +82,11 @@ CONFIGS = {
 HEAD_DIMS = tuple(sorted({head_dim for head_dim, _ in CONFIGS}))
 
 
+# The device code passes long argument lists packed to the line length, as triton_kernels.py does.
+# fmt: off
 @gluon.jit
 def _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-               KEY_TAIL: gl.constexpr):  # fmt: skip
+               KEY_TAIL: gl.constexpr):
     """(key tiles to visit, tiles before the first one that needs a mask) for the query rows m0 .. m0 +
     BLOCK_M - 1. At least one tile, so rows with no allowed key still write their zeros. The causal diagonal
     is masked, and with KEY_TAIL (keys that end inside a tile) the last partial tile: a packed sequence's
@@ -187,7 +174,7 @@ def zero_rows_from(tile, first):
 def _loader(
     q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, h_kv, q0, k_start,
     n_tiles, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr
-):  # fmt: skip
+):
     """One warp: each consumer's Q rows (from token q0), then K and V tile by tile (from token k_start) into
     the ring, each as soon as its slot is free."""
     mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
@@ -205,50 +192,6 @@ def _loader(
 
 
 @gluon.jit
-def sequence(cu_seqlens_q, cu_seqlens_k, b):
-    """(first query token, Sq, first key token, Sk) of packed sequence b."""
-    q_start = gl.load(cu_seqlens_q + b)
-    k_start = gl.load(cu_seqlens_k + b)
-    return q_start, gl.load(cu_seqlens_q + b + 1) - q_start, k_start, gl.load(cu_seqlens_k + b + 1) - k_start
-
-
-@gluon.jit
-def sequence_descriptor(desc, ptr, start, length):
-    """A TMA descriptor, made on the device, of packed sequence rows ``start`` .. ``start + length - 1`` of
-    ``ptr``, the (1, total, H, D) tensor that ``desc`` describes: a tile that ends past the sequence loads
-    zeros there, not the next sequence's rows, where a NaN would reach this sequence's products through
-    0 x NaN. (At least one row: a descriptor has no empty dimension; a sequence without rows loads none.)"""
-    return tma.make_tensor_descriptor(
-        ptr + start.to(gl.int64) * desc.strides[1],
-        [1, gl.maximum(length, 1), desc.shape[2], desc.shape[3]],
-        [desc.strides[0], desc.strides[1], desc.strides[2], 1],
-        desc.block_type.shape,
-        desc.layout,
-    )
-
-
-@gluon.jit
-def sequence_half_bias(seqlen_k):
-    """Half the default bias of a sequence of ``seqlen_k`` keys: -log(Sk) / 2, or 0 with no key."""
-    return gl.where(seqlen_k > 0, -0.5 * gl.log(gl.maximum(seqlen_k, 1).to(gl.float32)), 0.0)
-
-
-@gluon.jit
-def store_rows(ptr, desc, value, start, r0, length, h, layout: gl.constexpr):
-    """Register stores of a tile ``value`` [rows, D] (in ``layout``) of head h at the rows r0 + of a packed
-    sequence that begins at token ``start``, but for the rows past its ``length`` (a TMA store would write
-    the whole tile, over the next sequence's first rows). ``ptr`` is the tensor of the TMA descriptor
-    ``desc``, whose strides address it."""
-    stride_m, stride_h = desc.strides[1], desc.strides[2]
-    ROWS_: gl.constexpr = value.shape[0]
-    D: gl.constexpr = value.shape[1]
-    row = r0 + gl.arange(0, ROWS_, layout=gl.SliceLayout(1, layout))
-    col = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
-    offsets = (start + row).to(gl.int64)[:, None] * stride_m + h * stride_h + col[None, :]
-    gl.store(ptr + offsets, value, mask=(row < length)[:, None] & (col < D)[None, :])
-
-
-@gluon.jit
 def _store_tile(o_desc, q_rows, value, b, row, h):
     """A TMA store of 64 output rows from token ``row`` on. Q is read no more: its buffer stages them (a
     dense row's rows past Sq are clipped by the descriptor)."""
@@ -263,7 +206,7 @@ def _attend(
     o_desc, q_rows, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, seqlen_q, seqlen_k, diag_offset,
     half_scale, half_bias, q_start, o_ptr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr, KEY_TAIL: gl.constexpr
-):  # fmt: skip
+):
     """Query rows m0 .. m0 + 63 against the key tiles they see: writes their output, releases those tiles
     and returns how many there were."""
     dtype: gl.constexpr = q_rows.dtype
@@ -285,7 +228,7 @@ def _attend(
     s = warpgroup_mma(q, k, s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
     p = _probabilities(s, 0, m0, seqlen_k, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout,
-                       ROWS, BLOCK_N, CAUSAL, KEY_TAIL, dtype)  # fmt: skip
+                       ROWS, BLOCK_N, CAUSAL, KEY_TAIL, dtype)
     for j in range(1, n_mine):
         slot, prev = j % STAGES, (j - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
@@ -296,7 +239,7 @@ def _attend(
         acc_token = warpgroup_mma(p, v, acc, is_async=True)  # tile j - 1's P V
         s = warpgroup_mma_wait(1, deps=(s_token,))  # S done, P V still running
         p_next = _probabilities(s, j, m0, seqlen_k, diag_offset, n_unmasked, half_scale, half_bias, s_layout,
-                                p_layout, ROWS, BLOCK_N, CAUSAL, KEY_TAIL, dtype)  # fmt: skip
+                                p_layout, ROWS, BLOCK_N, CAUSAL, KEY_TAIL, dtype)
         acc, _ = warpgroup_mma_wait(0, deps=(acc_token, p))
         mbarrier.arrive(slot_free.index(prev), count=1)
         p = p_next
@@ -316,7 +259,7 @@ def _attend(
             acc = gl.where((row + diag_offset >= 0)[:, None], acc, 0.0)
     if VARLEN:
         if m0 + ROWS > seqlen_q:
-            store_rows(o_ptr, o_desc, acc.to(dtype), q_start, m0, seqlen_q, h, o_layout)
+            sm90.store_rows(o_ptr, o_desc, acc.to(dtype), q_start, m0, seqlen_q, h, o_layout)
         else:
             _store_tile(o_desc, q_rows, acc.to(dtype), b, q_start + m0, h)
     else:
@@ -326,18 +269,18 @@ def _attend(
 
 @gluon.jit
 def _consumer(shared, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, VARLEN: gl.constexpr, KEY_TAIL: gl.constexpr):  # fmt: skip
+              CAUSAL: gl.constexpr, VARLEN: gl.constexpr, KEY_TAIL: gl.constexpr):
     """One warpgroup: query rows m0 + 64 W .. + 63. The program's loader streams ``n_tiles`` key tiles,
     enough for its last rows; a group that needs fewer (its causal diagonal comes earlier, or its rows are
     past Sq) releases the rest unread. ``shared``: the arguments every group gets (the kernel's tuple)."""
     (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles, seqlen_q, seqlen_k,
-     diag_offset, half_scale, half_bias, q_start, o_ptr) = shared  # fmt: skip
+     diag_offset, half_scale, half_bias, q_start, o_ptr) = shared
     m0 = m0 + W * ROWS
     n_mine = 0
     if m0 < seqlen_q:
         n_mine = _attend(o_desc, q_smem.index(W), k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0,
                          seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, q_start, o_ptr, HEAD_DIM, BLOCK_N,
-                         STAGES, CAUSAL, VARLEN, KEY_TAIL)  # fmt: skip
+                         STAGES, CAUSAL, VARLEN, KEY_TAIL)
     for j in range(n_mine, n_tiles):
         # Released only once loaded: an earlier arrival would count towards the release of the tile the
         # slot holds now, which other groups may still be reading.
@@ -348,7 +291,7 @@ def _consumer(shared, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.const
 
 # One compiled kernel per constexprs and dtypes (host.launch).
 @gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag_offset"],
-           do_not_specialize_on_alignment=["o_ptr", "head_bias_ptr", "cu_seqlens_q", "cu_seqlens_k"])  # fmt: skip
+           do_not_specialize_on_alignment=["o_ptr", "head_bias_ptr", "cu_seqlens_q", "cu_seqlens_k"])
 def sigmoid_attn_fwd_kernel_sm90(
     q_desc,
     k_desc,
@@ -393,13 +336,13 @@ def sigmoid_attn_fwd_kernel_sm90(
     q_start = 0
     k_start = 0
     if VARLEN:
-        q_start, seqlen_q, k_start, seqlen_k = sequence(cu_seqlens_q, cu_seqlens_k, b)
+        q_start, seqlen_q, k_start, seqlen_k = sm90.sequence(cu_seqlens_q, cu_seqlens_k, b)
         diag_offset = seqlen_k - seqlen_q
         b = 0
         if m0 >= seqlen_q:  # the grid is sized for the longest sequence
             return
         if SEQUENCE_BIAS:
-            half_bias = sequence_half_bias(seqlen_k)
+            half_bias = sm90.sequence_half_bias(seqlen_k)
     if HEAD_BIAS:
         half_bias = 0.5 * gl.load(head_bias_ptr + h).to(gl.float32)
     n_tiles, _ = _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, CAUSAL, KEY_TAIL)
@@ -418,9 +361,8 @@ def sigmoid_attn_fwd_kernel_sm90(
         mbarrier.init(slot_free.index(i), count=CONSUMERS)  # every consumer group releases a slot
 
     shared = (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles, seqlen_q,
-              seqlen_k, diag_offset, half_scale, half_bias, q_start, o_ptr)  # fmt: skip
+              seqlen_k, diag_offset, half_scale, half_bias, q_start, o_ptr)
     # The second number of a consumer's arguments: which 64 of the program's rows its group owns.
-    # fmt: off
     if CONSUMERS == 2:
         gl.warp_specialize([
             (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
@@ -445,85 +387,77 @@ def sigmoid_attn_fwd_kernel_sm90(
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
                        h // GROUP, q_start + m0, k_start, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGISTERS])
-    # fmt: on
-
-
-@functools.lru_cache
-def is_sm90(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) == (9, 0)
-
-
-def unsupported_common(
-    q: Tensor, k: Tensor, window: tuple[int, int], alibi: Tensor | None, tensors: tuple[Tensor, ...]
-) -> str | None:
-    """What neither Hopper kernel runs: dtypes other than bf16 and fp16, ALiBi, masks other than full or
-    causal, no keys, and ``tensors`` TMA cannot address; nor any call with a Triton release they were not
-    tested with (``compat.SUPPORTED``)."""
-    if compat.UNSUPPORTED_TRITON is not None:
-        return compat.UNSUPPORTED_TRITON
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        return f"dtype {q.dtype}, not bfloat16 or float16"
-    if alibi is not None:
-        return "ALiBi"
-    if window[0] >= 0 or window[1] > 0:
-        return f"window {window}: only full or causal"
-    if k.shape[1] == 0:
-        return "no keys"
-    if not all(host.tma_addressable(t) for t in tensors):
-        return "a tensor TMA cannot address (last dim not contiguous, or base or strides not 16-byte aligned)"
-    return None
+# fmt: on
 
 
 def unsupported(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, window: tuple[int, int], alibi: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor | None, params: Params, alibi: Tensor | None, rows: Rows
 ) -> str | None:
-    """Why this kernel cannot run a dense forward with these arguments, or None if it can (on an sm_90 GPU):
-    it needs head dim 64 or 128, bf16 or fp16, no ALiBi, a full or causal mask (window (-1, -1) or (-1, 0)), at
-    least one key, and tensors TMA can address (contiguous last dim, 16-byte aligned base and strides)."""
+    """Why this kernel cannot run a forward (on an sm_90 GPU; ``kernels.py`` checks the device), or None if
+    it can: head dim 64 or 128, a diagonal at the bottom right for packed sequences, and what
+    ``host.unsupported_common`` asks. ``out`` None: a fresh buffer, which TMA can address."""
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim {q.shape[-1]}, not one of {HEAD_DIMS}"
-    return unsupported_common(q, k, window, alibi, (q, k, v, out))
+    if rows.varlen and params.mask.top_left:
+        return "packed sequences with the causal diagonal at the top left"
+    return host.unsupported_common(q, k, params.mask, alibi, (q, k, v, out), rows)
 
 
-def runs_on_sm90(q: Tensor, k: Tensor, v: Tensor, out: Tensor, window: tuple[int, int], alibi: Tensor | None) -> bool:
-    """Whether ``flash_fwd`` takes this kernel: on an sm_90 GPU (not the interpreter), arguments it supports."""
-    return q.is_cuda and is_sm90(q.device) and unsupported(q, k, v, out, window, alibi) is None
-
-
-def flash_fwd_sm90(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, *, scale: float, const_bias: float, default_bias: bool,
-    causal: bool, top_left: bool, head_bias: Tensor | None, cu_seqlens: tuple[Tensor, Tensor, int, int] | None = None,
-) -> None:  # fmt: skip
-    """Writes the forward into ``out``. Bias: ``head_bias[h]`` when given, else -log(Sk) with
-    ``default_bias``, else ``const_bias``; ``top_left`` puts the causal diagonal at (0, 0) instead of
-    (Sq - Sk, 0). ``cu_seqlens`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k): the tensors are
-    packed sequences seen as (1, total, H, D), with the bottom-right diagonal."""
-    batch, seqlen_q, num_heads, _ = q.shape
-    seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
-    cu_seqlens_q = cu_seqlens_k = None
-    if cu_seqlens is not None:
-        cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k = cu_seqlens
-        batch = cu_seqlens_q.shape[0] - 1
+def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: Params, bias: Bias, rows: Rows) -> None:
+    """Writes the forward into ``out``. Bias: a per-head tensor, a float, or None: -log of each packed
+    sequence's key count."""
+    q, k, v, out = host.batch_rows(rows, q, k, v, out)
+    seqlen_q, seqlen_k, num_heads, num_kv_heads = rows.seqlen_q, rows.seqlen_k, q.shape[2], k.shape[2]
     group = num_heads // num_kv_heads
+    causal = params.mask.causal_only
     config = CONFIGS[(q.shape[-1], causal)]
-    rows = int(ROWS)
+    rows_per_group = int(ROWS)
     max_registers, consumer_registers = config.registers
-    bias = -math.log(seqlen_k) if default_bias and cu_seqlens is None else const_bias
-    sequence_bias = default_bias and cu_seqlens is not None and head_bias is None
-    varlen = cu_seqlens is not None
-    key_tail = varlen or seqlen_k % config.block_n != 0
-    diag_offset = 0 if top_left else seqlen_k - seqlen_q
+    head_bias = bias if isinstance(bias, Tensor) else None
+    sequence_bias = bias is None
+    key_tail = rows.varlen or seqlen_k % config.block_n != 0
+    diag_offset = 0 if params.mask.top_left else seqlen_k - seqlen_q
     # Keys past the last query's (a top-left causal diagonal, Sk > Sq) load as zeros; packed sequences' lengths
     # are the longest, not their tensors'.
-    seen = None if varlen else host.visible_keys(seqlen_q, seqlen_k, diag_offset, (-1, 0 if causal else -1))[1]
+    seen = None if rows.varlen else host.visible_keys(seqlen_q, seqlen_k, diag_offset, params.mask.bounds)[1]
     args = (
-        host.descriptor(q, rows), host.descriptor(k[:, :seen], config.block_n),
-        host.descriptor(v[:, :seen], config.block_n), host.descriptor(out, rows), out, head_bias, cu_seqlens_q,
-        cu_seqlens_k, seqlen_q, seqlen_k, diag_offset, 0.5 * scale, 0.5 * bias, group, causal,
-        head_bias is not None, sequence_bias, varlen, key_tail, config.consumers, config.stages, consumer_registers,
-    )  # fmt: skip
-    key = (q.shape[-1], config, q.dtype, k.dtype, v.dtype, out.dtype, group, causal, sequence_bias, varlen, key_tail,
-           None if head_bias is None else head_bias.dtype)  # fmt: skip
-    grid = (host.cdiv(seqlen_q, rows * config.consumers), num_heads, batch)
-    if grid[0] and batch:
+        host.descriptor(q, rows_per_group),
+        host.descriptor(k[:, :seen], config.block_n),
+        host.descriptor(v[:, :seen], config.block_n),
+        host.descriptor(out, rows_per_group),
+        out,
+        head_bias,
+        rows.cu_seqlens_q,
+        rows.cu_seqlens_k,
+        seqlen_q,
+        seqlen_k,
+        diag_offset,
+        0.5 * params.scale,
+        0.5 * bias if isinstance(bias, float) else 0.0,
+        group,
+        causal,
+        head_bias is not None,
+        sequence_bias,
+        rows.varlen,
+        key_tail,
+        config.consumers,
+        config.stages,
+        consumer_registers,
+    )
+    key = (
+        q.shape[-1],
+        config,
+        q.dtype,
+        k.dtype,
+        v.dtype,
+        out.dtype,
+        group,
+        causal,
+        sequence_bias,
+        rows.varlen,
+        key_tail,
+        None if head_bias is None else head_bias.dtype,
+    )
+    grid = (host.cdiv(seqlen_q, rows_per_group * config.consumers), num_heads, rows.batch)
+    if grid[0] and rows.batch:
         host.launch(sigmoid_attn_fwd_kernel_sm90, grid, args, key, num_warps=4, maxnreg=max_registers)

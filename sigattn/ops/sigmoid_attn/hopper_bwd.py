@@ -30,7 +30,7 @@ Packed sequences (varlen) run here as in the forward (``hopper.py``): a tile pas
 its keys and queries masked (P = 0 and dS = 0, so they add nothing to dK, dV or dQ), and the dK and dV
 rows of a key tile that ends past it leave by register stores. A NaN or inf in one sequence must not reach
 its neighbours through 0 x NaN, so the loader warp reads Q, dO, K and V through TMA descriptors of its
-sequence alone, which it makes on the device (``hopper.sequence_descriptor``): past the end they load zeros.
+sequence alone, which it makes on the device (``sm90.sequence_descriptor``): past the end they load zeros.
 (Zeroing the next sequence's rows in shared memory instead, from the loader warp, made the packed backward
 17-19% slower on an H100: benchmarks/NOTES.md.) The dQ rows of a tile past the end, which belong to the next
 sequence, are set to zero before the reduction adds them: an inf in this sequence's K or V makes them NaN.
@@ -41,8 +41,6 @@ every other call run on the Triton kernels (``unsupported`` says why), as do cal
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -56,7 +54,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from . import compat, hopper, host
+from . import compat, host, sm90
+from .params import Params, Rows
+from .reference import Bias
 
 KEYS = gl.constexpr(64)  # keys per consumer warpgroup: a program owns 2 * KEYS
 ROWS = gl.constexpr(64)  # query rows per tile
@@ -81,10 +81,11 @@ L2_BYTES = 32 << 20
 # (benchmarks/results/backward_short_sequences_h100_2026-11-25.json).
 TRITON_UP_TO_QUERIES = {(64, True): 512, (64, False): 256, (128, True): 256, (128, False): 128}
 MAX_GRID_ROWS = 65535  # CUDA's limit on a grid's y and z extents: batch rows per launch, key tiles
-MAX_REGISTERS = hopper.MAX_REGISTERS
-CONSUMER_REGISTERS, LOADER_REGISTERS = hopper.CONSUMER_REGISTERS, hopper.LOADER_REGISTERS
+MAX_REGISTERS = sm90.MAX_REGISTERS
+CONSUMER_REGISTERS, LOADER_REGISTERS = sm90.CONSUMER_REGISTERS, sm90.LOADER_REGISTERS
 
 
+# The device code passes long argument lists packed to the line length, as triton_kernels.py does.
 # fmt: off
 @gluon.jit
 def _add(a, b):
@@ -127,16 +128,16 @@ def _loader(q_desc, do_desc, k_desc, v_desc, q_ptr, do_ptr, k_ptr, v_ptr, cu_seq
     row = b
     mbarrier.expect(kv_ready, 4 * k_desc.block_type.nbytes)
     if VARLEN:
-        first_q, seqlen_q, first_k, seqlen_k = hopper.sequence(cu_seqlens_q, cu_seqlens_k, b)
+        first_q, seqlen_q, first_k, seqlen_k = sm90.sequence(cu_seqlens_q, cu_seqlens_k, b)
         row = 0
         if n0 + 2 * KEYS > seqlen_k:
-            _load_kv(hopper.sequence_descriptor(k_desc, k_ptr, first_k, seqlen_k),
-                     hopper.sequence_descriptor(v_desc, v_ptr, first_k, seqlen_k), k_smem, v_smem, kv_ready, 0, n0,
-                     h_kv)  # fmt: skip
+            _load_kv(sm90.sequence_descriptor(k_desc, k_ptr, first_k, seqlen_k),
+                     sm90.sequence_descriptor(v_desc, v_ptr, first_k, seqlen_k), k_smem, v_smem, kv_ready, 0, n0,
+                     h_kv)
         else:
             _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, 0, first_k + n0, h_kv)
-        q_desc = hopper.sequence_descriptor(q_desc, q_ptr, first_q, seqlen_q)
-        do_desc = hopper.sequence_descriptor(do_desc, do_ptr, first_q, seqlen_q)
+        q_desc = sm90.sequence_descriptor(q_desc, q_ptr, first_q, seqlen_q)
+        do_desc = sm90.sequence_descriptor(do_desc, do_ptr, first_q, seqlen_q)
     else:
         _load_kv(k_desc, v_desc, k_smem, v_smem, kv_ready, b, n0, h_kv)
     for t in range(n_iter):
@@ -180,7 +181,7 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
     b_dq = b_ws
     q_start = 0
     if VARLEN:
-        q_start, seqlen_q, k_start, seqlen_k = hopper.sequence(cu_seqlens_q, cu_seqlens_k, b0 + b_ws)
+        q_start, seqlen_q, k_start, seqlen_k = sm90.sequence(cu_seqlens_q, cu_seqlens_k, b0 + b_ws)
         b_dq = 0
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, ROWS, 16])
@@ -283,14 +284,14 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
     n_mine = n0 + W * KEYS
     if VARLEN:
         if n_mine + KEYS > seqlen_k:
-            hopper.store_rows(dk_ptr, dk_desc, (dk * scale).to(dtype), k_start, n_mine, seqlen_k, h0 + h_ws, kv_layout)
-            hopper.store_rows(dv_ptr, dv_desc, dv.to(dtype), k_start, n_mine, seqlen_k, h0 + h_ws, kv_layout)
+            sm90.store_rows(dk_ptr, dk_desc, (dk * scale).to(dtype), k_start, n_mine, seqlen_k, h0 + h_ws, kv_layout)
+            sm90.store_rows(dv_ptr, dv_desc, dv.to(dtype), k_start, n_mine, seqlen_k, h0 + h_ws, kv_layout)
         else:
             _store_tiles(dk_desc, dv_desc, q_bufs.index(W), do_bufs.index(W), dk * scale, dv, 0, k_start + n_mine,
-                         h0 + h_ws)  # fmt: skip
+                         h0 + h_ws)
     else:
         _store_tiles(dk_desc, dv_desc, q_bufs.index(W), do_bufs.index(W), dk * scale, dv, b0 + b_ws, n_mine,
-                     h0 + h_ws)  # fmt: skip
+                     h0 + h_ws)
 
 
 # One compiled kernel for every chunk, per constexprs and dtypes (host.launch).
@@ -327,12 +328,12 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
     n0 = i_n * 2 * KEYS
     half_bias = half_scale_bias
     if VARLEN:
-        q_start, seqlen_q, k_start, seqlen_k = hopper.sequence(cu_seqlens_q, cu_seqlens_k, b)
+        q_start, seqlen_q, k_start, seqlen_k = sm90.sequence(cu_seqlens_q, cu_seqlens_k, b)
         diag_offset = seqlen_k - seqlen_q
         if n0 >= seqlen_k:  # the grid is sized for the longest sequence
             return
         if SEQUENCE_BIAS:
-            half_bias = hopper.sequence_half_bias(seqlen_k)
+            half_bias = sm90.sequence_half_bias(seqlen_k)
     q_hi = gl.cdiv(seqlen_q, ROWS)
     q_lo = 0
     mask_end = 0
@@ -391,40 +392,40 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
 
 
 def unsupported(
-    q: Tensor, k: Tensor, v: Tensor, do: Tensor, grads: tuple[Tensor, Tensor, Tensor], window: tuple[int, int],
-    alibi: Tensor | None, head_bias: Tensor | None, deterministic: bool, max_seqlens: tuple[int, int] | None = None,
-) -> str | None:  # fmt: skip
-    """Why this kernel does not run a backward with these arguments, or None if it does (on an sm_90 GPU):
-    head dim 64 or 128 (64 with a per-head bias), bf16 or fp16, no ALiBi, a full or causal mask, a
-    non-deterministic backward allowed, at least one key, more queries than ``TRITON_UP_TO_QUERIES`` (shorter
-    calls are faster on the Triton kernels), and tensors TMA can address. ``max_seqlens``: (longest queries,
-    longest keys) of packed sequences, whose tensors are seen as (1, total, H, D)."""
-    seqlen_q, seqlen_k = max_seqlens or (q.shape[1], k.shape[1])
-    if q.shape[-1] not in HEAD_DIMS:
-        return f"head dim {q.shape[-1]}, not one of {HEAD_DIMS}"
-    if deterministic:
+    do: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grads: tuple[Tensor, ...] | None,
+    params: Params,
+    bias: Bias,
+    alibi: Tensor | None,
+    rows: Rows,
+) -> str | None:
+    """Why this kernel does not run a backward (on an sm_90 GPU; ``kernels.py`` checks the device), or None
+    if it does: head dim 64 or 128 (64 with a per-head bias), a non-deterministic backward allowed, a
+    diagonal at the bottom right for packed sequences, at least one key and query, more queries than
+    ``TRITON_UP_TO_QUERIES`` (shorter calls are faster on the Triton kernels), and what
+    ``host.unsupported_common`` asks. ``do`` or ``grads`` None: buffers laid out like ``q, k, v``'s fresh
+    copies, which TMA can address."""
+    head_dim = q.shape[-1]
+    if head_dim not in HEAD_DIMS:
+        return f"head dim {head_dim}, not one of {HEAD_DIMS}"
+    if params.deterministic or torch.are_deterministic_algorithms_enabled():
         return "deterministic: dQ is reduced by atomic additions"
-    if head_bias is not None and q.shape[-1] not in HEAD_BIAS_HEAD_DIMS:
-        return f"per-head bias at head dim {q.shape[-1]}: the Triton backward is faster"
-    if host.cdiv(seqlen_k, 2 * int(KEYS)) > MAX_GRID_ROWS:
-        return f"{seqlen_k} keys: more than {MAX_GRID_ROWS} tiles of {2 * int(KEYS)}"
-    reason = hopper.unsupported_common(q, k, window, alibi, (q, k, v, do, *grads))
-    if reason is None and q.shape[1] == 0:
+    if isinstance(bias, Tensor) and head_dim not in HEAD_BIAS_HEAD_DIMS:
+        return f"per-head bias at head dim {head_dim}: the Triton backward is faster"
+    if rows.varlen and params.mask.top_left:
+        return "packed sequences with the causal diagonal at the top left"
+    if host.cdiv(rows.seqlen_k, 2 * int(KEYS)) > MAX_GRID_ROWS:
+        return f"{rows.seqlen_k} keys: more than {MAX_GRID_ROWS} tiles of {2 * int(KEYS)}"
+    reason = host.unsupported_common(q, k, params.mask, alibi, (q, k, v, do, *(grads or ())), rows)
+    if reason is None and q.shape[-3] == 0:
         return "no queries"
-    shortest = TRITON_UP_TO_QUERIES[(q.shape[-1], window[1] == 0)]
-    if reason is None and seqlen_q <= shortest:
-        return f"{seqlen_q} queries: the Triton backward is faster up to {shortest}"
+    shortest = TRITON_UP_TO_QUERIES[(head_dim, params.mask.causal_only)]
+    if reason is None and rows.seqlen_q <= shortest:
+        return f"{rows.seqlen_q} queries: the Triton backward is faster up to {shortest}"
     return reason
-
-
-def runs_on_sm90(
-    q: Tensor, k: Tensor, v: Tensor, do: Tensor, grads: tuple[Tensor, Tensor, Tensor], window: tuple[int, int],
-    alibi: Tensor | None, head_bias: Tensor | None, deterministic: bool, max_seqlens: tuple[int, int] | None = None,
-) -> bool:  # fmt: skip
-    """Whether ``flash_bwd`` takes this kernel: on an sm_90 GPU, arguments ``unsupported`` accepts."""
-    if not (q.is_cuda and hopper.is_sm90(q.device)):
-        return False
-    return unsupported(q, k, v, do, grads, window, alibi, head_bias, deterministic, max_seqlens) is None
 
 
 def _chunks(batch: int, num_kv_heads: int, per_kv_head: int, seqlen_k: int) -> tuple[int, int]:
@@ -436,37 +437,43 @@ def _chunks(batch: int, num_kv_heads: int, per_kv_head: int, seqlen_k: int) -> t
     return 1, max(1, budget // per_kv_head)
 
 
-def flash_bwd_sm90(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, grads: tuple[Tensor, Tensor, Tensor], *, scale: float,
-    const_bias: float, default_bias: bool, causal: bool, top_left: bool, head_bias: Tensor | None,
-    cu_seqlens: tuple[Tensor, Tensor, int, int] | None = None,
-) -> Tensor | None:  # fmt: skip
-    """Writes (dq, dk, dv) of ``hopper.flash_fwd_sm90``'s attention into ``grads``; returns the gradient of
-    ``head_bias`` (None without one). ``cu_seqlens`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-    max_seqlen_k): packed sequences seen as (1, total, H, D), as in the forward."""
+def backward(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    grads: tuple[Tensor, Tensor, Tensor],
+    params: Params,
+    bias: Bias,
+    rows: Rows,
+) -> Tensor | None:
+    """Writes (dq, dk, dv) of ``hopper.forward``'s attention into ``grads``; returns the gradient of a
+    per-head bias (None without one)."""
+    do, q, k, v, *grads = host.batch_rows(rows, do, q, k, v, *grads)
+    varlen = rows.varlen
+    scale, causal = params.scale, params.mask.causal_only
+    head_bias = bias if isinstance(bias, Tensor) else None
     dq, dk, dv = grads
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_kv_heads = k.shape[1], k.shape[2]
     group = num_heads // num_kv_heads
     per_kv_head = seqlen_q * group * head_dim * 4  # workspace bytes per kv head of a tensor row
-    if cu_seqlens is None:
-        cu_seqlens_q = cu_seqlens_k = None
+    if not varlen:
         rows_per_launch, kv_heads_per_launch = _chunks(batch, num_kv_heads, per_kv_head, seqlen_k)
         workspace_rows = rows_per_launch
-        bias = -math.log(seqlen_k) if default_bias else const_bias
     else:  # one launch covers every sequence; the tensors and the workspace have one row
-        cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k = cu_seqlens
-        batch = rows_per_launch = cu_seqlens_q.shape[0] - 1
+        seqlen_q, seqlen_k = rows.seqlen_q, rows.seqlen_k
+        batch = rows_per_launch = rows.batch
         kv_heads_per_launch = _chunks(1, num_kv_heads, per_kv_head, seqlen_k)[1]
         workspace_rows = 1
-        bias = const_bias
-    sequence_bias = default_bias and cu_seqlens is not None and head_bias is None
-    workspace = torch.zeros(workspace_rows, q.shape[1], kv_heads_per_launch * group, head_dim, dtype=torch.float32,
-                            device=q.device)  # fmt: skip
-    rows, keys = int(ROWS), int(KEYS)
-    varlen = cu_seqlens is not None
-    diag_offset = 0 if top_left else seqlen_k - seqlen_q
-    tail = varlen or seqlen_q % rows != 0 or seqlen_k % (2 * keys) != 0
+    sequence_bias = bias is None
+    half_bias = 0.5 * bias if isinstance(bias, float) else 0.0
+    workspace = torch.zeros(
+        workspace_rows, q.shape[1], kv_heads_per_launch * group, head_dim, dtype=torch.float32, device=q.device
+    )
+    tile_rows, keys = int(ROWS), int(KEYS)
+    diag_offset = 0 if params.mask.top_left else seqlen_k - seqlen_q
+    tail = varlen or seqlen_q % tile_rows != 0 or seqlen_k % (2 * keys) != 0
     # What no query sees reads as zeros through the descriptors of dense rows: the keys past the last query's
     # (a top-left causal diagonal) and the queries before the first that sees a key (a causal diagonal below
     # the top-left corner).
@@ -474,34 +481,70 @@ def flash_bwd_sm90(
     seen = host.visible_keys(seqlen_q, seqlen_k, diag_offset, (-1, 0))[1] if dense_causal else None
     q_shift = max(0, -diag_offset) if dense_causal else 0
     descriptors = (
-        host.descriptor(q[:, q_shift:], rows), host.descriptor(k[:, :seen], keys),
-        host.descriptor(v[:, :seen], keys), host.descriptor(do[:, q_shift:], rows),
-        host.descriptor(workspace, rows, int(DQ_COLS)), host.descriptor(dk, keys), host.descriptor(dv, keys),
-    )  # fmt: skip
+        host.descriptor(q[:, q_shift:], tile_rows),
+        host.descriptor(k[:, :seen], keys),
+        host.descriptor(v[:, :seen], keys),
+        host.descriptor(do[:, q_shift:], tile_rows),
+        host.descriptor(workspace, tile_rows, int(DQ_COLS)),
+        host.descriptor(dk, keys),
+        host.descriptor(dv, keys),
+    )
     key_tiles = host.cdiv(seqlen_k, 2 * keys)
     # Every (row, head, key tile, consumer) sum of dense rows is written; a packed sequence's tiles past its
     # end write nothing.
     dbias = None
     if head_bias is not None:
-        dbias = (torch.empty if cu_seqlens is None else torch.zeros)(batch, num_heads, key_tiles, 2, device=q.device)
+        dbias = (torch.zeros if varlen else torch.empty)(batch, num_heads, key_tiles, 2, device=q.device)
     heavy_first = causal and workspace.numel() * 4 <= L2_BYTES
     stages = STAGES[head_dim]
-    key = (head_dim, *(t.dtype for t in (q, k, v, do, dk, dv)), group, causal, stages, heavy_first,
-           None if head_bias is None else head_bias.dtype, sequence_bias, varlen, tail)  # fmt: skip
-    packed = (None,) * 6 if cu_seqlens is None else (q, k, v, do, dk, dv)
+    key = (
+        head_dim,
+        *(t.dtype for t in (q, k, v, do, dk, dv)),
+        group,
+        causal,
+        stages,
+        heavy_first,
+        None if head_bias is None else head_bias.dtype,
+        sequence_bias,
+        varlen,
+        tail,
+    )
+    packed = (q, k, v, do, dk, dv) if varlen else (None,) * 6
     for b0 in range(0, batch, rows_per_launch):
         for h0 in range(0, num_kv_heads, kv_heads_per_launch):
             n_rows, n_kv_heads = min(rows_per_launch, batch - b0), min(kv_heads_per_launch, num_kv_heads - h0)
             grid = (n_kv_heads, n_rows, key_tiles) if heavy_first else (key_tiles, n_kv_heads, n_rows)
-            args = (*descriptors, *packed, head_bias, dbias, cu_seqlens_q, cu_seqlens_k, num_heads, b0, h0, seqlen_q,
-                    seqlen_k, diag_offset, q_shift, scale, 0.5 * scale, 0.5 * bias, group, causal, stages,
-                    heavy_first, head_bias is not None, sequence_bias, varlen, tail)  # fmt: skip
+            args = (
+                *descriptors,
+                *packed,
+                head_bias,
+                dbias,
+                rows.cu_seqlens_q,
+                rows.cu_seqlens_k,
+                num_heads,
+                b0,
+                h0,
+                seqlen_q,
+                seqlen_k,
+                diag_offset,
+                q_shift,
+                scale,
+                0.5 * scale,
+                half_bias,
+                group,
+                causal,
+                stages,
+                heavy_first,
+                head_bias is not None,
+                sequence_bias,
+                varlen,
+                tail,
+            )
             if b0 or h0:
                 workspace.zero_()
             if key_tiles:
                 host.launch(sigmoid_attn_bwd_kernel_sm90, grid, args, key, num_warps=4, maxnreg=MAX_REGISTERS)
             heads = slice(h0 * group, (h0 + n_kv_heads) * group)
             tensor_rows = min(n_rows, workspace_rows)
-            torch.mul(workspace[:tensor_rows, :, : n_kv_heads * group], scale,
-                      out=dq[b0 : b0 + tensor_rows, :, heads])  # fmt: skip
+            torch.mul(workspace[:tensor_rows, :, : n_kv_heads * group], scale, out=dq[b0 : b0 + tensor_rows, :, heads])
     return None if dbias is None else dbias.sum(dim=(0, 2, 3)).to(head_bias.dtype)

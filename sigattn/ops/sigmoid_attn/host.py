@@ -3,7 +3,7 @@
 At 2k tokens (B=8, H=16, D=128, causal) the forward kernel runs for about 270 µs, and the H100 machine's
 host needed as long to call it: 269 µs for the public forward, 136 for the launcher alone
 (benchmarks/results/host_overhead_d128_h100_2026-11-25.json). Triton's JIT path binds and specialises every
-argument on each launch, and the descriptor class re-validates what ``hopper.unsupported_common`` has
+argument on each launch, and the descriptor class re-validates what ``unsupported_common`` has
 already checked. Here (128 and 54 µs since, ``..._direct_launch.json``):
 
 * ``descriptor`` builds a TMA descriptor without those checks;
@@ -27,6 +27,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime import _allocation, driver
 
+from . import compat
+from .params import Rows
+from .reference import Mask
+
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
 _compiled: dict[tuple, CompiledKernel] = {}
@@ -46,6 +50,38 @@ def visible_keys(seqlen_q: int, seqlen_k: int, diag_offset: int, window: tuple[i
     first = max(0, diag_offset - left) if left >= 0 else 0
     last = min(seqlen_k, seqlen_q + diag_offset + right) if right >= 0 else seqlen_k
     return first, max(first, last)
+
+
+@functools.lru_cache
+def is_sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def batch_rows(rows: Rows, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors as the Gluon kernels see them: (B, S, H, D), packed (total, H, D) ones as one row."""
+    return tuple(t.unsqueeze(0) for t in tensors) if rows.varlen else tensors
+
+
+def unsupported_common(
+    q: Tensor, k: Tensor, mask: Mask, alibi: Tensor | None, tensors: tuple[Tensor | None, ...], rows: Rows
+) -> str | None:
+    """What neither Hopper kernel runs: dtypes other than bf16 and fp16, ALiBi, masks other than full or
+    causal, no keys, and ``tensors`` TMA cannot address (None: a buffer made for the call, which it can); nor
+    any call with a Triton release they were not tested with (``compat.SUPPORTED``)."""
+    if compat.UNSUPPORTED_TRITON is not None:
+        return compat.UNSUPPORTED_TRITON
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype}, not bfloat16 or float16"
+    if alibi is not None:
+        return "ALiBi"
+    if not (mask.full or mask.causal_only):
+        return f"window {mask.bounds}: only full or causal"
+    if k.shape[-3] == 0:
+        return "no keys"
+    given = batch_rows(rows, *(t for t in tensors if t is not None))
+    if not all(tma_addressable(t) for t in given):
+        return "a tensor TMA cannot address (last dim not contiguous, or base or strides not 16-byte aligned)"
+    return None
 
 
 def tma_addressable(t: Tensor) -> bool:

@@ -31,11 +31,55 @@ sees some key may reach the gradients of keys that query masks.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 Bias = float | Tensor | None
+"""A float, a per-head (Hq,) tensor, or None: -log(Sk_b) of each batch row's own key count."""
+
+
+def resolve_bias(bias: Bias, seqlen_k: int) -> Bias:
+    """The bias of a call whose every row has ``seqlen_k`` keys: None becomes the float -log(seqlen_k) (0.0
+    without keys, whose rows output 0), so that no backend or kernel derives it again; a float or a tensor
+    is the bias. (Packed sequences and caches of per-row lengths keep None: each row has its own.)"""
+    if bias is None:
+        return -math.log(seqlen_k) if seqlen_k > 0 else 0.0
+    return bias if isinstance(bias, Tensor) else float(bias)
+
+
+@dataclass(frozen=True)
+class Mask:
+    """Which keys each query may attend to (module docstring), as every backend and kernel reads it.
+
+    ``causal`` and ``window`` = (left, right) as the public functions take them (a bound of -1 is
+    unbounded; validated, so a bound that reaches past every key is -1); ``top_left`` aligns the diagonal at
+    the top-left corner (SDPA's ``is_causal``) instead of the bottom-right (flash-attn)."""
+
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)
+    top_left: bool = False
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """(left, right): key j is allowed for the query at diagonal position d iff d - left <= j <= d + right.
+        The one place where ``causal`` becomes the window's right bound, 0."""
+        left, right = self.window
+        return left, 0 if self.causal else right
+
+    @property
+    def full(self) -> bool:
+        """No bound: every key is allowed."""
+        return self.bounds == (-1, -1)
+
+    @property
+    def causal_only(self) -> bool:
+        """Exactly a causal mask: keys up to the diagonal, with no left bound."""
+        return self.bounds == (-1, 0)
+
+
+UNMASKED = Mask()
 
 
 def key_offsets(seqlen_q: int, seqlens_k: Tensor, top_left: bool) -> Tensor:
@@ -49,10 +93,8 @@ def allowed_keys(
     seqlen_q: int,
     seqlen_k: int,
     seqlens_k: Tensor,
+    mask: Mask,
     *,
-    causal: bool,
-    window_size: tuple[int, int],
-    top_left: bool = False,
     rows: Tensor | None = None,
     cols: Tensor | None = None,
 ) -> Tensor:
@@ -66,18 +108,16 @@ def allowed_keys(
     rows = torch.arange(seqlen_q, device=device) if rows is None else rows
     cols = torch.arange(seqlen_k, device=device) if cols is None else cols
     seqlens_k = seqlens_k.long()
-    off = key_offsets(seqlen_q, seqlens_k, top_left)[:, None, None]  # [B, 1, 1]
+    off = key_offsets(seqlen_q, seqlens_k, mask.top_left)[:, None, None]  # [B, 1, 1]
     diag = rows[None, :, None] + off  # [B, BQ, 1]: the key position aligned with each query
     j = cols[None, None, :]  # [1, 1, BK]
-    return in_window(j < seqlens_k[:, None, None], j, diag, causal=causal, window_size=window_size)[:, None]
+    return in_window(j < seqlens_k[:, None, None], j, diag, mask)[:, None]
 
 
-def in_window(ok: Tensor, j: Tensor, diag: Tensor, *, causal: bool, window_size: tuple[int, int]) -> Tensor:
+def in_window(ok: Tensor, j: Tensor, diag: Tensor, mask: Mask) -> Tensor:
     """``ok`` and key position j within the window of the query aligned with key position ``diag``:
-    diag - left <= j <= diag + right (a bound of -1 unbounded; causal sets right = 0)."""
-    left, right = window_size
-    if causal:
-        right = 0
+    diag - left <= j <= diag + right (``Mask.bounds``)."""
+    left, right = mask.bounds
     if left >= 0:
         ok = ok & (j >= diag - left)
     if right >= 0:
@@ -125,21 +165,50 @@ def sigmoid_attn_reference(
     attn_mask: Tensor | None = None,
     upcast: bool = True,
 ) -> Tensor:
-    """Sigmoid attention by materialising the scores.
+    """Sigmoid attention by materialising the scores, with the public functions' arguments (``causal``,
+    ``window_size``; ``top_left``: SDPA's alignment); ``masked_reference`` with their ``Mask``.
 
     ``upcast=True`` computes in float64 and returns float64 (the truth); ``upcast=False`` computes
     in the inputs' precision and returns their dtype (the baseline error of PyTorch in that precision).
     ``attn_mask`` is SDPA's: (B or 1, Hq or 1, Sq, Sk), boolean (True = allowed) or float (added).
     """
+    mask = Mask(causal, tuple(window_size), top_left)
+    return masked_reference(
+        q,
+        k,
+        v,
+        scale=scale,
+        bias=bias,
+        mask=mask,
+        alibi_slopes=alibi_slopes,
+        seqlens_k=seqlens_k,
+        attn_mask=attn_mask,
+        upcast=upcast,
+    )
+
+
+def masked_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None,
+    bias: Bias,
+    mask: Mask,
+    alibi_slopes: Tensor | None = None,
+    seqlens_k: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    upcast: bool = True,
+) -> Tensor:
+    """``sigmoid_attn_reference`` of one ``Mask``: the form the backends hand on."""
+    top_left = mask.top_left
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k = k.shape[1]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     dtype = torch.float64 if upcast else q.dtype
     if seqlens_k is None:
         seqlens_k = torch.full((batch,), seqlen_k, device=q.device, dtype=torch.int64)
-    allowed = allowed_keys(
-        seqlen_q, seqlen_k, seqlens_k, causal=causal, window_size=window_size, top_left=top_left
-    )  # [B, 1, Sq, Sk]
+    allowed = allowed_keys(seqlen_q, seqlen_k, seqlens_k, mask)  # [B, 1, Sq, Sk]
     if attn_mask is not None:
         allowed = allowed & (attn_mask if attn_mask.dtype == torch.bool else attn_mask != -math.inf)
     terms = logit_bias(bias, seqlens_k, num_heads).to(dtype)[:, :, None, None]  # [B or 1, Hq, 1, 1]

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from .reference import Bias, attend, default_bias, in_window, sigmoid_attn_reference
+from .reference import Bias, Mask, attend, default_bias, in_window, masked_reference
 
 
 def _compute_dtype(t: Tensor, exact: bool = False) -> torch.dtype:
@@ -24,9 +24,9 @@ def _compute_dtype(t: Tensor, exact: bool = False) -> torch.dtype:
 
 
 def sigmoid_attn_traceable(q: Tensor, k: Tensor, v: Tensor, **options) -> Tensor:
-    """``sigmoid_attn_reference`` in float32 (float64 inputs in float64), returned in q's dtype."""
+    """``masked_reference`` in float32 (float64 inputs in float64), returned in q's dtype."""
     dtype = _compute_dtype(q)
-    return sigmoid_attn_reference(q.to(dtype), k.to(dtype), v.to(dtype), upcast=False, **options).to(q.dtype)
+    return masked_reference(q.to(dtype), k.to(dtype), v.to(dtype), upcast=False, **options).to(q.dtype)
 
 
 def sigmoid_attn_varlen_traceable(
@@ -38,9 +38,7 @@ def sigmoid_attn_varlen_traceable(
     *,
     scale: float,
     bias: Bias,
-    causal: bool,
-    window_size: tuple[int, int],
-    top_left: bool = False,
+    mask: Mask,
     alibi_slopes: Tensor | None = None,
     exact: bool = False,
 ) -> Tensor:
@@ -52,10 +50,10 @@ def sigmoid_attn_varlen_traceable(
     seq_q, pos_q = _sequence_positions(cu_q, q.shape[0])  # [Tq] each
     seq_k, pos_k = _sequence_positions(cu_k, k.shape[0])  # [Tk] each
     lengths_k = cu_k[1:] - cu_k[:-1]  # [B]
-    offset = torch.zeros_like(pos_q) if top_left else (lengths_k - (cu_q[1:] - cu_q[:-1]))[seq_q]
+    offset = torch.zeros_like(pos_q) if mask.top_left else (lengths_k - (cu_q[1:] - cu_q[:-1]))[seq_q]
     diag = (pos_q + offset)[:, None]  # [Tq, 1]: the key position each query is aligned with
     same_sequence = seq_q[:, None] == seq_k[None, :]  # [Tq, Tk]
-    allowed = in_window(same_sequence, pos_k[None, :], diag, causal=causal, window_size=window_size)
+    allowed = in_window(same_sequence, pos_k[None, :], diag, mask)
 
     dtype = _compute_dtype(q, exact)
     num_heads = q.shape[1]
