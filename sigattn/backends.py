@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .ops.sigmoid_attn.blocked import sigmoid_attn_blocked
+from .ops.sigmoid_attn.params import Params, Rows
 from .ops.sigmoid_attn.reference import (
     Bias,
     Mask,
@@ -368,8 +369,9 @@ class TritonBackend:
     def __call__(self, call: AttnCall) -> Tensor:
         from .ops.sigmoid_attn import flash
 
-        params, rows = _kernel_args(call)
+        params = Params(call.scale, call.mask, call.deterministic)
         if call.kind == "varlen":
+            rows = _rows(call)
             return flash.sigmoid_attn_varlen_flash(*call.qkv, rows, params, call.bias, call.alibi_slopes)
         if call.kind == "kvcache":
             return flash.sigmoid_attn_kvcache_flash(
@@ -383,23 +385,18 @@ class TritonBackend:
         each kernel tried before it declined (``ops/sigmoid_attn/kernels.py``)."""
         from .ops.sigmoid_attn import kernels
 
-        params, rows = _kernel_args(call)
-        return kernels.explain(call.kind == "kvcache", *call.qkv, params, call.bias, call.alibi_slopes, rows)
+        params = Params(call.scale, call.mask, call.deterministic)
+        return kernels.explain(call.kind == "kvcache", *call.qkv, params, call.bias, call.alibi_slopes, _rows(call))
 
 
-def _kernel_args(call: AttnCall):
-    """The kernels' ``Params`` and ``Rows`` of a call."""
-    from .ops.sigmoid_attn.params import Params, Rows
-
-    params = Params(call.scale, call.mask, call.deterministic)
+def _rows(call: AttnCall) -> Rows:
+    """Where the batch rows' tokens of ``call`` are, as the kernels read it."""
     if call.kind == "varlen":
-        return params, Rows.packed(call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k)
+        return Rows.packed(call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k)
     if call.kind == "kvcache":
         q = call.q
-        return params, Rows(
-            q.shape[0], q.shape[1], call.capacity, seqlens_k=call.seqlens_k, block_table=call.block_table
-        )
-    return params, Rows.dense(call.q, call.k)
+        return Rows(q.shape[0], q.shape[1], call.capacity, seqlens_k=call.seqlens_k, block_table=call.block_table)
+    return Rows.dense(call.q, call.k)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -451,14 +448,21 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.reset(token)
 
 
-def _choose(call: AttnCall) -> tuple[str | None, dict[str, list[str]]]:
-    """The rule: the requested backend if it can serve ``call``, else under ``auto`` the first of
-    ``AUTO_ORDER`` that can (None: none); with every backend's reasons to decline."""
+def _choose(call: AttnCall, every: bool = False) -> tuple[str, str | None, dict[str, list[str]]]:
+    """The rule: (the requested name, the backend that serves ``call``: the requested one if it can, else under
+    ``auto`` the first of ``AUTO_ORDER`` that can, None if none can, the reasons to decline of the backends it
+    asked). ``every``: ask every backend. (A dispatch asks no further than it must: the reasons of the others
+    cost host time on every call.)"""
     requested = requested_backend()
-    reasons = {name: backend.not_supported_reasons(call) for name, backend in BACKENDS.items()}
-    if requested != "auto":
-        return (None if reasons[requested] else requested), reasons
-    return next((name for name in AUTO_ORDER if not reasons[name]), None), reasons
+    reasons, chosen = {}, None
+    for name in AUTO_ORDER if requested == "auto" else (requested,):
+        reasons[name] = BACKENDS[name].not_supported_reasons(call)
+        if not reasons[name]:
+            chosen = name
+            break
+    if every:
+        reasons.update({n: b.not_supported_reasons(call) for n, b in BACKENDS.items() if n not in reasons})
+    return requested, chosen, reasons
 
 
 def explain(call: AttnCall) -> dict:
@@ -467,8 +471,7 @@ def explain(call: AttnCall) -> dict:
     ``backend``: the backend that runs it (None: the call raises); ``kernels``: for the ``triton`` backend,
     the kernel of each direction (forward and backward, or decode); ``why_not``: why each other backend,
     and each kernel tried before the chosen one (``"<kernel> <direction>"``), does not run it."""
-    requested = requested_backend()
-    chosen, reasons = _choose(call)
+    requested, chosen, reasons = _choose(call, every=True)
     why_not = {}
     for name, declined in reasons.items():
         if name == chosen:
@@ -490,8 +493,7 @@ def explain(call: AttnCall) -> dict:
 
 
 def select_backend(call: AttnCall) -> Backend:
-    chosen, reasons = _choose(call)
-    requested = requested_backend()
+    requested, chosen, reasons = _choose(call)
     if chosen is None and requested != "auto":
         why = "; ".join(reasons[requested])
         raise BackendNotSupportedError(
@@ -502,7 +504,7 @@ def select_backend(call: AttnCall) -> Backend:
             f"no backend can run this {call.kind} call: "
             + "; ".join(f"{n}: {', '.join(reasons[n])}" for n in AUTO_ORDER)
         )
-    declined = {name: reasons[name] for name in AUTO_ORDER[: AUTO_ORDER.index(chosen)]} if requested == "auto" else {}
+    declined = {name: why for name, why in reasons.items() if name != chosen}
     if declined and call.q.device.type == "cuda":
         _warn_fallback(call, chosen, declined)
     return BACKENDS[chosen]

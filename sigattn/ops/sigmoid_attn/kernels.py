@@ -112,16 +112,9 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, bias: Bias, alibi: Tensor | None, 
         )
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     bias = _dense(bias) if isinstance(bias, Tensor) else bias
-    if rows.varlen or rows.seqlens_k is not None or rows.block_table is not None:
-        rows = Rows(
-            rows.batch,
-            rows.seqlen_q,
-            rows.seqlen_k,
-            _dense(rows.cu_seqlens_q),
-            _dense(rows.cu_seqlens_k),
-            _dense(rows.seqlens_k),
-            _dense(rows.block_table),
-        )
+    small = (rows.cu_seqlens_q, rows.cu_seqlens_k, rows.seqlens_k, rows.block_table)
+    if any(t is not None and not t.is_contiguous() for t in small):
+        rows = rows._replace(**{name: _dense(getattr(rows, name)) for name in Rows._fields[3:]})
     return q, k, v, bias, _dense(alibi), rows
 
 

@@ -5,15 +5,14 @@ tensor bias is an autograd input."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import Tensor
 
 from .reference import UNMASKED, Mask
 
 
-@dataclass(frozen=True)
-class Params:
+class Params(NamedTuple):
     """The non-tensor options of one call. ``deterministic``: the backward must be bit-identical across runs
     (as it is whenever torch.use_deterministic_algorithms is on)."""
 
@@ -22,8 +21,7 @@ class Params:
     deterministic: bool = False
 
 
-@dataclass(frozen=True)
-class Rows:
+class Rows(NamedTuple):
     """Where batch row b's tokens are. Dense: (B, S, H, D) tensors. Varlen: packed (total, H, D) tensors,
     sequence b at tokens cu_seqlens[b]:cu_seqlens[b + 1]. KV cache: (B, Sq, Hq, D) queries against the first
     seqlens_k[b] keys of a (B, capacity, Hkv, D) cache, or of a paged one read through block_table."""

@@ -31,7 +31,7 @@ sees some key may reach the gradients of keys that query masks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,13 +49,14 @@ def resolve_bias(bias: Bias, seqlen_k: int) -> Bias:
     return bias if isinstance(bias, Tensor) else float(bias)
 
 
-@dataclass(frozen=True)
-class Mask:
+class Mask(NamedTuple):
     """Which keys each query may attend to (module docstring), as every backend and kernel reads it.
 
     ``causal`` and ``window`` = (left, right) as the public functions take them (a bound of -1 is
     unbounded; validated, so a bound that reaches past every key is -1); ``top_left`` aligns the diagonal at
-    the top-left corner (SDPA's ``is_causal``) instead of the bottom-right (flash-attn)."""
+    the top-left corner (SDPA's ``is_causal``) instead of the bottom-right (flash-attn). (A named tuple, as
+    are the kernels' ``Params`` and ``Rows``: one is made on every call, and a frozen dataclass took 1-2 us
+    of host time more each, on the CPU of benchmarks/results/host_overhead_issue25_cpu_2026-12-07.json.)"""
 
     causal: bool = False
     window: tuple[int, int] = (-1, -1)

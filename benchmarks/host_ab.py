@@ -1,0 +1,113 @@
+"""Host time per public call, this tree against another tree's, on a GPU, interleaved:
+python benchmarks/host_ab.py --baseline OTHER_ROOT [--rounds 5] --json PATH.
+
+Calls whose kernels take less time than Python takes to issue them (decode, short or windowed rows) are
+bound by the host: a change to the dispatch shows there, not in the kernels. Per case, ``host_us`` is the
+time to issue 300 back-to-back calls before the one synchronisation at the end (as in host_overhead.py),
+the best of 5 loops; each round runs one subprocess per tree (``--worker``, that tree first on sys.path),
+baseline first, and a row is the median over rounds. OTHER_ROOT holds the other ``sigattn`` package
+(``git archive OLD sigattn | tar -x -C OTHER_ROOT``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def cases():
+    """(name, call): the host-bound calls of benchmarks/tree_ab.py, forward only, and a backward."""
+    import torch
+
+    import sigattn
+
+    def qkv(batch, seqlen, heads, grad=False):
+        return [
+            torch.randn(batch, seqlen, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+            for _ in range(3)
+        ]
+
+    q, k, v = qkv(4, 2001, 16)
+    qw, kw, vw = qkv(4, 4096, 16)
+    qg, kg, vg = qkv(1, 512, 16, grad=True)
+    out = sigattn.sigmoid_attn_func(qg, kg, vg, causal=True)
+    dout = torch.randn_like(out)
+    qd = torch.randn(8, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    caches = {n: [torch.randn(8, n, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv"] for n in (1024, 8192)}
+    lengths = {n: torch.full((8,), n - 3, dtype=torch.int32, device="cuda") for n in caches}
+
+    def decode(n):
+        return lambda: sigattn.sigmoid_attn_with_kvcache(qd, *caches[n], cache_seqlens=lengths[n])
+
+    return [
+        ("dense-D128-full-2001 fwd", lambda: sigattn.sigmoid_attn_func(q, k, v)),
+        ("window-D128-(512,0)-4096 fwd", lambda: sigattn.sigmoid_attn_func(qw, kw, vw, window_size=(512, 0))),
+        ("dense-D128-causal-512 bwd", lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)),
+        *((f"decode-B8-Hq32-Hkv8-D128-{n} fwd", decode(n)) for n in caches),
+    ]
+
+
+def worker(path: str) -> None:
+    import torch
+
+    import sigattn
+
+    rows = []
+    for name, call in cases():
+        for _ in range(20):
+            call()
+        torch.cuda.synchronize()
+        loops = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(300):
+                call()
+            loops.append((time.perf_counter() - start) / 300 * 1e6)
+            torch.cuda.synchronize()
+        rows.append({"case": name, "host_us": min(loops)})
+    Path(path).write_text(json.dumps({"sigattn": sigattn.__file__, "rows": rows}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", help="a folder holding the other tree's sigattn package")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--json", help="write {meta, rows} here")
+    parser.add_argument("--worker", metavar="PATH", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker)
+        return
+    here = str(Path(__file__).resolve().parents[1])
+    trees = {"baseline": str(Path(args.baseline).resolve()), "this": here}
+    times: dict[tuple[str, str], list[float]] = {}
+    for r in range(args.rounds):
+        for tree, root in trees.items():
+            part = Path(f"/tmp/host_ab_{tree}_{r}.json")
+            env = {**os.environ, "PYTHONPATH": root}
+            subprocess.run([sys.executable, __file__, "--worker", str(part)], env=env, check=True, cwd=root)
+            result = json.loads(part.read_text())
+            assert result["sigattn"].startswith(root), result["sigattn"]
+            for row in result["rows"]:
+                times.setdefault((row["case"], tree), []).append(row["host_us"])
+    rows = []
+    for case in dict.fromkeys(case for case, _ in times):
+        base, this = (statistics.median(times[(case, t)]) for t in trees)
+        runs = {f"{t}_runs": times[(case, t)] for t in trees}
+        rows.append({"case": case, "baseline_us": base, "this_us": this, "ratio": this / base, **runs})
+        print(f"{case:36s} baseline {base:7.1f} us  this {this:7.1f} us  ratio {this / base:.3f}")
+    if args.json:
+        sys.path.insert(0, here)
+        from sigattn.runinfo import run_meta
+
+        Path(args.json).write_text(json.dumps({"meta": run_meta(" ".join(sys.argv)), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
