@@ -32,6 +32,14 @@ ROW_KEYS = {
     "ms",
     "tflops",
     "peak_mem_mb",
+    # the configuration matrix's fields (issue 26), at their plain values in the sweep
+    "window",
+    "alibi",
+    "head_bias",
+    "deterministic",
+    "dropout",
+    "headdim_v",
+    "kv_heads",
 }
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -359,7 +367,7 @@ def test_bench_command_on_cuda(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--decode", "--varlen"], "choose one of --memory, --decode and --varlen, got --decode --varlen"),
+        (["--decode", "--varlen"], "choose one of --memory, --matrix, --decode and --varlen, got --decode --varlen"),
         (["--decode", "--seqlen", "1k"], "--decode runs its own fixed sweep (bf16): drop --seqlen"),
         (["--varlen", "--plot", "x.png"], "--varlen runs its own fixed sweep (bf16): drop --plot"),
         (["--varlen", "--modes", "fwd"], "drop --modes"),
@@ -439,3 +447,127 @@ def test_varlen_table_ratios_from_graph_and_eager_times():
     table = inf.format_varlen(rows, [("sigattn-dense", 512, "graph replay: RuntimeError")])
     assert table.splitlines()[2] == "| equal | 512 | fwd | 300 | - | 10 | - | 30.00 | 0.50 | 20.00 |"
     assert table.splitlines()[-1] == "skipped sigattn-dense at seqlen 512: graph replay: RuntimeError"
+
+
+# ------------------------------------------------------------------------- the configuration matrix
+
+
+@pytest.mark.parametrize("seqlen", [1, 7, 64])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("window", [None, (0, 0), (3, 0), (5, 2), (-1, 4), (2, -1), (100, 100)])
+def test_flops_count_the_pairs_a_window_allows(seqlen, causal, window):
+    from sigattn.ops.sigmoid_attn.reference import Mask, allowed_keys
+
+    mask = Mask(causal, window or (-1, -1))
+    allowed = allowed_keys(seqlen, seqlen, torch.tensor([seqlen]), mask)
+    pairs = int(allowed.expand(1, 1, seqlen, seqlen).sum())
+    assert bench.unmasked_pairs(seqlen, causal, window) == pairs
+    shape = Shape(2, 3, seqlen, 8, causal, "bf16", window=window, headdim_v=4)
+    assert attention_flops(shape, "fwd") == 2 * 2 * 3 * pairs * (8 + 4)
+
+
+def test_matrix_plan():
+    plan = command.make_plan(parse("--matrix"))
+    configs = {(s.seqlen, s.config or "plain") for s in plan.shapes}
+    assert (16384, "window 4096,0") in configs
+    assert (4096, "window 4096,0") not in configs and (1024, "window 256,0") in configs  # shorter than S only
+    assert {c for _, c in configs} == {
+        *(f"window {w},0" for w in (256, 1024, 4096)),
+        *("alibi", "head_bias", "deterministic", "dropout 0.1", "plain", "dv 128", "gqa 32/8"),
+    }
+    assert {s.headdim for s in plan.shapes if not s.config} == {32, 64, 96, 128, 192, 256}
+    for s in plan.shapes:
+        assert s.batch * s.seqlen == 16384 and s.heads == 2048 // s.headdim
+    gqa = [s for s in plan.shapes if s.hkv != s.heads]
+    assert {(s.heads, s.hkv, s.headdim, s.causal) for s in gqa} == {(32, 8, 64, True), (32, 8, 64, False)}
+    quick = command.make_plan(parse("--matrix", "--quick", "--config", "window|gqa"))
+    assert {s.seqlen for s in quick.shapes} == {4096} and quick.timing == bench.QUICK_TIMING
+    assert {s.config for s in quick.shapes} == {"window 256,0", "window 1024,0", "gqa 32/8"}
+    assert {s.config for s in command.make_plan(parse("--matrix", "--config", "^plain$")).shapes} == {""}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--matrix", "--headdim", "64"), "--matrix fixes head dims"),
+        (("--matrix", "--causal"), "drop --causal"),
+        (("--config", "window"), "add --matrix"),
+        (("--matrix", "--config", "("), "must be a regular expression"),
+        (("--matrix", "--config", "nothing-like-this"), "matches no configuration"),
+        (("--matrix", "--memory"), "choose one of --memory and --matrix"),
+    ],
+)
+def test_matrix_options_that_conflict(argv, message):
+    with pytest.raises(ValueError, match=message):
+        command.make_plan(parse(*argv))
+
+
+def test_providers_decline_what_they_do_not_compute():
+    def declines(provider, **options):
+        return bench.PROVIDERS[provider].declines(Shape(1, 16, 4096, 128, True, "bf16", **options))
+
+    assert declines("sigattn") is None and declines("sigattn", window=(256, 0), alibi=True) is None
+    assert "dropout" in declines("sigattn", dropout=0.1) and "value head dim" in declines("sigattn", headdim_v=64)
+    for sdpa in ("sdpa-flash", "sdpa-cudnn"):
+        assert declines(sdpa) is None and declines(sdpa, kv_heads=4) is None and declines(sdpa, dropout=0.1) is None
+        assert "sliding window" in declines(sdpa, window=(256, 0))
+        assert "bias" in declines(sdpa, alibi=True) and "bias" in declines(sdpa, head_bias=True)
+        assert "deterministic" in declines(sdpa, deterministic=True)
+    assert declines("flex-softmax", window=(256, 0)) is None and "dropout" in declines("flex-softmax", dropout=0.1)
+    for plain in ("flex-sigmoid", "triton-sigmoid"):
+        assert declines(plain) is None and "full or causal" in declines(plain, kv_heads=4)
+
+
+def test_declined_shapes_are_skips_with_the_reason():
+    shape = Shape(1, 16, 4096, 128, True, "bf16", dropout=0.1)
+    built = []
+    providers = [
+        bench.PROVIDERS["sigattn"].__class__("sigattn", "bshd", built.append, lambda: None, bench._sigattn_declines)
+    ]
+    rows, skips = bench.run_sweep([shape], providers, ["fwd", "bwd"], fake_measure)
+    assert rows == [] and built == []
+    assert [(s.mode, s.error) for s in skips] == [
+        (m, "not measured: attention dropout is not implemented yet (issue 26)") for m in ("fwd", "bwd")
+    ]
+    table = bench.format_table(rows, skips, ["sigattn"]).splitlines()
+    assert table[0].split()[:4] == ["headdim", "mask", "config", "seqlen"]
+    assert table[1].split()[:5] == ["128", "causal", "dropout", "0.1", "4096"]
+
+
+def test_sigattn_provider_passes_the_configuration(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(bench, "sigmoid_attn_func", lambda q, k, v, **options: seen.update(options))
+    shape = Shape(1, 4, 64, 32, True, "bf16", window=(16, 0), alibi=True, head_bias=True, deterministic=True)
+    bench._sigattn(shape, device="cpu")(None, None, None)
+    assert seen["causal"] is True and seen["window_size"] == (16, 0) and seen["deterministic"] is True
+    assert torch.allclose(seen["alibi_slopes"], torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8]))
+    assert seen["bias"].shape == (4,) and seen["bias"].requires_grad
+
+
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_inputs_of_gqa_and_a_value_head_dim(layout):
+    q, k, v = bench.make_inputs(layout, Shape(2, 8, 5, 16, True, "bf16", headdim_v=4, kv_heads=2), device="cpu")
+    shapes = [(2, 5, 8, 16), (2, 5, 2, 16), (2, 5, 2, 4)]
+    if layout == "bhsd":
+        shapes = [(b, h, s, d) for b, s, h, d in shapes]
+    assert [tuple(t.shape) for t in (q, k, v)] == shapes
+    out = torch.randn(*q.shape[:-1], v.shape[-1])
+    step = bench.timed_call(lambda q, k, v: out.requires_grad_() * 1, [q, k, v], "bwd")
+    step()  # the output gradient has the output's shape (value head dim)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("causal, window", [(True, (5, 0)), (False, (3, 2)), (False, None), (True, None)])
+def test_flex_softmax_is_softmax_with_the_mask(causal, window):
+    from sigattn.ops.sigmoid_attn.reference import Mask, allowed_keys
+
+    seqlen = 37
+    shape = Shape(2, 4, seqlen, 16, causal, "bf16", window=window, kv_heads=2)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, seqlen, 16, generator=gen)
+    k, v = (torch.randn(2, 2, seqlen, 16, generator=gen) for _ in "kv")
+    got = bench.flex_softmax_attention(shape, device="cpu", compiled=False)(q, k, v)
+    mask = allowed_keys(seqlen, seqlen, torch.tensor([seqlen]), Mask(causal, window or (-1, -1)))[0, 0]
+    scores = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) / 4.0
+    expected = scores.masked_fill(~mask, -math.inf).softmax(-1) @ v.repeat_interleave(2, dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -16,16 +17,19 @@ from .sweep import (
     DTYPES,
     HEADDIMS,
     HIDDEN,
+    MATRIX_SEQLENS,
     MEMORY_MODE,
     MODES,
     PROVIDERS,
     QUICK_HEADDIMS,
+    QUICK_MATRIX_SEQLENS,
     QUICK_SEQLENS,
     QUICK_TIMING,
     SEQLENS,
     TIMING,
     TOKENS,
     Plan,
+    matrix_shapes,
     memory_shapes,
     sweep_shapes,
 )
@@ -88,6 +92,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "seqlen 64k, beyond inputs, output and gradients",
     )
     parser.add_argument(
+        "--matrix",
+        action="store_true",
+        help="instead of the sweep: the configuration matrix (sliding windows, ALiBi, per-head bias, "
+        "deterministic, dropout, every head dim, Dqk/Dv 192/128, GQA 32/8) at seqlen 1k 4k 16k",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="REGEX",
+        help="with --matrix: only the configurations whose label matches (e.g. 'window', 'gqa'; 'plain' for "
+        "the plain head-dim rows)",
+    )
+    parser.add_argument(
         "--decode",
         action="store_true",
         help="instead of the sweep: KV-cache decode bandwidth (GB/s) against SDPA's backends and a copy "
@@ -102,9 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_inference_args(args: argparse.Namespace) -> None:
     """--decode and --varlen run their own fixed sweeps: the dense sweep's options do not apply."""
-    chosen = [f"--{n}" for n in ("memory", "decode", "varlen") if getattr(args, n)]
+    chosen = [f"--{n}" for n in ("memory", "matrix", "decode", "varlen") if getattr(args, n)]
     if len(chosen) > 1:
-        raise ValueError(f"choose one of --memory, --decode and --varlen, got {' '.join(chosen)}")
+        raise ValueError(f"choose one of --memory, --matrix, --decode and --varlen, got {' '.join(chosen)}")
+    if args.config is not None:
+        raise ValueError("--config selects configurations of --matrix: drop it")
     conflicting = [f"--{n}" for n in ("headdim", "seqlen", "causal", "full") if getattr(args, n)]
     conflicting += ["--modes"] if args.modes != list(MODES) else []
     conflicting += ["--providers"] if args.providers != list(PROVIDERS) else []
@@ -119,6 +137,25 @@ def make_plan(args: argparse.Namespace) -> Plan:
     causals = [c for c, flag in ((True, args.causal), (False, args.full)) if flag] or [True, False]
     providers = list(dict.fromkeys(args.providers))
     timing = QUICK_TIMING if args.quick else TIMING
+    if args.config is not None and not args.matrix:
+        raise ValueError("--config selects configurations of the matrix: add --matrix")
+    if args.matrix:
+        if args.memory:
+            raise ValueError("choose one of --memory and --matrix")
+        conflicting = [f"--{n}" for n in ("headdim", "causal", "full", "plot") if getattr(args, n)]
+        if conflicting:
+            raise ValueError(f"--matrix fixes head dims and masks and draws no plot: drop {', '.join(conflicting)}")
+        seqlens = args.seqlen or (QUICK_MATRIX_SEQLENS if args.quick else MATRIX_SEQLENS)
+        shapes = matrix_shapes(seqlens, args.dtype)
+        if args.config is not None:
+            try:
+                pattern = re.compile(args.config)
+            except re.error as error:
+                raise ValueError(f"--config must be a regular expression, got {args.config!r} ({error})") from None
+            shapes = [s for s in shapes if pattern.search(s.config or "plain")]
+            if not shapes:
+                raise ValueError(f"--config {args.config!r} matches no configuration of the matrix")
+        return Plan(shapes, list(dict.fromkeys(args.modes)), providers, timing)
     if args.memory:
         conflicting = [f"--{n}" for n in ("headdim", "seqlen", "quick", "plot") if getattr(args, n)]
         conflicting += ["--modes"] if args.modes != list(MODES) else []

@@ -10,9 +10,19 @@ and require grad (so ``fwd`` is a training forward). Providers (``PROVIDERS``):
     sdpa-flash    softmax torch.nn.functional.scaled_dot_product_attention, FlashAttention kernel
     sdpa-cudnn    the same on cuDNN's kernel
     flex-sigmoid  exact sigmoid attention in FlexAttention, compiled (``flex_sigmoid_attention``)
+    flex-softmax  softmax FlexAttention with the shape's mask as a block mask (``flex_softmax_attention``):
+                  the softmax baseline of sliding windows
+    triton-sigmoid  the PyPI package triton-sigmoid (0.1.2: dense, one key head per query head, full or
+                  causal), with sigattn's bias -log(seqlen); skipped while it is not installed
 
-FLOPs count only the unmasked (query, key) pairs: forward ``4 * B * H * pairs * D`` with pairs = S * S
-(full) or S * (S + 1) / 2 (causal); backward 2.5 x forward; forward + backward 3.5 x.
+``--matrix`` measures the configuration matrix (``matrix_shapes``: sliding windows, ALiBi, a per-head bias,
+a deterministic backward, dropout, every head dim, Dqk/Dv 192/128, GQA 32/8) instead. A provider that does
+not compute what sigattn computes for a shape says why (``Provider.declines``), and the table shows a skip
+with that reason: SDPA has no sliding window, no softmax kernel computes ALiBi or a per-head bias as sigmoid
+attention does (a per-head constant cancels in the softmax), sigattn has no dropout or Dv != Dqk yet.
+
+FLOPs count only the unmasked (query, key) pairs (``unmasked_pairs``: S * S full, S * (S + 1) / 2 causal, a
+window's band): forward ``2 * B * H * pairs * (D + Dv)``; backward 2.5 x forward; forward + backward 3.5 x.
 
 ``peak_mem_mb``, in MiB (2**20 bytes): the peak of ``torch.cuda.max_memory_allocated`` during one call of
 the timed function, less what was allocated before the call (the inputs, and for ``bwd`` the forward's
@@ -23,11 +33,12 @@ forward + backward. Its rows have mode ``"fwd+bwd-memory"``, and there ``peak_me
 the output and the three gradients: what remains is the attention's own working memory.
 
 ``--json PATH`` writes ``{"meta": {"device", "torch", "triton", "python", "cuda", "date", "command",
-"git_commit"}, "rows": [{"provider", "mode", "batch", "heads", "seqlen", "headdim", "causal", "dtype", "ms",
-"tflops", "peak_mem_mb"}]}`` (``meta`` is ``sigattn.runinfo.run_meta``: ``git_commit`` None outside a git
-checkout, "-dirty" when tracked files changed). A
-measurement that failed (out of memory, unsupported shape) is no row; the printed table marks it "skip"
-with the error. ``--plot PATH`` draws TFLOP/s against seqlen, one panel per (headdim, mask, mode).
+"git_commit"}, "rows": [{"provider", "mode", "batch", "heads", "seqlen", "headdim", "causal", "dtype", "window",
+"alibi", "head_bias", "deterministic", "dropout", "headdim_v", "kv_heads", "ms", "tflops", "peak_mem_mb"}]}``
+(``meta`` is ``sigattn.runinfo.run_meta``: ``git_commit`` None outside a git checkout, "-dirty" when tracked
+files changed). A measurement that failed (out of memory, unsupported shape) or that a provider declines is no
+row; the printed table marks it "skip" with the error or the reason. ``--plot PATH`` draws TFLOP/s against
+seqlen, one panel per (headdim, mask, mode).
 """
 
 from __future__ import annotations
@@ -54,6 +65,10 @@ TOKENS, HIDDEN = 16384, 2048
 HEADDIMS = (64, 128)
 SEQLENS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK_HEADDIMS, QUICK_SEQLENS = (128,), (1024, 4096)
+# The configuration matrix (--matrix): its sequence lengths, windows (keys back from the diagonal) and head dims.
+MATRIX_SEQLENS, QUICK_MATRIX_SEQLENS = (1024, 4096, 16384), (4096,)
+MATRIX_WINDOWS = (256, 1024, 4096)
+MATRIX_HEADDIMS = (32, 64, 96, 128, 192, 256)
 MODES = ("fwd", "bwd", "fwd+bwd")
 MEMORY_MODE = "fwd+bwd-memory"
 FLOPS_PER_FORWARD = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5, MEMORY_MODE: 3.5}
@@ -68,12 +83,40 @@ Attn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
+    """One measured configuration. The fields after ``dtype`` are the configuration matrix's (``--matrix``);
+    their defaults are the sweep's plain full or causal attention."""
+
     batch: int
     heads: int
     seqlen: int
     headdim: int
     causal: bool
     dtype: str  # a key of DTYPES
+    window: tuple[int, int] | None = None  # flash-attn's window_size (left, right); None: no window
+    alibi: bool = False  # ALiBi slopes, one per head
+    head_bias: bool = False  # a per-head bias tensor, which receives a gradient
+    deterministic: bool = False  # a deterministic backward
+    dropout: float = 0.0  # attention dropout probability
+    headdim_v: int | None = None  # the value head dim; None: headdim
+    kv_heads: int | None = None  # key/value heads (GQA); None: heads
+
+    @property
+    def dv(self) -> int:
+        return self.headdim if self.headdim_v is None else self.headdim_v
+
+    @property
+    def hkv(self) -> int:
+        return self.heads if self.kv_heads is None else self.kv_heads
+
+    @property
+    def config(self) -> str:
+        """The matrix options of this shape in a few words ("" for the sweep's plain shapes)."""
+        words = [f"window {self.window[0]},{self.window[1]}"] if self.window else []
+        words += [name for name in ("alibi", "head_bias", "deterministic") if getattr(self, name)]
+        words += [f"dropout {self.dropout:g}"] if self.dropout else []
+        words += [f"dv {self.dv}"] if self.dv != self.headdim else []
+        words += [f"gqa {self.heads}/{self.hkv}"] if self.hkv != self.heads else []
+        return " ".join(words)
 
 
 def sweep_shapes(headdims: Iterable[int], seqlens: Iterable[int], causals: Iterable[bool], dtype: str) -> list[Shape]:
@@ -81,17 +124,51 @@ def sweep_shapes(headdims: Iterable[int], seqlens: Iterable[int], causals: Itera
     return [Shape(max(TOKENS // s, 1), HIDDEN // d, s, d, c, dtype) for d in headdims for c in causals for s in seqlens]
 
 
+def matrix_shapes(seqlens: Iterable[int], dtype: str) -> list[Shape]:
+    """The configuration matrix (issue 26) at TOKENS tokens: causal sliding windows of MATRIX_WINDOWS keys
+    back (shorter than the sequence), ALiBi, a per-head bias, a deterministic backward and dropout 0.1 at
+    D128 causal; every head dim of MATRIX_HEADDIMS causal and full (heads = HIDDEN // headdim); query/key
+    head dim 192 with value head dim 128; GQA of 32 query heads over 8 at D64, causal and full."""
+
+    def at(seqlen: int, headdim: int = 128, causal: bool = True, **options) -> Shape:
+        return Shape(max(TOKENS // seqlen, 1), HIDDEN // headdim, seqlen, headdim, causal, dtype, **options)
+
+    shapes = []
+    for s in seqlens:
+        shapes += [at(s, window=(w, 0)) for w in MATRIX_WINDOWS if w < s]
+        shapes += [at(s, alibi=True), at(s, head_bias=True), at(s, deterministic=True), at(s, dropout=0.1)]
+        shapes += [at(s, d, c) for d in MATRIX_HEADDIMS for c in (True, False)]
+        shapes += [at(s, 192, headdim_v=128), *(at(s, 64, c, kv_heads=8) for c in (True, False))]
+    return shapes
+
+
 def memory_shapes(causals: Iterable[bool], dtype: str) -> list[Shape]:
     return [Shape(1, 16, 65536, 128, c, dtype) for c in causals]
 
 
+def unmasked_pairs(seqlen: int, causal: bool, window: tuple[int, int] | None) -> int:
+    """The (query, key) pairs a mask allows in a square score matrix: query i sees keys i - left .. i + right
+    (a bound of -1 unbounded; causal sets right = 0), clipped to [0, seqlen)."""
+    left, right = window or (-1, -1)
+    right = 0 if causal else right
+    i = torch.arange(seqlen, dtype=torch.int64)
+    first = (i - left).clamp(min=0) if left >= 0 else torch.zeros_like(i)
+    last = (i + right).clamp(max=seqlen - 1) if right >= 0 else torch.full_like(i, seqlen - 1)
+    return int((last - first + 1).clamp(min=0).sum())
+
+
 def attention_flops(shape: Shape, mode: str) -> float:
-    s = shape.seqlen
-    pairs = s * (s + 1) // 2 if shape.causal else s * s
-    return 4 * shape.batch * shape.heads * pairs * shape.headdim * FLOPS_PER_FORWARD[mode]
+    """The products' FLOPs over the unmasked pairs: 2 per multiply-add of Q Kᵀ (headdim) and of P V (the
+    value head dim) in the forward; the backward 2.5 times the forward (flash-attn's convention)."""
+    pairs = unmasked_pairs(shape.seqlen, shape.causal, shape.window)
+    return 2 * shape.batch * shape.heads * pairs * (shape.headdim + shape.dv) * FLOPS_PER_FORWARD[mode]
 
 
 # ----------------------------------------------------------------------------------------- providers
+
+
+def _serves_every_shape(shape: Shape) -> str | None:
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,12 +177,25 @@ class Provider:
     layout: str  # "bshd" (flash-attn's (B, S, H, D)) or "bhsd" (SDPA's (B, H, S, D))
     build: Callable[[Shape], Attn]  # the attention for one shape; masks and compilation happen here, untimed
     missing: Callable[[], str | None]  # why the provider cannot run in this installation, else None
+    # why it does not compute what sigattn computes for this shape (a skip with that reason), else None
+    declines: Callable[[Shape], str | None] = _serves_every_shape
 
 
-def _sigattn(shape: Shape) -> Attn:
+def alibi_slopes(heads: int, device="cuda") -> Tensor:
+    """The ALiBi paper's slopes for ``heads`` heads (a power of two: 2^(-8 h / heads)), float32."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)], device=device)
+
+
+def _sigattn(shape: Shape, device="cuda") -> Attn:
+    slopes = alibi_slopes(shape.heads, device) if shape.alibi else None
+    bias = None
+    if shape.head_bias:
+        bias = torch.full((shape.heads,), -math.log(shape.seqlen), device=device, requires_grad=True)
+    options = dict(causal=shape.causal, window_size=shape.window or (-1, -1), alibi_slopes=slopes, bias=bias)
+
     def attn(q, k, v):
         with use_backend("triton"):
-            return sigmoid_attn_func(q, k, v, causal=shape.causal)
+            return sigmoid_attn_func(q, k, v, deterministic=shape.deterministic, **options)
 
     return attn
 
@@ -116,15 +206,35 @@ def _sigattn_missing() -> str | None:
     return None
 
 
+def _sigattn_declines(shape: Shape) -> str | None:
+    if shape.dropout:
+        return "attention dropout is not implemented yet (issue 26)"
+    if shape.dv != shape.headdim:
+        return "a value head dim other than the query's is not implemented yet (issue 26)"
+    return None
+
+
+def _softmax_declines(shape: Shape) -> str | None:
+    """What no softmax kernel computes as sigattn does: ALiBi and per-head biases change sigmoid attention but
+    not softmax (a per-head constant cancels), and sigattn's own deterministic backward is the baseline of
+    its non-deterministic one."""
+    if shape.alibi or shape.head_bias:
+        return "a bias term: softmax baselines time the same mask without it (ALiBi and head biases are sigattn's)"
+    if shape.deterministic:
+        return "deterministic: compared with sigattn's own backward"
+    return None
+
+
 def _sdpa(kernel: str) -> Callable[[Shape], Attn]:
     def build(shape: Shape) -> Attn:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         backend = getattr(SDPBackend, kernel)
+        options = dict(is_causal=shape.causal, dropout_p=shape.dropout, enable_gqa=shape.hkv != shape.heads)
 
         def attn(q, k, v):
             with sdpa_kernel(backend):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=shape.causal)
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, **options)
 
         return attn
 
@@ -138,6 +248,12 @@ def _sdpa_missing(kernel: str) -> Callable[[], str | None]:
         return None if hasattr(SDPBackend, kernel) else f"torch {torch.__version__} has no SDPBackend.{kernel}"
 
     return missing
+
+
+def _sdpa_declines(shape: Shape) -> str | None:
+    if shape.window:
+        return "SDPA has no sliding window (but through attn_mask, which its flash and cuDNN kernels do not take)"
+    return _softmax_declines(shape)
 
 
 def _flex_missing() -> str | None:
@@ -189,18 +305,89 @@ def _flex_attention_with_lse(flex_attention, q, k, v, score_mod, block_mask) -> 
     return out, aux.lse
 
 
+def _plain_declines(what: str) -> Callable[[Shape], str | None]:
+    """For a provider that computes plain (full or causal, one head per key head, D = Dv) attention only."""
+
+    def declines(shape: Shape) -> str | None:
+        return f"{what} computes full or causal attention only" if shape.config else None
+
+    return declines
+
+
+def window_mask(seqlen: int, causal: bool, window: tuple[int, int] | None):
+    """FlexAttention's ``mask_mod`` of sigattn's mask on a square score matrix (None: no mask at all)."""
+    left, right = window or (-1, -1)
+    right = 0 if causal else right
+    if (left, right) == (-1, -1):
+        return None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx >= 0  # every key, as a tensor
+        if left >= 0:
+            allowed = allowed & (kv_idx >= q_idx - left)
+        if right >= 0:
+            allowed = allowed & (kv_idx <= q_idx + right)
+        return allowed
+
+    return mask_mod
+
+
+def flex_softmax_attention(shape: Shape, device="cuda", *, compiled: bool = True) -> Attn:
+    """Softmax attention in FlexAttention with sigattn's mask as a block mask, so that masked tiles are
+    skipped: the softmax baseline for sliding windows (SDPA's kernels have none)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    mask_mod = window_mask(shape.seqlen, shape.causal, shape.window)
+    block_mask = None
+    if mask_mod is not None:
+        block_mask = create_block_mask(mask_mod, None, None, shape.seqlen, shape.seqlen, device=device)
+    gqa = shape.hkv != shape.heads
+
+    def attn(q, k, v):
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+
+    if not compiled:
+        return attn
+    torch._dynamo.reset()
+    return torch.compile(attn, fullgraph=True)
+
+
+def _flex_softmax_declines(shape: Shape) -> str | None:
+    return _softmax_declines(shape) or ("dropout: FlexAttention has none" if shape.dropout else None)
+
+
+def _triton_sigmoid(shape: Shape) -> Attn:
+    import triton_sigmoid
+
+    bias = -math.log(shape.seqlen)
+
+    def attn(q, k, v):
+        return triton_sigmoid.sigmoid_attention(q, k, v, is_causal=shape.causal, sigmoid_bias=bias)
+
+    return attn
+
+
+def _triton_sigmoid_missing() -> str | None:
+    if importlib.util.find_spec("triton_sigmoid") is None:
+        return "the package triton-sigmoid is not installed (pip install triton-sigmoid==0.1.2)"
+    return None
+
+
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
-        Provider("sigattn", "bshd", _sigattn, _sigattn_missing),
-        Provider("sdpa-flash", "bhsd", _sdpa("FLASH_ATTENTION"), _sdpa_missing("FLASH_ATTENTION")),
-        Provider("sdpa-cudnn", "bhsd", _sdpa("CUDNN_ATTENTION"), _sdpa_missing("CUDNN_ATTENTION")),
+        Provider("sigattn", "bshd", _sigattn, _sigattn_missing, _sigattn_declines),
+        Provider("sdpa-flash", "bhsd", _sdpa("FLASH_ATTENTION"), _sdpa_missing("FLASH_ATTENTION"), _sdpa_declines),
+        Provider("sdpa-cudnn", "bhsd", _sdpa("CUDNN_ATTENTION"), _sdpa_missing("CUDNN_ATTENTION"), _sdpa_declines),
         Provider(
             "flex-sigmoid",
             "bhsd",
             lambda s: flex_sigmoid_attention(s.seqlen, s.causal, "cuda"),
             _flex_missing,
+            _plain_declines("this FlexAttention formulation"),
         ),
+        Provider("flex-softmax", "bhsd", flex_softmax_attention, _flex_missing, _flex_softmax_declines),
+        Provider("triton-sigmoid", "bshd", _triton_sigmoid, _triton_sigmoid_missing, _plain_declines("triton-sigmoid")),
     )
 }
 BASELINE = "sigattn"  # ratios are its TFLOP/s over each other provider's
@@ -210,15 +397,17 @@ BASELINE = "sigattn"  # ratios are its TFLOP/s over each other provider's
 
 
 def make_inputs(layout: str, shape: Shape, device="cuda") -> list[Tensor]:
-    b, h, s, d = shape.batch, shape.heads, shape.seqlen, shape.headdim
-    dims = (b, s, h, d) if layout == "bshd" else (b, h, s, d)
-    return [torch.randn(dims, device=device, dtype=DTYPES[shape.dtype], requires_grad=True) for _ in range(3)]
+    """q (heads, headdim), k (kv heads, headdim) and v (kv heads, value head dim), in ``layout``."""
+    b, s = shape.batch, shape.seqlen
+    heads_dims = ((shape.heads, shape.headdim), (shape.hkv, shape.headdim), (shape.hkv, shape.dv))
+    dims = [(b, s, h, d) if layout == "bshd" else (b, h, s, d) for h, d in heads_dims]
+    return [torch.randn(d, device=device, dtype=DTYPES[shape.dtype], requires_grad=True) for d in dims]
 
 
 def timed_call(attn: Attn, inputs: list[Tensor], mode: str) -> Callable[[], object]:
     """What one timing of ``mode`` runs: the forward, the backward of one saved forward, or both."""
     q, k, v = inputs
-    dout = torch.randn_like(q)  # the output has the shape of q
+    dout = torch.randn(*q.shape[:-1], v.shape[-1], device=q.device, dtype=q.dtype)  # the output's shape
     if mode == "fwd":
         return lambda: attn(q, k, v)
     if mode == "bwd":
@@ -261,6 +450,8 @@ def make_row(provider: str, shape: Shape, mode: str, ms: float, peak_mib: float)
         "provider": provider,
         "mode": mode,
         **dataclasses.asdict(shape),
+        "headdim_v": shape.dv,
+        "kv_heads": shape.hkv,
         "ms": round(ms, 5),
         "tflops": round(attention_flops(shape, mode) / (ms * 1e-3) / 1e12, 2),
         "peak_mem_mb": round(peak_mib, 1),
@@ -285,6 +476,10 @@ def run_sweep(
     for shape in shapes:
         before = len(rows)
         for provider in providers:
+            declined = provider.declines(shape)
+            if declined:
+                skips += [Skip(provider.name, shape, mode, f"not measured: {declined}") for mode in modes]
+                continue
             try:
                 attn = provider.build(shape)
             except Exception as error:  # a provider that cannot even be set up
@@ -299,7 +494,8 @@ def run_sweep(
                         torch.cuda.empty_cache()
                     continue
                 rows.append(make_row(provider.name, shape, mode, ms, peak))
-        progress(f"headdim {shape.headdim} {_mask(shape.causal)} seqlen {shape.seqlen}: {len(rows) - before} measured")
+        what = " ".join(filter(None, [f"headdim {shape.headdim}", _mask(shape.causal), shape.config]))
+        progress(f"{what} seqlen {shape.seqlen}: {len(rows) - before} measured")
     return rows, skips
 
 
@@ -314,21 +510,33 @@ def _seqlen_label(s: int) -> str:
     return f"{s // 1024}k" if s >= 1024 and s % 1024 == 0 else str(s)
 
 
+def row_shape(row: dict) -> Shape:
+    """The Shape a row (``make_row``'s, or read back from JSON) was measured at."""
+    fields = {f.name: row[f.name] for f in dataclasses.fields(Shape) if f.name in row}
+    if fields.get("window") is not None:
+        fields["window"] = tuple(fields["window"])
+    return Shape(**fields)
+
+
 def format_table(rows: list[dict], skips: list[Skip], providers: list[str], metric="tflops", ratios=True) -> str:
-    """One line per (headdim, mask, seqlen, mode): ``metric`` per provider, then sigattn's TFLOP/s over
-    each other provider's (>1: sigattn is faster). A failed measurement shows "skip[n]", n its footnote."""
-    cells: dict[tuple, dict[str, str]] = {}  # (headdim, causal, seqlen, mode) -> provider -> cell
+    """One line per (headdim, mask, configuration, seqlen, mode): ``metric`` per provider, then sigattn's
+    TFLOP/s over each other provider's (>1: sigattn is faster). A measurement that failed or that a provider
+    declines shows "skip[n]", n its footnote. The configuration column appears when some shape has one."""
+    cells: dict[tuple, dict[str, str]] = {}  # (headdim, causal, config, seqlen, mode) -> provider -> cell
     values: dict[tuple, dict[str, float]] = {}
     notes: dict[str, int] = {}  # error -> footnote number
     for r in rows:
-        key = (r["headdim"], r["causal"], r["seqlen"], r["mode"])
+        key = (r["headdim"], r["causal"], row_shape(r).config, r["seqlen"], r["mode"])
         cells.setdefault(key, {})[r["provider"]] = f"{r[metric]:.1f}"
         values.setdefault(key, {})[r["provider"]] = r[metric]
     for s in skips:
         note = notes.setdefault(s.error, len(notes) + 1)
-        cells.setdefault((s.shape.headdim, s.shape.causal, s.shape.seqlen, s.mode), {})[s.provider] = f"skip[{note}]"
+        key = (s.shape.headdim, s.shape.causal, s.shape.config, s.shape.seqlen, s.mode)
+        cells.setdefault(key, {})[s.provider] = f"skip[{note}]"
     others = [p for p in providers if p != BASELINE] if ratios and BASELINE in providers else []
-    lines = [["headdim", "mask", "seqlen", "mode", *providers, *(f"vs {p}" for p in others)]]
+    configs = any(key[2] for key in cells)
+    lines = [["headdim", "mask", *(["config"] if configs else []), "seqlen", "mode", *providers]]
+    lines[0] += [f"vs {p}" for p in others]
     for key, by_provider in cells.items():
         ours = values.get(key, {}).get(BASELINE)
         theirs = [values.get(key, {}).get(p) for p in others]
@@ -336,8 +544,9 @@ def format_table(rows: list[dict], skips: list[Skip], providers: list[str], metr
             [
                 str(key[0]),
                 _mask(key[1]),
-                str(key[2]),
-                key[3],
+                *([key[2] or "-"] if configs else []),
+                str(key[3]),
+                key[4],
                 *(by_provider.get(p, "-") for p in providers),
                 *(f"{ours / t:.2f}x" if ours and t else "-" for t in theirs),
             ]
