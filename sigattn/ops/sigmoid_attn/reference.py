@@ -55,8 +55,8 @@ class Mask(NamedTuple):
     ``causal`` and ``window`` = (left, right) as the public functions take them (a bound of -1 is
     unbounded; validated, so a bound that reaches past every key is -1); ``top_left`` aligns the diagonal at
     the top-left corner (SDPA's ``is_causal``) instead of the bottom-right (flash-attn). (A named tuple, as
-    are the kernels' ``Params`` and ``Rows``: one is made on every call, and a frozen dataclass took 1-2 us
-    of host time more each, on the CPU of benchmarks/results/host_overhead_issue25_cpu_2026-12-07.json.)"""
+    are the kernels' ``Params`` and ``Rows``: one is made on every call, and a frozen dataclass's __init__
+    sets each field through object.__setattr__; host time per call: benchmarks/host_ab.py.)"""
 
     causal: bool = False
     window: tuple[int, int] = (-1, -1)
