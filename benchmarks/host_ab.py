@@ -1,5 +1,5 @@
 """Host time per public call, this tree against another tree's, on a GPU, interleaved:
-python benchmarks/host_ab.py --baseline OTHER_ROOT [--rounds 5] --json PATH.
+python benchmarks/host_ab.py --baseline OTHER_ROOT [--rounds 5] [--stub-launches] --json PATH.
 
 Calls whose kernels take less time than Python takes to issue them (decode, short or windowed rows) are
 bound by the host: a change to the dispatch shows there, not in the kernels. Per case, ``host_us`` is the
@@ -7,6 +7,11 @@ time to issue 300 back-to-back calls before the one synchronisation at the end (
 the best of 5 loops; each round runs one subprocess per tree (``--worker``, that tree first on sys.path),
 baseline first, and a row is the median over rounds. OTHER_ROOT holds the other ``sigattn`` package
 (``git archive OLD sigattn | tar -x -C OTHER_ROOT``).
+
+``--stub-launches`` needs no GPU: CPU tensors on the ``triton`` backend (Triton's interpreter mode), with
+every Triton kernel object replaced by one whose launch does nothing, so what is timed is the Python above
+the kernels (validation, dispatch, autograd, argument packing). Where the kernels live is found by name in
+either tree's layout. The Gluon kernels never run on the CPU.
 """
 
 from __future__ import annotations
@@ -20,8 +25,36 @@ import sys
 import time
 from pathlib import Path
 
+KERNEL_MODULES = ("sigattn.ops.sigmoid_attn.triton_host", "sigattn.ops.sigmoid_attn.flash")  # new, old layout
+KERNELS = (
+    "sigmoid_attn_fwd_kernel",
+    "sigmoid_attn_bwd_kernel_dkdv",
+    "sigmoid_attn_bwd_kernel_dq",
+    "sigmoid_attn_sum_splits_kernel",
+)
 
-def cases():
+
+class _NoLaunch:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def stub_launches() -> None:
+    """Every Triton kernel of this tree's launchers replaced by one that launches nothing."""
+    import importlib
+
+    for name in KERNEL_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for kernel in KERNELS:
+            if hasattr(module, kernel):
+                setattr(module, kernel, _NoLaunch())
+        return
+
+
+def cases(device: str):
     """(name, call): the host-bound calls of benchmarks/tree_ab.py, forward only, and a backward."""
     import torch
 
@@ -29,7 +62,7 @@ def cases():
 
     def qkv(batch, seqlen, heads, grad=False):
         return [
-            torch.randn(batch, seqlen, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+            torch.randn(batch, seqlen, heads, 128, device=device, dtype=torch.bfloat16, requires_grad=grad)
             for _ in range(3)
         ]
 
@@ -38,9 +71,9 @@ def cases():
     qg, kg, vg = qkv(1, 512, 16, grad=True)
     out = sigattn.sigmoid_attn_func(qg, kg, vg, causal=True)
     dout = torch.randn_like(out)
-    qd = torch.randn(8, 1, 32, 128, device="cuda", dtype=torch.bfloat16)
-    caches = {n: [torch.randn(8, n, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv"] for n in (1024, 8192)}
-    lengths = {n: torch.full((8,), n - 3, dtype=torch.int32, device="cuda") for n in caches}
+    qd = torch.randn(8, 1, 32, 128, device=device, dtype=torch.bfloat16)
+    caches = {n: [torch.randn(8, n, 8, 128, device=device, dtype=torch.bfloat16) for _ in "kv"] for n in (1024, 8192)}
+    lengths = {n: torch.full((8,), n - 3, dtype=torch.int32, device=device) for n in caches}
 
     def decode(n):
         return lambda: sigattn.sigmoid_attn_with_kvcache(qd, *caches[n], cache_seqlens=lengths[n])
@@ -53,23 +86,26 @@ def cases():
     ]
 
 
-def worker(path: str) -> None:
+def worker(path: str, stub: bool) -> None:
     import torch
 
     import sigattn
 
+    if stub:
+        stub_launches()
+    synchronize = (lambda: None) if stub else torch.cuda.synchronize
     rows = []
-    for name, call in cases():
+    for name, call in cases("cpu" if stub else "cuda"):
         for _ in range(20):
             call()
-        torch.cuda.synchronize()
+        synchronize()
         loops = []
         for _ in range(5):
             start = time.perf_counter()
             for _ in range(300):
                 call()
             loops.append((time.perf_counter() - start) / 300 * 1e6)
-            torch.cuda.synchronize()
+            synchronize()
         rows.append({"case": name, "host_us": min(loops)})
     Path(path).write_text(json.dumps({"sigattn": sigattn.__file__, "rows": rows}))
 
@@ -79,10 +115,11 @@ def main() -> None:
     parser.add_argument("--baseline", help="a folder holding the other tree's sigattn package")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="write {meta, rows} here")
+    parser.add_argument("--stub-launches", action="store_true", help="time the Python above the kernels, on the CPU")
     parser.add_argument("--worker", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker)
+        worker(args.worker, args.stub_launches)
         return
     here = str(Path(__file__).resolve().parents[1])
     trees = {"baseline": str(Path(args.baseline).resolve()), "this": here}
@@ -91,7 +128,11 @@ def main() -> None:
         for tree, root in trees.items():
             part = Path(f"/tmp/host_ab_{tree}_{r}.json")
             env = {**os.environ, "PYTHONPATH": root}
-            subprocess.run([sys.executable, __file__, "--worker", str(part)], env=env, check=True, cwd=root)
+            command = [sys.executable, __file__, "--worker", str(part)]
+            if args.stub_launches:  # the interpreter's mode lets CPU tensors through the 'triton' backend
+                env.update(TRITON_INTERPRET="1", SIGATTN_BACKEND="triton")
+                command.append("--stub-launches")
+            subprocess.run(command, env=env, check=True, cwd=root)
             result = json.loads(part.read_text())
             assert result["sigattn"].startswith(root), result["sigattn"]
             for row in result["rows"]:

@@ -21,11 +21,9 @@ from sigattn.runinfo import run_meta
 
 
 def triton_forward(q, k, v, params, bias, use_tma: bool):
-    """``triton_host.forward`` into a fresh output, with TMA loads on or off."""
+    """``triton_host.launch_forward`` with its default tiles into a fresh output, TMA loads on or off."""
     out = torch.empty_like(q)
-    causal = params.mask.bounds[1] >= 0
-    cfg = triton_host._config(triton_host.FWD_CONFIGS, triton_host.padded_head_dim(q.shape[-1]), causal)
-    triton_host.launch_forward(q, k, v, out, params, bias, None, Rows.dense(q, k), cfg, use_tma=use_tma)
+    triton_host.launch_forward(q, k, v, out, params, bias, None, Rows.dense(q, k), use_tma=use_tma)
     return out
 
 

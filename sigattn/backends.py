@@ -92,7 +92,9 @@ class AttnCall:
         return pages * self.k.shape[1]
 
     def __post_init__(self):
-        if self.kind == "dense" or (self.kind == "kvcache" and self.seqlens_k is None):
+        if self.kind == "dense":
+            self.bias = resolve_bias(self.bias, self.k.shape[1])
+        elif self.kind == "kvcache" and self.seqlens_k is None:
             self.bias = resolve_bias(self.bias, self.capacity)
 
 
@@ -370,14 +372,14 @@ class TritonBackend:
         from .ops.sigmoid_attn import flash
 
         params = Params(call.scale, call.mask, call.deterministic)
+        q, k, v = call.q, call.k, call.v
         if call.kind == "varlen":
-            rows = _rows(call)
-            return flash.sigmoid_attn_varlen_flash(*call.qkv, rows, params, call.bias, call.alibi_slopes)
+            return flash.sigmoid_attn_varlen_flash(q, k, v, _rows(call), params, call.bias, call.alibi_slopes)
         if call.kind == "kvcache":
             return flash.sigmoid_attn_kvcache_flash(
-                *call.qkv, call.seqlens_k, call.block_table, params, call.bias, call.alibi_slopes
+                q, k, v, call.seqlens_k, call.block_table, params, call.bias, call.alibi_slopes
             )
-        return flash.sigmoid_attn_flash(*call.qkv, params, call.bias, call.alibi_slopes)
+        return flash.sigmoid_attn_flash(q, k, v, params, call.bias, call.alibi_slopes)
 
     @staticmethod
     def kernels(call: AttnCall) -> dict[str, tuple[str, dict[str, str]]]:
@@ -504,9 +506,8 @@ def select_backend(call: AttnCall) -> Backend:
             f"no backend can run this {call.kind} call: "
             + "; ".join(f"{n}: {', '.join(reasons[n])}" for n in AUTO_ORDER)
         )
-    declined = {name: why for name, why in reasons.items() if name != chosen}
-    if declined and call.q.device.type == "cuda":
-        _warn_fallback(call, chosen, declined)
+    if len(reasons) > 1 and call.q.device.type == "cuda":  # backends before the chosen one declined
+        _warn_fallback(call, chosen, {name: why for name, why in reasons.items() if name != chosen})
     return BACKENDS[chosen]
 
 

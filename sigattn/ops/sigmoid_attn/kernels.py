@@ -35,7 +35,7 @@ class Kernel:
     ``run`` of a forward writes ``out``; of a backward writes ``grads`` and returns the bias gradient."""
 
     name: str
-    unsupported: Callable[..., str | None]
+    unsupported: Callable[..., str | None] | None  # None: serves every call the backend passes on
     run: Callable
 
 
@@ -66,26 +66,22 @@ def _gluon_backward(do, q, k, v, grads, params, bias, alibi, rows) -> Tensor | N
     return hopper_bwd.backward(do, q, k, v, grads, params, bias, rows)
 
 
-def _serves_every_call(*args) -> None:
-    return None
-
-
 FORWARD = (
     Kernel("gluon-sm90", _gluon_forward_unsupported, _gluon_forward),
-    Kernel("triton", _serves_every_call, triton_host.forward),
+    Kernel("triton", None, triton_host.launch_forward),
 )
 BACKWARD = (
     Kernel("gluon-sm90", _gluon_backward_unsupported, _gluon_backward),
-    Kernel("triton", _serves_every_call, triton_host.backward),
+    Kernel("triton", None, triton_host.backward),
 )
-DECODE = (Kernel("triton", _serves_every_call, triton_host.decode),)
+DECODE = (Kernel("triton", None, triton_host.decode),)
 
 
 def choose(kernels: tuple[Kernel, ...], *args) -> tuple[Kernel, dict[str, str]]:
     """The first of ``kernels`` that can run the call ``args``, and why each one before it declined."""
     declined = {}
     for kernel in kernels:
-        reason = kernel.unsupported(*args)
+        reason = None if kernel.unsupported is None else kernel.unsupported(*args)
         if reason is None:
             return kernel, declined
         declined[kernel.name] = reason
@@ -112,9 +108,10 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, bias: Bias, alibi: Tensor | None, 
         )
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     bias = _dense(bias) if isinstance(bias, Tensor) else bias
-    small = (rows.cu_seqlens_q, rows.cu_seqlens_k, rows.seqlens_k, rows.block_table)
-    if any(t is not None and not t.is_contiguous() for t in small):
-        rows = rows._replace(**{name: _dense(getattr(rows, name)) for name in Rows._fields[3:]})
+    if rows.varlen or rows.seqlens_k is not None or rows.block_table is not None:  # dense rows have none
+        small = (rows.cu_seqlens_q, rows.cu_seqlens_k, rows.seqlens_k, rows.block_table)
+        if any(t is not None and not t.is_contiguous() for t in small):
+            rows = rows._replace(**{name: _dense(getattr(rows, name)) for name in Rows._fields[3:]})
     return q, k, v, bias, _dense(alibi), rows
 
 

@@ -119,41 +119,36 @@ def _config(table: dict[tuple[int, bool], TileConfig], block_d: int, causal: boo
     return table[(max(64, block_d), causal)]
 
 
-def _flags(q: Tensor, k: Tensor, params: Params, bias: Bias, alibi: Tensor | None, rows: Rows) -> dict:
+def _arguments(q: Tensor, k: Tensor, params: Params, bias: Bias, alibi: Tensor | None, rows: Rows):
+    """(the constexpr flags, the runtime scalars) every kernel takes. (Absent tensors are passed as None:
+    Triton compiles them as constants, and the flags keep the kernels from touching them.)"""
     num_heads, head_dim = q.shape[-2], q.shape[-1]
     left, right = params.mask.bounds
-    return dict(
+    head_bias = bias if isinstance(bias, Tensor) else None
+    flags = dict(
         GROUP=num_heads // k.shape[-2],
         HEAD_DIM=head_dim,
         BLOCK_D=padded_head_dim(head_dim),
         HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0,
         TOP_LEFT=params.mask.top_left,
-        HEAD_BIAS=isinstance(bias, Tensor),
+        HEAD_BIAS=head_bias is not None,
         DEFAULT_BIAS=bias is None,
         ALIBI=alibi is not None,
         VARLEN=rows.varlen,
     )
-
-
-def _scalars(params: Params, bias: Bias, alibi: Tensor | None) -> dict:
-    """The runtime scalars every kernel takes. (Absent tensors are passed as None: Triton compiles them as
-    constants, and the flags keep the kernels from touching them.)"""
-    left, right = params.mask.bounds
-    return dict(
+    scalars = dict(
+        head_bias=head_bias,
         alibi_stride=alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
         window=(max(left, 0), max(right, 0)),
         half_bias=0.5 * bias if isinstance(bias, float) else 0.0,
     )
+    return flags, scalars
 
 
 def _strides(t: Tensor, packed: bool) -> tuple[int, int, int]:
     """(batch, token, head) strides; a packed (total, H, D) tensor has no batch dimension."""
     return (0, t.stride(0), t.stride(1)) if packed else tuple(t.stride()[:3])
-
-
-def _head_bias(bias: Bias) -> Tensor | None:
-    return bias if isinstance(bias, Tensor) else None
 
 
 # TMA (Hopper's tensor memory accelerator) loads the forward's K/V tiles of dense rows (_kv_descriptors):
@@ -201,20 +196,21 @@ def launch_forward(
     bias: Bias,
     alibi: Tensor | None,
     rows: Rows,
-    cfg: TileConfig,
+    cfg: TileConfig | None = None,
     *,
     pack_gqa: bool = False,
     num_splits: int = 1,
     use_tma: bool = True,
 ) -> None:
-    """``out`` is shaped like q, or with num_splits > 1 an fp32 (num_splits, *q.shape) buffer of partial sums.
-    ``use_tma``: K/V tiles through TMA descriptors where ``_kv_descriptors`` allows them."""
-    flags = _flags(q, k, params, bias, alibi, rows)
+    """The forward of dense rows, packed sequences or cache rows into ``out``: shaped like q, or with
+    num_splits > 1 an fp32 (num_splits, *q.shape) buffer of partial sums. ``cfg``: the tiles (default: those
+    of ``FWD_CONFIGS``); ``use_tma``: K/V tiles through TMA descriptors where ``_kv_descriptors`` allows."""
+    flags, s = _arguments(q, k, params, bias, alibi, rows)
+    cfg = cfg or _config(FWD_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
     group = flags["GROUP"]
     block_q = cfg.block_m // group if pack_gqa else cfg.block_m
     num_heads = q.shape[-2]
     grid = (host.cdiv(rows.seqlen_q, block_q) * num_splits, num_heads // group if pack_gqa else num_heads, rows.batch)
-    s = _scalars(params, bias, alibi)
     out_rows = out[0] if num_splits > 1 else out
     paged = rows.block_table is not None
     descriptors = _kv_descriptors(k, v, rows, params, cfg.block_n, flags["BLOCK_D"]) if use_tma else None
@@ -224,7 +220,7 @@ def launch_forward(
         k,
         v,
         out,
-        _head_bias(bias),
+        s["head_bias"],
         alibi,
         rows.cu_seqlens_q,
         rows.cu_seqlens_k,
@@ -260,14 +256,6 @@ def launch_forward(
     )
 
 
-def forward(
-    q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: Params, bias: Bias, alibi: Tensor | None, rows: Rows
-) -> None:
-    """The forward of dense rows or packed sequences into ``out``, with the tiles of ``FWD_CONFIGS``."""
-    cfg = _config(FWD_CONFIGS, padded_head_dim(q.shape[-1]), params.mask.bounds[1] >= 0)
-    launch_forward(q, k, v, out, params, bias, alibi, rows, cfg)
-
-
 def backward(
     do: Tensor,
     q: Tensor,
@@ -282,9 +270,8 @@ def backward(
     """Writes (dq, dk, dv) into ``grads``; returns the gradient of a per-head bias (else None). Two kernels
     and no atomics: deterministic."""
     dq, dk, dv = grads
-    flags = _flags(q, k, params, bias, alibi, rows)
-    s = _scalars(params, bias, alibi)
-    head_bias = _head_bias(bias)
+    flags, s = _arguments(q, k, params, bias, alibi, rows)
+    head_bias = s["head_bias"]
     cu = (rows.cu_seqlens_q, rows.cu_seqlens_k)
     num_heads, num_kv_heads = q.shape[-2], k.shape[-2]
     packed = rows.varlen
