@@ -85,17 +85,11 @@ class AttnCall:
     def qkv(self) -> tuple[Tensor, Tensor, Tensor]:
         return self.q, self.k, self.v
 
-    @property
-    def capacity(self) -> int:
-        """The keys of a dense row, or the slots of each cache row (pages times page size when paged)."""
-        pages = self.block_table.shape[1] if self.block_table is not None else 1
-        return pages * self.k.shape[1]
-
     def __post_init__(self):
         if self.kind == "dense":
             self.bias = resolve_bias(self.bias, self.k.shape[1])
-        elif self.kind == "kvcache" and self.seqlens_k is None:
-            self.bias = resolve_bias(self.bias, self.capacity)
+        elif self.kind == "kvcache" and self.seqlens_k is None:  # every row holds the whole cache
+            self.bias = resolve_bias(self.bias, _rows(self).seqlen_k)
 
 
 class BackendNotSupportedError(ValueError):
@@ -396,8 +390,7 @@ def _rows(call: AttnCall) -> Rows:
     if call.kind == "varlen":
         return Rows.packed(call.cu_seqlens_q, call.cu_seqlens_k, call.max_seqlen_q, call.max_seqlen_k)
     if call.kind == "kvcache":
-        q = call.q
-        return Rows(q.shape[0], q.shape[1], call.capacity, seqlens_k=call.seqlens_k, block_table=call.block_table)
+        return Rows.cache(call.q, call.k, call.seqlens_k, call.block_table)
     return Rows.dense(call.q, call.k)
 
 

@@ -58,6 +58,7 @@ from torch import Tensor
 
 from .. import sigmoid_attn_func, use_backend
 from ..backends import BACKENDS
+from ..ops.sigmoid_attn.reference import Mask, in_window
 from ..plotting import figure, save_figure
 from ..runinfo import run_meta, write_json
 
@@ -314,20 +315,15 @@ def _plain_declines(what: str) -> Callable[[Shape], str | None]:
     return declines
 
 
-def window_mask(seqlen: int, causal: bool, window: tuple[int, int] | None):
-    """FlexAttention's ``mask_mod`` of sigattn's mask on a square score matrix (None: no mask at all)."""
-    left, right = window or (-1, -1)
-    right = 0 if causal else right
-    if (left, right) == (-1, -1):
+def window_mask(causal: bool, window: tuple[int, int] | None):
+    """FlexAttention's ``mask_mod`` of sigattn's mask on a square score matrix (None: no mask at all): the
+    reference's ``in_window``, query i at key position i."""
+    mask = Mask(causal, window or (-1, -1))
+    if mask.full:
         return None
 
     def mask_mod(b, h, q_idx, kv_idx):
-        allowed = kv_idx >= 0  # every key, as a tensor
-        if left >= 0:
-            allowed = allowed & (kv_idx >= q_idx - left)
-        if right >= 0:
-            allowed = allowed & (kv_idx <= q_idx + right)
-        return allowed
+        return in_window(kv_idx >= 0, kv_idx, q_idx, mask)
 
     return mask_mod
 
@@ -337,7 +333,7 @@ def flex_softmax_attention(shape: Shape, device="cuda", *, compiled: bool = True
     skipped: the softmax baseline for sliding windows (SDPA's kernels have none)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    mask_mod = window_mask(shape.seqlen, shape.causal, shape.window)
+    mask_mod = window_mask(shape.causal, shape.window)
     block_mask = None
     if mask_mod is not None:
         block_mask = create_block_mask(mask_mod, None, None, shape.seqlen, shape.seqlen, device=device)

@@ -41,13 +41,9 @@ def _no_bias_grad(q: Tensor) -> Tensor:
     return q.new_empty(0, dtype=torch.float32)
 
 
-def _empty_like(t: Tensor) -> Tensor:
-    return torch.empty_like(t, memory_format=torch.contiguous_format)
-
-
 def _fake_grads(q: Tensor, k: Tensor, v: Tensor, head_bias: Tensor | None) -> tuple[Tensor, ...]:
     dbias = torch.empty_like(head_bias) if head_bias is not None else _no_bias_grad(q)
-    return (*(_empty_like(t) for t in (q, k, v)), dbias)
+    return (*(kernels.empty_like(t) for t in (q, k, v)), dbias)
 
 
 @torch.library.custom_op("sigattn::flash_fwd", mutates_args=())
@@ -73,7 +69,7 @@ def _flash_fwd_op(
 
 @_flash_fwd_op.register_fake
 def _(q, k, v, head_bias, alibi, *options):
-    return _empty_like(q)
+    return kernels.empty_like(q)
 
 
 @torch.library.custom_op("sigattn::flash_bwd", mutates_args=())
@@ -147,7 +143,7 @@ def _flash_varlen_fwd_op(
 
 @_flash_varlen_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_bias, alibi, *options):
-    return _empty_like(q)
+    return kernels.empty_like(q)
 
 
 @torch.library.custom_op("sigattn::flash_varlen_bwd", mutates_args=())
@@ -227,7 +223,7 @@ def _flash_kvcache_fwd_op(
 
 @_flash_kvcache_fwd_op.register_fake
 def _(q, k_cache, v_cache, seqlens_k, block_table, head_bias, alibi, *options):
-    return _empty_like(q)
+    return kernels.empty_like(q)
 
 
 class _FlashEager(torch.autograd.Function):

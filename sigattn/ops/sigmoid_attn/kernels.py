@@ -96,7 +96,8 @@ def _dense(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
-def _empty_like(t: Tensor) -> Tensor:
+def empty_like(t: Tensor) -> Tensor:
+    """The output and gradient buffers the entry points make (and ``flash.py``'s fake ops describe)."""
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
@@ -130,7 +131,7 @@ def forward(
     runs it. ``out`` (shape of q, last dim contiguous) receives the result when given (tests poison it)."""
     rows = Rows.dense(q, k) if rows is None else rows
     q, k, v, bias, alibi, rows = _prepare(q, k, v, bias, alibi, rows)
-    out = _empty_like(q) if out is None else out
+    out = empty_like(q) if out is None else out
     if out.numel() == 0:
         return out
     kernel, _ = choose(FORWARD, q, k, v, out, params, bias, alibi, rows)
@@ -155,7 +156,7 @@ def backward(
     rows = Rows.dense(q, k) if rows is None else rows
     q, k, v, bias, alibi, rows = _prepare(q, k, v, bias, alibi, rows)
     do = _last_dim_contiguous(do)
-    grads = tuple(_empty_like(t) for t in (q, k, v)) if grads is None else grads
+    grads = tuple(empty_like(t) for t in (q, k, v)) if grads is None else grads
     if q.numel() == 0 or k.numel() == 0:
         for grad in grads:
             grad.zero_()
@@ -183,10 +184,9 @@ def decode(
     k_cache/v_cache, (B, capacity, Hkv, D), or paged (num_blocks, page_size, Hkv, D) through block_table
     (B, max_blocks). ``num_splits``/``pack_gqa`` override ``triton_host.kvcache_plan`` (tests force each
     path)."""
-    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
-    rows = Rows(q.shape[0], q.shape[1], capacity, seqlens_k=seqlens_k, block_table=block_table)
+    rows = Rows.cache(q, k_cache, seqlens_k, block_table)
     q, k_cache, v_cache, bias, alibi, rows = _prepare(q, k_cache, v_cache, bias, alibi, rows)
-    out = _empty_like(q) if out is None else out
+    out = empty_like(q) if out is None else out
     if out.numel() == 0:
         return out
     kernel, _ = choose(DECODE, q, k_cache, v_cache, out, params, bias, alibi, rows)

@@ -40,6 +40,13 @@ class Rows(NamedTuple):
         return cls(q.shape[0], q.shape[1], k.shape[1])
 
     @classmethod
+    def cache(cls, q: Tensor, k_cache: Tensor, seqlens_k: Tensor | None, block_table: Tensor | None) -> Rows:
+        """(B, Sq, Hq, D) queries against a (B, capacity, Hkv, D) cache, or a paged (num_blocks, page_size,
+        Hkv, D) one through block_table (B, max_blocks): capacity max_blocks * page_size."""
+        capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+        return cls(q.shape[0], q.shape[1], capacity, seqlens_k=seqlens_k, block_table=block_table)
+
+    @classmethod
     def packed(cls, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int) -> Rows:
         """Packed sequences; the int32 cumulative lengths must be dense (the kernels index them so)."""
         return cls(cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
