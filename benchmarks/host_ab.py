@@ -4,9 +4,8 @@ python benchmarks/host_ab.py --baseline OTHER_ROOT [--rounds 5] [--stub-launches
 Calls whose kernels take less time than Python takes to issue them (decode, short or windowed rows) are
 bound by the host: a change to the dispatch shows there, not in the kernels. Per case, ``host_us`` is the
 time to issue 300 back-to-back calls before the one synchronisation at the end (as in host_overhead.py),
-the best of 5 loops; each round runs one subprocess per tree (``--worker``, that tree first on sys.path),
-baseline first, and a row is the median over rounds. OTHER_ROOT holds the other ``sigattn`` package
-(``git archive OLD sigattn | tar -x -C OTHER_ROOT``).
+the best of 5 loops; the rounds are ``ab_rounds.interleave``'s (a row: the median over rounds). OTHER_ROOT
+holds the other ``sigattn`` package (``git archive OLD sigattn | tar -x -C OTHER_ROOT``).
 
 ``--stub-launches`` needs no GPU: CPU tensors on the ``triton`` backend (Triton's interpreter mode), with
 every Triton kernel object replaced by one whose launch does nothing, so what is timed is the Python above
@@ -18,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from ab_rounds import interleave, write_json
 
 KERNEL_MODULES = ("sigattn.ops.sigmoid_attn.triton_host", "sigattn.ops.sigmoid_attn.flash")  # new, old layout
 KERNELS = (
@@ -121,33 +118,16 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.stub_launches)
         return
-    here = str(Path(__file__).resolve().parents[1])
-    trees = {"baseline": str(Path(args.baseline).resolve()), "this": here}
-    times: dict[tuple[str, str], list[float]] = {}
-    for r in range(args.rounds):
-        for tree, root in trees.items():
-            part = Path(f"/tmp/host_ab_{tree}_{r}.json")
-            env = {**os.environ, "PYTHONPATH": root}
-            command = [sys.executable, __file__, "--worker", str(part)]
-            if args.stub_launches:  # the interpreter's mode lets CPU tensors through the 'triton' backend
-                env.update(TRITON_INTERPRET="1", SIGATTN_BACKEND="triton")
-                command.append("--stub-launches")
-            subprocess.run(command, env=env, check=True, cwd=root)
-            result = json.loads(part.read_text())
-            assert result["sigattn"].startswith(root), result["sigattn"]
-            for row in result["rows"]:
-                times.setdefault((row["case"], tree), []).append(row["host_us"])
-    rows = []
-    for case in dict.fromkeys(case for case, _ in times):
-        base, this = (statistics.median(times[(case, t)]) for t in trees)
-        runs = {f"{t}_runs": times[(case, t)] for t in trees}
-        rows.append({"case": case, "baseline_us": base, "this_us": this, "ratio": this / base, **runs})
-        print(f"{case:36s} baseline {base:7.1f} us  this {this:7.1f} us  ratio {this / base:.3f}")
-    if args.json:
-        sys.path.insert(0, here)
-        from sigattn.runinfo import run_meta
-
-        Path(args.json).write_text(json.dumps({"meta": run_meta(" ".join(sys.argv)), "rows": rows}, indent=1))
+    # The interpreter's mode lets CPU tensors through the 'triton' backend.
+    stub = dict(TRITON_INTERPRET="1", SIGATTN_BACKEND="triton") if args.stub_launches else None
+    worker_args = ["--stub-launches"] if args.stub_launches else []
+    rows = interleave(
+        __file__, args.baseline, args.rounds, worker_args, key=("case",), value="host_us", unit="us", env=stub
+    )
+    for row in rows:
+        base, this = row["baseline_us"], row["this_us"]
+        print(f"{row['case']:36s} baseline {base:7.1f} us  this {this:7.1f} us  ratio {this / base:.3f}")
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

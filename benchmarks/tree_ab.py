@@ -2,9 +2,8 @@
 python benchmarks/tree_ab.py --baseline OTHER_ROOT [--rounds 2] [--cases REGEX] --json PATH.
 
 OTHER_ROOT holds another version of the ``sigattn`` package (e.g. ``git archive OLD sigattn | tar -x -C
-OTHER_ROOT``). Each round runs this script once per tree in a subprocess (``--worker``, with that tree first on
-sys.path), baseline first, so clock drift and warm-up hit both; a row is the median over rounds of each tree's
-``triton.testing.do_bench`` median, and the ratio is this tree's time over the baseline's (below 1: faster).
+OTHER_ROOT``). The rounds are ``ab_rounds.interleave``'s (a row: the median over rounds of each tree's
+``triton.testing.do_bench`` median; the ratio this tree's time over the baseline's, below 1 faster).
 
 The cases are the paths a change to the kernels' masking can move: the headline dense shapes of ``sigattn
 bench`` (16k tokens, hidden 2048, bf16) on the sm_90 kernels, lengths that end inside tiles, packed sequences,
@@ -15,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import statistics
-import subprocess
-import sys
 from pathlib import Path
+
+from ab_rounds import interleave, write_json
 
 TOKENS, HIDDEN = 16384, 2048
 
@@ -122,30 +119,15 @@ def main() -> None:
     if args.worker:
         worker(args.worker, args.cases)
         return
-    here = str(Path(__file__).resolve().parents[1])
-    trees = {"baseline": str(Path(args.baseline).resolve()), "this": here}
-    times: dict[tuple[str, str, str], list[float]] = {}
-    for r in range(args.rounds):
-        for tree, root in trees.items():
-            part = Path(f"/tmp/tree_ab_{tree}_{r}.json")
-            env = {**os.environ, "PYTHONPATH": root}
-            command = [sys.executable, __file__, "--worker", str(part), "--cases", args.cases]
-            subprocess.run(command, env=env, check=True, cwd=root)
-            result = json.loads(part.read_text())
-            assert result["sigattn"].startswith(root), result["sigattn"]
-            for row in result["rows"]:
-                times.setdefault((row["case"], row["mode"], tree), []).append(row["ms"])
-    rows = []
-    for case, mode, _ in sorted({k for k in times if k[2] == "this"}, key=lambda k: (k[1], k[0])):
-        base, this = (statistics.median(times[(case, mode, t)]) for t in trees)
-        runs = {f"{t}_runs": times[(case, mode, t)] for t in trees}
-        rows.append({"case": case, "mode": mode, "baseline_ms": base, "this_ms": this, "ratio": this / base, **runs})
-        print(f"{mode:4s} {case:45s} baseline {base:8.3f} ms  this {this:8.3f} ms  ratio {this / base:.3f}")
-    if args.json:
-        sys.path.insert(0, here)
-        from sigattn.runinfo import run_meta
-
-        Path(args.json).write_text(json.dumps({"meta": run_meta(" ".join(sys.argv)), "rows": rows}, indent=1))
+    worker_args = ["--cases", args.cases]
+    rows = interleave(__file__, args.baseline, args.rounds, worker_args, key=("case", "mode"), value="ms", unit="ms")
+    rows.sort(key=lambda row: (row["mode"], row["case"]))
+    for row in rows:
+        base, this = row["baseline_ms"], row["this_ms"]
+        print(
+            f"{row['mode']:4s} {row['case']:45s} baseline {base:8.3f} ms  this {this:8.3f} ms  ratio {this / base:.3f}"
+        )
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":
