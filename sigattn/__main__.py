@@ -21,6 +21,7 @@ COMMANDS = {
     "bench": "benchmark against softmax SDPA and FlexAttention (CUDA)",
     "train": "train a preset with sigmoid or softmax attention",
     "compare": "train a preset with both attentions and compare them",
+    "data": "build a training corpus into the cache folder and print its manifest",
     "convert": "switch a pretrained transformers model to sigmoid attention",
     "experiment": "run an experiment that tests a paper's claim (result.json, report.md, plots)",
     "completion": "print a shell completion script (bash or zsh)",

@@ -6,6 +6,9 @@
     sigattn bench ...       speed and memory against softmax SDPA and FlexAttention (``sigattn.bench``)
     sigattn train ...       train a preset (GPT or ViT) with sigmoid or softmax attention (``sigattn.train``)
     sigattn compare ...     train a preset with both attentions; summary.json, report.md and plots
+    sigattn data pycode [--max-bytes N] [--vocab-size N] [--val-fraction F] [--path DIRS] [--rebuild]
+                            build the Python-source corpus of the environment into the cache folder (or
+                            find it there) and print its manifest as JSON (``sigattn.data.pycode``)
     sigattn convert ...     switch a pretrained transformers model to sigmoid attention, with a calibrated
                             bias (``sigattn.integrations.convert``)
     sigattn experiment NAME [--quick] [--out DIR] [--json]
@@ -31,6 +34,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,6 +53,7 @@ from .backends import (
     requested_backend,
 )
 from .bench import command as bench_command
+from .data import CorpusUnavailableError, pycode
 from .experiments.index import write_index
 from .functional import sigmoid_attn_func
 from .integrations import convert as convert_command
@@ -116,6 +121,36 @@ def build_parser() -> argparse.ArgumentParser:
     train_commands.add_compare_arguments(compare)
     compare.set_defaults(run=user_errors(train_commands.run_compare))
 
+    data = commands.add_parser("data", help=COMMANDS["data"])
+    data.add_argument(
+        "dataset", choices=["pycode"], help="the corpus: pycode, the Python source files of the environment"
+    )
+    data.add_argument(
+        "--max-bytes", type=int, metavar="N", help="a fixed slice of at most N bytes of source (default: all)"
+    )
+    data.add_argument(
+        "--vocab-size",
+        type=int,
+        default=pycode.DEFAULT_VOCAB_SIZE,
+        metavar="N",
+        help="the BPE's vocabulary (%(default)s)",
+    )
+    data.add_argument(
+        "--val-fraction",
+        type=float,
+        default=pycode.DEFAULT_VAL_FRACTION,
+        metavar="F",
+        help="the fraction of files, by content hash, held out for validation (%(default)s)",
+    )
+    data.add_argument(
+        "--path",
+        metavar="DIRS",
+        help=f"the folders to read, separated by {os.pathsep!r} as in data.path (default: the environment's stdlib "
+        "and site-packages)",
+    )
+    data.add_argument("--rebuild", action="store_true", help="build even if the cache folder holds this corpus")
+    data.set_defaults(run=run_data)
+
     convert = commands.add_parser("convert", help=COMMANDS["convert"])
     convert_command.add_arguments(convert)
     convert.set_defaults(run=run_convert)
@@ -160,6 +195,24 @@ def run_experiment(args: argparse.Namespace) -> int:
         print((Path(args.out or default) / "result.json").read_text(), end="")
     if args.out is None and not args.quick:
         say(f"updated {write_index('results', experiments_module.EXPERIMENTS)}")
+    return 0
+
+
+def run_data(args: argparse.Namespace) -> int:
+    """Builds (or finds) the corpus; its manifest on stdout, where it is and how long it took on stderr."""
+    started = time.perf_counter()
+    try:
+        corpus = pycode.load_pycode(
+            pycode.roots_from_path(args.path),
+            max_bytes=args.max_bytes,
+            vocab_size=args.vocab_size,
+            val_fraction=args.val_fraction,
+            rebuild=args.rebuild,
+        )
+    except (ValueError, ImportError, CorpusUnavailableError) as error:
+        raise CommandError(error) from None
+    print(json.dumps(corpus.manifest, indent=2))
+    print(f"sigattn data: {corpus.folder} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     return 0
 
 

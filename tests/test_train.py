@@ -101,7 +101,10 @@ def test_overrides_parse_by_field_type():
         ("model.vocab_size=100", "model.vocab_size is set from the data and cannot be given"),
         ("model.n_head=5", r"\[model\] d_model \(64\) must be a multiple of n_head \(got 5\)"),
         ("optim.min_lr=1", r"\[optim\] need 0 <= min_lr <= lr"),
-        ("data.dataset=digits", "data.dataset must be one of 'shakespeare', 'text' for task 'lm'; got 'digits'"),
+        (
+            "data.dataset=digits",
+            "data.dataset must be one of 'shakespeare', 'text', 'pycode' for task 'lm'; got 'digits'",
+        ),
         ("data.dataset=text", r"\[data\] dataset='text' needs path=FILE"),
     ],
 )
@@ -111,7 +114,7 @@ def test_bad_overrides_are_named(override, message):
 
 
 def test_bad_presets_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="--preset: unknown preset 'huge'; expected one of digits-vit, "):
+    with pytest.raises(ConfigError, match="--preset: unknown preset 'huge'; expected one of code-gpt, digits-vit, "):
         build_config("huge")
     bad = tmp_path / "bad.toml"
     bad.write_text('task = "lm"\n[model]\nlayers = 2\n')

@@ -18,7 +18,8 @@ class TokenBatches:
     """Random windows of a token stream for next-token prediction.
 
     ``batch(step)`` is ``batch_size`` windows of ``seqlen + 1`` tokens at random offsets drawn from
-    (seed, step): inputs (B, S) and targets shifted by one (B, S), int64 on the CPU.
+    (seed, step): inputs (B, S) and targets shifted by one (B, S), int64 on the CPU (whatever integer type
+    ``tokens`` has: a large corpus is kept in a narrower one).
     """
 
     def __init__(self, tokens: Tensor, batch_size: int, seqlen: int, seed: int):
@@ -31,19 +32,19 @@ class TokenBatches:
             self.tokens.numel() - self.seqlen, (self.batch_size,), generator=step_generator(self.seed, step)
         )
         offsets = starts[:, None] + torch.arange(self.seqlen + 1)  # [B, S + 1]
-        windows = self.tokens[offsets]
+        windows = self.tokens[offsets].long()
         return windows[:, :-1], windows[:, 1:]
 
 
 def eval_windows(tokens: Tensor, seqlen: int, num_windows: int, batch_size: int) -> list[tuple[Tensor, Tensor]]:
     """Fixed evaluation batches: ``num_windows`` windows at evenly spaced offsets over the whole stream
-    (the same for every run), as (inputs, targets) pairs of at most ``batch_size`` rows."""
+    (the same for every run), as int64 (inputs, targets) pairs of at most ``batch_size`` rows."""
     if tokens.numel() < seqlen + 1:
         raise ValueError(
             f"the validation text has {tokens.numel()} tokens: too few to evaluate at context length {seqlen}"
         )
     starts = torch.linspace(0, tokens.numel() - seqlen - 1, num_windows).long()
-    windows = tokens[starts[:, None] + torch.arange(seqlen + 1)]  # [N, S + 1]
+    windows = tokens[starts[:, None] + torch.arange(seqlen + 1)].long()  # [N, S + 1]
     return [(w[:, :-1], w[:, 1:]) for w in windows.split(batch_size)]
 
 

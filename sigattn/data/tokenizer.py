@@ -7,6 +7,7 @@ characters, only for strings of characters it has seen). ``state()`` is a JSON-a
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 TOKENIZER_KINDS = ("char", "byte", "bpe")
@@ -80,8 +81,9 @@ class BPETokenizer:
         self.vocab_size = tokenizer.get_vocab_size()
 
     @classmethod
-    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
-        """Learns ``vocab_size - 256`` merges from ``text`` (deterministic for a given text)."""
+    def train(cls, text: str | Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Learns ``vocab_size - 256`` merges from the lines of ``text``, one string or several (the files of a
+        corpus, streamed to the library rather than joined); deterministic for given texts."""
         tk = _import_tokenizers()
         if vocab_size < 256:
             raise ValueError(f"vocab_size of a byte-level BPE must be at least 256, got {vocab_size}")
@@ -93,11 +95,16 @@ class BPETokenizer:
             initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tokenizer.train_from_iterator(text.splitlines(keepends=True), trainer)
+        texts = [text] if isinstance(text, str) else text
+        tokenizer.train_from_iterator((line for t in texts for line in t.splitlines(keepends=True)), trainer)
         return cls(tokenizer)
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of each text, on the library's threads."""
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts)]
 
     def decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids)

@@ -25,7 +25,7 @@ from ..nn.config import check_fields, literal_choices
 MODEL_CONFIGS = {"lm": GPTConfig, "vit": ViTConfig}
 # Model fields that the data decides (the tokenizer's vocabulary, the images' shape and classes).
 DERIVED = {"lm": {"vocab_size"}, "vit": {"image_size", "channels", "n_classes"}}
-TASK_DATASETS = {"lm": ("shakespeare", "text"), "vit": ("digits", "images")}
+TASK_DATASETS = {"lm": ("shakespeare", "text", "pycode"), "vit": ("digits", "images")}
 
 
 class ConfigError(ValueError):
@@ -36,13 +36,16 @@ class ConfigError(ValueError):
 class DataConfig:
     """Where the data comes from and how text is tokenised."""
 
-    dataset: Literal["shakespeare", "text", "digits", "images"] = "shakespeare"
+    dataset: Literal["shakespeare", "text", "pycode", "digits", "images"] = "shakespeare"
     # shakespeare: the archive, a folder holding it, or any text file (default: the cache folder);
-    # text: a UTF-8 file (required); images: an .npz with images and labels (required).
+    # text: a UTF-8 file (required); pycode: the folders to read, separated by os.pathsep (default: the
+    # environment's stdlib and site-packages; sigattn.data.pycode); images: an .npz with images and labels
+    # (required).
     path: str | None = None
     tokenizer: Literal["char", "byte", "bpe"] = "char"
     vocab_size: int = 512  # BPE's vocabulary size
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # held out: of the tokens (text), of the files by content hash (pycode), of images
+    max_bytes: int | None = None  # pycode: a fixed slice of at most this many bytes of source; none: all
 
     def __post_init__(self):
         check_fields(self)
@@ -50,6 +53,15 @@ class DataConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
         if self.dataset in ("text", "images") and not self.path:
             raise ValueError(f"dataset={self.dataset!r} needs path=FILE")
+        if self.dataset == "pycode" and self.tokenizer != "bpe":
+            raise ValueError(
+                f"dataset='pycode' is tokenised by its own BPE: needs tokenizer='bpe', got {self.tokenizer!r}"
+            )
+        if self.max_bytes is not None:
+            if self.dataset != "pycode":
+                raise ValueError(f"max_bytes is for dataset='pycode' only, not {self.dataset!r}: set it to none")
+            if isinstance(self.max_bytes, bool) or self.max_bytes < 1:
+                raise ValueError(f"max_bytes must be a positive int or none, got {self.max_bytes!r}")
 
 
 @dataclass

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -20,13 +21,15 @@ from ..data import (
     eval_windows,
     load_digits,
     load_npz,
+    load_pycode,
     load_shakespeare,
     read_text_file,
+    roots_from_path,
     split_images,
     tokenizer_from_state,
 )
 from ..models import GPT, ViT
-from .config import RunConfig
+from .config import DataConfig, RunConfig
 
 PROBE_ROWS = 8  # sequences (or images) the diagnostics run on
 
@@ -44,14 +47,33 @@ def _evaluate(model: nn.Module, batches, device, autocast) -> tuple[float, Tenso
 
 
 class LMTask:
-    """Next-token prediction on a text: the Shakespeare corpus or any UTF-8 file.
+    """Next-token prediction on a text: the Shakespeare corpus, any UTF-8 file, or the Python-source corpus.
 
-    The text is tokenised whole; the last ``val_fraction`` of the tokens is the validation split.
-    Validation runs at the training context (``model.block_size``) and at each of
-    ``train.eval_context_lengths``, on fixed windows spread over the validation split."""
+    A text is tokenised whole and the last ``val_fraction`` of its tokens is the validation split; the
+    Python-source corpus (``sigattn.data.pycode``) comes tokenised and split by file, and its ``manifest``
+    says what it holds (None for the others). Validation runs at the training context (``model.block_size``)
+    and at each of ``train.eval_context_lengths``, on fixed windows spread over the validation split."""
 
     def __init__(self, config: RunConfig, state: dict | None = None):
         data, settings = config.data, config.train
+        self.manifest: dict | None = None
+        if data.dataset == "pycode":
+            train, val = self._load_pycode(data, state)
+        else:
+            train, val = self._load_text(data, state)
+        self.model_config = dataclasses.replace(config.model, vocab_size=self.tokenizer.vocab_size)
+        block_size = self.model_config.block_size
+        self.context = block_size
+        self.batches = TokenBatches(train, settings.batch_size, block_size, settings.seed)
+        self.tokens_per_batch = settings.batch_size * block_size
+        self.context_lengths = sorted({block_size, *settings.eval_context_lengths})
+        self.eval_sets = {
+            n: eval_windows(val, n, settings.eval_windows, settings.batch_size) for n in self.context_lengths
+        }
+        self.description += f": {len(train):,} training and {len(val):,} validation {data.tokenizer} tokens"
+
+    def _load_text(self, data: DataConfig, state: dict | None) -> tuple[Tensor, Tensor]:
+        """The training and validation tokens of a text; sets the tokenizer and description."""
         if data.dataset == "shakespeare":
             text = load_shakespeare(data.path)
             self.description = "the works of Shakespeare" if data.path is None else f"text from {data.path}"
@@ -64,17 +86,26 @@ class LMTask:
             self.tokenizer = build_tokenizer(data.tokenizer, text, data.vocab_size)
         tokens = torch.tensor(self.tokenizer.encode(text), dtype=torch.int64)
         num_val = int(len(tokens) * data.val_fraction)
-        train, val = tokens[: len(tokens) - num_val], tokens[len(tokens) - num_val :]
-        self.model_config = dataclasses.replace(config.model, vocab_size=self.tokenizer.vocab_size)
-        block_size = self.model_config.block_size
-        self.context = block_size
-        self.batches = TokenBatches(train, settings.batch_size, block_size, settings.seed)
-        self.tokens_per_batch = settings.batch_size * block_size
-        self.context_lengths = sorted({block_size, *settings.eval_context_lengths})
-        self.eval_sets = {
-            n: eval_windows(val, n, settings.eval_windows, settings.batch_size) for n in self.context_lengths
-        }
-        self.description += f": {len(train):,} training and {len(val):,} validation {data.tokenizer} tokens"
+        return tokens[: len(tokens) - num_val], tokens[len(tokens) - num_val :]
+
+    def _load_pycode(self, data: DataConfig, state: dict | None) -> tuple[Tensor, Tensor]:
+        """The Python-source corpus's splits (built into the cache folder if it is not there); sets the
+        tokenizer, description and manifest. A resumed run needs the corpus it started with."""
+        corpus = load_pycode(
+            roots_from_path(data.path),
+            max_bytes=data.max_bytes,
+            vocab_size=data.vocab_size,
+            val_fraction=data.val_fraction,
+        )
+        if state is not None and state.get("pycode_fingerprint") != corpus.fingerprint:
+            raise ValueError(
+                f"the pycode corpus built here (fingerprint {corpus.fingerprint[:12]}) is not the one the run started "
+                f"with ({str(state.get('pycode_fingerprint'))[:12]}, its data.json): the environment's files changed"
+            )
+        self.tokenizer, self.description, self.manifest = corpus.tokenizer, corpus.description, corpus.manifest
+        # int32 copies: torch wants writable memory (the memmaps are read-only) and has long indexed uint16
+        # in few operations; 4 bytes a token keep 100M tokens at 400 MB a process (batches are cut as int64).
+        return tuple(torch.from_numpy(corpus.tokens(split).astype(np.int32)) for split in ("train", "val"))
 
     def build_model(self) -> GPT:
         """A freshly initialised model (its data-derived fields filled in)."""
@@ -95,7 +126,9 @@ class LMTask:
         return self.eval_sets[self.context][0][0][:PROBE_ROWS]
 
     def state(self) -> dict:
-        """What a checkpoint keeps to rebuild this task exactly: the tokenizer."""
+        """What a checkpoint keeps to rebuild this task exactly: the tokenizer (and which pycode corpus)."""
+        if self.manifest is not None:
+            return {"tokenizer": self.tokenizer.state(), "pycode_fingerprint": self.manifest["fingerprint"]}
         return {"tokenizer": self.tokenizer.state()}
 
 

@@ -5,6 +5,7 @@ and exact resumption.
 A run writes into its output folder:
 
     config.json      the settings (``RunConfig.to_dict()``)
+    data.json        what the corpus held, for data.dataset=pycode (its manifest: ``sigattn.data.pycode``)
     metrics.jsonl    one JSON object per logged step (``sigattn.train.metrics``)
     checkpoint.pt    model, optimizer, step, random-number state and loop state (written atomically)
     result.json      final validation loss, tokens/s and totals; ``stopped_by`` names the signal that stopped it
@@ -350,7 +351,7 @@ class Trainer:
         self.devices: list[str] = []  # where the steps ran
 
     def _open_run_files(self, resumed: bool) -> None:
-        """config.json, tokenizer.json and metrics.jsonl on rank 0; the other ranks log nothing."""
+        """config.json, tokenizer.json, data.json and metrics.jsonl on rank 0; the other ranks log nothing."""
         self.metrics = None  # rank 0 only
         if not self.parallel.is_main:
             self.log = _silent
@@ -359,6 +360,8 @@ class Trainer:
         (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         if config.task == "lm":
             (self.out / "tokenizer.json").write_text(json.dumps(self.task.state()["tokenizer"]) + "\n")
+            if self.task.manifest is not None:
+                (self.out / "data.json").write_text(json.dumps(self.task.manifest, indent=2) + "\n")
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step if resumed else None)
 
     # ------------------------------------------------------------------------------- state
