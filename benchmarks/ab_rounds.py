@@ -28,18 +28,21 @@ def interleave(
     value: str,
     unit: str,
     env: dict | None = None,
+    this_env: dict | None = None,
 ) -> list[dict]:
     """Runs ``script`` in ``rounds`` rounds against the tree at ``baseline``; returns one row per ``key`` (the
     worker rows' fields that name a measurement) with ``baseline_<unit>`` and ``this_<unit>`` (medians of the
     workers' ``value``), ``ratio`` and every round's values (``baseline_runs``, ``this_runs``), in the order
-    the workers measured them."""
+    the workers measured them. ``env`` is set for both trees' workers, ``this_env`` for this tree's only (the
+    baseline may then be this tree itself: the same code under another environment, e.g. another ptxas)."""
     trees = {"baseline": str(Path(baseline).resolve()), "this": HERE}
     times: dict[tuple, dict[str, list[float]]] = {}
     for r in range(rounds):
         for tree, root in trees.items():
             part = Path(f"/tmp/{Path(script).stem}_{tree}_{r}.json")
             command = [sys.executable, script, "--worker", str(part), *worker_args]
-            subprocess.run(command, env={**os.environ, **(env or {}), "PYTHONPATH": root}, check=True, cwd=root)
+            extra = {**(env or {}), **((this_env or {}) if tree == "this" else {})}
+            subprocess.run(command, env={**os.environ, **extra, "PYTHONPATH": root}, check=True, cwd=root)
             result = json.loads(part.read_text())
             assert result["sigattn"].startswith(root), result["sigattn"]
             for row in result["rows"]:

@@ -1,5 +1,5 @@
 """The public functions of this tree against another tree's on a GPU, interleaved:
-python benchmarks/tree_ab.py --baseline OTHER_ROOT [--rounds 2] [--cases REGEX] --json PATH.
+python benchmarks/tree_ab.py --baseline OTHER_ROOT [--rounds 2] [--cases REGEX] [--this-env NAME=VALUE] --json PATH.
 
 OTHER_ROOT holds another version of the ``sigattn`` package (e.g. ``git archive OLD sigattn | tar -x -C
 OTHER_ROOT``). The rounds are ``ab_rounds.interleave``'s (a row: the median over rounds of each tree's
@@ -114,13 +114,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cases", default="", help="only the cases whose name matches this regex")
     parser.add_argument("--json", help="write {meta, rows} here")
+    parser.add_argument(
+        "--this-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set for this tree's runs only (repeatable): with --baseline . the same tree under another setting",
+    )
     parser.add_argument("--worker", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.cases)
         return
     worker_args = ["--cases", args.cases]
-    rows = interleave(__file__, args.baseline, args.rounds, worker_args, key=("case", "mode"), value="ms", unit="ms")
+    this_env = dict(item.split("=", 1) for item in args.this_env)
+    key = ("case", "mode")
+    rows = interleave(__file__, args.baseline, args.rounds, worker_args, key, value="ms", unit="ms", this_env=this_env)
     rows.sort(key=lambda row: (row["mode"], row["case"]))
     for row in rows:
         base, this = row["baseline_ms"], row["this_ms"]

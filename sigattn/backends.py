@@ -336,7 +336,7 @@ class TritonBackend:
         if call.q.shape[-1] > 256:
             reasons.append(f"head dim {call.q.shape[-1]} (at most 256)")
         elif call.q.shape[-1] > 128 and _needs_backward(call) and _on_blackwell_or_newer(call.q.device):
-            # Triton 3.6-3.8 compile this dK/dV kernel for sm_100 to a single trap: its accumulators and score
+            # Triton 3.6-3.9 compile this dK/dV kernel for sm_100 to a single trap: its accumulators and score
             # tiles need more tensor memory than there is (tests/test_triton_targets.py).
             reasons.append(f"head dim {call.q.shape[-1]} with gradients on compute capability 10.0 or newer")
         if call.kind == "kvcache" and call.q.requires_grad and torch.is_grad_enabled():

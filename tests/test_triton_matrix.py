@@ -21,9 +21,9 @@ import triton
 from sigattn.ops.sigmoid_attn import compat
 
 ROOT = Path(__file__).resolve().parent.parent
-# The releases the PyTorch versions of pyproject.toml's bounds pin (2.11: 3.6, the suite's own; 2.12.1 and 2.13:
-# 3.7.1) through the newest one the kernels support (3.8; 3.9 spills: compat.SUPPORTED).
-OTHER_RELEASES = ["3.7.1", "3.8.0"]
+# The releases the PyTorch versions of pyproject.toml's bounds pin (2.11: 3.6, the suite's own; 2.12.0: 3.7.0;
+# 2.12.1 and 2.13: 3.7.1) through the newest on PyPI (3.8.0 for torch 2.14, 3.9.0 for 2.15): compat.SUPPORTED.
+OTHER_RELEASES = ["3.7.0", "3.7.1", "3.8.0", "3.9.0"]
 TESTS = ["tests/test_hopper.py", "tests/test_host.py", "tests/test_triton_targets.py"]
 INTERPRETED = [
     "tests/test_flash.py::test_public_api_runs_on_triton_backend",
@@ -35,8 +35,8 @@ INTERPRETED = [
 
 def test_the_releases_are_the_supported_range():
     """The matrix covers compat.SUPPORTED from end to end, with the suite's own release at its start."""
-    releases = [tuple(int(p) for p in v.split(".")[:2]) for v in (triton.__version__, *OTHER_RELEASES)]
-    assert releases[0] == compat.SUPPORTED[0] and releases[-1] == compat.SUPPORTED[1]
+    releases = [tuple(int(p) for p in v.split(".")[:3]) for v in (triton.__version__, *OTHER_RELEASES)]
+    assert releases[0][:2] == compat.SUPPORTED[0] and releases[-1][:2] == compat.SUPPORTED[1]
     assert releases == sorted(set(releases))
 
 

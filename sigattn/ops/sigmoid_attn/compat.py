@@ -1,8 +1,9 @@
 """What differs between the Triton releases the Gluon kernels support, in one place.
 
 ``hopper.py`` and ``hopper_bwd.py`` take from here the Gluon functions that were renamed or added between
-Triton 3.6 and 3.9 (``SUPPORTED``, the pyproject's ``triton`` bounds), and the one code-generation
-difference that needed a different formulation. Each entry says which release changed what. On Triton 3.6
+Triton 3.6 and 3.9 (``SUPPORTED``, the pyproject's ``triton`` bounds), and what code generation made differ:
+a formulation of the causal mask that spills nothing under 3.7 and 3.9, and the backward specialisations left
+to the Triton kernels under 3.9. Each entry says which release changed what. On Triton 3.6
 every name here is the one the kernels were written with, so their PTX is what it was before this module
 (``tests/test_triton_matrix.py`` compiles them under every supported release).
 """
@@ -15,11 +16,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import tma
 
-# [first, last] minor releases of Triton 3 that CI compiles the kernels with (pyproject.toml, README). 3.9 is
-# out: it compiles sm_90 with CUDA 13's ptxas, which spills in 6 of the 28 specialisations tests/test_hopper.py
-# compiles, beyond what they allow (the D128 backward 176-204 bytes against at most 128 + 32, the D64
-# four-group packed forward 100 bytes against none). The names below make it compile.
-SUPPORTED = ((3, 6), (3, 8))
+# [first, last] minor releases of Triton 3 that CI compiles the kernels with (pyproject.toml, README).
+SUPPORTED = ((3, 6), (3, 9))
 VERSION = tuple(int(part) for part in triton.__version__.split("+")[0].split(".")[:2])
 
 
@@ -54,10 +52,27 @@ def _async_reduce_add(tensor_desc, coord, src, _semantic=None):
 # A TMA reduction (add) of a shared tile into global memory: 3.8 added it to the language, the same operation.
 async_add = tma.async_atomic_add if hasattr(tma, "async_atomic_add") else _async_reduce_add
 
+# Triton 3.9 compiles sm_90 with CUDA 13.4's ptxas (3.6-3.8 with CUDA 12.8-12.9's). In the D128 backward it
+# spills 176-204 bytes in the consumer warpgroups, inside the key loop (3.6: 52-132 bytes, with which the
+# H100/H200 numbers were measured); at D64 the consumers spill nothing under either. Until a GPU has timed
+# that code, the Triton backward serves D128 under 3.9 (tests/test_hopper.py records the spill).
+BACKWARD_HEAD_DIMS_SPILLING = (128,) if VERSION >= (3, 9) else ()
+
+
+def unsupported_backward(head_dim: int) -> str | None:
+    """Why the Gluon backward does not run at ``head_dim`` under this Triton release (None: it may)."""
+    if head_dim in BACKWARD_HEAD_DIMS_SPILLING:
+        return f"triton {triton.__version__}: its ptxas spills in the D{head_dim} backward's key loop"
+    return None
+
+
 # Triton 3.7 computes the 16 key indices a forward consumer thread compares (k = j * BLOCK_N + its columns)
 # ahead of the key loop and keeps them live across it: ptxas spills them (292 bytes, stored before the loop and
 # reloaded in it) in the D64 four-group forward over packed sequences (causal, fp16), where 3.6, 3.8 and 3.9
 # spill nothing. Comparing the tile's own columns against bounds moved by j * BLOCK_N instead
 # (``hopper._probabilities``) spills nothing on 3.7; 3.6 keeps the form its PTX and the H100/H200
-# measurements have.
+# measurements have. Triton 3.9 spills in the same specialisation (184 bytes in the consumers) and not with
+# the tile-start form, which however makes its dense D64 causal forward spill 12 bytes: 3.9 takes it for
+# packed sequences only.
 MASK_FROM_TILE_START = gl.constexpr(VERSION == (3, 7))
+PACKED_MASK_FROM_TILE_START = gl.constexpr(VERSION in ((3, 7), (3, 9)))

@@ -119,6 +119,7 @@ def _probabilities(
     BLOCK_N: gl.constexpr,
     CAUSAL: gl.constexpr,
     KEY_TAIL: gl.constexpr,
+    VARLEN: gl.constexpr,
     dtype: gl.constexpr,
 ):
     """P = sigmoid(scale s + bias) of score tile j as the next product's register operand: 0.5 tanh(z / 2)
@@ -128,7 +129,8 @@ def _probabilities(
     p = 0.5 * t + 0.5
     if CAUSAL or KEY_TAIL:  # noqa: SIM102 (a separate `if` on the constexpr: full attention compiles without it)
         if j >= n_unmasked:
-            if compat.MASK_FROM_TILE_START:  # rows and keys counted from the tile's first key
+            if compat.MASK_FROM_TILE_START or (VARLEN and compat.PACKED_MASK_FROM_TILE_START):
+                # rows and keys counted from the tile's first key
                 i = m0 - j * BLOCK_N + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
                 k = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
                 end = seqlen_k - j * BLOCK_N
@@ -228,7 +230,7 @@ def _attend(
     s = warpgroup_mma(q, k, s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
     p = _probabilities(s, 0, m0, seqlen_k, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout,
-                       ROWS, BLOCK_N, CAUSAL, KEY_TAIL, dtype)
+                       ROWS, BLOCK_N, CAUSAL, KEY_TAIL, VARLEN, dtype)
     for j in range(1, n_mine):
         slot, prev = j % STAGES, (j - 1) % STAGES
         mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
@@ -239,7 +241,7 @@ def _attend(
         acc_token = warpgroup_mma(p, v, acc, is_async=True)  # tile j - 1's P V
         s = warpgroup_mma_wait(1, deps=(s_token,))  # S done, P V still running
         p_next = _probabilities(s, j, m0, seqlen_k, diag_offset, n_unmasked, half_scale, half_bias, s_layout,
-                                p_layout, ROWS, BLOCK_N, CAUSAL, KEY_TAIL, dtype)
+                                p_layout, ROWS, BLOCK_N, CAUSAL, KEY_TAIL, VARLEN, dtype)
         acc, _ = warpgroup_mma_wait(0, deps=(acc_token, p))
         mbarrier.arrive(slot_free.index(prev), count=1)
         p = p_next
