@@ -40,18 +40,6 @@ def _pristine_triton_language():
                 setattr(namespace, name, value)
 
 
-# The head dims whose Gluon backward this Triton release leaves to the Triton kernels (compat.py), before the
-# fixture below lifts the rule for the dispatch tests.
-BACKWARD_DECLINED_HERE = compat.BACKWARD_HEAD_DIMS_SPILLING
-
-
-@pytest.fixture(autouse=True)
-def _dispatch_rules_of_every_release(monkeypatch):
-    """The dispatch tests check the kernels' own rules, which hold under every supported Triton release; the
-    one rule a release adds (compat.BACKWARD_HEAD_DIMS_SPILLING) has its own test."""
-    monkeypatch.setattr(compat, "BACKWARD_HEAD_DIMS_SPILLING", ())
-
-
 def compile_sm90(
     head_dim: int,
     dtype: torch.dtype,
@@ -220,19 +208,6 @@ def test_gluon_kernels_decline_a_triton_they_were_not_tested_with(monkeypatch):
     assert hopper_bwd.unsupported(do, q, k, v, grads, CAUSAL, 0.0, None, Rows.dense(q, k)) == reason
 
 
-def test_triton_39_leaves_the_d128_backward_to_the_triton_kernels(monkeypatch):
-    """Where compat lists a head dim whose backward spills under this release's ptxas (D128 under 3.9), the
-    Gluon backward declines it with the reason; the other head dims and the forward are unaffected."""
-    assert ((128,) if compat.VERSION >= (3, 9) else ()) == BACKWARD_DECLINED_HERE
-    monkeypatch.setattr(compat, "BACKWARD_HEAD_DIMS_SPILLING", (128,))
-    q, k, v, do, grads = _bwd_tensors()
-    why = hopper_bwd.unsupported(do, q, k, v, grads, CAUSAL, 0.0, None, Rows.dense(q, k))
-    assert why == f"triton {triton.__version__}: its ptxas spills in the D128 backward's key loop"
-    q, k, v, do, grads = _bwd_tensors(head_dim=64)
-    assert hopper_bwd.unsupported(do, q, k, v, grads, CAUSAL, 0.0, None, Rows.dense(q, k)) is None
-    assert _forward_why(*_tensors()) is None
-
-
 def test_cpu_tensors_never_take_the_sm90_kernel(monkeypatch):
     monkeypatch.setattr(kernels, "INTERPRET", False)  # (in the interpreter, that is the reason)
     q, k, v, out = _tensors()
@@ -332,13 +307,12 @@ def test_backward_compiles_for_sm90a(head_dim, dtype, causal, group, head_bias, 
     # D128 keeps dK, dV (128 registers), the score tiles and a dQ block within 240: ptxas spills a few
     # scalars (36-120 bytes; the H100 numbers in benchmarks/results are with them), never the products. The
     # masks of tiles that end past Sq or Sk add up to 32 bytes, a packed sequence's last dQ rows 32 more.
-    limit = max_spill + 32 * tail + 32 * varlen
-    if head_dim in BACKWARD_DECLINED_HERE and not varlen:
-        # This release's ptxas spills more in the dense rows' consumers, which is why the Triton backward
-        # serves this head dim under it (compat.py): if this fails, the spills are gone, and so the reason.
-        assert consumers > limit, spilled
-    else:
-        assert consumers <= limit, spilled
+    # Triton 3.9 compiles with CUDA 13.4's ptxas, which spills 176-204 bytes in the dense D128 consumers: on
+    # an H100 that code (Triton 3.6 with 3.9's ptxas) ran the D128 backward 0.99-1.05x the time of Triton 3.6's
+    # own full, 1.06-1.12x causal, still ahead of the Triton backward
+    # (benchmarks/results/ptxas_ab_h100_2026-12-07.json).
+    limit = max_spill + (80 if max_spill and compat.VERSION >= (3, 9) else 0) + 32 * tail + 32 * varlen
+    assert consumers <= limit, spilled
     # Outside the consumers (before the partitions start, and the loader warp at 24 registers), packed
     # sequences keep the fields of the loader's sequence descriptors in local memory, stored once per
     # program: 44-72 bytes under Triton 3.6, 112-120 under 3.9, which stores them before the partitions

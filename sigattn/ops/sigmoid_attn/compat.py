@@ -2,8 +2,8 @@
 
 ``hopper.py`` and ``hopper_bwd.py`` take from here the Gluon functions that were renamed or added between
 Triton 3.6 and 3.9 (``SUPPORTED``, the pyproject's ``triton`` bounds), and what code generation made differ:
-a formulation of the causal mask that spills nothing under 3.7 and 3.9, and the backward specialisations left
-to the Triton kernels under 3.9. Each entry says which release changed what. On Triton 3.6
+a formulation of the causal mask that spills nothing under 3.7 and 3.9. Each entry says which release changed
+what. On Triton 3.6
 every name here is the one the kernels were written with, so their PTX is what it was before this module
 (``tests/test_triton_matrix.py`` compiles them under every supported release).
 """
@@ -51,20 +51,6 @@ def _async_reduce_add(tensor_desc, coord, src, _semantic=None):
 
 # A TMA reduction (add) of a shared tile into global memory: 3.8 added it to the language, the same operation.
 async_add = tma.async_atomic_add if hasattr(tma, "async_atomic_add") else _async_reduce_add
-
-# Triton 3.9 compiles sm_90 with CUDA 13.4's ptxas (3.6-3.8 with CUDA 12.8-12.9's). In the D128 backward it
-# spills 176-204 bytes in the consumer warpgroups, inside the key loop (3.6: 52-132 bytes, with which the
-# H100/H200 numbers were measured); at D64 the consumers spill nothing under either. Until a GPU has timed
-# that code, the Triton backward serves D128 under 3.9 (tests/test_hopper.py records the spill).
-BACKWARD_HEAD_DIMS_SPILLING = (128,) if VERSION >= (3, 9) else ()
-
-
-def unsupported_backward(head_dim: int) -> str | None:
-    """Why the Gluon backward does not run at ``head_dim`` under this Triton release (None: it may)."""
-    if head_dim in BACKWARD_HEAD_DIMS_SPILLING:
-        return f"triton {triton.__version__}: its ptxas spills in the D{head_dim} backward's key loop"
-    return None
-
 
 # Triton 3.7 computes the 16 key indices a forward consumer thread compares (k = j * BLOCK_N + its columns)
 # ahead of the key loop and keeps them live across it: ptxas spills them (292 bytes, stored before the loop and

@@ -411,8 +411,6 @@ def unsupported(
     head_dim = q.shape[-1]
     if head_dim not in HEAD_DIMS:
         return f"head dim {head_dim}, not one of {HEAD_DIMS}"
-    if (spills := compat.unsupported_backward(head_dim)) is not None:
-        return spills
     if params.deterministic or torch.are_deterministic_algorithms_enabled():
         return "deterministic: dQ is reduced by atomic additions"
     if isinstance(bias, Tensor) and head_dim not in HEAD_BIAS_HEAD_DIMS:
