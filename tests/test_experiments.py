@@ -1,6 +1,7 @@
-"""sigattn.experiments: the statistics (t quantiles, slope fits), the MoE model, its least-squares fit and
-Voronoi loss, the Lipschitz power iteration, the k-sum data, the verdict rules, and every experiment's
-smallest setting end to end (result.json, report.md, PNG) through ``run`` and the CLI."""
+"""sigattn.experiments: the statistics (t quantiles, slope fits, intervals and power over seeds, the rule that
+judges a claim over seeds), the MoE model, its least-squares fit and Voronoi loss, the Lipschitz power
+iteration, the k-sum data, the verdict rules, and every experiment's smallest setting end to end (result.json,
+report.md, PNG) through ``run`` and the CLI."""
 
 from __future__ import annotations
 
@@ -64,6 +65,121 @@ def test_fit_line_exact_data_and_bad_input():
         common.fit_line([1.0, 2.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="positive"):
         common.fit_power_law([1.0, 2.0, 3.0], [1.0, 0.0, 2.0])
+
+
+# ------------------------------------------------------------------------------------------- over seeds
+
+
+def test_summarize_seeds_matches_a_hand_computation():
+    """[1, 2, 3, 4, 5]: mean 3, SD √2.5, t(0.975, 4) = 2.776445 (tables), half-width 2.776445·√2.5/√5 = 1.963243;
+    detectable difference (2.776445 + t(0.80, 4) = 0.940965)·√2.5/√5 = 2.628630."""
+    summary = common.summarize_seeds([1, 2, 3, 4, 5])
+    assert summary.mean == pytest.approx(3.0) and summary.sd == pytest.approx(math.sqrt(2.5))
+    assert summary.ci95[0] == pytest.approx(3 - 1.963243, abs=1e-4)
+    assert summary.ci95[1] == pytest.approx(3 + 1.963243, abs=1e-4)
+    assert summary.detectable == pytest.approx(2.628630, abs=1e-4)
+    assert summary.seeds == 5 and summary.to_dict()["values"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    one = common.summarize_seeds([0.7])
+    assert one.mean == 0.7 and one.ci95 is None and one.detectable is None
+    with pytest.raises(ValueError, match="at least one value"):
+        common.summarize_seeds([])
+
+
+@pytest.mark.parametrize("values", [[0.12, -0.3, 0.05, 0.4, 0.22], [3.0, 3.5, 2.0, 4.1, 3.3, 2.9, 3.8, 3.0]])
+def test_summarize_seeds_matches_scipy(values):
+    stats = pytest.importorskip("scipy.stats")
+    summary = common.summarize_seeds(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, loc=summary.mean, scale=stats.sem(values))
+    assert summary.ci95 == pytest.approx((low, high), abs=1e-5)
+
+
+def test_detectable_difference_grows_with_spread_and_power_and_shrinks_with_seeds():
+    by_seeds = [common.detectable_difference(1.0, n) for n in (2, 3, 5, 8, 20, 100)]
+    assert all(a > b for a, b in zip(by_seeds, by_seeds[1:], strict=False))
+    assert common.detectable_difference(2.0, 5) == pytest.approx(2 * common.detectable_difference(1.0, 5))
+    by_power = [common.detectable_difference(1.0, 8, power=p) for p in (0.5, 0.8, 0.9, 0.99)]
+    assert all(a < b for a, b in zip(by_power, by_power[1:], strict=False))
+    assert common.detectable_difference(1.0, 8, alpha=0.01) > common.detectable_difference(1.0, 8)
+    # many seeds: the normal approximation (1.96 + 0.8416) σ/√n
+    assert common.detectable_difference(1.0, 10**7) * math.sqrt(10**7) == pytest.approx(2.8016, abs=1e-3)
+    with pytest.raises(ValueError, match=">= 2 seeds"):
+        common.detectable_difference(1.0, 1)
+
+
+@pytest.mark.parametrize("seeds", [5, 8, 20])
+def test_detectable_difference_has_about_80_percent_power(seeds):
+    """The exact power (non-central t) of the two-sided test at the detectable difference is 0.79-0.80."""
+    stats = pytest.importorskip("scipy.stats")
+    delta = common.detectable_difference(1.0, seeds)
+    critical = stats.t.ppf(0.975, seeds - 1)
+    shift = delta * math.sqrt(seeds)
+    power = stats.nct.sf(critical, seeds - 1, shift) + stats.nct.cdf(-critical, seeds - 1, shift)
+    assert 0.785 <= power <= 0.81
+
+
+DIFFERENCE = common.Claim("slope difference", high=0.0, effect=0.1)  # the claim: below 0, by at least 0.1
+
+
+@pytest.mark.parametrize(
+    "values, supports, reason",
+    [
+        ([-0.52, -0.48, -0.55, -0.45, -0.5], True, "lies inside the claimed range (< 0)"),
+        ([-0.02, -0.03, -0.01, -0.025, -0.015], True, "lies inside"),  # below 0, if by less than 0.1
+        ([0.3, 0.25, 0.35, 0.28, 0.32], False, "lies entirely above 0: the other side"),
+        ([-0.02, 0.01, 0.0, -0.01, 0.02], False, "excludes differences of the claimed size (0.1 beyond 0)"),
+        ([-0.6, 0.4, -0.3, 0.5, 0.1], None, "straddles 0; the detectable difference is"),
+        ([-0.05], None, "one seed"),
+    ],
+    ids=[
+        "clearly-supporting",
+        "small-but-supporting",
+        "clearly-refuting",
+        "excludes-claimed-size",
+        "straddling",
+        "one-seed",
+    ],
+)
+def test_judge_applies_the_rule_to_a_claimed_difference(values, supports, reason):
+    judgement = common.judge(values, DIFFERENCE)
+    assert judgement.supports is supports, judgement.reason
+    assert reason in judgement.reason
+
+
+def test_judge_reports_whether_the_claimed_effect_was_detectable():
+    wide = common.judge([-0.6, 0.4, -0.3, 0.5, 0.1], DIFFERENCE)
+    assert wide.summary.detectable > 0.1 and "larger than the claimed effect 0.1" in wide.reason
+    assert "could not reliably have been detected" in common.power_sentence(wide)
+    # straddles 0 yet reaches below -0.1: inconclusive, although a difference of 0.1 was within reach
+    narrow = common.judge([-0.16, -0.1, -0.045, 0.015, 0.07, -0.08, -0.01, -0.05], DIFFERENCE)
+    assert narrow.summary.detectable < 0.1 and narrow.supports is None
+    assert "no larger than the claimed effect 0.1" in narrow.reason
+    assert "could have been detected" in common.power_sentence(narrow)
+
+
+@pytest.mark.parametrize(
+    "values, supports",
+    [([-0.5, -0.48, -0.52, -0.49], True), ([-0.9, -0.95, -0.85, -0.92], False), ([-0.3, -0.6, -0.45, -0.7], None)],
+)
+def test_judge_applies_the_rule_to_a_claimed_range(values, supports):
+    near_half = common.Claim("slope", low=-0.6, high=-0.4)
+    assert common.judge(values, near_half).supports is supports
+
+
+def test_claims_must_make_sense_and_verdicts_combine():
+    with pytest.raises(ValueError, match="low < high"):
+        common.Claim("x", low=1.0, high=0.0)
+    with pytest.raises(ValueError, match="one-sided"):
+        common.Claim("x", low=-1.0, high=1.0, effect=0.1)
+    yes, no, maybe = (
+        common.judge(v, common.Claim("x", low=0.0)) for v in ([1, 1.1, 0.9], [-1, -1.1, -0.9], [-1, 1, 0])
+    )
+    assert (yes.supports, no.supports, maybe.supports) == (True, False, None)
+    assert common.combine([yes, yes]) is True
+    assert common.combine([yes, maybe]) is None
+    assert common.combine([maybe, no, yes]) is False
+    table = common.judgements_markdown([yes, maybe])
+    assert "| x | > 0 | 1, 1.1, 0.9 |" in table and "supported" in table and "inconclusive" in table
+    assert common.POWER_FORMULA in table
 
 
 # ----------------------------------------------------------------------------------------- moe-rates
@@ -131,17 +247,21 @@ def test_least_squares_recovers_noiseless_truth(kind):
     assert float(moe_rates.voronoi_loss(theta, truth(), kind).max()) < 1e-4
 
 
-def moe_results(sig_ci, soft_ci) -> dict:
-    def entry(ci):
-        return {"slope": sum(ci) / 2, "ci95": list(ci)}
-
-    return {regime: {"sigmoid": entry(sig_ci), "softmax": entry(soft_ci)} for regime in moe_rates.REGIMES}
+def moe_verdict(sigmoid: list[float], softmax: list[float]) -> bool | None:
+    slopes = {regime: {"sigmoid": sigmoid, "softmax": softmax} for regime in moe_rates.REGIMES}
+    return moe_rates.decide(moe_rates.judgements(slopes)).supports
 
 
-def test_moe_verdict_rule():
-    assert moe_rates.decide(moe_results((-0.55, -0.45), (-0.3, -0.1))).supports is True
-    assert moe_rates.decide(moe_results((-0.55, -0.45), (-0.5, -0.1))).supports is False  # CIs overlap
-    assert moe_rates.decide(moe_results((-0.9, -0.7), (-0.3, -0.1))).supports is False  # not near -1/2
+def test_moe_verdict_rule_over_seeds():
+    near_half = [-0.5, -0.47, -0.52, -0.49, -0.51]
+    assert moe_verdict(near_half, [-0.2, -0.25, -0.15, -0.22, -0.18]) is True  # faster and near -1/2
+    assert moe_verdict(near_half, [-0.8, -0.85, -0.75, -0.82, -0.78]) is False  # softmax faster: the other side
+    assert moe_verdict(near_half, [-0.5, -0.48, -0.52, -0.5, -0.49]) is False  # excludes a 0.1 difference
+    assert moe_verdict(near_half, [-0.9, -0.1, -0.5, -0.2, -0.7]) is None  # the difference straddles 0
+    assert moe_verdict([-0.9, -0.88, -0.92, -0.9, -0.91], [-0.2, -0.2, -0.3, -0.1, -0.2]) is False  # not near -1/2
+    slopes = {regime: {"sigmoid": [-0.5, -0.4], "softmax": [-0.2, -0.3]} for regime in moe_rates.REGIMES}
+    parts = moe_rates.judgements(slopes)
+    assert parts[0].summary.values == pytest.approx([-0.3, -0.1])  # paired by seed
 
 
 # ---------------------------------------------------------------------------------------- regularity
@@ -180,8 +300,22 @@ def test_sigmoid_attention_layer_is_sigattns():
 
 def test_growth_fits_tell_polynomial_from_exponential():
     radii = [1.0, 2.0, 4.0, 8.0, 16.0]
-    assert regularity.growth_fits(radii, [r**2 for r in radii], 1.0)["growth"] == "polynomial"
-    assert regularity.growth_fits(radii, [math.exp(0.5 * r) for r in radii], 1.0)["growth"] == "exponential"
+    polynomial = regularity.growth_fits(radii, [r**2 for r in radii], 1.0)
+    exponential = regularity.growth_fits(radii, [math.exp(0.5 * r) for r in radii], 1.0)
+    assert polynomial["growth"] == "polynomial" and regularity.rms_difference(polynomial) < 0
+    assert exponential["growth"] == "exponential" and regularity.rms_difference(exponential) > 0
+
+
+def test_regularity_verdict_rule_over_seeds():
+    polynomial, exponential = [-0.3, -0.35, -0.28, -0.32, -0.31], [0.2, 0.25, 0.22, 0.18, 0.21]
+    straddling = [-0.3, 0.2, -0.1, 0.15, 0.05]
+
+    def verdict(sigmoid, softmax):
+        return regularity.decide(regularity.judgements({"sigmoid": sigmoid, "softmax": softmax})).supports
+
+    assert verdict(polynomial, exponential) is True
+    assert verdict(polynomial, polynomial) is False  # softmax's interval lies on the polynomial side
+    assert verdict(polynomial, straddling) is None
 
 
 # -------------------------------------------------------------------------------------------- ksum
@@ -202,14 +336,24 @@ def test_ksum_batch_targets_are_the_sums_of_the_matching_values():
         ksum.ksum_batch(2, settings, settings.seqlen + 1, torch.Generator().manual_seed(0))
 
 
-def test_ksum_verdict_rule():
-    settings = ksum.SETTINGS["quick"]  # k_max 8, 400 sums per k
-    softmax = [0.5] * 8
-    growing = [0.5 + 0.04 * k for k in range(8)]
-    assert ksum.decide({"sigmoid": growing, "softmax": softmax}, settings).supports is True
-    constant = [0.8] * 8  # ahead at every k, but the gap does not grow
-    assert ksum.decide({"sigmoid": constant, "softmax": softmax}, settings).supports is False
-    assert ksum.decide({"sigmoid": softmax, "softmax": growing}, settings).supports is False
+def ksum_verdict(sigmoid_slopes: list[float], offset: float = 0.3) -> bool | None:
+    """Synthetic seeds: softmax at 0.5 for every k, sigmoid ahead by ``offset`` plus a gap with the given slope."""
+    settings = ksum.SETTINGS["quick"]  # k_max 8: the claimed effect is 0.1 / 7 per unit of k
+    ks = range(1, settings.k_max + 1)
+    per_seed = {
+        "sigmoid": [[0.5 + offset + slope * k for k in ks] for slope in sigmoid_slopes],
+        "softmax": [[0.5] * settings.k_max for _ in sigmoid_slopes],
+    }
+    parts = ksum.judgements(per_seed, settings)
+    assert parts[0].summary.values == pytest.approx(sigmoid_slopes)
+    return ksum.decide(parts, settings).supports
+
+
+def test_ksum_verdict_rule_over_seeds():
+    assert ksum_verdict([0.04, 0.035, 0.045, 0.04, 0.038]) is True  # the gap grows with k
+    assert ksum_verdict([-0.02, -0.025, -0.015, -0.02, -0.018]) is False  # it shrinks: the other side
+    assert ksum_verdict([0.001, -0.001, 0.0, 0.002, -0.002]) is False  # ahead at every k, but no claimed growth
+    assert ksum_verdict([0.03, -0.02, 0.01, -0.03, 0.02]) is None  # straddles 0
 
 
 def test_synthetic_text_is_deterministic():
@@ -236,14 +380,30 @@ def check_outputs(out, name: str) -> dict:
     return result
 
 
+def check_judgements(result: dict, seeds: int) -> None:
+    """Every judged statistic carries its per-seed values, an interval around the mean and a power statement."""
+    assert result["judgements"]
+    for entry in result["judgements"]:
+        assert len(entry["values"]) == seeds == entry["seeds"]
+        assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1] and entry["detectable"] >= 0
+        assert entry["supports"] in (True, False, None) and entry["reason"]
+
+
 def test_moe_rates_end_to_end(tmp_path):
     run_experiment("moe-rates", tmp_path, size="test", log=lambda line: None)
     result = check_outputs(tmp_path, "moe-rates")
+    settings = moe_rates.SETTINGS["test"]
+    check_judgements(result, len(settings.seeds))
     for regime in ("dense", "sparse"):
         for kind in ("sigmoid", "softmax"):
             entry = result[regime][kind]
-            assert entry["ci95"][0] <= entry["slope"] <= entry["ci95"][1]
-            assert len(entry["per_n"]) == len(moe_rates.SETTINGS["test"].sample_sizes)
+            assert entry["ci95"][0] <= entry["mean"] <= entry["ci95"][1]
+            assert len(entry["per_n"]) == len(settings.sample_sizes)
+            assert [seed["seed"] for seed in entry["per_seed"]] == list(settings.seeds)
+            assert entry["values"] == [seed["slope"] for seed in entry["per_seed"]]
+        sigmoid, softmax = result[regime]["sigmoid"]["values"], result[regime]["softmax"]["values"]
+        difference = [a - b for a, b in zip(sigmoid, softmax, strict=True)]
+        assert result[regime]["difference"]["values"] == pytest.approx(difference)
 
 
 @pytest.mark.parametrize("name", ["bias-ablation", "length-extrapolation", "ksum"])
@@ -257,7 +417,10 @@ def test_experiment_end_to_end(tmp_path, name):
     elif name == "length-extrapolation":
         assert set(result["loss_ratio_8x"]) == {"rope", "alibi"}
     else:
-        assert len(result["accuracy"]["sigmoid"]) == ksum.SETTINGS["test"].k_max
+        settings = ksum.SETTINGS["test"]
+        assert len(result["accuracy"]["sigmoid"]) == settings.k_max
+        assert len(result["accuracy_per_seed"]["softmax"]) == len(settings.seeds)
+        check_judgements(result, len(settings.seeds))
 
 
 def test_cli_experiment_writes_the_outputs(tmp_path, monkeypatch, capsys):
@@ -265,7 +428,9 @@ def test_cli_experiment_writes_the_outputs(tmp_path, monkeypatch, capsys):
     assert cli.main(["experiment", "regularity", "--quick", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["meta"]["command"] == f"sigattn experiment regularity --quick --out {tmp_path}"
-    assert set(result["sigmoid"]) == {"lipschitz", "fit"}
+    assert set(result["sigmoid"]) == {"lipschitz", "rms_difference", "exponent", "rate", "per_seed"}
+    check_judgements(result, len(regularity.SETTINGS["test"].seeds))
+    assert "Detectable difference (80% power" in (tmp_path / "report.md").read_text()
     assert "regularity:" in capsys.readouterr().out
 
 
@@ -276,6 +441,21 @@ def test_results_index_lists_verdicts_plots_and_missing_runs(tmp_path):
     assert f"**{verdict['word'].capitalize()} the claim:** {verdict['summary']}" in text
     assert "![ksum](ksum/ksum.png)" in text
     assert "Not run here. Run it with `sigattn experiment moe-rates`" in text
+    seeds = len(ksum.SETTINGS["test"].seeds)
+    assert f"| **{verdict['word']}** | {seeds} | test |" in text and f"Size `test`, {seeds} seeds" in text
+    assert "still one-seed results" not in text  # no one-seed experiment has run here
+
+
+def test_results_index_marks_one_seed_results(tmp_path):
+    """An experiment whose settings name no seeds (bias-ablation, length-extrapolation) is listed as one seed."""
+    folder = tmp_path / "bias-ablation"
+    folder.mkdir()
+    verdict = {"word": "supports", "summary": "s"}
+    meta = {"size": "full", "seconds": 1.0, "date": "d", "command": "c"}
+    (folder / "result.json").write_text(json.dumps({"verdict": verdict, "settings": {}, "figures": [], "meta": meta}))
+    text = index.index_markdown(tmp_path, EXPERIMENTS)
+    assert "| **supports** | 1 | full |" in text
+    assert "bias-ablation: still one-seed results" in text
 
 
 def test_unknown_experiment_and_size():

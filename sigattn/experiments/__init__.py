@@ -24,7 +24,7 @@ EXPERIMENTS = {
             claim="in the dense gating regime, least squares recovers a sigmoid-gated quadratic-score mixture of "
             "experts (one attention row) with an error falling near n^(-1/2), faster than the softmax-gated one.",
             run=moe_rates.run,
-            full_runtime="11 min on a 2-core CPU shared with other jobs",
+            full_runtime="15 min (8 seeds) on a 2-core CPU shared with other jobs",
         ),
         Experiment(
             name="bias-ablation",
@@ -43,7 +43,7 @@ EXPERIMENTS = {
             claim="the local Lipschitz constant of a sigmoid attention layer grows polynomially with the input "
             "radius, that of a softmax attention layer exponentially.",
             run=regularity.run,
-            full_runtime="1 min on a 2-core CPU",
+            full_runtime="9 min (8 seeds) on a 2-core CPU shared with other jobs",
         ),
         Experiment(
             name="length-extrapolation",
@@ -61,7 +61,7 @@ EXPERIMENTS = {
             claim="softmax's competition between tokens hurts as k grows: on sums of k selected values, softmax's "
             "accuracy falls behind sigmoid's at large k.",
             run=ksum.run,
-            full_runtime="6 min on a 2-core CPU shared with other jobs",
+            full_runtime="15 min (6 seeds) on a 2-core CPU shared with other jobs",
         ),
     )
 }

@@ -1,4 +1,6 @@
-"""What every experiment shares: its sizes, the verdict and outputs it writes, the slope fit and the plots.
+"""What every experiment shares: its sizes, the verdict and outputs it writes, the slope fit, the statistics
+over seeds (mean, 95% t-interval, detectable difference, and ``judge``: the one rule that turns an interval
+into supported / contradicted / inconclusive) and the plots.
 
 An experiment is a function ``run(size, out_dir) -> Outcome`` registered under its name (``sigattn.
 experiments.EXPERIMENTS``). ``run_experiment`` times it and writes into ``out_dir``:
@@ -39,7 +41,8 @@ CPU_THREADS = 1
 class Verdict:
     """Whether the measured numbers support the claim, decided by ``rule`` (stated in the report).
 
-    ``supports`` is None when the rule cannot decide (e.g. too few points for a confidence interval)."""
+    ``supports`` is None when the rule cannot decide: inconclusive (e.g. an interval over seeds that straddles
+    the claim's bound; ``summary`` says why)."""
 
     supports: bool | None
     rule: str
@@ -276,8 +279,238 @@ def fit_power_law(x: list[float], y: list[float]) -> SlopeFit:
     return fit_line([math.log(a) for a in x], [math.log(b) for b in y])
 
 
-def binomial_stderr(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 1e-12) / n)
+# ------------------------------------------------------------------------------------- over seeds
+
+# A verdict rests on a statistic measured once per seed (an independent repetition of the whole measurement):
+# its mean over the seeds, the 95% t-interval of that mean, and the smallest difference the seeds could have
+# detected. Each part of a claim says where the statistic should lie (a ``Claim``); ``judge`` applies one rule.
+POWER = 0.8
+ALPHA = 0.05
+
+SEED_RULE = (
+    "each statistic is measured once per seed (an independent repetition of the whole measurement with its own "
+    "random draws); its 95% interval is the t-interval of the mean over the n seeds, mean ± t(0.975, n−1)·s/√n, "
+    "with s the between-seed standard deviation. A part of the claim is *supported* when the interval lies entirely "
+    "inside the range the claim predicts; *contradicted* only when the interval excludes the claim: it lies "
+    "entirely on the other side of the claim's bound, or, for a claimed difference of a stated size, it excludes "
+    "differences of that size; otherwise it is *inconclusive*, with the reason (the interval straddles the bound; "
+    "whether the detectable difference exceeds the claimed effect). The verdict supports the claim when every part "
+    "is supported, does not support it when any part is contradicted, and is inconclusive otherwise."
+)
+POWER_FORMULA = (
+    "Detectable difference (80% power, two-sided α = 0.05): δ = (t(0.975, n−1) + t(0.80, n−1))·s/√n, the smallest "
+    "true mean distance from the claim's bound that a t-test over these n seeds would detect 4 times in 5, "
+    "computed from the observed between-seed standard deviation s (the usual approximation: the exact "
+    "non-central-t power at this δ is 0.79 with 5 seeds, 0.80 with 8)."
+)
+
+
+@dataclass
+class SeedSummary:
+    """One statistic over seeds: the per-seed values, their mean, the between-seed standard deviation, the 95%
+    t-interval of the mean and the detectable difference (both None with fewer than 2 seeds)."""
+
+    values: list[float]
+    mean: float
+    sd: float | None
+    ci95: tuple[float, float] | None
+    detectable: float | None
+
+    @property
+    def seeds(self) -> int:
+        return len(self.values)
+
+    def to_dict(self) -> dict:
+        return {
+            "values": self.values,
+            "mean": self.mean,
+            "sd": self.sd,
+            "ci95": None if self.ci95 is None else list(self.ci95),
+            "detectable": self.detectable,
+            "seeds": self.seeds,
+        }
+
+
+def detectable_difference(sd: float, seeds: int, *, power: float = POWER, alpha: float = ALPHA) -> float:
+    """The smallest true mean difference that a two-sided one-sample t-test at level ``alpha`` over ``seeds``
+    values with standard deviation ``sd`` detects with probability ``power`` (``POWER_FORMULA``):
+
+        δ = (t(1 − alpha/2, n − 1) + t(power, n − 1)) · sd / √n
+    """
+    if seeds < 2:
+        raise ValueError(f"a detectable difference needs >= 2 seeds, got {seeds}")
+    if not 0.0 < power < 1.0 or not 0.0 < alpha < 1.0:
+        raise ValueError(f"power and alpha must be in (0, 1), got {power} and {alpha}")
+    df = seeds - 1
+    return (student_t_quantile(1 - alpha / 2, df) + student_t_quantile(power, df)) * sd / math.sqrt(seeds)
+
+
+def summarize_seeds(values: list[float]) -> SeedSummary:
+    """Mean, between-seed SD, 95% t-interval of the mean and detectable difference of per-seed values."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("summarize_seeds needs at least one value")
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return SeedSummary(values, mean, None, None, None)
+    sd = statistics.stdev(values)
+    half = student_t_quantile(0.975, len(values) - 1) * sd / math.sqrt(len(values))
+    return SeedSummary(values, mean, sd, (mean - half, mean + half), detectable_difference(sd, len(values)))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Where one statistic should lie if the paper's claim holds: strictly between ``low`` and ``high``.
+
+    A one-sided claim of a difference (one bound infinite) may name ``effect``, the smallest size beyond the
+    bound that counts as the claimed effect: an interval that excludes differences of that size contradicts
+    the claim even where it overlaps the bound."""
+
+    statistic: str  # what is measured per seed, e.g. "slope(sigmoid) − slope(softmax), dense"
+    low: float = -math.inf
+    high: float = math.inf
+    effect: float | None = None
+
+    def __post_init__(self):
+        if not self.low < self.high:
+            raise ValueError(f"a claim needs low < high, got {self.low} and {self.high}")
+        if self.effect is not None and (self.effect <= 0 or math.isfinite(self.low) == math.isfinite(self.high)):
+            raise ValueError(f"effect must be positive and needs a one-sided claim, got {self}")
+
+    def range_text(self) -> str:
+        if math.isinf(self.low):
+            return f"< {self.high:g}"
+        if math.isinf(self.high):
+            return f"> {self.low:g}"
+        return f"in ({self.low:g}, {self.high:g})"
+
+    def effect_range(self) -> tuple[float, float]:
+        """The values that show the claimed effect at its stated size (the whole claimed range without one)."""
+        if self.effect is None:
+            return (self.low, self.high)
+        if math.isinf(self.low):
+            return (self.low, self.high - self.effect)
+        return (self.low + self.effect, self.high)
+
+    def bounds(self) -> list[float]:
+        return [b for b in (self.low, self.high) if math.isfinite(b)]
+
+
+@dataclass
+class Judgement:
+    """One part of a claim judged over seeds (``judge``)."""
+
+    claim: Claim
+    summary: SeedSummary
+    supports: bool | None
+    reason: str
+
+    @property
+    def word(self) -> str:
+        return {True: "supported", False: "contradicted", None: "inconclusive"}[self.supports]
+
+    def to_dict(self) -> dict:
+        return {
+            "statistic": self.claim.statistic,
+            "claimed": self.claim.range_text(),
+            "effect": self.claim.effect,
+            **self.summary.to_dict(),
+            "supports": self.supports,
+            "reason": self.reason,
+        }
+
+
+def judge(values: list[float], claim: Claim) -> Judgement:
+    """Applies ``SEED_RULE`` to one statistic's per-seed ``values``."""
+    summary = summarize_seeds(values)
+    if summary.ci95 is None:
+        return Judgement(claim, summary, None, "one seed: no interval, so no decision")
+    lo, hi = summary.ci95
+    interval = f"95% interval [{lo:.3g}, {hi:.3g}]"
+    if claim.low < lo and hi < claim.high:
+        return Judgement(claim, summary, True, f"the {interval} lies inside the claimed range ({claim.range_text()})")
+    if hi <= claim.low or lo >= claim.high:
+        side = "above" if lo >= claim.high else "below"
+        bound = claim.high if lo >= claim.high else claim.low
+        return Judgement(claim, summary, False, f"the {interval} lies entirely {side} {bound:g}: the other side")
+    effect_low, effect_high = claim.effect_range()
+    if claim.effect is not None and (hi <= effect_low or lo >= effect_high):
+        return Judgement(
+            claim,
+            summary,
+            False,
+            f"the {interval} excludes differences of the claimed size "
+            f"({claim.effect:.3g} beyond {claim.bounds()[0]:g})",
+        )
+    straddled = " and ".join(f"{b:g}" for b in claim.bounds() if lo < b < hi) or claim.range_text()
+    reason = f"the {interval} straddles {straddled}; the detectable difference is {summary.detectable:.3g}"
+    if claim.effect is not None:
+        relation = "larger than" if summary.detectable > claim.effect else "no larger than"
+        reason += f", {relation} the claimed effect {claim.effect:.3g}"
+    return Judgement(claim, summary, None, reason)
+
+
+def combine(judgements: list[Judgement]) -> bool | None:
+    """The verdict of a claim made of parts: False if any part is contradicted, True if all are supported,
+    else None."""
+    if any(j.supports is False for j in judgements):
+        return False
+    if all(j.supports is True for j in judgements):
+        return True
+    return None
+
+
+def power_sentence(judgement: Judgement) -> str:
+    """'With n seeds (SD s) a difference of δ would have been detected ...' for the report."""
+    summary, claim = judgement.summary, judgement.claim
+    if summary.detectable is None:
+        return f"{claim.statistic}: one seed, no power statement."
+    if len(claim.bounds()) == 1:
+        bound = f"{claim.bounds()[0]:g}"
+    else:
+        bound = f"the nearer end of ({claim.low:g}, {claim.high:g})"
+    sentence = (
+        f"{claim.statistic}: with {summary.seeds} seeds (between-seed SD {summary.sd:.3g}) a true mean "
+        f"{summary.detectable:.3g} away from {bound} would have been detected with 80% power"
+    )
+    if claim.effect is not None:
+        could = "could" if summary.detectable <= claim.effect else "could not reliably"
+        sentence += f"; the claimed effect {claim.effect:.3g} {could} have been detected"
+    return sentence + "."
+
+
+def judgements_markdown(judgements: list[Judgement]) -> str:
+    """The per-seed values, mean, interval, spread and detectable difference of each judged statistic, the
+    power statements and the formula."""
+    rows = []
+    for j in judgements:
+        s = j.summary
+        ci = "—" if s.ci95 is None else f"[{s.ci95[0]:.4g}, {s.ci95[1]:.4g}]"
+        rows.append(
+            [
+                j.claim.statistic,
+                j.claim.range_text() + ("" if j.claim.effect is None else f" (effect {j.claim.effect:.3g})"),
+                ", ".join(f"{v:.3g}" for v in s.values),
+                s.mean,
+                ci,
+                "—" if s.sd is None else s.sd,
+                "—" if s.detectable is None else s.detectable,
+                j.word,
+            ]
+        )
+    header = ["statistic", "claim", "per seed", "mean", "95% CI", "SD", "detectable δ", "part"]
+    lines = [markdown_table(header, rows), ""]
+    lines += [f"* {power_sentence(j)}" for j in judgements]
+    lines += ["", POWER_FORMULA]
+    return "\n".join(lines)
+
+
+def judgements_text(judgements: list[Judgement]) -> str:
+    """One sentence per part, for the verdict's summary."""
+    return "; ".join(
+        f"{j.claim.statistic} {j.claim.range_text()}: mean {j.summary.mean:.3g}, {j.word} ({j.reason})"
+        for j in judgements
+    )
 
 
 # --------------------------------------------------------------------------------------------- plots
@@ -296,3 +529,55 @@ def save_figure(fig, out: Path, name: str) -> str:
 COLORS = {kind: style["color"] for kind, style in plotting.STYLES.items()}
 MARKERS = {kind: style["marker"] for kind, style in plotting.STYLES.items()}
 LINESTYLES = {kind: style["linestyle"] for kind, style in plotting.STYLES.items()}
+
+
+def draw_judgements(ax, judgements: list[Judgement]) -> None:
+    """One row per judged statistic: its per-seed values (dots), the mean with its 95% interval (bar) and the
+    range the claim predicts (shaded), so a reader sees which side of the bound the interval lies on."""
+    points, means, lows, highs = [], [], [], []
+    for row, j in enumerate(judgements):
+        points += [(v, row) for v in j.summary.values]
+        ci = j.summary.ci95 or (j.summary.mean, j.summary.mean)
+        means.append((j.summary.mean, row))
+        lows.append(j.summary.mean - ci[0])
+        highs.append(ci[1] - j.summary.mean)
+    seen = [v for v, _ in points] + [m - lo for (m, _), lo in zip(means, lows, strict=True)]
+    seen += [m + hi for (m, _), hi in zip(means, highs, strict=True)]
+    seen += [e for j in judgements for e in j.claim.effect_range() if math.isfinite(e)]
+    pad = 0.1 * ((max(seen) - min(seen)) or 1.0)
+    left, right = min(seen) - pad, max(seen) + pad
+    for row, j in enumerate(judgements):
+        low, high = max(j.claim.low, left), min(j.claim.high, right)
+        ax.fill_betweenx([row - 0.35, row + 0.35], low, high, color="tab:green", alpha=0.12, lw=0)
+        for bound in j.claim.bounds():
+            ax.vlines(bound, row - 0.4, row + 0.4, color="gray", lw=1)
+        if j.claim.effect is not None:  # the claimed effect's size: an interval short of it contradicts the claim
+            edge = next(e for e in j.claim.effect_range() if math.isfinite(e))
+            ax.vlines(edge, row - 0.4, row + 0.4, color="tab:green", lw=1, linestyles="dashed")
+    ax.scatter(
+        [v for v, _ in points], [r + 0.15 for _, r in points], s=14, color="tab:gray", alpha=0.7, label="per seed"
+    )
+    ax.errorbar(
+        [m for m, _ in means],
+        [r for _, r in means],
+        xerr=[lows, highs],
+        fmt="D",
+        color="black",
+        capsize=4,
+        label="mean and 95% interval over seeds",
+    )
+    ax.set_xlim(left, right)
+    ax.set_ylim(len(judgements) - 0.5, -0.5)
+    ax.set_yticks(range(len(judgements)), [f"{j.claim.statistic}\n(claim {j.claim.range_text()})" for j in judgements])
+    ax.set_xlabel("per-seed statistic (shaded: the range the claim predicts; dashed: the claimed effect's size)")
+    ax.legend(fontsize=7)
+
+
+def judgements_figure(judgements: list[Judgement], out: Path, name: str, title: str) -> str:
+    """A figure of ``draw_judgements`` alone, written to ``out / name``; returns ``name``."""
+    plt = plotting.pyplot()
+    fig, ax = plt.subplots(figsize=(10, 1.6 + 1.1 * len(judgements)))
+    draw_judgements(ax, judgements)
+    ax.set_ylabel("statistic")
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, out, name)

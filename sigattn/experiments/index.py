@@ -21,6 +21,11 @@ def load_results(root: Path, experiments: dict[str, Experiment]) -> dict[str, di
     return found
 
 
+def seed_count(result: dict) -> int:
+    """How many independent seeds the verdict rests on: ``settings.seeds`` where the experiment has it, else 1."""
+    return len(result.get("settings", {}).get("seeds") or [None])
+
+
 def index_markdown(root: Path, experiments: dict[str, Experiment]) -> str:
     results = load_results(root, experiments)
     lines = [
@@ -30,19 +35,27 @@ def index_markdown(root: Path, experiments: dict[str, Experiment]) -> str:
         "stated in that experiment's `report.md`, applied to the measured numbers. The settings are small "
         "(a 2-core CPU): a verdict is about these settings, not about the papers' scale.",
         "",
-        "| experiment | claim from | verdict | size | runtime |",
-        "|---|---|---|---|---|",
+        "| experiment | claim from | verdict | seeds | size | runtime |",
+        "|---|---|---|---|---|---|",
     ]
     for name, experiment in experiments.items():
         result = results.get(name)
         if result is None:
-            lines.append(f"| [{name}](#{name}) | {experiment.source} | not run here | | {experiment.full_runtime} |")
+            lines.append(f"| [{name}](#{name}) | {experiment.source} | not run here | | | {experiment.full_runtime} |")
         else:
             meta = result["meta"]
             lines.append(
                 f"| [{name}]({name}/report.md) | {experiment.source} | **{result['verdict']['word']}** | "
-                f"{meta['size']} | {meta['seconds']:.0f} s |"
+                f"{seed_count(result)} | {meta['size']} | {meta['seconds']:.0f} s |"
             )
+    one_seed = [name for name, result in results.items() if seed_count(result) == 1]
+    if one_seed:
+        lines += [
+            "",
+            f"*Seeds:* the independent repetitions behind a verdict. {', '.join(one_seed)}: still one-seed results, "
+            "with no seed-to-seed spread measured and no interval; the others judge a per-seed statistic by its 95% "
+            "interval over seeds and state the difference the seeds could have detected (see each report).",
+        ]
     for name, experiment in experiments.items():
         lines += ["", f"## {name}", "", f"*{experiment.title}.* Claim: {experiment.claim}", ""]
         result = results.get(name)
@@ -54,7 +67,12 @@ def index_markdown(root: Path, experiments: dict[str, Experiment]) -> str:
         lines.append("")
         lines += [f"![{name}]({name}/{figure})" for figure in result["figures"]]
         meta = result["meta"]
-        lines += ["", f"Size `{meta['size']}`, {meta['seconds']:.0f} s, {meta['date']}: `{meta['command']}`."]
+        seeds = seed_count(result)
+        lines += [
+            "",
+            f"Size `{meta['size']}`, {seeds} seed{'s' if seeds > 1 else ''}, {meta['seconds']:.0f} s, {meta['date']}: "
+            f"`{meta['command']}`.",
+        ]
     others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in experiments)
     if others:
         lines += ["", "## Other results here", ""]

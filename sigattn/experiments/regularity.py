@@ -10,6 +10,10 @@ matrix), found by power iteration on J^T J with autograd's Jacobian-vector and v
 never forming J. For each radius r (every token has norm r) we take the largest value over random inputs,
 each then pushed a few steps uphill (gradient ascent on |J(X) v| with v the current top singular vector,
 projected back onto the radius-r spheres): a lower bound on the worst case over the ball.
+
+Each seed draws its own projections and inputs; per seed and attention, the growth over r >= 2 is fitted by a
+power law and by an exponential, and the statistic is the difference of their residual RMS (negative: the
+power law fits better). The verdict reads its mean over seeds with the 95% t-interval (``common.judge``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,25 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp
 
 from ..plotting import label_log_ticks, pyplot
-from .common import COLORS, LINESTYLES, MARKERS, Outcome, Verdict, fit_line, markdown_table, save_figure
+from .common import (
+    COLORS,
+    LINESTYLES,
+    MARKERS,
+    SEED_RULE,
+    Claim,
+    Judgement,
+    Outcome,
+    Verdict,
+    combine,
+    fit_line,
+    judge,
+    judgements_figure,
+    judgements_markdown,
+    judgements_text,
+    markdown_table,
+    save_figure,
+    summarize_seeds,
+)
 
 KINDS = ("sigmoid", "softmax")
 
@@ -36,23 +58,42 @@ class Settings:
     inputs_per_radius: int
     power_iterations: int
     ascent_steps: int
+    seeds: tuple[int, ...]  # independent repetitions: each its own Wq, Wk, Wv and inputs
     fit_from_radius: float = 2.0  # the growth models are fitted to radii >= this (the growth regime)
-    seed: int = 0
 
 
 def geometric(start: float, stop: float, count: int) -> tuple[float, ...]:
     return tuple(round(start * (stop / start) ** (i / (count - 1)), 4) for i in range(count))
 
 
+# full: one seed's two curves take ~45 s on the 2-core development CPU, so 8 seeds ~6 min.
 SETTINGS = {
     "test": Settings(
-        tokens=4, dim=4, radii=geometric(0.5, 8, 5), inputs_per_radius=1, power_iterations=15, ascent_steps=1
+        tokens=4,
+        dim=4,
+        radii=geometric(0.5, 8, 5),
+        inputs_per_radius=1,
+        power_iterations=15,
+        ascent_steps=1,
+        seeds=(0, 1),
     ),
     "quick": Settings(
-        tokens=8, dim=8, radii=geometric(0.25, 16, 9), inputs_per_radius=4, power_iterations=30, ascent_steps=5
+        tokens=8,
+        dim=8,
+        radii=geometric(0.25, 16, 9),
+        inputs_per_radius=4,
+        power_iterations=30,
+        ascent_steps=5,
+        seeds=(0, 1, 2),
     ),
     "full": Settings(
-        tokens=16, dim=16, radii=geometric(0.25, 32, 15), inputs_per_radius=6, power_iterations=40, ascent_steps=10
+        tokens=16,
+        dim=16,
+        radii=geometric(0.25, 32, 15),
+        inputs_per_radius=6,
+        power_iterations=40,
+        ascent_steps=10,
+        seeds=tuple(range(8)),
     ),
 }
 
@@ -129,34 +170,54 @@ def growth_fits(radii: list[float], lipschitz: list[float], start: float) -> dic
     }
 
 
-def decide(results: dict) -> Verdict:
-    sig, soft = results["sigmoid"]["fit"], results["softmax"]["fit"]
-    ok = sig["growth"] == "polynomial" and soft["growth"] == "exponential"
+def rms_difference(fit: dict) -> float:
+    """RMS of log L about the power law minus RMS about the exponential: < 0 where the power law fits better."""
+    return fit["polynomial"]["rms"] - fit["exponential"]["rms"]
+
+
+def judgements(differences: dict) -> list[Judgement]:
+    """The claim's two parts over seeds: sigmoid's growth fits a power law better (difference < 0) and softmax's
+    an exponential (difference > 0); ``differences`` maps each attention to its per-seed ``rms_difference``."""
+    return [
+        judge(differences["sigmoid"], Claim("RMS(power law) − RMS(exponential), sigmoid", high=0.0)),
+        judge(differences["softmax"], Claim("RMS(power law) − RMS(exponential), softmax", low=0.0)),
+    ]
+
+
+def decide(parts: list[Judgement]) -> Verdict:
     rule = (
-        "each curve is fitted over the radii >= the stated start by a power law (log L linear in log r) and by "
-        "an exponential (log L linear in r); the growth type is the model with the smaller residual RMS of "
-        "log L. Supports iff sigmoid's type is polynomial and softmax's is exponential."
+        "per seed, each attention's curve is fitted over the radii >= the stated start by a power law (log L "
+        "linear in log r) and by an exponential (log L linear in r); the statistic is the residual RMS of log L "
+        "about the power law minus that about the exponential (negative: polynomial growth fits better). The "
+        "claim's two parts: sigmoid's statistic < 0 (polynomial) and softmax's > 0 (exponential). Then "
+        f"{SEED_RULE}"
     )
+    return Verdict(combine(parts), rule, judgements_text(parts) + ".")
 
-    def describe(kind, fit):
-        return (
-            f"{kind}: {fit['growth']} (L ~ r^{fit['polynomial']['exponent']:.2f}, RMS "
-            f"{fit['polynomial']['rms']:.3f}; L ~ e^({fit['exponential']['rate']:.3f} r), RMS "
-            f"{fit['exponential']['rms']:.3f})"
-        )
 
-    return Verdict(ok, rule, f"{describe('sigmoid', sig)}; {describe('softmax', soft)}.")
+def geometric_mean(rows: list[list[float]]) -> list[float]:
+    return [math.exp(sum(math.log(v) for v in col) / len(col)) for col in zip(*rows, strict=True)]
+
+
+def mean_fit(per_seed: list[dict], model: str, key: str) -> tuple[float, float, float]:
+    """The mean over seeds of a growth model's slope (``key``), intercept and RMS: the mean of per-seed least
+    squares on the same x is the least-squares fit of the mean log L."""
+    fits = [seed["fit"][model] for seed in per_seed]
+    return tuple(sum(f[name] for f in fits) / len(fits) for name in (key, "intercept", "rms"))
 
 
 def plot(results: dict, settings: Settings, out: Path) -> str:
-    """The measured constants, and the two growth models the verdict compares, fitted over the shaded radii:
-    the power laws on the log-log panel and the exponentials on the log-linear one (where each is a line)."""
+    """The measured constants (thin: each seed; markers: the geometric mean over seeds), and the two growth
+    models the verdict compares, with the mean over seeds of each fit over the shaded radii: the power laws on
+    the log-log panel and the exponentials on the log-linear one (where each is a line)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
     panels = (("log", "polynomial", "power-law fit"), ("linear", "exponential", "exponential fit"))
     for ax, (xscale, model, name) in zip(axes, panels, strict=True):
         for kind in KINDS:
             res = results[kind]
+            for seed in res["per_seed"]:
+                ax.plot(settings.radii, seed["lipschitz"], color=COLORS[kind], lw=0.6, alpha=0.3)
             ax.plot(
                 settings.radii,
                 res["lipschitz"],
@@ -165,16 +226,17 @@ def plot(results: dict, settings: Settings, out: Path) -> str:
                 markerfacecolor="none",
                 markeredgewidth=1.5,
                 lw=1,
-                label=kind,
+                label=f"{kind}: geometric mean of {len(res['per_seed'])} seeds",
             )
-            fit = res["fit"][model]
-            radii = res["fit"]["fitted_radii"]
+            radii = res["per_seed"][0]["fit"]["fitted_radii"]
             if model == "polynomial":
-                curve = [math.exp(fit["intercept"]) * r ** fit["exponent"] for r in radii]
-                what = f"r^{fit['exponent']:.2f}"
+                exponent, intercept, rms = mean_fit(res["per_seed"], model, "exponent")
+                curve = [math.exp(intercept) * r**exponent for r in radii]
+                what = f"r^{exponent:.2f}"
             else:
-                curve = [math.exp(fit["intercept"] + fit["rate"] * r) for r in radii]
-                what = f"e^({fit['rate']:.3f} r)"
+                rate, intercept, rms = mean_fit(res["per_seed"], model, "rate")
+                curve = [math.exp(intercept + rate * r) for r in radii]
+                what = f"e^({rate:.3f} r)"
             ax.plot(
                 radii,
                 curve,
@@ -182,7 +244,7 @@ def plot(results: dict, settings: Settings, out: Path) -> str:
                 color=COLORS[kind],
                 lw=2,
                 alpha=0.8,
-                label=f"{kind} {name}: L ~ {what}, RMS {fit['rms']:.3f}",
+                label=f"{kind} {name} (mean of seeds): L ~ {what}, RMS {rms:.3f}",
             )
         ax.axvspan(settings.fit_from_radius, max(settings.radii), color="gray", alpha=0.08, lw=0)
         ax.set_xscale(xscale)
@@ -198,37 +260,61 @@ def plot(results: dict, settings: Settings, out: Path) -> str:
     return save_figure(fig, out, "regularity.png")
 
 
-def run(size: str, out: Path, log=print) -> Outcome:
-    settings = SETTINGS[size]
-    generator = torch.Generator().manual_seed(settings.seed)
+def measure_seed(settings: Settings, seed: int, log) -> dict:
+    """One seed: fresh Wq, Wk, Wv (shared by both attentions) and inputs; each attention's constants per radius
+    and growth fits."""
+    generator = torch.Generator().manual_seed(seed)
     weights = make_weights(settings.dim, generator)
-    results = {}
+    found = {}
     for kind in KINDS:
 
         def layer(x, kind=kind):
             return attention_layer(x, weights, kind)
 
-        values = []
-        for radius in settings.radii:
-            values.append(local_lipschitz(layer, radius, settings, generator))
-            log(f"  regularity {kind} r={radius}: {values[-1]:.4g}")
+        values = [local_lipschitz(layer, radius, settings, generator) for radius in settings.radii]
+        fit = growth_fits(list(settings.radii), values, settings.fit_from_radius)
+        found[kind] = {"seed": seed, "lipschitz": values, "fit": fit, "rms_difference": rms_difference(fit)}
+        log(
+            f"  regularity {kind} seed {seed}: L(r={settings.radii[-1]}) = {values[-1]:.4g}, "
+            f"RMS(power law) - RMS(exponential) = {found[kind]['rms_difference']:+.3f}"
+        )
+    return found
+
+
+def run(size: str, out: Path, log=print) -> Outcome:
+    settings = SETTINGS[size]
+    seeds = [measure_seed(settings, seed, log) for seed in settings.seeds]
+    results = {"radii": list(settings.radii)}
+    for kind in KINDS:
+        per_seed = [found[kind] for found in seeds]
         results[kind] = {
-            "lipschitz": values,
-            "fit": growth_fits(list(settings.radii), values, settings.fit_from_radius),
+            "lipschitz": geometric_mean([seed["lipschitz"] for seed in per_seed]),
+            "rms_difference": summarize_seeds([seed["rms_difference"] for seed in per_seed]).to_dict(),
+            "exponent": summarize_seeds([seed["fit"]["polynomial"]["exponent"] for seed in per_seed]).to_dict(),
+            "rate": summarize_seeds([seed["fit"]["exponential"]["rate"] for seed in per_seed]).to_dict(),
+            "per_seed": per_seed,
         }
-    results["radii"] = list(settings.radii)
-    verdict = decide(results)
-    figure = plot(results, settings, out)
+    parts = judgements({kind: results[kind]["rms_difference"]["values"] for kind in KINDS})
+    results["judgements"] = [j.to_dict() for j in parts]
+    verdict = decide(parts)
+    figures = [
+        plot(results, settings, out),
+        judgements_figure(
+            parts, out, "regularity_seeds.png", f"regularity: the verdict's statistics over {len(settings.seeds)} seeds"
+        ),
+    ]
     setup = f"""
 * One attention head on n = {settings.tokens} tokens of dimension d = {settings.dim}; Wq, Wk, Wv with N(0, 1/d)
-  entries (seed {settings.seed}), float64, scale 1/√d, no mask. Sigmoid: `sigmoid(q·k/√d − log n)`; softmax:
-  `softmax(q·k/√d)`.
+  entries, float64, scale 1/√d, no mask. Sigmoid: `sigmoid(q·k/√d − log n)`; softmax: `softmax(q·k/√d)`.
+* {len(settings.seeds)} seeds ({", ".join(map(str, settings.seeds))}): each draws its own Wq, Wk, Wv (shared by
+  both attentions) and its own inputs; the per-seed settings are those of the earlier one-seed run.
 * Local Lipschitz constant at X = the largest singular value of the (n·d × n·d) Jacobian, by power iteration
   on JᵀJ with autograd's jvp/vjp ({settings.power_iterations} iterations).
-* Radii r = {", ".join(map(str, settings.radii))} (every token scaled to norm r). Per radius: the largest value
-  over {settings.inputs_per_radius} random inputs, each followed by {settings.ascent_steps} projected
+* Radii r = {", ".join(map(str, settings.radii))} (every token scaled to norm r). Per radius and seed: the largest
+  value over {settings.inputs_per_radius} random inputs, each followed by {settings.ascent_steps} projected
   gradient-ascent steps on |J(X)v| — a lower bound on the worst case over the ball.
-* Growth models fitted over r ≥ {settings.fit_from_radius}.
+* Growth models fitted per seed over r ≥ {settings.fit_from_radius}; the statistic per seed and attention is
+  RMS(power law) − RMS(exponential) of log L.
 """
     rows = [
         [r, results["sigmoid"]["lipschitz"][i], results["softmax"]["lipschitz"][i]]
@@ -236,25 +322,19 @@ def run(size: str, out: Path, log=print) -> Outcome:
     ]
     fits = []
     for kind in KINDS:
-        fit = results[kind]["fit"]
-        poly, expo = fit["polynomial"], fit["exponential"]
-        numbers = [round(poly["exponent"], 3), round(poly["rms"], 4), round(expo["rate"], 4), round(expo["rms"], 4)]
-        fits.append([kind, fit["growth"], *numbers])
+        res = results[kind]
+        for name, key in (("power-law exponent p", "exponent"), ("exponential rate g", "rate")):
+            entry = res[key]
+            ci = "—" if entry["ci95"] is None else f"[{entry['ci95'][0]:.3g}, {entry['ci95'][1]:.3g}]"
+            fits.append([kind, name, ", ".join(f"{v:.3g}" for v in entry["values"]), entry["mean"], ci])
     findings = (
         "Each value is the largest found by the search: a lower bound on the worst case over the ball, so a "
         "growth faster than the one measured is not excluded.\n\n"
+        + "Geometric mean over seeds of the constant per radius:\n\n"
         + markdown_table(["radius r", "sigmoid", "softmax"], rows)
-        + "\n\n"
-        + markdown_table(
-            [
-                "attention",
-                "growth",
-                "power-law exponent p",
-                "RMS (power law)",
-                "exponential rate g",
-                "RMS (exponential)",
-            ],
-            fits,
-        )
+        + "\n\nThe fitted growth parameters, per seed and over seeds:\n\n"
+        + markdown_table(["attention", "parameter", "per seed", "mean", "95% CI over seeds"], fits)
+        + "\n\nThe verdict's statistics:\n\n"
+        + judgements_markdown(parts)
     )
-    return Outcome(results, verdict, asdict(settings), setup, findings, [figure])
+    return Outcome(results, verdict, asdict(settings), setup, findings, figures)
