@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .ops.sigmoid_attn.blocked import sigmoid_attn_blocked
+from .ops.sigmoid_attn.dropout import Dropout
 from .ops.sigmoid_attn.params import Params, Rows
 from .ops.sigmoid_attn.reference import (
     Bias,
@@ -62,7 +63,8 @@ class AttnCall:
     count (dense; a cache without ``seqlens_k``) turns None into ``-log(Sk)`` (``reference.resolve_bias``);
     packed sequences and caches with lengths keep None, -log of each row's own count. ``mask`` is the one
     description of the causal and window masks and their alignment. ``seqlens_k`` (kvcache) is each row's
-    number of keys after the append (None: the whole cache)."""
+    number of keys after the append (None: the whole cache). ``dropout``: attention dropout (training), with
+    the seed drawn once for the call, so that its backward drops what its forward did."""
 
     kind: CallKind
     q: Tensor
@@ -80,6 +82,7 @@ class AttnCall:
     max_seqlen_k: int | None = None
     seqlens_k: Tensor | None = None
     block_table: Tensor | None = None
+    dropout: Dropout | None = None
 
     @property
     def qkv(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -130,7 +133,9 @@ class TorchBackend:
         dense = self.traced_dense if traced else self.dense
         # A paged cache is a pool of pages, read by gathering (a fresh copy); any other q, k, v is copied too.
         q, k, v = (t if call.block_table is not None and t is not call.q else _canonical(t) for t in call.qkv)
-        options = dict(scale=call.scale, bias=call.bias, mask=call.mask, alibi_slopes=call.alibi_slopes)
+        options = dict(
+            scale=call.scale, bias=call.bias, mask=call.mask, alibi_slopes=call.alibi_slopes, dropout=call.dropout
+        )
         if call.kind == "varlen":
             cu_seqlens = (call.cu_seqlens_q, call.cu_seqlens_k)
             if traced:
@@ -365,7 +370,7 @@ class TritonBackend:
     def __call__(self, call: AttnCall) -> Tensor:
         from .ops.sigmoid_attn import flash
 
-        params = Params(call.scale, call.mask, call.deterministic)
+        params = Params(call.scale, call.mask, call.deterministic, call.dropout)
         q, k, v = call.q, call.k, call.v
         if call.kind == "varlen":
             return flash.sigmoid_attn_varlen_flash(q, k, v, _rows(call), params, call.bias, call.alibi_slopes)
@@ -381,7 +386,7 @@ class TritonBackend:
         each kernel tried before it declined (``ops/sigmoid_attn/kernels.py``)."""
         from .ops.sigmoid_attn import kernels
 
-        params = Params(call.scale, call.mask, call.deterministic)
+        params = Params(call.scale, call.mask, call.deterministic, call.dropout)
         return kernels.explain(call.kind == "kvcache", *call.qkv, params, call.bias, call.alibi_slopes, _rows(call))
 
 

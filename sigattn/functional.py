@@ -15,6 +15,7 @@ from torch import Tensor
 from . import validation
 from .backends import AttnCall, dispatch, select_backend
 from .ops.sigmoid_attn.cache import append_kv
+from .ops.sigmoid_attn.dropout import Dropout, draw_seed
 from .ops.sigmoid_attn.reference import Mask
 
 
@@ -33,6 +34,14 @@ def _resolve_scale(scale, head_dim: int, softmax_scale=None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
+def _dropout(dropout_p, q: Tensor) -> Dropout | None:
+    """The call's dropout with a fresh seed (validation.check_dropout_p first), or None for p = 0. Drawn
+    after every other check: a call that raises consumes nothing of the generator."""
+    if dropout_p == 0:
+        return None
+    return Dropout(float(dropout_p), draw_seed(q.device))
+
+
 def _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, batch, longest) -> tuple[int, int]:
     """Checks the options shared by every function; returns the window with bounds of ``longest`` or more
     (the most queries or keys a sequence of the call can have) as -1, unbounded."""
@@ -49,6 +58,7 @@ def sigmoid_attn_func(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    dropout_p: float = 0.0,
     *,
     bias: float | Tensor | None = None,
     scale: float | None = None,
@@ -64,6 +74,11 @@ def sigmoid_attn_func(
         q: (batch, seqlen_q, nheads, headdim).
         k, v: (batch, seqlen_k, nheads_k, headdim). nheads must be a multiple of nheads_k (GQA/MQA):
             query head h reads key/value head ``h // (nheads // nheads_k)``.
+        dropout_p: attention dropout, in [0, 1) (flash-attn's 4th argument; pass 0 in evaluation): each
+            weight is zeroed with probability dropout_p and the others scaled by 1 / (1 - dropout_p). The
+            weights dropped are drawn from a seed taken from PyTorch's generator of q's device, so
+            ``torch.manual_seed`` makes them reproducible, and the backward drops the same ones
+            (``sigattn.ops.sigmoid_attn.dropout`` says which).
         bias: a float; a tensor of shape (nheads,), one per head, which receives a gradient; or None
             for ``-log(seqlen_k)``. Models should pass an explicit constant, ``-log`` of the training
             context length, so that inference at other lengths uses the bias the model was trained with.
@@ -105,8 +120,10 @@ def sigmoid_attn_func(
     validation.check_qkv(q, k, v, ("q", "k", "v"), ("(B, Sq, Hq, D)", "(B, Sk, Hkv, D)"))
     longest = max(q.shape[1], k.shape[1])
     window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, q.shape[0], longest)
+    validation.check_dropout_p(dropout_p)
     scale = _resolve_scale(scale, q.shape[-1], softmax_scale)
-    call = AttnCall("dense", q, k, v, scale, bias, Mask(causal, window), alibi_slopes, deterministic)
+    dropout = _dropout(dropout_p, q)
+    call = AttnCall("dense", q, k, v, scale, bias, Mask(causal, window), alibi_slopes, deterministic, dropout=dropout)
     return dispatch(call)
 
 
@@ -118,6 +135,7 @@ def sigmoid_attn_varlen_func(
     cu_seqlens_k: Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    dropout_p: float = 0.0,
     *,
     bias: float | Tensor | None = None,
     scale: float | None = None,
@@ -135,6 +153,8 @@ def sigmoid_attn_varlen_func(
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), cumulative lengths starting at 0 and ending at
             total_q / total_k. Sequence b holds q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] and likewise k, v.
         max_seqlen_q, max_seqlen_k: the longest query / key length (at least the true maximum).
+        dropout_p: attention dropout, as in ``sigmoid_attn_func`` (flash-attn's 8th argument); sequence b
+            draws its weights as batch row b of a dense call would.
         bias: as in ``sigmoid_attn_func``; None means ``-log(seqlen_k)`` of each sequence's own key length.
         alibi_slopes: float32 (nheads,) or (batch, nheads).
         Other options as in ``sigmoid_attn_func``; Sq and Sk in the masks are each sequence's lengths.
@@ -160,7 +180,9 @@ def sigmoid_attn_varlen_func(
     # No sequence is longer than the packed tensors (max_seqlen_* may be larger; they only size grids).
     longest = max(q.shape[0], k.shape[0])
     window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, batch, longest)
+    validation.check_dropout_p(dropout_p)
     scale = _resolve_scale(scale, q.shape[-1], softmax_scale)
+    dropout = _dropout(dropout_p, q)
     call = AttnCall(
         "varlen",
         q,
@@ -175,6 +197,7 @@ def sigmoid_attn_varlen_func(
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=int(max_seqlen_q),
         max_seqlen_k=int(max_seqlen_k),
+        dropout=dropout,
     )
     return dispatch(call)
 
@@ -368,9 +391,9 @@ def scaled_dot_product_sigmoid_attention(
         attn_mask: broadcastable to (batch, nheads, seqlen_q, seqlen_k). Boolean: True marks the keys a
             query may attend to (others contribute exactly 0). Floating point: added to the logits
             (a -inf entry makes that weight 0), and receives a gradient when it requires one.
-        dropout_p: must be 0 (0.0 or 0, as nanoGPT passes in eval mode): attention dropout is not
-            implemented yet (issue 26), so a p in (0, 1] raises NotImplementedError rather than train
-            without it.
+        dropout_p: attention dropout in [0, 1), as SDPA's (pass 0 in evaluation, as nanoGPT does): each
+            weight is zeroed with probability dropout_p and the others scaled by 1 / (1 - dropout_p), drawn
+            as in ``sigmoid_attn_func``.
         is_causal: SDPA's causal mask, aligned to the top-left: query i sees key j iff j <= i.
             Cannot be combined with attn_mask.
         scale: default ``1 / sqrt(headdim)``.
@@ -403,5 +426,7 @@ def scaled_dot_product_sigmoid_attention(
         attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     _check_options(q, bias, (-1, -1), None, is_causal, False, batch, max(seqlen_q, k.shape[1]))
     mask = Mask(is_causal, top_left=True)
-    call = AttnCall("dense", q, k, v, _resolve_scale(scale, q.shape[-1]), bias, mask, None, False, attn_mask=attn_mask)
+    scale = _resolve_scale(scale, q.shape[-1])
+    dropout = _dropout(dropout_p, q)
+    call = AttnCall("dense", q, k, v, scale, bias, mask, None, False, attn_mask=attn_mask, dropout=dropout)
     return dispatch(call).transpose(1, 2)

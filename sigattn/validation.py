@@ -97,17 +97,11 @@ def check_scale(scale, name: str = "scale") -> None:
 
 
 def check_dropout_p(dropout_p) -> None:
-    """SDPA's ``dropout_p``: a number in [0, 1]. Only 0 is served: attention dropout is not implemented yet
-    (issue 26), and a model that asks for it must not train without it unawares."""
+    """``dropout_p``: a real number in [0, 1) (1 would drop every weight and scale the rest by 1 / 0)."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float in [0, 1], got {describe(dropout_p)}")
-    if not 0 <= dropout_p <= 1:  # NaN fails this too
-        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
-    if dropout_p > 0:
-        raise NotImplementedError(
-            f"dropout_p must be 0.0, got {dropout_p!r}: attention dropout is not implemented yet in sigattn "
-            f"(issue 26); set the model's attention dropout to 0"
-        )
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {describe(dropout_p)}")
+    if not 0 <= dropout_p < 1:  # NaN fails this too
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
 def check_bias(bias, num_heads: int, q: Tensor) -> None:

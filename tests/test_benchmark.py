@@ -5,6 +5,7 @@ the command itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -507,7 +508,7 @@ def test_providers_decline_what_they_do_not_compute():
         return bench.PROVIDERS[provider].declines(Shape(1, 16, 4096, 128, True, "bf16", **options))
 
     assert declines("sigattn") is None and declines("sigattn", window=(256, 0), alibi=True) is None
-    assert "dropout" in declines("sigattn", dropout=0.1) and "value head dim" in declines("sigattn", headdim_v=64)
+    assert declines("sigattn", dropout=0.1) is None and "value head dim" in declines("sigattn", headdim_v=64)
     for sdpa in ("sdpa-flash", "sdpa-cudnn"):
         assert declines(sdpa) is None and declines(sdpa, kv_heads=4) is None and declines(sdpa, dropout=0.1) is None
         assert "sliding window" in declines(sdpa, window=(256, 0))
@@ -519,7 +520,7 @@ def test_providers_decline_what_they_do_not_compute():
 
 
 def test_declined_shapes_are_skips_with_the_reason():
-    shape = Shape(1, 16, 4096, 128, True, "bf16", dropout=0.1)
+    shape = Shape(1, 16, 4096, 128, True, "bf16", dropout=0.1, headdim_v=64)
     built = []
     providers = [
         bench.PROVIDERS["sigattn"].__class__("sigattn", "bshd", built.append, lambda: None, bench._sigattn_declines)
@@ -527,19 +528,25 @@ def test_declined_shapes_are_skips_with_the_reason():
     rows, skips = bench.run_sweep([shape], providers, ["fwd", "bwd"], fake_measure)
     assert rows == [] and built == []
     assert [(s.mode, s.error) for s in skips] == [
-        (m, "not measured: attention dropout is not implemented yet (issue 26)") for m in ("fwd", "bwd")
+        (m, "not measured: a value head dim other than the query's is not implemented yet (issue 26)")
+        for m in ("fwd", "bwd")
     ]
     table = bench.format_table(rows, skips, ["sigattn"]).splitlines()
     assert table[0].split()[:4] == ["headdim", "mask", "config", "seqlen"]
-    assert table[1].split()[:5] == ["128", "causal", "dropout", "0.1", "4096"]
+    assert table[1].split()[:7] == ["128", "causal", "dropout", "0.1", "dv", "64", "4096"]
 
 
 def test_sigattn_provider_passes_the_configuration(monkeypatch):
     seen = {}
-    monkeypatch.setattr(bench, "sigmoid_attn_func", lambda q, k, v, **options: seen.update(options))
+    monkeypatch.setattr(
+        bench, "sigmoid_attn_func", lambda q, k, v, dropout_p, **options: seen.update(options, dropout_p=dropout_p)
+    )
     shape = Shape(1, 4, 64, 32, True, "bf16", window=(16, 0), alibi=True, head_bias=True, deterministic=True)
     bench._sigattn(shape, device="cpu")(None, None, None)
-    assert seen["causal"] is True and seen["window_size"] == (16, 0) and seen["deterministic"] is True
+    assert seen["dropout_p"] == 0.0
+    bench._sigattn(dataclasses.replace(shape, dropout=0.1), device="cpu")(None, None, None)
+    assert seen["dropout_p"] == 0.1 and seen["causal"] is True and seen["window_size"] == (16, 0)
+    assert seen["deterministic"] is True
     assert torch.allclose(seen["alibi_slopes"], torch.tensor([2.0**-2, 2.0**-4, 2.0**-6, 2.0**-8]))
     assert seen["bias"].shape == (4,) and seen["bias"].requires_grad
 

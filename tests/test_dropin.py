@@ -1,6 +1,5 @@
-"""Drop-in calls: the SDPA-style function takes SDPA's arguments in SDPA's order (``dropout_p`` fifth, 0
-accepted, dropout itself refused loudly), and the flash-style functions take flash-attn's name for the
-scale, ``softmax_scale``."""
+"""Drop-in calls: the SDPA-style function takes SDPA's arguments in SDPA's order (``dropout_p`` fifth, in
+[0, 1)), and the flash-style functions take flash-attn's name for the scale, ``softmax_scale``."""
 
 from __future__ import annotations
 
@@ -65,25 +64,29 @@ def test_nanogpt_call_with_dropout_zero(dropout_p):
     torch.testing.assert_close(out, scaled_dot_product_sigmoid_attention(q, k, v, is_causal=True))
 
 
-def test_dropout_is_refused_naming_dropout_p():
+def test_positional_dropout_p_drops_weights():
+    """SDPA's fifth positional argument is dropout_p: a training call's output differs from the evaluation
+    one and is reproducible from the seed (tests/test_dropout.py checks which weights)."""
     q, k, v = sdpa_inputs()
-    with pytest.raises(NotImplementedError, match=r"dropout_p must be 0\.0, got 0\.1: attention dropout is not"):
-        scaled_dot_product_sigmoid_attention(q, k, v, None, 0.1)
-    with pytest.raises(NotImplementedError, match="dropout_p"):
-        scaled_dot_product_sigmoid_attention(q, k, v, dropout_p=1.0, is_causal=True)
+    torch.manual_seed(3)
+    out = scaled_dot_product_sigmoid_attention(q, k, v, None, 0.5, True)
+    assert not torch.allclose(out, scaled_dot_product_sigmoid_attention(q, k, v, is_causal=True))
+    torch.manual_seed(3)
+    torch.testing.assert_close(scaled_dot_product_sigmoid_attention(q, k, v, None, 0.5, True), out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
     ("dropout_p", "error", "message"),
     [
-        (-0.1, ValueError, r"dropout_p must be a float in \[0, 1\], got -0\.1"),
-        (1.5, ValueError, r"dropout_p must be a float in \[0, 1\], got 1\.5"),
-        (math.nan, ValueError, r"dropout_p must be a float in \[0, 1\], got nan"),
-        ("0.1", TypeError, r"dropout_p must be a float in \[0, 1\], got str '0\.1'"),
-        (None, TypeError, r"dropout_p must be a float in \[0, 1\], got NoneType None"),
-        (True, TypeError, r"dropout_p must be a float in \[0, 1\], got bool True"),
+        (-0.1, ValueError, r"dropout_p must be a float in \[0, 1\), got -0\.1"),
+        (1.0, ValueError, r"dropout_p must be a float in \[0, 1\), got 1\.0"),
+        (1.5, ValueError, r"dropout_p must be a float in \[0, 1\), got 1\.5"),
+        (math.nan, ValueError, r"dropout_p must be a float in \[0, 1\), got nan"),
+        ("0.1", TypeError, r"dropout_p must be a float in \[0, 1\), got str '0\.1'"),
+        (None, TypeError, r"dropout_p must be a float in \[0, 1\), got NoneType None"),
+        (True, TypeError, r"dropout_p must be a float in \[0, 1\), got bool True"),
     ],
-    ids=["negative", "above-one", "nan", "string", "none", "bool"],
+    ids=["negative", "one", "above-one", "nan", "string", "none", "bool"],
 )
 def test_bad_dropout_p(dropout_p, error, message):
     q, k, v = sdpa_inputs()

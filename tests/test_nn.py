@@ -181,8 +181,8 @@ def test_sigmoid_module_passes_a_constant_bias_to_sigattn(monkeypatch):
 
     seen = {}
 
-    def spy(q, k, v, **options):
-        seen.update(options)
+    def spy(q, k, v, dropout_p, **options):
+        seen.update(options, dropout_p=dropout_p)
         return sigmoid_attn_reference(q, k, v, **options, upcast=False)
 
     monkeypatch.setattr(attention_module, "sigmoid_attn_func", spy)
@@ -190,6 +190,7 @@ def test_sigmoid_module_passes_a_constant_bias_to_sigattn(monkeypatch):
     module(torch.randn(1, 100, 32))
     assert seen["bias"] == pytest.approx(-math.log(64))
     assert seen["causal"] is True
+    assert seen["dropout_p"] == 0.0  # BlockConfig.attn_dropout's default
 
 
 @pytest.mark.parametrize("attn", ["sigmoid", "softmax"])

@@ -23,6 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
+from sigattn.ops.sigmoid_attn.dropout import Dropout
 from sigattn.ops.sigmoid_attn.params import Params, Rows
 from sigattn.ops.sigmoid_attn.reference import Mask
 
@@ -65,10 +66,10 @@ def _qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, packed=Fal
     return torch.randn(shape_q, dtype=dtype), torch.randn(shape_k, dtype=dtype), torch.randn(shape_k, dtype=dtype)
 
 
-def _dense(kernels, dtype, head_dim, causal, seqlen_k, bias=-2.0, heads=(4, 2)):
+def _dense(kernels, dtype, head_dim, causal, seqlen_k, bias=-2.0, heads=(4, 2), dropout=None):
     """Forward and backward of dense rows (TMA K/V descriptors on sm_90+ from triton_host.TMA_MIN_KEYS keys)."""
     q, k, v = _qkv(1, 128, seqlen_k, *heads, head_dim, dtype)
-    params = Params(0.1, Mask(causal))
+    params = Params(0.1, Mask(causal), dropout=dropout)
     out = kernels.forward(q, k, v, params, bias)
     kernels.backward(torch.randn_like(out), q, k, v, params, bias)
 
@@ -95,13 +96,16 @@ def _kvcache(kernels, dtype, head_dim, paged, splits):
 
 # Every kernel, in the specialisations that change its code most: each tile table's head dims (64, 128, 256,
 # and 96 padded to 128), causal and sliding-window masks, a per-head bias tensor (its gradient partials),
-# ALiBi, GQA, TMA descriptors (dense rows of 1024+ keys), packed sequences, and the KV cache (contiguous and
-# paged, with GQA packing and split keys, whose partial sums take the sum kernel). Compiling them all for one
-# target takes 20-35 s on a 2-core CPU.
+# ALiBi, GQA, TMA descriptors (dense rows of 1024+ keys), attention dropout (Philox in the kernels), packed
+# sequences, and the KV cache (contiguous and paged, with GQA packing and split keys, whose partial sums take
+# the sum kernel). Compiling them all for one target takes 20-35 s on a 2-core CPU.
 CASES = {
     "dense-D64-bf16-causal-tma": lambda f: _dense(f, torch.bfloat16, 64, True, 1024),
     "dense-D128-fp16-headbias-tma": lambda f: _dense(f, torch.float16, 128, False, 1024, bias=torch.zeros(4)),
     "dense-D256-fp16-causal-G4": lambda f: _dense(f, torch.float16, 256, True, 200, heads=(8, 2)),
+    "dense-D64-bf16-causal-dropout": lambda f: _dense(
+        f, torch.bfloat16, 64, True, 300, dropout=Dropout(0.1, torch.tensor([7]))
+    ),
     "varlen-D96-bf16-window-alibi": lambda f: _varlen(
         f, torch.bfloat16, 96, False, window=(32, 8), alibi=torch.full((4,), 0.1)
     ),

@@ -19,7 +19,7 @@ and require grad (so ``fwd`` is a training forward). Providers (``PROVIDERS``):
 a deterministic backward, dropout, every head dim, Dqk/Dv 192/128, GQA 32/8) instead. A provider that does
 not compute what sigattn computes for a shape says why (``Provider.declines``), and the table shows a skip
 with that reason: SDPA has no sliding window, no softmax kernel computes ALiBi or a per-head bias as sigmoid
-attention does (a per-head constant cancels in the softmax), sigattn has no dropout or Dv != Dqk yet.
+attention does (a per-head constant cancels in the softmax), sigattn has no Dv != Dqk yet.
 
 FLOPs count only the unmasked (query, key) pairs (``unmasked_pairs``: S * S full, S * (S + 1) / 2 causal, a
 window's band): forward ``2 * B * H * pairs * (D + Dv)``; backward 2.5 x forward; forward + backward 3.5 x.
@@ -196,7 +196,7 @@ def _sigattn(shape: Shape, device="cuda") -> Attn:
 
     def attn(q, k, v):
         with use_backend("triton"):
-            return sigmoid_attn_func(q, k, v, deterministic=shape.deterministic, **options)
+            return sigmoid_attn_func(q, k, v, shape.dropout, deterministic=shape.deterministic, **options)
 
     return attn
 
@@ -208,8 +208,6 @@ def _sigattn_missing() -> str | None:
 
 
 def _sigattn_declines(shape: Shape) -> str | None:
-    if shape.dropout:
-        return "attention dropout is not implemented yet (issue 26)"
     if shape.dv != shape.headdim:
         return "a value head dim other than the query's is not implemented yet (issue 26)"
     return None

@@ -58,6 +58,7 @@ class SigmoidAttention(nn.Module):
             self.head_bias = None
             self.fixed_bias = bias
         self.attn_out = nn.Identity()
+        self.attn_dropout = config.attn_dropout
         self.dropout = nn.Dropout(config.dropout)
 
     @property
@@ -86,8 +87,9 @@ class SigmoidAttention(nn.Module):
         q, k, v = self.project(x)
         if self.attn == "sigmoid":
             slopes = None if self.alibi_slopes is None else self.alibi_slopes.float()  # float32 even after .double()
+            dropout_p = self.attn_dropout if self.training else 0.0
             out = sigmoid_attn_func(
-                q, k, v, bias=self.bias, scale=self.scale, causal=self.causal, alibi_slopes=slopes
+                q, k, v, dropout_p=dropout_p, bias=self.bias, scale=self.scale, causal=self.causal, alibi_slopes=slopes
             )  # [B, S, Hq, D]
         else:
             out = self._softmax(q, k, v)  # [B, S, Hq, D]
@@ -100,13 +102,15 @@ class SigmoidAttention(nn.Module):
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # [B, Hq, S, D]
         seqlen = q.shape[2]
+        dropout_p = self.attn_dropout if self.training else 0.0
         if self.alibi_slopes is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal, scale=self.scale)
         else:
             mask = alibi_bias(self.alibi_slopes, seqlen, seqlen)  # [Hq, S, S]
             if self.causal:
                 mask = mask.masked_fill(~self._causal_mask(seqlen, q.device), float("-inf"))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype)[None], scale=self.scale)
+            mask = mask.to(q.dtype)[None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=self.scale)
         return out.transpose(1, 2)  # [B, S, Hq, D]
 
     @staticmethod

@@ -74,6 +74,7 @@ class BlockConfig:
     attn_bias: BiasKind = "fixed"
     bias_init: float | None = None  # None: -log(training sequence length)
     dropout: float = 0.0
+    attn_dropout: float = 0.0  # attention-weight dropout (sigmoid or softmax), applied in training only
 
     def __post_init__(self):
         check_fields(self)
@@ -86,8 +87,9 @@ class BlockConfig:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head (got {self.n_head})")
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"pos='rope' needs an even head dim (d_model / n_head), got {self.head_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
 

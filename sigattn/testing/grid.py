@@ -4,7 +4,8 @@ The rule is flash-attn's (``sigattn.testing.tolerance``): for the output and eve
     max|kernel - float64 reference| <= 2 * max|PyTorch in the same precision - float64 reference| + rounding
 where rounding = eps(dtype) * max|reference| (``rounding_term``) is the final cast of a float32 accumulator
 to the output dtype.
-Outputs and gradients are poisoned with NaN before each run, so an unwritten element fails.
+Outputs and gradients are poisoned with NaN before each run, so an unwritten element fails. Dropout cases
+compare with the reference applying the mask of the kernels' own seed (``dropout.keep_mask``).
 
 Robustness rows (``RobustnessCase``) call the public functions on the kernels twice and require the same bits:
 with auxiliary tensors as strided or expanded views and as contiguous copies, and with NaN and inf where no
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..ops.sigmoid_attn.dropout import Dropout
 from ..ops.sigmoid_attn.params import Params, Rows
 from ..ops.sigmoid_attn.reference import (
     Mask,
@@ -51,6 +53,7 @@ class Case:
     alibi: bool = False
     head_bias: bool = False
     top_left: bool = False
+    dropout: float = 0.0  # attention dropout, checked against the reference applying the kernel's own mask
 
     @property
     def id(self) -> str:
@@ -60,6 +63,7 @@ class Case:
         ]
         parts += ["causal"] * self.causal + [f"win{self.window[0]}_{self.window[1]}"] * (self.window != (-1, -1))
         parts += ["alibi"] * self.alibi + ["headbias"] * self.head_bias + ["topleft"] * self.top_left
+        parts += [f"dropout{self.dropout:g}"] * (self.dropout > 0)
         return "-".join(parts)
 
 
@@ -77,6 +81,7 @@ class VarlenCase:
     window: tuple[int, int] = (-1, -1)
     alibi: bool = False
     head_bias: bool = False
+    dropout: float = 0.0
 
     @property
     def id(self) -> str:
@@ -84,6 +89,7 @@ class VarlenCase:
         parts = [f"varlen-{lens}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}", _DTYPE_ID[self.dtype]]
         parts += ["causal"] * self.causal + [f"win{self.window[0]}_{self.window[1]}"] * (self.window != (-1, -1))
         parts += ["alibi"] * self.alibi + ["headbias"] * self.head_bias
+        parts += [f"dropout{self.dropout:g}"] * (self.dropout > 0)
         return "-".join(parts)
 
 
@@ -186,6 +192,14 @@ def _extras(case, batch: int, gen, device):
     return bias, alibi
 
 
+def _dropout(case, gen, device) -> Dropout | None:
+    """The case's dropout with a seed from the case's generator: the kernels and the reference draw the same
+    mask from it (``dropout.keep_mask``, the kernels' own mask)."""
+    if not case.dropout:
+        return None
+    return Dropout(case.dropout, torch.randint(0, 1 << 62, (1,), generator=gen).to(device))
+
+
 @contextlib.contextmanager
 def _gluon_backward_at_every_length():
     """The grid checks kernels, not the speed rule that sends short calls to the Triton backward: inside,
@@ -209,8 +223,9 @@ def _run_dense(case: Case, device, randn, gen) -> dict:
     do = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
     bias, alibi = _extras(case, case.batch, gen, device)
     opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window, top_left=case.top_left)
+    opts["dropout"] = _dropout(case, gen, device)
 
-    params = Params(opts["scale"], Mask(case.causal, case.window, case.top_left))
+    params = Params(opts["scale"], Mask(case.causal, case.window, case.top_left), dropout=opts["dropout"])
     kernel_bias = resolve_bias(bias, case.seqlen_k)
     out = torch.full_like(q, math.nan)
     grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
@@ -246,8 +261,9 @@ def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
     cu_q, cu_k = _cumulative(case.seqlens_q, device), _cumulative(case.seqlens_k, device)
     rows = Rows.packed(cu_q, cu_k, max(case.seqlens_q), max(case.seqlens_k))
     opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window)
+    opts["dropout"] = _dropout(case, gen, device)
 
-    params = Params(opts["scale"], Mask(case.causal, case.window))
+    params = Params(opts["scale"], Mask(case.causal, case.window), dropout=opts["dropout"])
     out = torch.full_like(q, math.nan)
     grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
     kernels.forward(q, k, v, params, bias, alibi, rows, out=out)
@@ -615,6 +631,7 @@ def grid(quick: bool) -> list[AnyCase]:
         dict(causal=True, top_left=True),
         dict(alibi=True, causal=True),
         dict(head_bias=True),
+        dict(causal=True, dropout=0.2),
     ]
     varlen_masks = [m for m in masks if not m.get("top_left")]
     if quick:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .dropout import Dropout, factors, keep_mask
 from .reference import UNMASKED, Bias, Mask, allowed_keys, default_bias, key_offsets
 
 # Scores held at once, in elements (16 MiB of float32): large tiles amortise the Python loop, small
@@ -36,6 +37,7 @@ class _Options:
     bias: float | None  # the bias unless it is a (Hq,) tensor (the autograd input head_bias); None: -log(Sk_b)
     mask: Mask
     block: int
+    dropout: Dropout | None = None
 
 
 class _Tiles:
@@ -141,6 +143,24 @@ class _Tiles:
         p = torch.sigmoid(logits)
         return p if mask is None else p.where(mask, 0)
 
+    def weights(self, rows: slice, cols: slice) -> Tensor | None:
+        """Dropout's factor of each weight of one tile, (B, Hkv, G, BQ, BK); None without dropout."""
+        dropout = self.opts.dropout
+        if dropout is None:
+            return None
+        device = self.q.device
+        batch, hkv, g = self.q.shape[:3]
+        keep = keep_mask(
+            dropout,
+            batch,
+            self.num_heads,
+            self.seqlen_q,
+            self.seqlen_k,
+            rows=torch.arange(rows.start, rows.stop, device=device),
+            cols=torch.arange(cols.start, cols.stop, device=device),
+        )
+        return factors(dropout, keep, self.dtype).reshape(batch, hkv, g, *keep.shape[2:])
+
     def tiles(self):
         """(rows, cols, mask) for every tile with at least one allowed key."""
         b = self.opts.block
@@ -160,7 +180,9 @@ class _BlockedSigmoidAttn(torch.autograd.Function):
         out = torch.zeros_like(tiles.q)
         for rows, cols, mask in tiles.tiles():
             q_i, k_j, v_j = tiles.operands(rows, cols, mask)
-            o_i = tiles.probs(q_i, k_j, rows, cols, mask) @ v_j
+            p = tiles.probs(q_i, k_j, rows, cols, mask)
+            weights = tiles.weights(rows, cols)
+            o_i = (p if weights is None else p * weights) @ v_j
             out[..., rows, :] += o_i if mask is None else o_i.where(tiles.query_sees(mask), 0)
         ctx.save_for_backward(q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k)
         ctx.opts = opts
@@ -189,12 +211,15 @@ class _BlockedSigmoidAttn(torch.autograd.Function):
                 do_i = do_i.where(tiles.query_sees(mask), 0)
             p = tiles.probs(q_i, k_j, rows, cols, mask)  # [B, Hkv, G, BQ, BK]
             dp = do_i @ v_j.transpose(-1, -2)
+            weights = tiles.weights(rows, cols)
+            if weights is not None:  # the output reads P x weights: dV takes that product, dP its weights
+                dp = dp * weights
             ds = dp * p * (1 - p)
             if mask is not None:
                 ds = ds.where(mask, 0)
             dq_i = ds @ k_j
             dk_j = torch.einsum("bhgij,bhgid->bhjd", ds, q_i)
-            dv_j = torch.einsum("bhgij,bhgid->bhjd", p, do_i)
+            dv_j = torch.einsum("bhgij,bhgid->bhjd", p if weights is None else p * weights, do_i)
             if mask is not None:
                 # The rows and keys that see nothing in the tile get exactly 0 from it (0 x NaN is not 0).
                 key_seen = tiles.key_seen(mask)[:, :, 0]
@@ -232,6 +257,7 @@ def sigmoid_attn_blocked(
     alibi_slopes: Tensor | None = None,
     seqlens_k: Tensor | None = None,
     attn_mask: Tensor | None = None,
+    dropout: Dropout | None = None,
     block: int | None = None,
 ) -> Tensor:
     """Same arguments and result as ``masked_reference(..., upcast=False)``, in O(S * D) memory.
@@ -243,6 +269,7 @@ def sigmoid_attn_blocked(
         bias=None if isinstance(bias, Tensor) else bias,
         mask=mask,
         block=block or block_size(batch * num_heads),
+        dropout=dropout,
     )
     head_bias = bias if isinstance(bias, Tensor) else None
     return _BlockedSigmoidAttn.apply(q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k, opts)

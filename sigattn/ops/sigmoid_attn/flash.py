@@ -7,7 +7,7 @@ opaque nodes with their fake implementations. Both run the same entry points, ``
 
 The ops take a call's options as scalars (``_op_options``): the bias as the tensor argument ``head_bias``
 when it is a per-head tensor, else as ``const_bias`` (a float, or None for -log of each row's key count),
-and the mask's fields as they are.
+the mask's fields as they are, and dropout as its probability (0: none) and seed tensor.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .dropout import Dropout
 from .params import Params, Rows
 from .reference import Bias, Mask
 
@@ -26,13 +27,19 @@ def _split(bias: Bias) -> tuple[Tensor | None, float | None]:
 
 
 def _op_options(params: Params) -> tuple:
-    """(scale, causal, window_left, window_right, top_left, deterministic): the ops' other scalars."""
-    mask = params.mask
-    return params.scale, mask.causal, *mask.window, mask.top_left, params.deterministic
+    """(scale, causal, window_left, window_right, top_left, deterministic, dropout_p, dropout_seed): the ops'
+    other arguments."""
+    mask, dropout = params.mask, params.dropout
+    dropout_options = (dropout.p, dropout.seed) if dropout is not None else (0.0, None)
+    return params.scale, mask.causal, *mask.window, mask.top_left, params.deterministic, *dropout_options
 
 
-def _from_op_options(head_bias, const_bias, scale, causal, left, right, top_left, deterministic) -> tuple[Params, Bias]:
-    params = Params(float(scale), Mask(bool(causal), (int(left), int(right)), bool(top_left)), bool(deterministic))
+def _from_op_options(
+    head_bias, const_bias, scale, causal, left, right, top_left, deterministic, dropout_p, dropout_seed
+) -> tuple[Params, Bias]:
+    mask = Mask(bool(causal), (int(left), int(right)), bool(top_left))
+    dropout = Dropout(float(dropout_p), dropout_seed) if dropout_p > 0 else None
+    params = Params(float(scale), mask, bool(deterministic), dropout)
     return params, head_bias if head_bias is not None else const_bias
 
 
@@ -60,9 +67,20 @@ def _flash_fwd_op(
     window_right: int,
     top_left: bool,
     deterministic: bool,
+    dropout_p: float,
+    dropout_seed: Tensor | None,
 ) -> Tensor:
     params, bias = _from_op_options(
-        head_bias, const_bias, scale, causal, window_left, window_right, top_left, deterministic
+        head_bias,
+        const_bias,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        top_left,
+        deterministic,
+        dropout_p,
+        dropout_seed,
     )
     return kernels.forward(q, k, v, params, bias, alibi)
 
@@ -87,9 +105,20 @@ def _flash_bwd_op(
     window_right: int,
     top_left: bool,
     deterministic: bool,
+    dropout_p: float,
+    dropout_seed: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     params, bias = _from_op_options(
-        head_bias, const_bias, scale, causal, window_left, window_right, top_left, deterministic
+        head_bias,
+        const_bias,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        top_left,
+        deterministic,
+        dropout_p,
+        dropout_seed,
     )
     dq, dk, dv, dbias = kernels.backward(do, q, k, v, params, bias, alibi)
     return dq, dk, dv, dbias if dbias is not None else _no_bias_grad(q)
@@ -133,9 +162,20 @@ def _flash_varlen_fwd_op(
     window_right: int,
     top_left: bool,
     deterministic: bool,
+    dropout_p: float,
+    dropout_seed: Tensor | None,
 ) -> Tensor:
     params, bias = _from_op_options(
-        head_bias, const_bias, scale, causal, window_left, window_right, top_left, deterministic
+        head_bias,
+        const_bias,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        top_left,
+        deterministic,
+        dropout_p,
+        dropout_seed,
     )
     rows = Rows.packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return kernels.forward(q, k, v, params, bias, alibi, rows)
@@ -165,9 +205,20 @@ def _flash_varlen_bwd_op(
     window_right: int,
     top_left: bool,
     deterministic: bool,
+    dropout_p: float,
+    dropout_seed: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     params, bias = _from_op_options(
-        head_bias, const_bias, scale, causal, window_left, window_right, top_left, deterministic
+        head_bias,
+        const_bias,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        top_left,
+        deterministic,
+        dropout_p,
+        dropout_seed,
     )
     rows = Rows.packed(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     dq, dk, dv, dbias = kernels.backward(do, q, k, v, params, bias, alibi, rows)
@@ -214,9 +265,20 @@ def _flash_kvcache_fwd_op(
     window_right: int,
     top_left: bool,
     deterministic: bool,
+    dropout_p: float,
+    dropout_seed: Tensor | None,
 ) -> Tensor:
     params, bias = _from_op_options(
-        head_bias, const_bias, scale, causal, window_left, window_right, top_left, deterministic
+        head_bias,
+        const_bias,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        top_left,
+        deterministic,
+        dropout_p,
+        dropout_seed,
     )
     return kernels.decode(q, k_cache, v_cache, params, bias, alibi, seqlens_k, block_table)
 

@@ -396,12 +396,14 @@ def unsupported(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor | None, params: Params, alibi: Tensor | None, rows: Rows
 ) -> str | None:
     """Why this kernel cannot run a forward (on an sm_90 GPU; ``kernels.py`` checks the device), or None if
-    it can: head dim 64 or 128, a diagonal at the bottom right for packed sequences, and what
+    it can: head dim 64 or 128, a diagonal at the bottom right for packed sequences, no dropout, and what
     ``host.unsupported_common`` asks. ``out`` None: a fresh buffer, which TMA can address."""
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim {q.shape[-1]}, not one of {HEAD_DIMS}"
     if rows.varlen and params.mask.top_left:
         return "packed sequences with the causal diagonal at the top left"
+    if params.dropout is not None:
+        return "attention dropout"
     return host.unsupported_common(q, k, params.mask, alibi, (q, k, v, out), rows)
 
 

@@ -404,7 +404,7 @@ def unsupported(
 ) -> str | None:
     """Why this kernel does not run a backward (on an sm_90 GPU; ``kernels.py`` checks the device), or None
     if it does: head dim 64 or 128 (64 with a per-head bias), a non-deterministic backward allowed, a
-    diagonal at the bottom right for packed sequences, at least one key and query, more queries than
+    diagonal at the bottom right for packed sequences, no dropout, at least one key and query, more queries than
     ``TRITON_UP_TO_QUERIES`` (shorter calls are faster on the Triton kernels), and what
     ``host.unsupported_common`` asks. ``do`` or ``grads`` None: buffers laid out like ``q, k, v``'s fresh
     copies, which TMA can address."""
@@ -417,6 +417,8 @@ def unsupported(
         return f"per-head bias at head dim {head_dim}: the Triton backward is faster"
     if rows.varlen and params.mask.top_left:
         return "packed sequences with the causal diagonal at the top left"
+    if params.dropout is not None:
+        return "attention dropout"
     if host.cdiv(rows.seqlen_k, 2 * int(KEYS)) > MAX_GRID_ROWS:
         return f"{rows.seqlen_k} keys: more than {MAX_GRID_ROWS} tiles of {2 * int(KEYS)}"
     reason = host.unsupported_common(q, k, params.mask, alibi, (q, k, v, do, *(grads or ())), rows)

@@ -9,16 +9,19 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from .dropout import Dropout
 from .reference import UNMASKED, Mask
 
 
 class Params(NamedTuple):
-    """The non-tensor options of one call. ``deterministic``: the backward must be bit-identical across runs
-    (as it is whenever torch.use_deterministic_algorithms is on)."""
+    """The options of one call besides its tensors' data. ``deterministic``: the backward must be
+    bit-identical across runs (as it is whenever torch.use_deterministic_algorithms is on). ``dropout``:
+    attention dropout (its probability and seed tensor), None without."""
 
     scale: float
     mask: Mask = UNMASKED
     deterministic: bool = False
+    dropout: Dropout | None = None
 
 
 class Rows(NamedTuple):

@@ -16,7 +16,9 @@ allowed for query i iff j < Sk_b and
 
 and, for an SDPA ``attn_mask``, the boolean mask is True or the float mask is not -inf (a float mask is
 added to the logits). Masked keys contribute exactly 0, so a query with no allowed key outputs 0.
-``bias=None`` means ``-log(Sk_b)`` (see README.md for why).
+``bias=None`` means ``-log(Sk_b)`` (see README.md for why). With attention dropout of probability p, the
+weight sigmoid(logit[b, h, i, j]) is multiplied by 1 / (1 - p) where ``dropout.keep_mask`` keeps it and by 0
+elsewhere (a counter-based draw from the call's seed and (b, h, i, j) alone: ``dropout.py``).
 
 Non-finite values. What no query may look at never reaches any output or gradient: cache slots past
 ``Sk_b`` (unused pages included), keys that every query of a head masks (padding, a boolean mask column of
@@ -35,6 +37,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .dropout import Dropout
+from .dropout import factors as dropout_factors
+from .dropout import keep_mask as dropout_keep_mask
 
 Bias = float | Tensor | None
 """A float, a per-head (Hq,) tensor, or None: -log(Sk_b) of each batch row's own key count."""
@@ -164,10 +170,12 @@ def sigmoid_attn_reference(
     seqlens_k: Tensor | None = None,
     top_left: bool = False,
     attn_mask: Tensor | None = None,
+    dropout: Dropout | None = None,
     upcast: bool = True,
 ) -> Tensor:
     """Sigmoid attention by materialising the scores, with the public functions' arguments (``causal``,
     ``window_size``; ``top_left``: SDPA's alignment); ``masked_reference`` with their ``Mask``.
+    ``dropout``: the weights ``dropout.keep_mask`` drops are zeroed, the others scaled by 1 / (1 - p).
 
     ``upcast=True`` computes in float64 and returns float64 (the truth); ``upcast=False`` computes
     in the inputs' precision and returns their dtype (the baseline error of PyTorch in that precision).
@@ -184,6 +192,7 @@ def sigmoid_attn_reference(
         alibi_slopes=alibi_slopes,
         seqlens_k=seqlens_k,
         attn_mask=attn_mask,
+        dropout=dropout,
         upcast=upcast,
     )
 
@@ -199,6 +208,7 @@ def masked_reference(
     alibi_slopes: Tensor | None = None,
     seqlens_k: Tensor | None = None,
     attn_mask: Tensor | None = None,
+    dropout: Dropout | None = None,
     upcast: bool = True,
 ) -> Tensor:
     """``sigmoid_attn_reference`` of one ``Mask``: the form the backends hand on."""
@@ -222,13 +232,20 @@ def masked_reference(
         terms = terms + alibi_distance_bias(slopes, seqlen_q, seqlens_k, top_left=top_left, rows=rows, cols=cols)
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         terms = terms + attn_mask.to(dtype)
-    out = attend(q.to(dtype), k.to(dtype), v.to(dtype), scale, terms.to(dtype), allowed)
+    weights = None
+    if dropout is not None:
+        keep = dropout_keep_mask(dropout, batch, num_heads, seqlen_q, seqlen_k)
+        weights = dropout_factors(dropout, keep, dtype)
+    out = attend(q.to(dtype), k.to(dtype), v.to(dtype), scale, terms.to(dtype), allowed, weights)
     return out if upcast else out.to(q.dtype)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, terms: Tensor, allowed: Tensor) -> Tensor:
-    """sum over allowed j of sigmoid(scale q_i . k_j + terms) v_j, in the dtype of q: q (B, Sq, Hq, D), k and
-    v (B, Sk, Hkv, D); ``terms`` (the additive logit terms) and ``allowed`` broadcast to (B, Hq, Sq, Sk).
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, terms: Tensor, allowed: Tensor, weights: Tensor | None = None
+) -> Tensor:
+    """sum over allowed j of sigmoid(scale q_i . k_j + terms) w_ij v_j, in the dtype of q: q (B, Sq, Hq, D), k
+    and v (B, Sk, Hkv, D); ``terms`` (the additive logit terms), ``allowed`` and the weights ``w`` (dropout's
+    factors; None: 1) broadcast to (B, Hq, Sq, Sk).
 
     What no query may look at is zeroed before any product (module docstring): the keys no query of a head
     sees, and the queries (and, through the output, the output gradients) of rows that see no key."""
@@ -241,6 +258,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, scale: float, terms: Tensor, allowed
     logits = torch.einsum("bihd,bjhd->bhij", q * scale, k) + terms  # [B, Hq, Sq, Sk]
     # Masked before the sigmoid, so that their gradient is exactly 0 even where a logit is NaN.
     probs = torch.sigmoid(logits.masked_fill(~allowed, -math.inf))
+    if weights is not None:
+        probs = probs * weights
     return torch.einsum("bhij,bjhd->bihd", probs, v).where(query_sees, 0)
 
 
@@ -260,12 +279,15 @@ def sigmoid_attn_varlen_reference(
     ``dense`` lets the memory-efficient backend reuse this definition with its own dense function."""
     starts_q = cu_seqlens_q.tolist()
     starts_k = cu_seqlens_k.tolist()
+    dropout = options.pop("dropout", None)
     outs = []
     for b in range(len(starts_q) - 1):
         qs = q[starts_q[b] : starts_q[b + 1]][None]
         ks = k[starts_k[b] : starts_k[b + 1]][None]
         vs = v[starts_k[b] : starts_k[b + 1]][None]
         slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        if dropout is not None:  # sequence b's weights, as the kernels draw them: b is its batch row
+            options["dropout"] = dropout._replace(first_batch=b)
         outs.append(dense(qs, ks, vs, alibi_slopes=slopes, **options)[0])
     if not outs:  # no sequence: an empty output that autograd still connects to the inputs
         return dense(q[None, :0], k[None, :0], v[None, :0], **options)[0]

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from .dropout import Dropout, factors, philox
 from .reference import Bias, Mask, attend, default_bias, in_window, masked_reference
 
 
@@ -40,6 +41,7 @@ def sigmoid_attn_varlen_traceable(
     bias: Bias,
     mask: Mask,
     alibi_slopes: Tensor | None = None,
+    dropout: Dropout | None = None,
     exact: bool = False,
 ) -> Tensor:
     """``sigmoid_attn_varlen_reference`` without reading cu_seqlens on the host: q (total_q, Hq, D), k and v
@@ -68,8 +70,20 @@ def sigmoid_attn_varlen_traceable(
         slopes = alibi_slopes[seq_q] if alibi_slopes.dim() == 2 else alibi_slopes[None].expand(q.shape[0], -1)
         distance = (diag - pos_k[None, :]).abs()  # [Tq, Tk]
         terms = terms - slopes.t().to(dtype)[:, :, None] * distance.to(dtype)
+    weights = None
+    if dropout is not None:  # dropout.keep_mask's draw, with each token's sequence as its batch row
+        heads = torch.arange(num_heads, device=q.device)[:, None, None]
+        words = philox(
+            dropout.seed,
+            pos_k[None, None, :],
+            pos_q[None, :, None],
+            seq_q[None, :, None] * num_heads + heads,
+            pos_k.new_zeros(()),
+        )
+        weights = factors(dropout, (words >> 1) >= dropout.threshold, dtype)[None]  # [1, Hq, Tq, Tk]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    out = attend(q.to(dtype)[None], k.to(dtype)[None], v.to(dtype)[None], scale, terms[None], allowed[None, None])
+    qkv = (q.to(dtype)[None], k.to(dtype)[None], v.to(dtype)[None])
+    out = attend(*qkv, scale, terms[None], allowed[None, None], weights)
     return out[0].to(q.dtype)
 
 

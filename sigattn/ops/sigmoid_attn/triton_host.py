@@ -136,12 +136,16 @@ def _arguments(q: Tensor, k: Tensor, params: Params, bias: Bias, alibi: Tensor |
         DEFAULT_BIAS=bias is None,
         ALIBI=alibi is not None,
         VARLEN=rows.varlen,
+        DROPOUT=params.dropout is not None,
     )
+    dropout = params.dropout
     scalars = dict(
         head_bias=head_bias,
         alibi_stride=alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
         window=(max(left, 0), max(right, 0)),
         half_bias=0.5 * bias if isinstance(bias, float) else 0.0,
+        # (seed, threshold, keep scale): dropout.py's draw, or placeholders the kernels never read
+        dropout=(dropout.seed, dropout.threshold, dropout.keep_scale) if dropout is not None else (None, 0, 1.0),
     )
     return flags, scalars
 
@@ -241,6 +245,7 @@ def launch_forward(
         kv_first,
         0.5 * params.scale,
         s["half_bias"],
+        *s["dropout"],
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_Q=block_q,
@@ -275,7 +280,15 @@ def backward(
     cu = (rows.cu_seqlens_q, rows.cu_seqlens_k)
     num_heads, num_kv_heads = q.shape[-2], k.shape[-2]
     packed = rows.varlen
-    common = (rows.seqlen_q, rows.seqlen_k, *s["window"], params.scale, 0.5 * params.scale, s["half_bias"])
+    common = (
+        rows.seqlen_q,
+        rows.seqlen_k,
+        *s["window"],
+        params.scale,
+        0.5 * params.scale,
+        s["half_bias"],
+        *s["dropout"],
+    )
 
     cfg = _config(BWD_DKDV_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
     sigmoid_attn_bwd_kernel_dkdv[(host.cdiv(rows.seqlen_k, cfg.block_n), num_kv_heads, rows.batch)](

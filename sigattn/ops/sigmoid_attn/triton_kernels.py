@@ -57,6 +57,17 @@ def _sigmoid_of_half(z):
 
 
 @triton.jit
+def _kept(seed, bh, i, j, threshold):
+    """The weights attention dropout keeps (``dropout.py``): where the first word of philox(seed; j, i, bh, 0),
+    shifted to 31 bits, is at least ``threshold``. i, j: query and key indices (broadcastable tiles), bh =
+    batch row * heads + head (a scalar or broadcastable). The kernels zero the others and scale their fp32
+    sums by 1 / (1 - p) once, so that P stays in [0, 1] where it is rounded to 16 bits."""
+    zero = i * 0 + j * 0
+    word, _, _, _ = tl.philox(seed, j + zero, i + zero, bh + zero, zero)
+    return (word >> 1).to(tl.int32, bitcast=True) >= threshold
+
+
+@triton.jit
 def _half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI: tl.constexpr):
     """z = logit / 2 of a tile of raw scores s = q . k, with i the query and j the key index of each element
     (broadcastable: i [BM, 1] and j [1, BN] for a [BM, BN] tile, or transposed); half_bias, half_slope:
@@ -267,9 +278,10 @@ def _store_rows(ptr, value, row_offsets, offs_rows, offs_d, n_rows, HEAD_DIM: tl
 @triton.jit
 def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn, stride_vp, stride_vn, offs_m, offs_d,
                lo, hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope, diag_offset,
-               window_left, window_right, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr,
-               PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, TMA: tl.constexpr):
+               window_left, window_right, seed, bh, dropout_threshold, HEAD_DIM: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+               HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+               TMA: tl.constexpr, DROPOUT: tl.constexpr):
     """acc += P V over key tiles [lo, hi). MASKED tiles load only the keys [key_lo, key_hi) that a row of the
     tile may see (others read as 0; with TMA, the descriptors start at key kv_first and end where no query
     looks further, so the keys no query sees read as 0), and mask every score but the allowed ones, the keys
@@ -295,6 +307,8 @@ def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn,
             z = tl.where(_counted(key_ok[None, :], i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT),
                          z, float("-inf"))
         p = _sigmoid_of_half(z)
+        if DROPOUT:
+            p = tl.where(_kept(seed, bh, i, j, dropout_threshold), p, 0.0)
         acc = _dot(p.to(v.dtype), v, acc)  # [BM, BD]
     return acc
 
@@ -304,11 +318,12 @@ def sigmoid_attn_fwd_kernel(
     Q, K, V, Out, HeadBias, Alibi, CuSeqlensQ, CuSeqlensK, SeqlensK, BlockTable, KDesc, VDesc, stride_qb, stride_qm,
     stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_os, stride_ob, stride_om,
     stride_oh, stride_alibi_b, stride_bt, seqlen_q, seqlen_k, window_left, window_right, kv_first, half_scale,
-    half_scale_bias, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    TOP_LEFT: tl.constexpr, HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr, KV_LENS: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK_GQA: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, TMA: tl.constexpr,
+    half_scale_bias, Seed, dropout_threshold, keep_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr, HEAD_BIAS: tl.constexpr,
+    DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr, KV_LENS: tl.constexpr,
+    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK_GQA: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    TMA: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """One program: BLOCK_Q query positions of one head (or, with PACK_GQA, of all GROUP heads of one kv
     head: BLOCK_M = BLOCK_Q * GROUP rows) of batch row b, against its share of the keys (one of
@@ -352,6 +367,13 @@ def sigmoid_attn_fwd_kernel(
         V += b64 * stride_vb + k_start * stride_vn + h_kv * stride_vh
         Pages = BlockTable
 
+    seed, bh = 0, 0
+    if DROPOUT:  # (batch row, query head) of each row, as dropout.keep_mask counts them
+        seed = tl.load(Seed)
+        bh = b * (tl.num_programs(1) * GROUP if PACK_GQA else tl.num_programs(1)) + heads
+        if PACK_GQA:
+            bh = bh[:, None]
+
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
                                           BLOCK_Q, BLOCK_N, HAS_LEFT, HAS_RIGHT)
@@ -360,19 +382,21 @@ def sigmoid_attn_fwd_kernel(
                                    HAS_LEFT, HAS_RIGHT)
     acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
                      offs_d, lo, full_lo, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope,
-                     diag_offset, window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                     ALIBI, PAGED, PAGE_SIZE, TMA)
+                     diag_offset, window_left, window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_N,
+                     BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE, TMA, DROPOUT)
     acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
                      offs_d, full_lo, full_hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope,
-                     diag_offset, window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT,
-                     ALIBI, PAGED, PAGE_SIZE, TMA)
+                     diag_offset, window_left, window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_N,
+                     BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE, TMA, DROPOUT)
     acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
                      offs_d, full_hi, hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope,
-                     diag_offset, window_left, window_right, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT,
-                     ALIBI, PAGED, PAGE_SIZE, TMA)
+                     diag_offset, window_left, window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_N,
+                     BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE, TMA, DROPOUT)
     if HAS_LEFT or HAS_RIGHT:  # a query with no allowed key outputs 0, whatever the values it masks hold
         acc = tl.where(_sees_a_key(offs_m, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT,
                                    HAS_RIGHT)[:, None], acc, 0.0)
+    if DROPOUT:
+        acc *= keep_scale
     Out += split * stride_os + b64 * stride_ob + q_start * stride_om
     _store_rows(Out, acc.to(Out.dtype.element_ty), offs_m * stride_om + heads * stride_oh, offs_m, offs_d,
                 seqlen_q, HEAD_DIM)
@@ -397,9 +421,10 @@ def sigmoid_attn_sum_splits_kernel(Partial, Out, numel, NUM_SPLITS: tl.constexpr
 
 @triton.jit
 def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, lo, hi, seqlen_q, key_first, key_last,
-                    half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr):
+                    half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed, bh,
+                    dropout_threshold, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                    ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     """dK, dV of the key tile over query tiles [lo, hi). MASKED tiles load only the queries before Sq that see a
     key of the tile's [key_first, key_last] (others read as 0) and mask P and dS to the allowed pairs."""
     for m0 in range(lo, hi, BLOCK_M):
@@ -417,7 +442,12 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, 
         st = _dot(k, tl.trans(q), None)  # [BN, BM]
         pt = _sigmoid_of_half(_half_logits(st, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI))
         dpt = _dot(v, tl.trans(do), None)  # [BN, BM]
-        dst = dpt * pt * (1.0 - pt)
+        if DROPOUT:  # the forward read the kept P (scaled after): dV takes it, dP only its kept weights
+            kept = _kept(seed, bh, i, j, dropout_threshold)
+            dst = tl.where(kept, dpt, 0.0) * pt * (1.0 - pt)
+            pt = tl.where(kept, pt, 0.0)
+        else:
+            dst = dpt * pt * (1.0 - pt)
         if MASKED:
             # Rows past Sq too: a key row holding an inf times their zero query is a NaN score.
             allowed = _counted(rows_ok[None, :], i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -433,10 +463,11 @@ def sigmoid_attn_bwd_kernel_dkdv(
     Q, K, V, DO, DK, DV, HeadBias, Alibi, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
-    stride_alibi_b, seqlen_q, seqlen_k, window_left, window_right, scale, half_scale, half_scale_bias,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr,
-    HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+    stride_alibi_b, seqlen_q, seqlen_k, window_left, window_right, scale, half_scale, half_scale_bias, Seed,
+    dropout_threshold, keep_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    TOP_LEFT: tl.constexpr, HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     i_n, h_kv, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _row_bounds(b, CuSeqlensQ, CuSeqlensK, CuSeqlensK, seqlen_q, seqlen_k,
@@ -461,24 +492,34 @@ def sigmoid_attn_bwd_kernel_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _query_tiles(n0, diag_offset, seqlen_q, window_left, window_right,
                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
     for g in range(GROUP):
         h = h_kv * GROUP + g
+        bh = b * tl.num_programs(1) * GROUP + h
         Qh = Q + b64 * stride_qb + q_start * stride_qm + h * stride_qh
         DOh = DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh
         half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, row_half_bias, ALIBI, HEAD_BIAS)
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, lo, full_lo, seqlen_q,
                                  n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
-                                 window_right, HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
+                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                                 HAS_LEFT, HAS_RIGHT, ALIBI, DROPOUT)
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_lo, full_hi,
                                  seqlen_q, n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
-                                 window_right, HEAD_DIM, BLOCK_M, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI)
+                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_M, BLOCK_D, False,
+                                 HAS_LEFT, HAS_RIGHT, ALIBI, DROPOUT)
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_hi, hi, seqlen_q,
                                  n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
-                                 window_right, HEAD_DIM, BLOCK_M, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI)
+                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                                 HAS_LEFT, HAS_RIGHT, ALIBI, DROPOUT)
     if HAS_LEFT or HAS_RIGHT:  # a key no query may see gets exactly 0, whatever the rows that mask it hold
         seen = _sees_a_key(offs_n, -diag_offset, seqlen_q, window_right, window_left, HAS_RIGHT, HAS_LEFT)
         dk = tl.where(seen[:, None], dk, 0.0)
         dv = tl.where(seen[:, None], dv, 0.0)
+    if DROPOUT:
+        dk *= keep_scale
+        dv *= keep_scale
     _store_rows(DK + b64 * stride_dkb + k_start * stride_dkn + h_kv * stride_dkh, (dk * scale).to(DK.dtype.element_ty),
                 offs_n * stride_dkn, offs_n, offs_d, seqlen_k, HEAD_DIM)
     _store_rows(DV + b64 * stride_dvb + k_start * stride_dvn + h_kv * stride_dvh, dv.to(DV.dtype.element_ty),
@@ -491,10 +532,10 @@ def sigmoid_attn_bwd_kernel_dkdv(
 
 @triton.jit
 def _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, key_lo, key_hi,
-                  half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
-                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr,
-                  HEAD_BIAS: tl.constexpr):
+                  half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed, bh,
+                  dropout_threshold, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                  ALIBI: tl.constexpr, HEAD_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
     """dQ of the query tile over key tiles [lo, hi); MASKED tiles as in ``_fwd_tiles``, with dS masked too."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -505,6 +546,8 @@ def _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, l
         i, j = offs_m[:, None], offs_n[None, :]
         p = _sigmoid_of_half(_half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI))
         dp = _dot(do, tl.trans(v), None)  # [BM, BN]
+        if DROPOUT:
+            dp = tl.where(_kept(seed, bh, i, j, dropout_threshold), dp, 0.0)
         ds = dp * p * (1.0 - p)
         if MASKED:
             ds = tl.where(_counted(key_ok[None, :], i, j, diag_offset, window_left, window_right, HAS_LEFT,
@@ -520,10 +563,11 @@ def sigmoid_attn_bwd_kernel_dq(
     Q, K, V, DO, DQ, DBiasPartial, HeadBias, Alibi, CuSeqlensQ, CuSeqlensK,
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_alibi_b,
-    seqlen_q, seqlen_k, window_left, window_right, scale, half_scale, half_scale_bias,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    seqlen_q, seqlen_k, window_left, window_right, scale, half_scale, half_scale_bias, Seed, dropout_threshold,
+    keep_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr,
     HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     i_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _row_bounds(b, CuSeqlensQ, CuSeqlensK, CuSeqlensK, seqlen_q, seqlen_k,
@@ -546,6 +590,10 @@ def sigmoid_attn_bwd_kernel_dq(
                    offs_d, HEAD_DIM, BLOCK_D, True)
     do = _load_rows(DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh, offs_m * stride_dom,
                     offs_m < seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    bh = b * tl.num_programs(1) + h
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
@@ -553,17 +601,23 @@ def sigmoid_attn_bwd_kernel_dq(
     key_lo, key_hi = _visible_keys(m0, BLOCK_M, diag_offset, seqlen_q, seqlen_k, window_left, window_right,
                                    HAS_LEFT, HAS_RIGHT)
     dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, full_lo, key_lo, key_hi,
-                             half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
-                             HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, HEAD_BIAS)
+                             half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed, bh,
+                             dropout_threshold, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI,
+                             HEAD_BIAS, DROPOUT)
     dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, full_lo, full_hi, key_lo,
-                             key_hi, half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
-                             HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI, HEAD_BIAS)
+                             key_hi, half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed,
+                             bh, dropout_threshold, HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI,
+                             HEAD_BIAS, DROPOUT)
     dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, full_hi, hi, key_lo, key_hi,
-                             half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
-                             HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, HEAD_BIAS)
+                             half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed, bh,
+                             dropout_threshold, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI,
+                             HEAD_BIAS, DROPOUT)
     if HAS_LEFT or HAS_RIGHT:  # a query with no allowed key gets exactly 0, whatever the keys it masks hold
         dq = tl.where(_sees_a_key(offs_m, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT,
                                   HAS_RIGHT)[:, None], dq, 0.0)
+    if DROPOUT:
+        dq *= keep_scale
+        dsum *= keep_scale
     _store_rows(DQ + b64 * stride_dqb + q_start * stride_dqm + h * stride_dqh, (dq * scale).to(DQ.dtype.element_ty),
                 offs_m * stride_dqm, offs_m, offs_d, seqlen_q, HEAD_DIM)
     if HEAD_BIAS:
