@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..ops.sigmoid_attn.dropout import Dropout
+from ..ops.sigmoid_attn.dropout import Dropout, draw_seed
 from ..ops.sigmoid_attn.params import Params, Rows
 from ..ops.sigmoid_attn.reference import (
     Mask,
@@ -197,7 +197,7 @@ def _dropout(case, gen, device) -> Dropout | None:
     mask from it (``dropout.keep_mask``, the kernels' own mask)."""
     if not case.dropout:
         return None
-    return Dropout(case.dropout, torch.randint(0, 1 << 62, (1,), generator=gen).to(device))
+    return Dropout(case.dropout, draw_seed(device, gen))
 
 
 @contextlib.contextmanager

@@ -53,9 +53,12 @@ def threshold(p: float) -> int:
     return round(p * _WORD)
 
 
-def draw_seed(device: torch.device | str) -> Tensor:
-    """A fresh seed from PyTorch's default generator of ``device``: an int64 tensor of one element there."""
-    return torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=device)
+def draw_seed(device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
+    """A fresh seed, an int64 tensor of one element on ``device``: from PyTorch's default generator of
+    ``device``, or from ``generator`` (drawn on its device, then moved)."""
+    if generator is None:
+        return torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=device)
+    return torch.randint(0, 1 << 62, (1,), dtype=torch.int64, generator=generator, device=generator.device).to(device)
 
 
 def _mul_hi_lo(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
@@ -82,6 +85,12 @@ def philox(seed: int | Tensor, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -
     return c0
 
 
+def kept(dropout: Dropout, bh: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """True where the weight of (batch row x heads + head ``bh``, query ``i``, key ``j``) is kept, elementwise
+    over the broadcast indices (int64 tensors): the rule of the module docstring."""
+    return (philox(dropout.seed, j, i, bh, j.new_zeros(())) >> 1) >= dropout.threshold
+
+
 def keep_mask(
     dropout: Dropout,
     batch: int,
@@ -100,8 +109,7 @@ def keep_mask(
     bh = torch.arange(first, first + batch, device=device)[:, None] * heads + torch.arange(heads, device=device)
     i = torch.arange(seqlen_q, device=device) if rows is None else rows.to(device)
     j = torch.arange(seqlen_k, device=device) if cols is None else cols.to(device)
-    words = philox(dropout.seed, j[None, None, None, :], i[None, None, :, None], bh[:, :, None, None], j.new_zeros(()))
-    return (words >> 1) >= dropout.threshold
+    return kept(dropout, bh[:, :, None, None], i[None, None, :, None], j[None, None, None, :])
 
 
 def factors(dropout: Dropout, keep: Tensor, dtype: torch.dtype) -> Tensor:

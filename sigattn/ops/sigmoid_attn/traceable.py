@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from .dropout import Dropout, factors, philox
+from .dropout import Dropout, factors, kept
 from .reference import Bias, Mask, attend, default_bias, in_window, masked_reference
 
 
@@ -73,14 +73,8 @@ def sigmoid_attn_varlen_traceable(
     weights = None
     if dropout is not None:  # dropout.keep_mask's draw, with each token's sequence as its batch row
         heads = torch.arange(num_heads, device=q.device)[:, None, None]
-        words = philox(
-            dropout.seed,
-            pos_k[None, None, :],
-            pos_q[None, :, None],
-            seq_q[None, :, None] * num_heads + heads,
-            pos_k.new_zeros(()),
-        )
-        weights = factors(dropout, (words >> 1) >= dropout.threshold, dtype)[None]  # [1, Hq, Tq, Tk]
+        keep = kept(dropout, seq_q[None, :, None] * num_heads + heads, pos_q[None, :, None], pos_k[None, None, :])
+        weights = factors(dropout, keep, dtype)[None]  # [1, Hq, Tq, Tk]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     qkv = (q.to(dtype)[None], k.to(dtype)[None], v.to(dtype)[None])
     out = attend(*qkv, scale, terms[None], allowed[None, None], weights)
