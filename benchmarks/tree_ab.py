@@ -7,12 +7,13 @@ OTHER_ROOT``). The rounds are ``ab_rounds.interleave``'s (a row: the median over
 
 The cases are the paths a change to the kernels' masking can move: the headline dense shapes of ``sigattn
 bench`` (16k tokens, hidden 2048, bf16) on the sm_90 kernels, lengths that end inside tiles, packed sequences,
-a sliding window and ALiBi (the Triton kernels), and KV-cache decode.
+causal sliding windows of 256-4096 keys at 4k and 16k tokens, ALiBi, and KV-cache decode.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import re
 from pathlib import Path
@@ -84,7 +85,14 @@ def cases():
             out.append((f"dense-D{head_dim}-{mask}-{seqlen}", mode, dense(seqlen, head_dim, backward, causal=causal)))
         out.append(("dense-D128-causal-2001 (ends inside tiles)", mode, dense(2001, 128, backward, causal=True)))
         out.append(("dense-D128-full-2001 (ends inside tiles)", mode, dense(2001, 128, backward)))
-        out.append(("window-D128-(512,0)-4096 (triton)", mode, dense(4096, 128, backward, window_size=(512, 0))))
+        for head_dim, seqlen in ((128, 4096), (128, 16384), (64, 16384)):
+            slopes = torch.rand(HIDDEN // head_dim, device="cuda")
+            case = dense(seqlen, head_dim, backward, causal=True, alibi_slopes=slopes)
+            out.append((f"alibi-D{head_dim}-causal-{seqlen}", mode, case))
+        for seqlen, window in itertools.product((4096, 16384), (256, 1024, 4096)):
+            if window < seqlen:
+                case = dense(seqlen, 128, backward, window_size=(window, 0))
+                out.append((f"window-D128-({window},0)-{seqlen}", mode, case))
         out.append(("varlen-D128-causal-16x1k", mode, varlen([1024] * 16, backward)))
         out.append(("varlen-D128-causal-mixed", mode, varlen(mixed, backward)))
     out += [(f"decode-B8-Hq32-Hkv8-D128-{n}", "fwd", decode(n)) for n in (1024, 8192, 65536)]

@@ -205,8 +205,9 @@ def kernels_for_gpu(capability: tuple[int, int] | None) -> str:
         return f"{name}: no kernels (they need compute capability 8.0 or newer); the 'torch' backend serves every call"
     if capability == (9, 0):
         return (
-            "Hopper (sm_90): Gluon kernels (dense and packed calls at head dims 64 and 128, forward and backward) "
-            "and the Triton kernels for the rest; speed and correctness measured on H100 and H200"
+            "Hopper (sm_90): Gluon kernels (dense and packed calls at head dims 64 and 128, forward and backward; "
+            "full, causal, sliding windows, ALiBi) and the Triton kernels for the rest; speed and correctness "
+            "measured on H100 and H200"
         )
     family = "Ampere/Ada" if capability < (9, 0) else "Blackwell or newer"
     wide = "" if capability < (10, 0) else " (calls with gradients at head dims above 128 run on 'torch')"

@@ -282,7 +282,7 @@ def test_gluon_kernels_decline_dropout(monkeypatch):
     params = Params(0.1, Mask(causal=True), dropout=Dropout(0.1, torch.tensor([1])))
     rows = Rows.dense(q, k)
     assert hopper.unsupported(q, k, v, out, params, None, rows) == "attention dropout"
-    assert hopper_bwd.unsupported(do, q, k, v, grads, params, 0.0, None, rows) == "attention dropout"
+    assert hopper_bwd.unsupported(do, q, k, v, grads, params, 0.0, rows) == "attention dropout"
     kernel, declined = kernels.choose(kernels.FORWARD, q, k, v, out, params, 0.0, None, rows)
     assert kernel.name == "triton" and declined == {"gluon-sm90": "attention dropout"}
 

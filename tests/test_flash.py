@@ -341,3 +341,24 @@ def test_decode_cuda_graph_replays_as_the_cache_grows():
         eager = step()
         torch.testing.assert_close(replayed, eager, atol=0, rtol=0)
         assert torch.equal(k_cache, k_after) and torch.equal(v_cache, v_after)
+
+
+def test_grid_shards_partition_the_cases(monkeypatch, capsys):
+    """``--shard K/N`` for K = 0..N-1 runs every case of the grid exactly once; a malformed shard is a
+    usage error naming the option."""
+    from sigattn.testing import grid
+
+    ran = []
+    monkeypatch.setattr(grid, "run_case", lambda case, device: ran.append(case.id) or {"id": case.id, "ok": True})
+    assert grid.main(["--quick"]) == 0
+    everything = list(ran)
+    shards = []
+    for k in range(3):
+        ran.clear()
+        assert grid.main(["--quick", "--shard", f"{k}/3"]) == 0
+        shards.append(list(ran))
+    assert sorted(sum(shards, [])) == sorted(everything) and len(everything) > 3
+    for bad in ("3/3", "1", "-1/2", "a/b"):
+        with pytest.raises(SystemExit):
+            grid.main(["--shard", bad])
+        assert "--shard" in capsys.readouterr().err

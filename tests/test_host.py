@@ -130,13 +130,22 @@ def test_forward_kernel_specialises_on_nothing_outside_its_key():
     aligned, unaligned = torch.empty(4), torch.empty(5)[1:]
     cu, cu_unaligned = torch.zeros(4, dtype=torch.int32), torch.zeros(5, dtype=torch.int32)[1:]
     kernel = hopper.sigmoid_attn_fwd_kernel_sm90
-    constexprs = (2, True, True, True, True, True, 2, 4, 240)
+    constexprs = (2, True, True, True, True, True, True, True, 2, 4, 240)
     specs = [
-        specialization(kernel, (*descriptors, out, bias, cu_q, cu_k, *ints, 0.1, -0.3, *constexprs))
-        for out, bias, cu_q, cu_k, ints in (
-            (q, aligned, cu, cu, (2048, 2048, 0)),
-            (torch.empty(q.numel() + 1, dtype=q.dtype)[1:], unaligned, cu_unaligned, cu, (17, 1, 1)),
-            (q, aligned, cu, cu_unaligned, (1, 33, -16)),
+        specialization(
+            kernel, (*descriptors, out, bias, cu_q, cu_k, *ints[:3], 0.1, -0.3, ints[3], slopes, *ints[4:], *constexprs)
+        )
+        for out, bias, cu_q, cu_k, slopes, ints in (
+            (q, aligned, cu, cu, aligned, (2048, 2048, 0, -256, 0, 0)),
+            (
+                torch.empty(q.numel() + 1, dtype=q.dtype)[1:],
+                unaligned,
+                cu_unaligned,
+                cu,
+                unaligned,
+                (17, 1, 1, 1, 16, 1),
+            ),
+            (q, aligned, cu, cu_unaligned, aligned, (1, 33, -16, 16, 4, -15)),
         )
     ]
     assert specs[0] == specs[1] == specs[2]
@@ -149,13 +158,14 @@ def test_backward_kernel_specialises_on_nothing_outside_its_key():
     kernel = hopper_bwd.sigmoid_attn_bwd_kernel_sm90
     aligned, unaligned = torch.empty(4), torch.empty(5)[1:]
     cu, cu_unaligned = torch.zeros(4, dtype=torch.int32), torch.zeros(5, dtype=torch.int32)[1:]
-    constexprs = (1, True, 4, True, True, True, True, True)
+    constexprs = (1, True, True, True, 4, True, True, True, True, True)
     specs = [
         specialization(
-            kernel, (*descriptors, *packed, dk, t, bias, dbias, cu_q, cu, *ints, 0.1, 0.05, -0.3, *constexprs)
+            kernel,
+            (*descriptors, *packed, dk, t, bias, dbias, cu_q, cu, *ints, 0.1, 0.05, -0.3, *window, *constexprs),
         )
-        for packed, dk, bias, dbias, cu_q, ints in (
-            ((t,) * 4, t, aligned, aligned, cu, (4, 0, 0, 2048, 2048, 0, 0)),
+        for packed, dk, bias, dbias, cu_q, ints, window in (
+            ((t,) * 4, t, aligned, aligned, cu, (4, 0, 0, 2048, 2048, 0, 0), (-256, aligned, 0, 0)),
             (
                 (torch.empty(t.numel() + 1, dtype=t.dtype)[1:],) * 4,
                 torch.empty(t.numel() + 1, dtype=t.dtype)[1:],
@@ -163,8 +173,9 @@ def test_backward_kernel_specialises_on_nothing_outside_its_key():
                 aligned,
                 cu_unaligned,
                 (3, 1, 16, 17, 33, 1, 16),
+                (1, unaligned, 16, 1),
             ),
-            ((t,) * 4, t, aligned, unaligned, cu, (16, 32, 1, 1, 16, -15, 1)),
+            ((t,) * 4, t, aligned, unaligned, cu, (16, 32, 1, 1, 16, -15, 1), (16, aligned, 4, -15)),
         )
     ]
     assert specs[0] == specs[1] == specs[2]

@@ -628,8 +628,14 @@ def grid(quick: bool) -> list[AnyCase]:
         dict(causal=True),
         dict(window=(64, 32)),
         dict(causal=True, window=(100, -1)),
+        dict(window=(-1, 40)),
+        dict(window=(300, -1)),
         dict(causal=True, top_left=True),
+        # Sq > Sk: the last rows' windows start past every key
+        dict(causal=True, window=(50, -1), top_left=True),
         dict(alibi=True, causal=True),
+        dict(alibi=True),
+        dict(alibi=True, window=(64, 32)),
         dict(head_bias=True),
         dict(causal=True, dropout=0.2),
     ]
@@ -684,6 +690,14 @@ def grid(quick: bool) -> list[AnyCase]:
     return list(dict.fromkeys(cases))
 
 
+def shard(text: str) -> tuple[int, int]:
+    """``K/N`` as (K, N), 0 <= K < N; argparse reports the ValueError as a usage error."""
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise ValueError(f"--shard: expected K/N with 0 <= K < N, got {text!r}")
+    return int(k), int(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the grid (the small one on the CPU, in Triton's interpreter); returns 1 if a case failed."""
     argv = sys.argv[1:] if argv is None else argv
@@ -691,6 +705,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="the small grid (the CPU default)")
     parser.add_argument("--json", metavar="PATH", help="write {meta, rows} here")
     parser.add_argument("--filter", metavar="REGEX", help="run only the cases whose id matches")
+    parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        type=shard,
+        default=(0, 1),
+        help="run every N-th case from the K-th (0 <= K < N), so N device calls of bounded length cover the grid",
+    )
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -701,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick or device == "cpu"
     rows, meta = [], run_meta(" ".join([f"python -m {MODULE}", *argv]))
     cases = [c for c in grid(quick) + robustness_grid(quick) if args.filter is None or re.search(args.filter, c.id)]
+    cases = cases[args.shard[0] :: args.shard[1]]
     for case in cases:
         row = run_case(case, device)
         rows.append(row)

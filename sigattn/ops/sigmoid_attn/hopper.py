@@ -19,13 +19,18 @@ takes about as many cycles as its products: two groups stayed 10-17% behind the 
 caught up with it, four run 6-15% ahead (``CONFIGS``). An explicit ping-pong of the groups
 (FlashAttention-3's) measured no better than leaving them to the schedulers.
 
-It covers the forward of dense rows and of packed sequences (varlen) without ALiBi or sliding windows; every
-other call runs on the Triton kernels (``unsupported`` says why). Packed sequences are one (1, total, H, D)
-row to TMA, so a tile that runs past a sequence's end loads the next sequence's tokens: its keys are masked
-(P = 0; a dense row's keys past Sk load as zeros instead) and its output rows leave by register stores, not
-a TMA store that would overwrite the next sequence's rows. Gluon does not run in the Triton interpreter: the
-CPU tests compile it for sm_90a and check the dispatch rule, and ``python -m sigattn.testing.grid`` runs it on the
-GPU.
+It covers the forward of dense rows and of packed sequences (varlen) without ALiBi, under any mask: full,
+causal, or a sliding window (left, right). A window's right bound is a causal diagonal moved right by it
+(``CAUSAL`` with a larger ``diag_offset``); its left bound (``LEFT``) starts each program's key tiles at
+the first its first rows see, so a window costs its band, not Sq x Sk: the groups of a program release
+the tiles before their own first unread, and mask the tiles their rows' left edges cross. Packed sequences
+take windows without a left bound only (``unsupported``). Every other call runs on the Triton kernels.
+
+Packed sequences are one (1, total, H, D) row to TMA, so a tile that runs past a sequence's end loads the next
+sequence's tokens: its keys are masked (P = 0; a dense row's keys past Sk load as zeros instead) and its
+output rows leave by register stores, not a TMA store that would overwrite the next sequence's rows. Gluon
+does not run in the Triton interpreter: the CPU tests compile it for sm_90a and check the dispatch rule, and
+``python -m sigattn.testing.grid`` runs it on the GPU.
 """
 
 from __future__ import annotations
@@ -104,6 +109,15 @@ def _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.con
 
 
 @gluon.jit
+def _window_tiles(m0, lo_offset, end, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """(first key tile to visit, first tile that needs no left mask) for the query rows m0 .. m0 + BLOCK_M - 1
+    under a window's left bound (row i sees keys from i + lo_offset on). The first tile is at most end - 1,
+    so rows with no key in reach still visit one, masked, and write their zeros."""
+    first = gl.minimum(gl.maximum(m0 + lo_offset, 0) // BLOCK_N, end - 1)
+    return first, gl.cdiv(gl.maximum(m0 + BLOCK_M - 1 + lo_offset, 0), BLOCK_N)
+
+
+@gluon.jit
 def _probabilities(
     s,
     j,
@@ -111,24 +125,40 @@ def _probabilities(
     seqlen_k,
     diag_offset,
     n_unmasked,
+    lo_offset,
+    lo_unmasked,
     half_scale,
     half_bias,
+    half_slope,
+    key_offset,
     s_layout: gl.constexpr,
     p_layout: gl.constexpr,
     ROWS: gl.constexpr,
     BLOCK_N: gl.constexpr,
     CAUSAL: gl.constexpr,
+    LEFT: gl.constexpr,
     KEY_TAIL: gl.constexpr,
     VARLEN: gl.constexpr,
+    ALIBI: gl.constexpr,
     dtype: gl.constexpr,
 ):
     """P = sigmoid(scale s + bias) of score tile j as the next product's register operand: 0.5 tanh(z / 2)
-    + 0.5 with one tanh.approx per score; keys past the diagonal 0, and with KEY_TAIL keys past Sk."""
+    + 0.5 with one tanh.approx per score; keys past the diagonal 0, with LEFT keys before i + lo_offset (in
+    the tiles before lo_unmasked), and with KEY_TAIL keys past Sk. With ALIBI, z less half_slope |i +
+    key_offset - j|: positions as float32 per row and per column, then a subtraction and an FMA a score."""
     z = s * half_scale + half_bias
+    if ALIBI:
+        row = gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout)).to(gl.float32)
+        col = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)).to(gl.float32)
+        distance = (m0 + key_offset - j * BLOCK_N).to(gl.float32) + row[:, None] - col[None, :]
+        z = z - half_slope * gl.abs(distance)
     t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [z], dtype=gl.float32, is_pure=True, pack=1)
     p = 0.5 * t + 0.5
-    if CAUSAL or KEY_TAIL:  # noqa: SIM102 (a separate `if` on the constexpr: full attention compiles without it)
-        if j >= n_unmasked:
+    if CAUSAL or KEY_TAIL or LEFT:  # noqa: SIM102 (a separate `if` on the constexprs: full attention compiles without it)
+        masked = j >= n_unmasked
+        if LEFT:
+            masked = masked | (j < lo_unmasked)
+        if masked:
             if compat.MASK_FROM_TILE_START or (VARLEN and compat.PACKED_MASK_FROM_TILE_START):
                 # rows and keys counted from the tile's first key
                 i = m0 - j * BLOCK_N + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
@@ -138,7 +168,14 @@ def _probabilities(
                 i = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
                 k = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
                 end = seqlen_k
-            if CAUSAL:
+            if LEFT:
+                # Each row's bounds first, then two comparisons a score: a D64 causal window with a key tail
+                # spilled 148 bytes at 112 registers with the three comparisons below.
+                last = gl.full_like(i, end - 1)
+                if CAUSAL:
+                    last = gl.minimum(i + diag_offset, last) if KEY_TAIL else i + diag_offset
+                allowed = (k[None, :] <= last[:, None]) & (k[None, :] >= i[:, None] + lo_offset)
+            elif CAUSAL:
                 allowed = k[None, :] <= i[:, None] + diag_offset
                 if KEY_TAIL:
                     allowed = allowed & (k[None, :] < end)
@@ -175,18 +212,19 @@ def zero_rows_from(tile, first):
 @gluon.jit
 def _loader(
     q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, h_kv, q0, k_start,
-    n_tiles, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr
+    t0, n_tiles, CONSUMERS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr
 ):
-    """One warp: each consumer's Q rows (from token q0), then K and V tile by tile (from token k_start) into
-    the ring, each as soon as its slot is free."""
+    """One warp: each consumer's Q rows (from token q0), then K and V tiles t0 .. n_tiles - 1 (tile j from
+    token k_start + j BLOCK_N) into the ring, each as soon as its slot is free."""
     mbarrier.expect(q_ready, CONSUMERS * q_desc.block_type.nbytes)
     for w in gl.static_range(CONSUMERS):
         compat.async_load(q_desc, [b, q0 + w * ROWS, h, 0], q_ready, q_smem.index(w))
-    for j in range(n_tiles):
-        slot = j % STAGES
+    for j in range(t0, n_tiles):
+        r = j - t0  # the tile's place in the ring's sequence
+        slot = r % STAGES
         n0 = k_start + j * BLOCK_N
         # A fresh mbarrier counts as having completed the phase before 0: the first round does not wait.
-        mbarrier.wait(slot_free.index(slot), ((j // STAGES) & 1) ^ 1)
+        mbarrier.wait(slot_free.index(slot), ((r // STAGES) & 1) ^ 1)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
         compat.async_load(k_desc, [b, n0, h_kv, 0], k_ready.index(slot), k_bufs.index(slot))
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
@@ -205,12 +243,14 @@ def _store_tile(o_desc, q_rows, value, b, row, h):
 
 @gluon.jit
 def _attend(
-    o_desc, q_rows, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, seqlen_q, seqlen_k, diag_offset,
-    half_scale, half_bias, q_start, o_ptr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, CAUSAL: gl.constexpr, VARLEN: gl.constexpr, KEY_TAIL: gl.constexpr
+    o_desc, q_rows, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, t0, seqlen_q, seqlen_k,
+    diag_offset, lo_offset, half_scale, half_bias, half_slope, key_offset, q_start, o_ptr, HEAD_DIM: gl.constexpr,
+    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, LEFT: gl.constexpr, VARLEN: gl.constexpr,
+    KEY_TAIL: gl.constexpr, ALIBI: gl.constexpr
 ):
-    """Query rows m0 .. m0 + 63 against the key tiles they see: writes their output, releases those tiles
-    and returns how many there were."""
+    """Query rows m0 .. m0 + 63 against the key tiles they see, of the program's ring from tile t0 on:
+    releases the tiles before their first unread, writes their output, releases the tiles they read and
+    returns the end of them."""
     dtype: gl.constexpr = q_rows.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
@@ -220,33 +260,45 @@ def _attend(
     )
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     n_mine, n_unmasked = _key_tiles(m0, seqlen_k, diag_offset, ROWS, BLOCK_N, CAUSAL, KEY_TAIL)
+    first = 0
+    lo_unmasked = 0
+    if LEFT:
+        first, lo_unmasked = _window_tiles(m0, lo_offset, n_mine, ROWS, BLOCK_N)
+        for j in range(t0, first):  # tiles only the program's earlier rows see, released once loaded
+            mbarrier.wait(k_ready.index((j - t0) % STAGES), ((j - t0) // STAGES) & 1)
+            mbarrier.arrive(slot_free.index((j - t0) % STAGES), count=1)
     q = q_rows.reshape([ROWS, HEAD_DIM])
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)  # [64, D]
 
     mbarrier.wait(q_ready, 0)
-    mbarrier.wait(k_ready.index(0), 0)
-    k = k_bufs.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+    r = first - t0  # ring positions count from the program's first tile
+    mbarrier.wait(k_ready.index(r % STAGES), (r // STAGES) & 1)
+    k = k_bufs.index(r % STAGES).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
     s = warpgroup_mma(q, k, s_zero, use_acc=False, is_async=True)
     s = warpgroup_mma_wait(0, deps=(s,))
-    p = _probabilities(s, 0, m0, seqlen_k, diag_offset, n_unmasked, half_scale, half_bias, s_layout, p_layout,
-                       ROWS, BLOCK_N, CAUSAL, KEY_TAIL, VARLEN, dtype)
-    for j in range(1, n_mine):
-        slot, prev = j % STAGES, (j - 1) % STAGES
-        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+    p = _probabilities(s, first, m0, seqlen_k, diag_offset, n_unmasked, lo_offset, lo_unmasked, half_scale,
+                       half_bias, half_slope, key_offset, s_layout, p_layout, ROWS, BLOCK_N, CAUSAL, LEFT, KEY_TAIL,
+                       VARLEN, ALIBI, dtype)
+    for j in range(first + 1, n_mine):
+        r = j - t0
+        slot, prev = r % STAGES, (r - 1) % STAGES
+        mbarrier.wait(k_ready.index(slot), (r // STAGES) & 1)
+        mbarrier.wait(v_ready.index(prev), ((r - 1) // STAGES) & 1)
         k = k_bufs.index(slot).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
         v = v_bufs.index(prev).reshape([BLOCK_N, HEAD_DIM])
         s_token = warpgroup_mma(q, k, s_zero, use_acc=False, is_async=True)  # [64, BN]
         acc_token = warpgroup_mma(p, v, acc, is_async=True)  # tile j - 1's P V
         s = warpgroup_mma_wait(1, deps=(s_token,))  # S done, P V still running
-        p_next = _probabilities(s, j, m0, seqlen_k, diag_offset, n_unmasked, half_scale, half_bias, s_layout,
-                                p_layout, ROWS, BLOCK_N, CAUSAL, KEY_TAIL, VARLEN, dtype)
+        p_next = _probabilities(s, j, m0, seqlen_k, diag_offset, n_unmasked, lo_offset, lo_unmasked, half_scale,
+                                half_bias, half_slope, key_offset, s_layout, p_layout, ROWS, BLOCK_N, CAUSAL, LEFT,
+                                KEY_TAIL, VARLEN, ALIBI, dtype)
         acc, _ = warpgroup_mma_wait(0, deps=(acc_token, p))
         mbarrier.arrive(slot_free.index(prev), count=1)
         p = p_next
-    last = (n_mine - 1) % STAGES
-    mbarrier.wait(v_ready.index(last), ((n_mine - 1) // STAGES) & 1)
+    r = n_mine - 1 - t0
+    last = r % STAGES
+    mbarrier.wait(v_ready.index(last), (r // STAGES) & 1)
     v = v_bufs.index(last).reshape([BLOCK_N, HEAD_DIM])
     if VARLEN:  # noqa: SIM102 (the tile past the sequence's end, always a group's last: the next one's values)
         if (n_mine - 1) * BLOCK_N + BLOCK_N > seqlen_k:
@@ -259,6 +311,10 @@ def _attend(
         if m0 + diag_offset < 0:  # rows that see no key output 0, whatever the values they mask hold
             row = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
             acc = gl.where((row + diag_offset >= 0)[:, None], acc, 0.0)
+    if LEFT:  # noqa: SIM102 (rows whose window starts past the last key: top-left aligned, Sq > Sk)
+        if m0 + ROWS - 1 + lo_offset >= seqlen_k:
+            row = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+            acc = gl.where((row + lo_offset < seqlen_k)[:, None], acc, 0.0)
     if VARLEN:
         if m0 + ROWS > seqlen_q:
             sm90.store_rows(o_ptr, o_desc, acc.to(dtype), q_start, m0, seqlen_q, h, o_layout)
@@ -271,29 +327,31 @@ def _attend(
 
 @gluon.jit
 def _consumer(shared, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              CAUSAL: gl.constexpr, VARLEN: gl.constexpr, KEY_TAIL: gl.constexpr):
-    """One warpgroup: query rows m0 + 64 W .. + 63. The program's loader streams ``n_tiles`` key tiles,
-    enough for its last rows; a group that needs fewer (its causal diagonal comes earlier, or its rows are
-    past Sq) releases the rest unread. ``shared``: the arguments every group gets (the kernel's tuple)."""
-    (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles, seqlen_q, seqlen_k,
-     diag_offset, half_scale, half_bias, q_start, o_ptr) = shared
+              CAUSAL: gl.constexpr, LEFT: gl.constexpr, VARLEN: gl.constexpr, KEY_TAIL: gl.constexpr,
+              ALIBI: gl.constexpr):
+    """One warpgroup: query rows m0 + 64 W .. + 63. The program's loader streams key tiles t0 .. n_tiles - 1,
+    enough for its first and last rows; a group that needs fewer (its window starts later, its causal
+    diagonal comes earlier, or its rows are past Sq) releases the others unread. ``shared``: the arguments
+    every group gets (the kernel's tuple)."""
+    (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, t0, n_tiles, seqlen_q,
+     seqlen_k, diag_offset, lo_offset, half_scale, half_bias, half_slope, key_offset, q_start, o_ptr) = shared
     m0 = m0 + W * ROWS
-    n_mine = 0
+    n_mine = t0
     if m0 < seqlen_q:
         n_mine = _attend(o_desc, q_smem.index(W), k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0,
-                         seqlen_q, seqlen_k, diag_offset, half_scale, half_bias, q_start, o_ptr, HEAD_DIM, BLOCK_N,
-                         STAGES, CAUSAL, VARLEN, KEY_TAIL)
+                         t0, seqlen_q, seqlen_k, diag_offset, lo_offset, half_scale, half_bias, half_slope,
+                         key_offset, q_start, o_ptr, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, LEFT, VARLEN, KEY_TAIL, ALIBI)
     for j in range(n_mine, n_tiles):
         # Released only once loaded: an earlier arrival would count towards the release of the tile the
         # slot holds now, which other groups may still be reading.
-        slot = j % STAGES
-        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        slot = (j - t0) % STAGES
+        mbarrier.wait(k_ready.index(slot), ((j - t0) // STAGES) & 1)
         mbarrier.arrive(slot_free.index(slot), count=1)
 
 
 # One compiled kernel per constexprs and dtypes (host.launch).
-@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag_offset"],
-           do_not_specialize_on_alignment=["o_ptr", "head_bias_ptr", "cu_seqlens_q", "cu_seqlens_k"])
+@gluon.jit(do_not_specialize=["seqlen_q", "seqlen_k", "diag_offset", "lo_offset", "key_offset", "stride_alibi_b"],
+           do_not_specialize_on_alignment=["o_ptr", "head_bias_ptr", "alibi_ptr", "cu_seqlens_q", "cu_seqlens_k"])
 def sigmoid_attn_fwd_kernel_sm90(
     q_desc,
     k_desc,
@@ -308,8 +366,14 @@ def sigmoid_attn_fwd_kernel_sm90(
     diag_offset,
     half_scale,
     half_scale_bias,
+    lo_offset,
+    alibi_ptr,
+    stride_alibi_b,
+    key_offset,
     GROUP: gl.constexpr,
     CAUSAL: gl.constexpr,
+    LEFT: gl.constexpr,
+    ALIBI: gl.constexpr,
     HEAD_BIAS: gl.constexpr,
     SEQUENCE_BIAS: gl.constexpr,
     VARLEN: gl.constexpr,
@@ -319,10 +383,14 @@ def sigmoid_attn_fwd_kernel_sm90(
     CONSUMER_REGS: gl.constexpr,
 ):
     """One program: 64 x CONSUMERS query rows of head h of batch row b. Descriptors are 4-d (B, S, H, D)
-    with blocks [1, rows, 1, D]: keys past Sk load as zeros, outputs past Sq are not written. With VARLEN the
-    tensors are packed sequences seen as (1, total, H, D), sequence b at tokens cu_seqlens[b] ..
-    cu_seqlens[b + 1] - 1 (a bottom-right causal diagonal; o_ptr, o_desc's tensor, takes the stores of a
-    last partial tile); seqlen_q and seqlen_k are then the longest lengths and unused.
+    with blocks [1, rows, 1, D]: keys past Sk load as zeros, outputs past Sq are not written. Query i sees
+    key j where j <= i + diag_offset with CAUSAL (a causal diagonal, or a window's right bound folded into
+    it) and j >= i + lo_offset with LEFT (a window's left bound). With VARLEN the tensors are packed
+    sequences seen as (1, total, H, D), sequence b at tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1 (its
+    diagonal at the bottom right, Sk - Sq added to diag_offset; o_ptr, o_desc's tensor, takes the stores of
+    a last partial tile); seqlen_q and seqlen_k are then the longest lengths and unused.
+    With ALIBI the logit gains -alibi_ptr[b * stride_alibi_b + h] |i + key_offset - j| (key_offset: the
+    diagonal's, without a window's right bound; with VARLEN the sequence's Sk - Sq is added).
     The bias is head_bias_ptr[h] with HEAD_BIAS, else -log of the sequence's key count (0 with no key) with
     SEQUENCE_BIAS (packed sequences), else twice half_scale_bias. KEY_TAIL: the keys of some row end inside a
     tile (always with VARLEN), whose keys past the end are masked."""
@@ -330,6 +398,9 @@ def sigmoid_attn_fwd_kernel_sm90(
     if CAUSAL:  # the longest rows first, so the last wave is made of short ones
         i_m = gl.num_programs(0) - 1 - i_m
     h, b = gl.program_id(1), gl.program_id(2)
+    half_slope = 0.0
+    if ALIBI:  # (b: the batch row or packed sequence)
+        half_slope = 0.5 * gl.load(alibi_ptr + b * stride_alibi_b + h).to(gl.float32)
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = ROWS * CONSUMERS
@@ -339,7 +410,8 @@ def sigmoid_attn_fwd_kernel_sm90(
     k_start = 0
     if VARLEN:
         q_start, seqlen_q, k_start, seqlen_k = sm90.sequence(cu_seqlens_q, cu_seqlens_k, b)
-        diag_offset = seqlen_k - seqlen_q
+        diag_offset += seqlen_k - seqlen_q
+        key_offset += seqlen_k - seqlen_q
         b = 0
         if m0 >= seqlen_q:  # the grid is sized for the longest sequence
             return
@@ -348,6 +420,9 @@ def sigmoid_attn_fwd_kernel_sm90(
     if HEAD_BIAS:
         half_bias = 0.5 * gl.load(head_bias_ptr + h).to(gl.float32)
     n_tiles, _ = _key_tiles(m0, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, CAUSAL, KEY_TAIL)
+    t0 = 0
+    if LEFT:
+        t0, _ = _window_tiles(m0, lo_offset, n_tiles, BLOCK_M, BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -362,32 +437,32 @@ def sigmoid_attn_fwd_kernel_sm90(
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(slot_free.index(i), count=CONSUMERS)  # every consumer group releases a slot
 
-    shared = (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, n_tiles, seqlen_q,
-              seqlen_k, diag_offset, half_scale, half_bias, q_start, o_ptr)
+    shared = (o_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h, m0, t0, n_tiles, seqlen_q,
+              seqlen_k, diag_offset, lo_offset, half_scale, half_bias, half_slope, key_offset, q_start, o_ptr)
     # The second number of a consumer's arguments: which 64 of the program's rows its group owns.
     if CONSUMERS == 2:
         gl.warp_specialize([
-            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
-            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
+            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, LEFT, VARLEN, KEY_TAIL, ALIBI)),
+            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, LEFT, VARLEN, KEY_TAIL, ALIBI)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
-                       h // GROUP, q_start + m0, k_start, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
+                       h // GROUP, q_start + m0, k_start, t0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 1], [CONSUMER_REGS, LOADER_REGISTERS])
     elif CONSUMERS == 3:
         gl.warp_specialize([
-            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
-            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
-            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
+            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, LEFT, VARLEN, KEY_TAIL, ALIBI)),
+            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, LEFT, VARLEN, KEY_TAIL, ALIBI)),
+            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, LEFT, VARLEN, KEY_TAIL, ALIBI)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
-                       h // GROUP, q_start + m0, k_start, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
+                       h // GROUP, q_start + m0, k_start, t0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, LOADER_REGISTERS])
     else:
         gl.warp_specialize([
-            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
-            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
-            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
-            (_consumer, (shared, 3, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, VARLEN, KEY_TAIL)),
+            (_consumer, (shared, 0, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, LEFT, VARLEN, KEY_TAIL, ALIBI)),
+            (_consumer, (shared, 1, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, LEFT, VARLEN, KEY_TAIL, ALIBI)),
+            (_consumer, (shared, 2, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, LEFT, VARLEN, KEY_TAIL, ALIBI)),
+            (_consumer, (shared, 3, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, LEFT, VARLEN, KEY_TAIL, ALIBI)),
             (_loader, (q_desc, k_desc, v_desc, q_smem, k_bufs, v_bufs, q_ready, k_ready, v_ready, slot_free, b, h,
-                       h // GROUP, q_start + m0, k_start, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
+                       h // GROUP, q_start + m0, k_start, t0, n_tiles, CONSUMERS, BLOCK_N, STAGES)),
         ], [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, LOADER_REGISTERS])
 # fmt: on
 
@@ -396,38 +471,62 @@ def unsupported(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor | None, params: Params, alibi: Tensor | None, rows: Rows
 ) -> str | None:
     """Why this kernel cannot run a forward (on an sm_90 GPU; ``kernels.py`` checks the device), or None if
-    it can: head dim 64 or 128, a diagonal at the bottom right for packed sequences, no dropout, and what
-    ``host.unsupported_common`` asks. ``out`` None: a fresh buffer, which TMA can address."""
+    it can: head dim 64 or 128, a diagonal at the bottom right and no window's left bound for packed
+    sequences, no dropout, and what ``host.unsupported_common`` asks (any mask: full, causal or a window).
+    ``out`` None: a fresh buffer, which TMA can address."""
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim {q.shape[-1]}, not one of {HEAD_DIMS}"
-    if rows.varlen and params.mask.top_left:
+    varlen = rows.cu_seqlens_q is not None
+    if varlen and params.mask.top_left:
         return "packed sequences with the causal diagonal at the top left"
+    if varlen and params.mask.bounds[0] >= 0:
+        # The keys before a sequence's first window are its own, in the tile its first rows read: masked,
+        # but a NaN among their values would reach those rows through 0 x NaN (a dense row's descriptors
+        # start at the first key some query sees).
+        return f"packed sequences with a window's left bound ({params.mask.bounds})"
     if params.dropout is not None:
         return "attention dropout"
-    return host.unsupported_common(q, k, params.mask, alibi, (q, k, v, out), rows)
+    if alibi is not None and varlen and q.shape[-1] == 64:
+        # Four consumer groups of 112 registers: ptxas spills 32 bytes (tests/test_hopper.py).
+        return "ALiBi on packed sequences at head dim 64"
+    return host.unsupported_common(q, k, (q, k, v, out))
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: Params, bias: Bias, rows: Rows) -> None:
+def forward(
+    q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: Params, bias: Bias, alibi: Tensor | None, rows: Rows
+) -> None:
     """Writes the forward into ``out``. Bias: a per-head tensor, a float, or None: -log of each packed
-    sequence's key count."""
+    sequence's key count. ``alibi``: contiguous (H,) or (B, H) slopes, or None."""
+    varlen = rows.cu_seqlens_q is not None
     q, k, v, out = host.batch_rows(rows, q, k, v, out)
     seqlen_q, seqlen_k, num_heads, num_kv_heads = rows.seqlen_q, rows.seqlen_k, q.shape[2], k.shape[2]
     group = num_heads // num_kv_heads
-    causal = params.mask.causal_only
-    config = CONFIGS[(q.shape[-1], causal)]
+    left, right = params.mask.bounds
+    causal, window_left = right >= 0, left >= 0  # the kernel's CAUSAL (any right bound) and LEFT
+    # A window's programs see as many keys each, as full attention's do: its configuration (at D128 three
+    # groups, 6-8% faster than causal's two on windows of 256-4096 keys at 4k and 16k, H100:
+    # benchmarks/results/tree_ab_h100_2026-12-07_gluon_windows_consumers.json).
+    config = CONFIGS[(q.shape[-1], causal and not window_left)]
     rows_per_group = int(ROWS)
     max_registers, consumer_registers = config.registers
     head_bias = bias if isinstance(bias, Tensor) else None
     sequence_bias = bias is None
-    key_tail = rows.varlen or seqlen_k % config.block_n != 0
-    diag_offset = 0 if params.mask.top_left else seqlen_k - seqlen_q
-    # Keys past the last query's (a top-left causal diagonal, Sk > Sq) load as zeros; packed sequences' lengths
-    # are the longest, not their tensors'.
-    seen = None if rows.varlen else host.visible_keys(seqlen_q, seqlen_k, diag_offset, params.mask.bounds)[1]
+    if varlen:  # the kernel adds each sequence's Sk - Sq; no left bound (``unsupported``)
+        first, seen, diag_offset = 0, None, 0
+    else:
+        diag_offset = 0 if params.mask.top_left else seqlen_k - seqlen_q
+        # The descriptors cover only the keys some query sees: the others load as zeros. Key positions count
+        # from the first of them.
+        first, seen = host.visible_keys(seqlen_q, seqlen_k, diag_offset, params.mask.bounds)
+        diag_offset -= first
+        seqlen_k -= first
+    lo_offset, key_offset = diag_offset - left, diag_offset
+    diag_offset += max(right, 0)
+    key_tail = varlen or seqlen_k % config.block_n != 0
     args = (
         host.descriptor(q, rows_per_group),
-        host.descriptor(k[:, :seen], config.block_n),
-        host.descriptor(v[:, :seen], config.block_n),
+        host.descriptor(k[:, first:seen], config.block_n),
+        host.descriptor(v[:, first:seen], config.block_n),
         host.descriptor(out, rows_per_group),
         out,
         head_bias,
@@ -438,11 +537,17 @@ def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: Params, bias: 
         diag_offset,
         0.5 * params.scale,
         0.5 * bias if isinstance(bias, float) else 0.0,
+        lo_offset,
+        alibi,
+        alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
+        key_offset,
         group,
         causal,
+        window_left,
+        alibi is not None,
         head_bias is not None,
         sequence_bias,
-        rows.varlen,
+        varlen,
         key_tail,
         config.consumers,
         config.stages,
@@ -457,8 +562,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, params: Params, bias: 
         out.dtype,
         group,
         causal,
+        window_left,
+        None if alibi is None else alibi.dtype,
         sequence_bias,
-        rows.varlen,
+        varlen,
         key_tail,
         None if head_bias is None else head_bias.dtype,
     )

@@ -35,8 +35,11 @@ sequence alone, which it makes on the device (``sm90.sequence_descriptor``): pas
 17-19% slower on an H100: benchmarks/NOTES.md.) The dQ rows of a tile past the end, which belong to the next
 sequence, are set to zero before the reduction adds them: an inf in this sequence's K or V makes them NaN.
 
-It covers dense rows and packed sequences without ALiBi or sliding windows; ``deterministic=True`` and
-every other call run on the Triton kernels (``unsupported`` says why), as do calls of at most
+It covers dense rows and packed sequences without ALiBi, full, causal or under a sliding window (packed
+sequences: without a left bound). A program's query tiles run from the first whose rows see one of its keys
+(a causal diagonal or a window's right bound) to the last (a window's left bound), so a window costs its
+band. ``deterministic=True`` and every other call run on the Triton kernels (``unsupported`` says why), as
+do calls of at most
 ``TRITON_UP_TO_QUERIES`` queries (for packed sequences: the longest), which are faster there.
 """
 
@@ -167,11 +170,11 @@ def _store_tiles(dk_desc, dv_desc, out_k, out_v, dk, dv, b, n0, h):
 @gluon.jit
 def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, ones_smem,
               kv_ready, q_ready, slot_free, ds_ready, ds_free, done, head_bias_ptr, dbias_ptr, num_heads,
-              b0, h0, n0, q_lo, n_q, n_iter, mask_end, seqlen_q, seqlen_k, diag_offset, scale, half_scale, half_bias,
-              cu_seqlens_q, cu_seqlens_k, dk_ptr, dv_ptr,
-              W: gl.constexpr, GROUP: gl.constexpr, CAUSAL: gl.constexpr, HEAD_DIM: gl.constexpr,
+              b0, h0, n0, q_lo, n_q, n_iter, mask_end, seqlen_q, seqlen_k, diag_offset, lo_offset, scale, half_scale,
+              half_bias, alibi_ptr, stride_alibi_b, key_offset, cu_seqlens_q, cu_seqlens_k, dk_ptr, dv_ptr,
+              W: gl.constexpr, GROUP: gl.constexpr, CAUSAL: gl.constexpr, LEFT: gl.constexpr, HEAD_DIM: gl.constexpr,
               STAGES: gl.constexpr, HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr, VARLEN: gl.constexpr,
-              TAIL: gl.constexpr):
+              TAIL: gl.constexpr, ALIBI: gl.constexpr):
     """One warpgroup: keys n0 + 64 W .. + 63 against every query tile; its dK and dV rows, the dQ of
     every other tile, and with HEAD_BIAS its sum of dS per head into dbias_ptr[b, h, key tile, W]."""
     dtype: gl.constexpr = q_bufs.dtype
@@ -182,6 +185,7 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
     q_start = 0
     if VARLEN:
         q_start, seqlen_q, k_start, seqlen_k = sm90.sequence(cu_seqlens_q, cu_seqlens_k, b0 + b_ws)
+        key_offset += seqlen_k - seqlen_q
         b_dq = 0
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, ROWS, 16])
@@ -215,6 +219,9 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
         if HEAD_BIAS:
             h = (h0 + h_ws) * GROUP + t // n_q
             half_bias = 0.5 * gl.load(head_bias_ptr + h).to(gl.float32)
+        if ALIBI:
+            slope_ptr = alibi_ptr + (b0 + b_ws) * stride_alibi_b + (h0 + h_ws) * GROUP + t // n_q
+            half_slope = 0.5 * gl.load(slope_ptr).to(gl.float32)
         mbarrier.wait(q_ready.index(slot), (t // STAGES) & 1)
         q = q_bufs.index(slot).reshape([ROWS, HEAD_DIM])
         do = do_bufs.index(slot).reshape([ROWS, HEAD_DIM])
@@ -222,12 +229,22 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
         dpt = warpgroup_mma(v, do.permute((1, 0)), s_zero, use_acc=False, is_async=True)  # dPᵀ
         st = warpgroup_mma_wait(1, deps=(st,))
         # P = 0.5 tanh(z / 2) + 0.5 with one tanh.approx per score; P (1 - P) = 0.25 (1 - tanh²).
-        th = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [st * half_scale + half_bias],
-                                       dtype=gl.float32, is_pure=True, pack=1)
+        zt = st * half_scale + half_bias
+        if ALIBI:  # less half_slope |i + key_offset - j|
+            within_row = gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout)).to(gl.float32)
+            within_key = gl.arange(0, KEYS, layout=gl.SliceLayout(1, s_layout)).to(gl.float32)
+            distance = (m0 + key_offset - n0 - W * KEYS).to(gl.float32) + within_row[None, :] - within_key[:, None]
+            zt = zt - half_slope * gl.abs(distance)
+        th = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [zt], dtype=gl.float32, is_pure=True,
+                                       pack=1)
         if CAUSAL:  # noqa: SIM102 (a separate `if` on the constexpr: full attention compiles without it)
             if m0 < mask_end:
                 row = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
                 th = gl.where(key[:, None] <= row[None, :] + diag_offset, th, -1.0)  # P = 0 and dS = 0
+        if LEFT:  # noqa: SIM102 (rows whose window starts after the program's first key)
+            if m0 + ROWS - 1 + lo_offset > n0:
+                row = m0 + gl.arange(0, ROWS, layout=gl.SliceLayout(0, s_layout))
+                th = gl.where(key[:, None] >= row[None, :] + lo_offset, th, -1.0)
         if TAIL:  # noqa: SIM102
             # Keys and queries past the ends: a packed sequence's are the next sequence's; a dense row's load as
             # zeros, whose scores are NaN against a row holding an inf.
@@ -295,13 +312,16 @@ def _consumer(dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_sme
 
 
 # One compiled kernel for every chunk, per constexprs and dtypes (host.launch).
-@gluon.jit(do_not_specialize=["num_heads", "b0", "h0", "seqlen_q", "seqlen_k", "diag_offset", "q_shift"],
+@gluon.jit(do_not_specialize=["num_heads", "b0", "h0", "seqlen_q", "seqlen_k", "diag_offset", "lo_offset", "q_shift",
+                              "stride_alibi_b", "key_offset"],
            do_not_specialize_on_alignment=["q_ptr", "k_ptr", "v_ptr", "do_ptr", "dk_ptr", "dv_ptr",
-                                           "head_bias_ptr", "dbias_ptr", "cu_seqlens_q", "cu_seqlens_k"])
+                                           "head_bias_ptr", "dbias_ptr", "alibi_ptr", "cu_seqlens_q", "cu_seqlens_k"])
 def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_desc, dv_desc, q_ptr, k_ptr, v_ptr,
                                  do_ptr, dk_ptr, dv_ptr, head_bias_ptr, dbias_ptr, cu_seqlens_q, cu_seqlens_k,
                                  num_heads, b0, h0, seqlen_q, seqlen_k, diag_offset, q_shift, scale, half_scale,
-                                 half_scale_bias, GROUP: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+                                 half_scale_bias, lo_offset, alibi_ptr, stride_alibi_b, key_offset,
+                                 GROUP: gl.constexpr, CAUSAL: gl.constexpr, LEFT: gl.constexpr, ALIBI: gl.constexpr,
+                                 STAGES: gl.constexpr,
                                  HEAVY_FIRST: gl.constexpr, HEAD_BIAS: gl.constexpr, SEQUENCE_BIAS: gl.constexpr,
                                  VARLEN: gl.constexpr, TAIL: gl.constexpr):
     """One program: keys i_n * 128 .. + 127 of kv head h_kv of batch row b. Descriptors are 4-d
@@ -313,15 +333,24 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
     half_scale_bias.
 
     With VARLEN the tensors are packed sequences seen as (1, total, H, D) and the workspace as (1, total_q,
-    heads, D); sequence b is at tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1 (bottom-right diagonal),
+    heads, D); sequence b is at tokens cu_seqlens[b] .. cu_seqlens[b + 1] - 1 (bottom-right diagonal: its
+    Sk - Sq is added to diag_offset),
     seqlen_q and seqlen_k are the longest lengths (unused). The program loads its sequence through
     descriptors of that sequence alone, made from q_ptr, k_ptr, v_ptr and do_ptr, so that its tiles past the
     end load zeros; dk_ptr and dv_ptr address the rows of a key tile that ends past its sequence. (All six are
     None for dense rows.)
 
+    Query i sees key j where j <= i + diag_offset with CAUSAL (a causal diagonal, or a window's right bound
+    folded into it) and j >= i + lo_offset with LEFT (a window's left bound); dense rows' keys count from
+    the first some query sees (the host passes descriptors from there).
+
+    With ALIBI the logit gains -alibi_ptr[b * stride_alibi_b + h] |i + key_offset - j| (key_offset: the
+    diagonal's, without a window's right bound; with VARLEN the sequence's Sk - Sq is added).
+
     TAIL: queries or keys end inside a tile (always with VARLEN), whose rows past the end are masked.
     q_shift: q_desc and do_desc describe dense rows from query q_shift on, so that the queries before it,
-    which see no key (a causal diagonal below the top-left corner), load as zeros (at negative coordinates)."""
+    which see no key (a causal diagonal below the top-left corner), load as zeros (at negative coordinates);
+    they end at the last query that sees one (a window's left bound)."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[3]
     b_ws, h_ws, i_n = _program(HEAVY_FIRST)
     b, h_kv = b0 + b_ws, h0 + h_ws
@@ -329,7 +358,7 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
     half_bias = half_scale_bias
     if VARLEN:
         q_start, seqlen_q, k_start, seqlen_k = sm90.sequence(cu_seqlens_q, cu_seqlens_k, b)
-        diag_offset = seqlen_k - seqlen_q
+        diag_offset += seqlen_k - seqlen_q
         if n0 >= seqlen_k:  # the grid is sized for the longest sequence
             return
         if SEQUENCE_BIAS:
@@ -343,6 +372,8 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
         # 128 keys.
         q_lo = gl.maximum(gl.minimum(gl.maximum(n0 - diag_offset, 0) // ROWS, q_hi - 1), 0)
         mask_end = n0 + 2 * KEYS - 1 - diag_offset
+    if LEFT:  # to the last tile whose rows see a key of the program (at least one tile)
+        q_hi = gl.maximum(gl.minimum(q_hi, gl.maximum(n0 + 2 * KEYS - 1 - lo_offset, 0) // ROWS + 1), q_lo + 1)
     n_q = q_hi - q_lo
 
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [2] + k_desc.block_type.shape, k_desc.layout)
@@ -370,20 +401,22 @@ def sigmoid_attn_bwd_kernel_sm90(q_desc, k_desc, v_desc, do_desc, dq_desc, dk_de
         mbarrier.init(ds_ready.index(i), count=2)  # both halves written
         mbarrier.init(ds_free.index(i), count=1)  # read by the group whose turn it was
 
-    # W, the ninth to last argument of a consumer: which 64 of the keys its group owns.
+    # W, the eleventh to last argument of a consumer: which 64 of the keys its group owns.
     gl.warp_specialize([
         (_consumer, (dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, ones_smem,
                      kv_ready, q_ready, slot_free, ds_ready, ds_free, done,
                      head_bias_ptr, dbias_ptr, num_heads, b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, seqlen_q,
-                     seqlen_k, diag_offset,
-                     scale, half_scale, half_bias, cu_seqlens_q, cu_seqlens_k, dk_ptr, dv_ptr,
-                     0, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS, VARLEN, TAIL)),
+                     seqlen_k, diag_offset, lo_offset,
+                     scale, half_scale, half_bias, alibi_ptr, stride_alibi_b, key_offset, cu_seqlens_q, cu_seqlens_k,
+                     dk_ptr, dv_ptr, 0, GROUP, CAUSAL, LEFT, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS, VARLEN, TAIL,
+                     ALIBI)),
         (_consumer, (dq_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, ds_smem, dq_smem, ones_smem,
                      kv_ready, q_ready, slot_free, ds_ready, ds_free, done,
                      head_bias_ptr, dbias_ptr, num_heads, b0, h0, n0, q_lo, n_q, n_q * GROUP, mask_end, seqlen_q,
-                     seqlen_k, diag_offset,
-                     scale, half_scale, half_bias, cu_seqlens_q, cu_seqlens_k, dk_ptr, dv_ptr,
-                     1, GROUP, CAUSAL, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS, VARLEN, TAIL)),
+                     seqlen_k, diag_offset, lo_offset,
+                     scale, half_scale, half_bias, alibi_ptr, stride_alibi_b, key_offset, cu_seqlens_q, cu_seqlens_k,
+                     dk_ptr, dv_ptr, 1, GROUP, CAUSAL, LEFT, HEAD_DIM, STAGES, HEAVY_FIRST, HEAD_BIAS, VARLEN, TAIL,
+                     ALIBI)),
         (_loader, (q_desc, do_desc, k_desc, v_desc, q_ptr, do_ptr, k_ptr, v_ptr, cu_seqlens_q, cu_seqlens_k, k_smem,
                    v_smem, q_bufs, do_bufs, kv_ready, q_ready, slot_free, b, h_kv, n0, -q_shift, q_lo, n_q,
                    n_q * GROUP, GROUP, STAGES, VARLEN)),
@@ -399,12 +432,12 @@ def unsupported(
     grads: tuple[Tensor, ...] | None,
     params: Params,
     bias: Bias,
-    alibi: Tensor | None,
     rows: Rows,
 ) -> str | None:
     """Why this kernel does not run a backward (on an sm_90 GPU; ``kernels.py`` checks the device), or None
     if it does: head dim 64 or 128 (64 with a per-head bias), a non-deterministic backward allowed, a
-    diagonal at the bottom right for packed sequences, no dropout, at least one key and query, more queries than
+    diagonal at the bottom right for packed sequences, a full or causal mask, no dropout, at least one key and
+    query, more queries than
     ``TRITON_UP_TO_QUERIES`` (shorter calls are faster on the Triton kernels), and what
     ``host.unsupported_common`` asks. ``do`` or ``grads`` None: buffers laid out like ``q, k, v``'s fresh
     copies, which TMA can address."""
@@ -421,10 +454,12 @@ def unsupported(
         return "attention dropout"
     if host.cdiv(rows.seqlen_k, 2 * int(KEYS)) > MAX_GRID_ROWS:
         return f"{rows.seqlen_k} keys: more than {MAX_GRID_ROWS} tiles of {2 * int(KEYS)}"
-    reason = host.unsupported_common(q, k, params.mask, alibi, (q, k, v, do, *(grads or ())), rows)
+    if rows.varlen and params.mask.bounds[0] >= 0:
+        return f"packed sequences with a window's left bound ({params.mask.bounds})"
+    reason = host.unsupported_common(q, k, (q, k, v, do, *(grads or ())))
     if reason is None and q.shape[-3] == 0:
         return "no queries"
-    shortest = TRITON_UP_TO_QUERIES[(head_dim, params.mask.causal_only)]
+    shortest = TRITON_UP_TO_QUERIES[(head_dim, params.mask.bounds[1] >= 0)]
     if reason is None and rows.seqlen_q <= shortest:
         return f"{rows.seqlen_q} queries: the Triton backward is faster up to {shortest}"
     return reason
@@ -447,13 +482,15 @@ def backward(
     grads: tuple[Tensor, Tensor, Tensor],
     params: Params,
     bias: Bias,
+    alibi: Tensor | None,
     rows: Rows,
 ) -> Tensor | None:
     """Writes (dq, dk, dv) of ``hopper.forward``'s attention into ``grads``; returns the gradient of a
-    per-head bias (None without one)."""
+    per-head bias (None without one). ``alibi``: contiguous (H,) or (B, H) slopes, or None."""
     do, q, k, v, *grads = host.batch_rows(rows, do, q, k, v, *grads)
     varlen = rows.varlen
-    scale, causal = params.scale, params.mask.causal_only
+    scale, (left, right) = params.scale, params.mask.bounds
+    causal, window_left = right >= 0, left >= 0  # the kernel's CAUSAL (any right bound) and LEFT
     head_bias = bias if isinstance(bias, Tensor) else None
     dq, dk, dv = grads
     batch, seqlen_q, num_heads, head_dim = q.shape
@@ -474,22 +511,32 @@ def backward(
         workspace_rows, q.shape[1], kv_heads_per_launch * group, head_dim, dtype=torch.float32, device=q.device
     )
     tile_rows, keys = int(ROWS), int(KEYS)
-    diag_offset = 0 if params.mask.top_left else seqlen_k - seqlen_q
+    if varlen:  # the kernel adds each sequence's Sk - Sq; no left bound (``unsupported``)
+        first, seen, q_shift, q_end, diag_offset = 0, None, 0, None, 0
+    else:
+        # What no query sees reads as zeros through the descriptors of dense rows, and what sees no key: the
+        # keys outside every window or past the last query's diagonal, the queries before the first and
+        # after the last that see a key. Key positions count from the first key some query sees (dK and dV
+        # of the keys before it are zero).
+        diag_offset = 0 if params.mask.top_left else seqlen_k - seqlen_q
+        first, seen = host.visible_keys(seqlen_q, seqlen_k, diag_offset, params.mask.bounds)
+        q_shift, q_end = host.visible_queries(seqlen_q, seqlen_k, diag_offset, params.mask.bounds)
+        diag_offset -= first
+        seqlen_k -= first
+        if first:
+            dk[:, :first].zero_()
+            dv[:, :first].zero_()
+    lo_offset, key_offset = diag_offset - left, diag_offset
+    diag_offset += max(right, 0)
     tail = varlen or seqlen_q % tile_rows != 0 or seqlen_k % (2 * keys) != 0
-    # What no query sees reads as zeros through the descriptors of dense rows: the keys past the last query's
-    # (a top-left causal diagonal) and the queries before the first that sees a key (a causal diagonal below
-    # the top-left corner).
-    dense_causal = causal and not varlen
-    seen = host.visible_keys(seqlen_q, seqlen_k, diag_offset, (-1, 0))[1] if dense_causal else None
-    q_shift = max(0, -diag_offset) if dense_causal else 0
     descriptors = (
-        host.descriptor(q[:, q_shift:], tile_rows),
-        host.descriptor(k[:, :seen], keys),
-        host.descriptor(v[:, :seen], keys),
-        host.descriptor(do[:, q_shift:], tile_rows),
+        host.descriptor(q[:, q_shift:q_end], tile_rows),
+        host.descriptor(k[:, first:seen], keys),
+        host.descriptor(v[:, first:seen], keys),
+        host.descriptor(do[:, q_shift:q_end], tile_rows),
         host.descriptor(workspace, tile_rows, int(DQ_COLS)),
-        host.descriptor(dk, keys),
-        host.descriptor(dv, keys),
+        host.descriptor(dk[:, first:], keys),
+        host.descriptor(dv[:, first:], keys),
     )
     key_tiles = host.cdiv(seqlen_k, 2 * keys)
     # Every (row, head, key tile, consumer) sum of dense rows is written; a packed sequence's tiles past its
@@ -497,13 +544,16 @@ def backward(
     dbias = None
     if head_bias is not None:
         dbias = (torch.zeros if varlen else torch.empty)(batch, num_heads, key_tiles, 2, device=q.device)
-    heavy_first = causal and workspace.numel() * 4 <= L2_BYTES
+    # (A window's key tiles see as many queries each.)
+    heavy_first = params.mask.causal_only and workspace.numel() * 4 <= L2_BYTES
     stages = STAGES[head_dim]
     key = (
         head_dim,
         *(t.dtype for t in (q, k, v, do, dk, dv)),
         group,
         causal,
+        window_left,
+        None if alibi is None else alibi.dtype,
         stages,
         heavy_first,
         None if head_bias is None else head_bias.dtype,
@@ -533,8 +583,14 @@ def backward(
                 scale,
                 0.5 * scale,
                 half_bias,
+                lo_offset,
+                alibi,
+                alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
+                key_offset,
                 group,
                 causal,
+                window_left,
+                alibi is not None,
                 stages,
                 heavy_first,
                 head_bias is not None,

@@ -29,7 +29,6 @@ from triton.runtime import _allocation, driver
 
 from . import compat
 from .params import Rows
-from .reference import Mask
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
@@ -52,6 +51,16 @@ def visible_keys(seqlen_q: int, seqlen_k: int, diag_offset: int, window: tuple[i
     return first, max(first, last)
 
 
+def visible_queries(seqlen_q: int, seqlen_k: int, diag_offset: int, window: tuple[int, int]) -> tuple[int, int]:
+    """[first, last): the queries of a dense row that see some key (``visible_keys``' conventions). The
+    backward's Q and dO descriptors cover only these: the others have no gradient to give, and a NaN there
+    cannot reach dK or dV through 0 x NaN."""
+    left, right = window
+    first = max(0, -(diag_offset + right)) if right >= 0 else 0
+    last = min(seqlen_q, seqlen_k - diag_offset + left) if left >= 0 else seqlen_q
+    return first, max(first, last)
+
+
 @functools.lru_cache
 def is_sm90(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) == (9, 0)
@@ -62,32 +71,27 @@ def batch_rows(rows: Rows, *tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.unsqueeze(0) for t in tensors) if rows.varlen else tensors
 
 
-def unsupported_common(
-    q: Tensor, k: Tensor, mask: Mask, alibi: Tensor | None, tensors: tuple[Tensor | None, ...], rows: Rows
-) -> str | None:
-    """What neither Hopper kernel runs: dtypes other than bf16 and fp16, ALiBi, masks other than full or
-    causal, no keys, and ``tensors`` TMA cannot address (None: a buffer made for the call, which it can); nor
-    any call with a Triton release they were not tested with (``compat.SUPPORTED``)."""
+def unsupported_common(q: Tensor, k: Tensor, tensors: tuple[Tensor | None, ...]) -> str | None:
+    """What neither Hopper kernel runs: dtypes other than bf16 and fp16, no keys, and ``tensors`` TMA
+    cannot address (None: a buffer made for the call, which it can); nor any call with a Triton release they
+    were not tested with (``compat.SUPPORTED``)."""
     if compat.UNSUPPORTED_TRITON is not None:
         return compat.UNSUPPORTED_TRITON
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {q.dtype}, not bfloat16 or float16"
-    if alibi is not None:
-        return "ALiBi"
-    if not (mask.full or mask.causal_only):
-        return f"window {mask.bounds}: only full or causal"
     if k.shape[-3] == 0:
         return "no keys"
-    given = batch_rows(rows, *(t for t in tensors if t is not None))
-    if not all(tma_addressable(t) for t in given):
-        return "a tensor TMA cannot address (last dim not contiguous, or base or strides not 16-byte aligned)"
+    for t in tensors:
+        if t is not None and not tma_addressable(t):
+            return "a tensor TMA cannot address (last dim not contiguous, or base or strides not 16-byte aligned)"
     return None
 
 
 def tma_addressable(t: Tensor) -> bool:
-    """Whether TMA can address a (B, S, H, D) tensor: 16-byte aligned base and strides, but the last, which
-    must be 1."""
-    b, s, h, d = t.stride()
+    """Whether TMA can address a (B, S, H, D) tensor, or packed (total, H, D) one: 16-byte aligned base and
+    strides, but the last, which must be 1."""
+    # (No loops or generators: this runs for every tensor of every call; host time: benchmarks/host_ab.py.)
+    b, s, h, d = t.stride() if t.dim() == 4 else (0, *t.stride())
     # With a power-of-two element size, every stride is a multiple of 16 bytes iff their bitwise or is.
     return d == 1 and t.data_ptr() % 16 == 0 and (b | s | h) * t.element_size() % 16 == 0
 

@@ -55,15 +55,15 @@ def _gluon_forward_unsupported(q, k, v, out, params, bias, alibi, rows) -> str |
 
 
 def _gluon_forward(q, k, v, out, params, bias, alibi, rows) -> None:
-    hopper.forward(q, k, v, out, params, bias, rows)
+    hopper.forward(q, k, v, out, params, bias, alibi, rows)
 
 
 def _gluon_backward_unsupported(do, q, k, v, grads, params, bias, alibi, rows) -> str | None:
-    return _sm90_reason(q) or hopper_bwd.unsupported(do, q, k, v, grads, params, bias, alibi, rows)
+    return _sm90_reason(q) or hopper_bwd.unsupported(do, q, k, v, grads, params, bias, rows)
 
 
 def _gluon_backward(do, q, k, v, grads, params, bias, alibi, rows) -> Tensor | None:
-    return hopper_bwd.backward(do, q, k, v, grads, params, bias, rows)
+    return hopper_bwd.backward(do, q, k, v, grads, params, bias, alibi, rows)
 
 
 FORWARD = (
