@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,6 +361,53 @@ def test_bench_command_on_cuda(tmp_path, capsys):
     assert len(rows) == 2 * 2 * 3, out  # 2 providers x causal/full x 3 modes
     for row in rows:
         assert row["ms"] > 0 and row["tflops"] > 0 and row["peak_mem_mb"] >= 0
+
+
+def _saved_run(tmp_path, shapes) -> str:
+    rows = [
+        bench.make_row(p, shape, m, ms, 1.0)
+        for p, ms in (("sigattn", 1.0), ("flex-softmax", 1.6))
+        for shape in shapes
+        for m in ("fwd", "bwd")
+    ]
+    meta = dict(device="synthetic GPU", torch="2.11", triton="3.6", date="2026-12-07")
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}))
+    return str(path)
+
+
+def test_replot_draws_a_saved_matrix_as_bars_and_a_sweep_as_lines(tmp_path, capsys):
+    """``--replot JSON --plot PNG`` needs no GPU: a run whose rows have configurations becomes bars per
+    (configuration, seqlen) and provider, a panel per mode; a plain sweep, the lines of ``plot``."""
+    pytest.importorskip("matplotlib")
+    windows = [Shape(1, 16, 16384, 128, True, "bf16", window=(w, 0)) for w in (256, 1024)]
+    matrix = _saved_run(tmp_path, [*windows, Shape(1, 16, 16384, 128, True, "bf16", alibi=True)])
+    png = tmp_path / "matrix.png"
+    assert cli.main(["bench", "--replot", matrix, "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {png}" in capsys.readouterr().out
+    fig = bench.plot_matrix(json.loads(Path(matrix).read_text())["rows"], tmp_path / "again.png")
+    assert [ax.get_title() for ax in fig.axes] == ["fwd", "bwd"]
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["D128 causal window 256,0 16k", "D128 causal window 1024,0 16k", "D128 causal alibi 16k"]
+    assert len(fig.axes[0].patches) == 3 * 2  # a bar per group and provider
+    sweep = _saved_run(tmp_path, [Shape(16384 // s, 16, s, 128, True, "bf16") for s in (1024, 4096)])
+    assert cli.main(["bench", "--replot", sweep, "--plot", str(tmp_path / "sweep.png")]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--replot", "run.json"], "--replot needs --plot PATH"),
+        (["--replot", "run.json", "--plot", "x.png", "--matrix"], "measures nothing: drop --matrix"),
+        (["--replot", "run.json", "--plot", "x.png", "--json", "y.json"], "measures nothing: drop --json"),
+        (["--replot", "missing.json", "--plot", "x.png"], "--replot missing.json: FileNotFoundError"),
+    ],
+)
+def test_replot_refuses_what_it_cannot_do(tmp_path, monkeypatch, capsys, argv, message):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- --decode and --varlen

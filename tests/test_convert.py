@@ -2,7 +2,7 @@
 
 The calibrated bias is checked against the mass recomputed here from the model's own hidden states and
 query/key weights: with it, the sigmoid weights of a real token's query sum to 1 on average. The
-converted model trains (no dropout left to refuse), survives save/load, and ``sigattn convert`` does the
+converted model trains with its attention dropout, survives save/load, and ``sigattn convert`` does the
 same from the command line, and a model directory it cannot load (no folder, no or unreadable config.json,
 a model type or architecture transformers does not know) is one line on stderr naming the file.
 """
@@ -106,10 +106,14 @@ def test_converted_model_trains_and_round_trips(tmp_path):
     report = convert.convert_to_sigmoid(model, batches())
     assert model.config._attn_implementation == "sigmoid"
     assert model.config.sigmoid_attn_bias == report["bias"] and len(report["bias"]) == 2
-    assert report["dropout_zeroed"] == {"attention_probs_dropout_prob": 0.1}
+    assert model.config.attention_probs_dropout_prob == 0.1  # sigmoid attention applies it in training
     model.train()
     batch = batches()[0]
-    model(**batch).last_hidden_state.sum().backward()  # would raise if attention dropout were left
+    torch.manual_seed(0)
+    trained = model(**batch).last_hidden_state
+    trained.sum().backward()
+    torch.manual_seed(0)
+    torch.testing.assert_close(model(**batch).last_hidden_state, trained, rtol=0, atol=0)  # the same draws
     assert model.encoder.layer[0].attention.self.query.weight.grad is not None
 
     model.eval()

@@ -78,9 +78,35 @@ def test_parameter_names_are_timms():
     assert {"q_norm.weight", "k_norm.bias", "norm.weight", "gate.weight", "qkv.weight"} <= names
 
 
+def test_attention_dropout_applies_in_training_only(monkeypatch):
+    """attn_drop reaches the kernels as dropout_p in training (timm's fused path), 0 in evaluation; a
+    training call is reproducible under torch.manual_seed and differs from the evaluation output."""
+    import sigattn.integrations.timm as timm_module
+
+    attn = SigmoidAttention(32, 4, attn_drop=0.25).double()
+    x = tokens()
+    passed = []
+    original = timm_module.scaled_dot_product_sigmoid_attention
+    monkeypatch.setattr(
+        timm_module,
+        "scaled_dot_product_sigmoid_attention",
+        lambda *args, **kwargs: passed.append(kwargs["dropout_p"]) or original(*args, **kwargs),
+    )
+    attn.eval()
+    torch.testing.assert_close(attn(x), formula(attn, x, None))
+    attn.train()
+    torch.manual_seed(3)
+    first = attn(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(attn(x), first, rtol=0, atol=0)
+    assert not torch.allclose(first, formula(attn, x, None))
+    assert passed == [0.0, 0.25, 0.25]
+
+
 def test_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="attn_drop must be 0"):
-        SigmoidAttention(32, attn_drop=0.1)
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"attn_drop must be in \[0, 1\)"):
+            SigmoidAttention(32, attn_drop=bad)
     with pytest.raises(ValueError, match="norm_layer is required"):
         SigmoidAttention(32, qk_norm=True)
     with pytest.raises(ValueError, match="multiple of num_heads"):

@@ -328,11 +328,49 @@ def test_sliding_window_and_key_mask_map_exactly():
     torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["dense", "mask", "packed"])
+def test_attention_dropout_reaches_each_path(path):
+    """transformers' ``dropout`` (the module's attention dropout in training) is the dropout_p of the call
+    each path makes: the same output as that call under the same seed, reproducible, different from
+    dropout 0; a dropout outside [0, 1) raises naming it."""
+    module = FakeAttention(LlamaConfig(max_position_embeddings=50, attention_dropout=0.3))
+    q, k, v = qkv(batch=1 if path == "packed" else 2, seqlen_q=7)
+    bias = -math.log(50)
+    kwargs, mask = {}, None
+    if path == "packed":
+        cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+        kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=4, max_length_k=4)
+
+        def direct(p):
+            qp, kp, vp = (t[0].transpose(0, 1) for t in (q, k, v))
+            return sigattn.sigmoid_attn_varlen_func(qp, kp, vp, cu, cu, 4, 4, p, bias=bias, causal=True)[None]
+    elif path == "mask":
+        mask = torch.ones(7, 7, dtype=torch.bool).tril()[None, None].expand(2, 1, 7, 7)
+
+        def direct(p):
+            out = sigattn.scaled_dot_product_sigmoid_attention(q, k, v, mask, p, bias=bias, enable_gqa=True)
+            return out.transpose(1, 2)
+    else:
+
+        def direct(p):
+            return sigattn.sigmoid_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), p, bias=bias, causal=True)
+
+    def call(p):
+        torch.manual_seed(11)
+        return sigmoid_hf.sigmoid_attention_forward(module, q, k, v, mask, dropout=p, **kwargs)[0]
+
+    torch.manual_seed(11)
+    expected = direct(0.3)
+    torch.testing.assert_close(call(0.3), expected, rtol=0, atol=0)
+    torch.testing.assert_close(call(0.3), expected, rtol=0, atol=0)
+    assert (call(0.0) - expected).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="dropout_p"):
+        call(1.0)
+
+
 def test_unsupported_options_raise_naming_them():
-    module = FakeAttention(LlamaConfig(attention_dropout=0.1))
+    module = FakeAttention(LlamaConfig())
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="config.attention_dropout"):
-        sigmoid_hf.sigmoid_attention_forward(module, q, k, v, None, dropout=0.1)
     with pytest.raises(ValueError, match="softcap"):
         sigmoid_hf.sigmoid_attention_forward(module, q, k, v, None, softcap=30.0)
     with pytest.raises(ValueError, match=r"\(batch, kv_length\) = \(2, 7\)"):

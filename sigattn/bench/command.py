@@ -81,7 +81,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
-    parser.add_argument("--plot", type=Path, metavar="PATH", help="draw TFLOP/s vs seqlen as a PNG (matplotlib)")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PATH",
+        help="draw the results as a PNG (matplotlib): TFLOP/s vs seqlen, or with --matrix bars per configuration",
+    )
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        metavar="JSON",
+        help="instead of measuring: draw --plot from a saved --json run (no GPU needed)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help=f"headdim {QUICK_HEADDIMS[0]}, seqlen 1k and 4k, shorter timing"
     )
@@ -142,9 +153,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.matrix:
         if args.memory:
             raise ValueError("choose one of --memory and --matrix")
-        conflicting = [f"--{n}" for n in ("headdim", "causal", "full", "plot") if getattr(args, n)]
+        conflicting = [f"--{n}" for n in ("headdim", "causal", "full") if getattr(args, n)]
         if conflicting:
-            raise ValueError(f"--matrix fixes head dims and masks and draws no plot: drop {', '.join(conflicting)}")
+            raise ValueError(f"--matrix fixes head dims and masks: drop {', '.join(conflicting)}")
         seqlens = args.seqlen or (QUICK_MATRIX_SEQLENS if args.quick else MATRIX_SEQLENS)
         shapes = matrix_shapes(seqlens, args.dtype)
         if args.config is not None:
@@ -170,6 +181,26 @@ def make_plan(args: argparse.Namespace) -> Plan:
     return Plan(sweep_shapes(headdims, seqlens, causals, args.dtype), modes, providers, timing)
 
 
+def _replot(args: argparse.Namespace, fail) -> int:
+    """``--replot JSON --plot PATH``: draws a saved run; every measuring option is refused."""
+    measuring = [
+        f"--{name}" for name in ("headdim", "seqlen", "causal", "full", "json", "quick", "memory", "matrix", "config",
+                                 "decode", "varlen") if getattr(args, name, None)
+    ]  # fmt: skip
+    if measuring:
+        return fail(f"--replot draws a saved run and measures nothing: drop {', '.join(measuring)}", 2)
+    if args.plot is None:
+        return fail("--replot needs --plot PATH (the PNG to draw)", 2)
+    if importlib.util.find_spec("matplotlib") is None:
+        return fail("--plot needs matplotlib: pip install 'sigattn[bench]'", 2)
+    try:
+        sweep.replot(args.replot, args.plot)
+    except (OSError, ValueError, KeyError) as error:
+        return fail(f"--replot {args.replot}: {error!r}", 2)
+    print(f"wrote {args.plot}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``sigattn bench`` (``args.argv``: the command line after ``sigattn``); returns the exit status."""
 
@@ -177,6 +208,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"sigattn bench: error: {message}", file=sys.stderr)
         return status
 
+    if getattr(args, "replot", None) is not None:
+        return _replot(args, fail)
     wants_inference = getattr(args, "decode", False) or getattr(args, "varlen", False)
     try:
         if wants_inference:

@@ -38,7 +38,8 @@ the output and the three gradients: what remains is the attention's own working 
 (``meta`` is ``sigattn.runinfo.run_meta``: ``git_commit`` None outside a git checkout, "-dirty" when tracked
 files changed). A measurement that failed (out of memory, unsupported shape) or that a provider declines is no
 row; the printed table marks it "skip" with the error or the reason. ``--plot PATH`` draws TFLOP/s against
-seqlen, one panel per (headdim, mask, mode).
+seqlen, one panel per (headdim, mask, mode) (``plot``), or for the matrix bars per configuration and
+provider, one panel per mode (``plot_matrix``); ``--replot JSON`` draws a saved run (``replot``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import argparse
 import dataclasses
 import importlib.util
 import itertools
+import json
 import math
 import shlex
 import sys
@@ -584,6 +586,64 @@ def plot(rows: list[dict], path: Path, title: str = ""):
     return fig
 
 
+def plot_matrix(rows: list[dict], path: Path, title: str = ""):
+    """The configuration matrix as bars: a panel per mode, a group per (head dim, mask, configuration,
+    seqlen) in the order measured, a bar per provider that measured it (TFLOP/s over the unmasked area)."""
+    rows = [r for r in rows if r["mode"] in MODES]
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    groups = list(
+        dict.fromkeys((r["headdim"], r["causal"], row_shape(r).config, r["seqlen"]) for r in rows)
+    )  # fmt: skip
+    values = {(r["mode"], r["headdim"], r["causal"], row_shape(r).config, r["seqlen"], r["provider"]): r["tflops"]
+              for r in rows}  # fmt: skip
+    height = 0.8 / len(providers)
+    fig = figure(
+        figsize=(5.0 * len(modes), 1.0 + 0.22 * len(groups) * len(providers)), layout="constrained", extra="bench"
+    )
+    axes = fig.subplots(1, len(modes), squeeze=False, sharey=True)[0]
+    for ax, mode in zip(axes, modes, strict=True):
+        for k, provider in enumerate(providers):
+            points = [
+                (g, values[(mode, *group, provider)])
+                for g, group in enumerate(groups)
+                if (mode, *group, provider) in values
+            ]
+            if points:
+                where, tflops = zip(*points, strict=True)
+                offsets = [g + (k - (len(providers) - 1) / 2) * height for g in where]
+                color = f"C{list(PROVIDERS).index(provider)}"
+                ax.barh(offsets, tflops, height=height, label=provider, color=color)
+        ax.set_yticks(
+            range(len(groups)),
+            [f"D{d} {_mask(c)} {config or 'plain'} {_seqlen_label(n)}" for d, c, config, n in groups],
+            fontsize=8,
+        )
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel("TFLOP/s")
+        ax.set_title(mode, fontsize=10)
+    axes[0].invert_yaxis()  # (the panels share it) the first measured at the top
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(providers))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
+    return fig
+
+
+def replot(json_path: Path, path: Path) -> Path:
+    """Draws ``path`` from a saved run (``--json``'s file): the matrix's bars when its rows have
+    configurations, else the sweep's lines; titled with the run's device, versions and date."""
+    saved = json.loads(Path(json_path).read_text())
+    meta, rows = saved["meta"], [r for r in saved["rows"] if r.get("tflops") is not None]
+    if not rows:
+        raise ValueError(f"{json_path} holds no measured rows to plot")
+    title = f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}"
+    draw = plot_matrix if any(row_shape(r).config for r in rows) else plot
+    draw(rows, path, title)
+    return path
+
+
 # ------------------------------------------------------------------------------------------- the run
 
 
@@ -629,6 +689,6 @@ def run(plan: Plan, args: argparse.Namespace, argv: list[str]) -> int:
         write_json(args.json, meta, rows)
         print(f"wrote {args.json}")
     if args.plot:
-        plot(rows, args.plot, title)
+        (plot_matrix if args.matrix else plot)(rows, args.plot, title)
         print(f"wrote {args.plot}")
     return 0

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .transformers import ATTN_IMPLEMENTATION, BIAS_FIELD, DROPOUT_FIELDS, register
+from .transformers import ATTN_IMPLEMENTATION, BIAS_FIELD, register
 
 GRANULARITIES = ("head", "layer", "model")
 CALIBRATION_IMPLEMENTATION = "sigmoid_calibration"
@@ -207,13 +207,13 @@ def convert_to_sigmoid(
     """Switch ``model`` (a transformers model, in place) to sigmoid attention.
 
     The bias is ``bias`` when given, else calibrated on ``calibration_batches`` (``calibrate_bias``). It is
-    stored in ``config.sigmoid_attn_bias``, so ``save_pretrained`` keeps it; the attention-probability
-    dropout fields are set to 0 (sigmoid attention has none); ``attn_implementation`` becomes
+    stored in ``config.sigmoid_attn_bias``, so ``save_pretrained`` keeps it (attention dropout stays as
+    configured: sigmoid attention applies it in training); ``attn_implementation`` becomes
     ``"sigmoid"``, and is written into the config (``config.attn_implementation``), so that
     ``save_pretrained`` records it in config.json: ``from_pretrained`` then builds the model with sigmoid
     attention after ``register()``, and without it refuses to (transformers raises that
     ``attn_implementation="sigmoid"`` is not supported) instead of loading it as softmax, its default.
-    Returns a summary: the bias, the dropout fields changed, and the previous implementation."""
+    Returns a summary: the bias and the previous implementation."""
     register()
     if bias is None:
         if calibration_batches is None:
@@ -221,33 +221,13 @@ def convert_to_sigmoid(
         bias = calibrate_bias(model, calibration_batches, granularity)
     previous = model.config._attn_implementation
     configs = [model.config, *(getattr(model.config, n) for n in model.config.sub_configs if hasattr(model.config, n))]
-    zeroed = {}
     for config in configs:
         setattr(config, BIAS_FIELD, bias)
         # transformers does not save the implementation in use (config._attn_implementation), but a saved
         # "attn_implementation" is what from_pretrained reads back as the one to build.
         config.attn_implementation = ATTN_IMPLEMENTATION
-        for field in DROPOUT_FIELDS:
-            if getattr(config, field, None):
-                zeroed[field] = getattr(config, field)
-                setattr(config, field, 0.0)
-    _zero_attention_dropout_modules(model)
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    return {"bias": bias, "dropout_zeroed": zeroed, "previous_attn_implementation": previous}
-
-
-def _zero_attention_dropout_modules(model) -> None:
-    """Modules read their attention dropout at construction (``attention_dropout``, ``attn_dropout``,
-    ``dropout`` as an ``nn.Dropout`` of the attention): zero those of the attention modules."""
-    for module in model.modules():
-        if not hasattr(module, "is_causal"):  # transformers' attention modules carry is_causal
-            continue
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-        for name in ("attn_dropout", "dropout"):
-            child = getattr(module, name, None)
-            if isinstance(child, torch.nn.Dropout):
-                child.p = 0.0
+    return {"bias": bias, "previous_attn_implementation": previous}
 
 
 def bias_summary(bias: float | list) -> dict:
@@ -404,8 +384,6 @@ def run(args) -> int:
         f"converted {args.model} -> {args.output}: attn_implementation='sigmoid', {BIAS_FIELD} per "
         f"{summary['granularity']} in [{summary['min']:.2f}, {summary['max']:.2f}] (mean {summary['mean']:.2f})"
     )
-    if report["dropout_zeroed"]:
-        print(f"attention dropout set to 0 (was {report['dropout_zeroed']})")
     print(
         f"load it with sigattn.integrations.transformers.register(), then from_pretrained({str(args.output)!r}) "
         f"(its config.json names attn_implementation='sigmoid': without register(), transformers refuses it)"

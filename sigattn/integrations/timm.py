@@ -31,8 +31,8 @@ class SigmoidAttention(nn.Module):
 
     Args: as timm's ``Attention``: ``dim``, ``num_heads``, ``attn_head_dim`` (default dim // num_heads),
     ``dim_out`` (default dim), ``qkv_bias``, ``qk_norm``, ``scale_norm`` (both need ``norm_layer``),
-    ``proj_bias``, ``gated`` (a sigmoid output gate), ``attn_drop`` (must be 0: sigmoid attention has no
-    attention-probability dropout), ``proj_drop``, ``norm_layer``, ``device``, ``dtype``.
+    ``proj_bias``, ``gated`` (a sigmoid output gate), ``attn_drop`` (attention dropout, applied in training as
+    timm's fused path does: the kernels' ``dropout_p``), ``proj_drop``, ``norm_layer``, ``device``, ``dtype``.
     """
 
     logit_bias: float | None = None
@@ -63,12 +63,10 @@ class SigmoidAttention(nn.Module):
                     f"dim ({dim}) must be a multiple of num_heads ({num_heads}) unless attn_head_dim is set"
                 )
             head_dim = dim // num_heads
+        if not 0.0 <= attn_drop < 1.0:  # (nn.Dropout takes 1; the kernels' dropout_p does not)
+            raise ValueError(f"attn_drop must be in [0, 1), got {attn_drop}")
         if (qk_norm or scale_norm) and norm_layer is None:
             raise ValueError("norm_layer is required with qk_norm=True or scale_norm=True")
-        if attn_drop:
-            raise ValueError(
-                f"sigmoid attention has no attention-probability dropout: attn_drop must be 0, got {attn_drop}"
-            )
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.attn_dim = num_heads * head_dim
@@ -95,7 +93,14 @@ class SigmoidAttention(nn.Module):
         q, k, v = qkv.unbind(0)  # [B, H, N, D]
         q, k = self.q_norm(q), self.k_norm(k)
         x = scaled_dot_product_sigmoid_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale, bias=self.logit_bias
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+            is_causal=is_causal,
+            scale=self.scale,
+            bias=self.logit_bias,
         )
         x = self.norm(x.transpose(1, 2).reshape(batch, tokens, self.attn_dim))
         if gate is not None:

@@ -50,8 +50,6 @@ from ..validation import values_checkable
 
 ATTN_IMPLEMENTATION = "sigmoid"
 BIAS_FIELD = "sigmoid_attn_bias"
-# Attention-probability dropout fields of the supported configurations, named in the dropout error.
-DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 
 
 def register(name: str = ATTN_IMPLEMENTATION) -> None:
@@ -256,7 +254,7 @@ def sigmoid_attention_forward(
         query: (batch, heads, Sq, D). key, value: (batch, kv_heads, Sk, D), unexpanded for GQA.
         attention_mask: None, a (batch, Sk) boolean key mask, or a 4D mask (batch or 1, heads or 1, Sq, Sk),
             boolean or additive float, as ``sigmoid_attention_mask`` or a caller made it.
-        dropout: must be 0 (no attention-probability dropout in sigattn).
+        dropout: attention dropout in [0, 1) (transformers passes the module's in training, 0 in evaluation).
         scaling: the logit scale, default 1/sqrt(D).
         kwargs: ``cu_seq_lens_q``/``cu_seq_lens_k``/``max_length_q``/``max_length_k`` select the packed
             (varlen) path; ``sliding_window`` applies a causal window when no 4D mask is given.
@@ -264,11 +262,11 @@ def sigmoid_attention_forward(
     Returns:
         (output (batch, Sq, heads, D), None): transformers' layout; attention weights are never returned.
     """
-    _check_supported(module, dropout, kwargs)
+    _check_supported(kwargs)
     bias = _bias_argument(module_bias(module, query.shape[1]), query.device)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     if kwargs.get("cu_seq_lens_q") is not None:
-        return _packed_attention(query, key, value, bias, scaling, causal, kwargs), None
+        return _packed_attention(query, key, value, bias, scaling, causal, dropout, kwargs), None
 
     key_mask = None
     if attention_mask is not None:
@@ -278,7 +276,14 @@ def sigmoid_attention_forward(
             key_mask, causal = attention_mask[:, 0, 0], False  # the mask holds the whole pattern
         else:
             out = scaled_dot_product_sigmoid_attention(
-                query, key, value, attn_mask=attention_mask, scale=scaling, bias=bias, enable_gqa=True
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                dropout_p=dropout,
+                scale=scaling,
+                bias=bias,
+                enable_gqa=True,
             )
             return out.transpose(1, 2), None
 
@@ -287,18 +292,11 @@ def sigmoid_attention_forward(
         _check_key_mask(key_mask, k)
         v = v.masked_fill(~key_mask[:, :, None, None], 0)  # masked key == key with a zero value row
     window = _causal_window(kwargs.get("sliding_window")) if causal else (-1, -1)
-    out = sigmoid_attn_func(q, k, v, bias=bias, scale=scaling, causal=causal, window_size=window)
+    out = sigmoid_attn_func(q, k, v, dropout_p=dropout, bias=bias, scale=scaling, causal=causal, window_size=window)
     return out, None
 
 
-def _check_supported(module, dropout, kwargs) -> None:
-    if dropout:
-        fields = [f"config.{f}" for f in DROPOUT_FIELDS if getattr(getattr(module, "config", None), f, None)]
-        raise ValueError(
-            f"sigmoid attention has no attention-probability dropout, got dropout={dropout} from "
-            f"{type(module).__name__} in training mode: set {' / '.join(fields or ['its attention dropout'])} "
-            f"to 0 (other dropouts are unaffected)"
-        )
+def _check_supported(kwargs) -> None:
     for name, what in (
         ("softcap", "logit soft-capping"),
         ("position_bias", "an additive position bias"),
@@ -329,7 +327,7 @@ def _causal_window(sliding_window) -> tuple[int, int]:
     return (int(sliding_window) - 1, 0)
 
 
-def _packed_attention(query, key, value, bias, scaling, causal, kwargs) -> Tensor:
+def _packed_attention(query, key, value, bias, scaling, causal, dropout, kwargs) -> Tensor:
     """Packed sequences in one batch row: (1, H, total, D) -> varlen (total, H, D) -> (1, total, H, D)."""
     if query.shape[0] != 1:
         raise ValueError(
@@ -343,7 +341,9 @@ def _packed_attention(query, key, value, bias, scaling, causal, kwargs) -> Tenso
         raise ValueError("packed sequences need max_length_q and max_length_k with cu_seq_lens_q / cu_seq_lens_k")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [total, H, D]
     cu_q, cu_k = cu_q.to(torch.int32), cu_k.to(torch.int32)
-    out = sigmoid_attn_varlen_func(q, k, v, cu_q, cu_k, int(max_q), int(max_k), bias=bias, scale=scaling, causal=causal)
+    out = sigmoid_attn_varlen_func(
+        q, k, v, cu_q, cu_k, int(max_q), int(max_k), dropout_p=dropout, bias=bias, scale=scaling, causal=causal
+    )
     return out[None]
 
 
