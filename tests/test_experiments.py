@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sigattn
-from sigattn import cli
+from sigattn import cli, stats
 from sigattn.experiments import EXPERIMENTS, common, index, ksum, lm, moe_rates, regularity
 from sigattn.experiments import run as run_experiment
 
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
     ],
 )
 def test_student_t_quantile_matches_tables(p, df, expected):
-    assert common.student_t_quantile(p, df) == pytest.approx(expected, abs=2e-4)
+    assert stats.student_t_quantile(p, df) == pytest.approx(expected, abs=2e-4)
 
 
 def test_fit_power_law_recovers_a_known_slope_with_95_percent_coverage():
@@ -73,47 +73,47 @@ def test_fit_line_exact_data_and_bad_input():
 def test_summarize_seeds_matches_a_hand_computation():
     """[1, 2, 3, 4, 5]: mean 3, SD √2.5, t(0.975, 4) = 2.776445 (tables), half-width 2.776445·√2.5/√5 = 1.963243;
     detectable difference (2.776445 + t(0.80, 4) = 0.940965)·√2.5/√5 = 2.628630."""
-    summary = common.summarize_seeds([1, 2, 3, 4, 5])
+    summary = stats.summarize_seeds([1, 2, 3, 4, 5])
     assert summary.mean == pytest.approx(3.0) and summary.sd == pytest.approx(math.sqrt(2.5))
     assert summary.ci95[0] == pytest.approx(3 - 1.963243, abs=1e-4)
     assert summary.ci95[1] == pytest.approx(3 + 1.963243, abs=1e-4)
     assert summary.detectable == pytest.approx(2.628630, abs=1e-4)
     assert summary.seeds == 5 and summary.to_dict()["values"] == [1.0, 2.0, 3.0, 4.0, 5.0]
-    one = common.summarize_seeds([0.7])
+    one = stats.summarize_seeds([0.7])
     assert one.mean == 0.7 and one.ci95 is None and one.detectable is None
     with pytest.raises(ValueError, match="at least one value"):
-        common.summarize_seeds([])
+        stats.summarize_seeds([])
 
 
 @pytest.mark.parametrize("values", [[0.12, -0.3, 0.05, 0.4, 0.22], [3.0, 3.5, 2.0, 4.1, 3.3, 2.9, 3.8, 3.0]])
 def test_summarize_seeds_matches_scipy(values):
-    stats = pytest.importorskip("scipy.stats")
-    summary = common.summarize_seeds(values)
-    low, high = stats.t.interval(0.95, len(values) - 1, loc=summary.mean, scale=stats.sem(values))
+    scipy_stats = pytest.importorskip("scipy.stats")
+    summary = stats.summarize_seeds(values)
+    low, high = scipy_stats.t.interval(0.95, len(values) - 1, loc=summary.mean, scale=scipy_stats.sem(values))
     assert summary.ci95 == pytest.approx((low, high), abs=1e-5)
 
 
 def test_detectable_difference_grows_with_spread_and_power_and_shrinks_with_seeds():
-    by_seeds = [common.detectable_difference(1.0, n) for n in (2, 3, 5, 8, 20, 100)]
+    by_seeds = [stats.detectable_difference(1.0, n) for n in (2, 3, 5, 8, 20, 100)]
     assert all(a > b for a, b in zip(by_seeds, by_seeds[1:], strict=False))
-    assert common.detectable_difference(2.0, 5) == pytest.approx(2 * common.detectable_difference(1.0, 5))
-    by_power = [common.detectable_difference(1.0, 8, power=p) for p in (0.5, 0.8, 0.9, 0.99)]
+    assert stats.detectable_difference(2.0, 5) == pytest.approx(2 * stats.detectable_difference(1.0, 5))
+    by_power = [stats.detectable_difference(1.0, 8, power=p) for p in (0.5, 0.8, 0.9, 0.99)]
     assert all(a < b for a, b in zip(by_power, by_power[1:], strict=False))
-    assert common.detectable_difference(1.0, 8, alpha=0.01) > common.detectable_difference(1.0, 8)
+    assert stats.detectable_difference(1.0, 8, alpha=0.01) > stats.detectable_difference(1.0, 8)
     # many seeds: the normal approximation (1.96 + 0.8416) σ/√n
-    assert common.detectable_difference(1.0, 10**7) * math.sqrt(10**7) == pytest.approx(2.8016, abs=1e-3)
+    assert stats.detectable_difference(1.0, 10**7) * math.sqrt(10**7) == pytest.approx(2.8016, abs=1e-3)
     with pytest.raises(ValueError, match=">= 2 seeds"):
-        common.detectable_difference(1.0, 1)
+        stats.detectable_difference(1.0, 1)
 
 
 @pytest.mark.parametrize("seeds", [5, 8, 20])
 def test_detectable_difference_has_about_80_percent_power(seeds):
     """The exact power (non-central t) of the two-sided test at the detectable difference is 0.79-0.80."""
-    stats = pytest.importorskip("scipy.stats")
-    delta = common.detectable_difference(1.0, seeds)
-    critical = stats.t.ppf(0.975, seeds - 1)
+    scipy_stats = pytest.importorskip("scipy.stats")
+    delta = stats.detectable_difference(1.0, seeds)
+    critical = scipy_stats.t.ppf(0.975, seeds - 1)
     shift = delta * math.sqrt(seeds)
-    power = stats.nct.sf(critical, seeds - 1, shift) + stats.nct.cdf(-critical, seeds - 1, shift)
+    power = scipy_stats.nct.sf(critical, seeds - 1, shift) + scipy_stats.nct.cdf(-critical, seeds - 1, shift)
     assert 0.785 <= power <= 0.81
 
 
@@ -179,7 +179,7 @@ def test_claims_must_make_sense_and_verdicts_combine():
     assert common.combine([maybe, no, yes]) is False
     table = common.judgements_markdown([yes, maybe])
     assert "| x | > 0 | 1, 1.1, 0.9 |" in table and "supported" in table and "inconclusive" in table
-    assert common.POWER_FORMULA in table
+    assert stats.POWER_FORMULA in table
 
 
 # ----------------------------------------------------------------------------------------- moe-rates

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sigattn import cli
+from sigattn import cli, stats
 from sigattn.train import ConfigError, RunConfig, Trainer, TrainError, build_config, preset_names, train
 from sigattn.train import checkpoint as checkpoint_module
 from sigattn.train.config import setting_names
@@ -401,6 +401,51 @@ def test_cli_compare_writes_summary_report_and_plots(tmp_path, text_file, capsys
     (tmp_path / "half").mkdir()
     status, _, err = run_cli(capsys, "compare", "--preset", "tiny", "--out", str(tmp_path / "half"), "--report-only")
     assert status == 2 and "train both attentions first" in err
+
+
+def test_cli_compare_over_seeds(tmp_path, text_file, capsys):
+    """--seeds: one comparison per seed (train.seed) in DIR/seed-S, then the summary over them: each
+    statistic's per-seed values are the seeds' own summaries', its mean and 95% t-interval those of
+    sigattn.stats; the difference is paired by seed. A stopped or missing seed is refused by name, and
+    --resume / --report-only work over the seed folders."""
+    out = tmp_path / "seeds"
+    args = ["compare", "--preset", "tiny", "--out", str(out), "--seeds", "3,5", *micro(text_file)]
+    status, stdout, err = run_cli(capsys, *args)
+    assert status == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    per_seed = {s: json.loads((out / f"seed-{s}" / "summary.json").read_text()) for s in (3, 5)}
+    assert per_seed[3]["config"]["train"]["seed"] == 3 and per_seed[5]["config"]["train"]["seed"] == 5
+    assert summary["seeds"] == [3, 5] and summary["preset"] == "tiny"
+    for attn in ("sigmoid", "softmax"):
+        values = [per_seed[s][attn]["final_val_loss"] for s in (3, 5)]
+        assert summary[attn]["final_val_loss"] == stats.summarize_seeds(values).to_dict()
+        assert summary[attn]["params"] == per_seed[3][attn]["params"] > 0
+    difference = [per_seed[s]["sigmoid"]["final_val_loss"] - per_seed[s]["softmax"]["final_val_loss"] for s in (3, 5)]
+    assert summary["difference"]["final_val_loss"] == stats.summarize_seeds(difference).to_dict()
+    low, high = summary["difference"]["final_val_loss"]["ci95"]
+    assert summary["within_noise"] == (low <= 0 <= high)
+    assert summary["meta"]["device"].startswith("cpu (") and summary["meta"]["versions"]["torch"] == torch.__version__
+    report = (out / "report.md").read_text()
+    assert "over 2 seeds" in report and "| final validation loss |" in report and "(seed-5/report.md)" in report
+    assert "sigmoid - softmax:" in stdout
+
+    # Reported again without training; resumed (both finished: nothing to train); a seed not run is refused.
+    status, _, err = run_cli(capsys, "compare", "--report-only", "--out", str(out), "--seeds", "3,5")
+    assert status == 0, err
+    assert json.loads((out / "summary.json").read_text())["sigmoid"] == summary["sigmoid"]
+    status, _, err = run_cli(capsys, "compare", "--resume", "--out", str(out), "--seeds", "3,5")
+    assert status == 0, err
+    status, _, err = run_cli(capsys, "compare", "--report-only", "--out", str(out), "--seeds", "3,7")
+    assert status == 2 and "seed 7's comparison has not finished" in err
+    status, _, err = run_cli(capsys, "compare", "--resume", "--out", str(out), "--seeds", "7")
+    assert status == 2 and "seed 7 has no comparison" in err
+    for bad in ("3,3", "-1", "a", "1,"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["compare", "--preset", "tiny", "--out", str(tmp_path / "x"), "--seeds", bad])
+        assert exit_info.value.code == 2
+        assert "argument --seeds: expected distinct non-negative integers" in capsys.readouterr().err
+    status, _, err = run_cli(capsys, *args, "train.seed=1")
+    assert status == 2 and "drop the train.seed override" in err
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
-"""What every experiment shares: its sizes, the verdict and outputs it writes, the slope fit, the statistics
-over seeds (mean, 95% t-interval, detectable difference, and ``judge``: the one rule that turns an interval
-into supported / contradicted / inconclusive) and the plots.
+"""What every experiment shares: its sizes, the verdict and outputs it writes, the slope fit, ``judge`` (the
+one rule that turns a 95% interval over seeds, from ``sigattn.stats``, into supported / contradicted /
+inconclusive) and the plots.
 
 An experiment is a function ``run(size, out_dir) -> Outcome`` registered under its name (``sigattn.
 experiments.EXPERIMENTS``). ``run_experiment`` times it and writes into ``out_dir``:
@@ -17,10 +17,8 @@ Sizes: ``full`` (the documented setting), ``quick`` (a few minutes on a 2-core C
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +28,7 @@ import torch
 
 from .. import plotting
 from ..runinfo import cpu_name, utc_date, versions
+from ..stats import POWER_FORMULA, SeedSummary, student_t_quantile, summarize_seeds
 
 SIZES = ("test", "quick", "full")
 # The experiments' models are tiny: one intra-op thread avoids oversubscribing a shared CPU (a k-sum training
@@ -197,43 +196,6 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 # ------------------------------------------------------------------------------------------ statistics
 
 
-@functools.lru_cache(maxsize=256)
-def student_t_quantile(p: float, df: float) -> float:
-    """The p-quantile of Student's t with ``df`` degrees of freedom (0 < p < 1).
-
-    Bisection on the CDF, which is 1/2 plus the integral of the density from 0 (Simpson's rule, 2000
-    intervals: |error| < 1e-7 for df >= 1 and |t| < 100); the normal quantile for df > 1e6."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must be in (0, 1), got {p}")
-    if df <= 0:
-        raise ValueError(f"df must be positive, got {df}")
-    if df > 1e6:
-        return statistics.NormalDist().inv_cdf(p)
-    if p < 0.5:
-        return -student_t_quantile(1.0 - p, df)
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-
-    def density(t: float) -> float:
-        return math.exp(log_norm - (df + 1) / 2 * math.log1p(t * t / df))
-
-    def cdf(t: float) -> float:
-        steps = 2000
-        h = t / steps
-        total = density(0.0) + density(t)
-        total += sum((4 if i % 2 else 2) * density(i * h) for i in range(1, steps))
-        return 0.5 + total * h / 3
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        lo, hi = hi, hi * 2
-        if hi > 1e6:
-            raise ValueError(f"the {p}-quantile of t({df}) is beyond 1e6")
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return (lo + hi) / 2
-
-
 @dataclass
 class SlopeFit:
     """A least-squares line y = intercept + slope * x with the slope's 95% confidence interval
@@ -284,9 +246,6 @@ def fit_power_law(x: list[float], y: list[float]) -> SlopeFit:
 # A verdict rests on a statistic measured once per seed (an independent repetition of the whole measurement):
 # its mean over the seeds, the 95% t-interval of that mean, and the smallest difference the seeds could have
 # detected. Each part of a claim says where the statistic should lie (a ``Claim``); ``judge`` applies one rule.
-POWER = 0.8
-ALPHA = 0.05
-
 SEED_RULE = (
     "each statistic is measured once per seed (an independent repetition of the whole measurement with its own "
     "random draws); its 95% interval is the t-interval of the mean over the n seeds, mean ± t(0.975, n−1)·s/√n, "
@@ -297,65 +256,6 @@ SEED_RULE = (
     "whether the detectable difference exceeds the claimed effect). The verdict supports the claim when every part "
     "is supported, does not support it when any part is contradicted, and is inconclusive otherwise."
 )
-POWER_FORMULA = (
-    "Detectable difference (80% power, two-sided α = 0.05): δ = (t(0.975, n−1) + t(0.80, n−1))·s/√n, the smallest "
-    "true mean distance from the claim's bound that a t-test over these n seeds would detect 4 times in 5, "
-    "computed from the observed between-seed standard deviation s (the usual approximation: the exact "
-    "non-central-t power at this δ is 0.79 with 5 seeds, 0.80 with 8)."
-)
-
-
-@dataclass
-class SeedSummary:
-    """One statistic over seeds: the per-seed values, their mean, the between-seed standard deviation, the 95%
-    t-interval of the mean and the detectable difference (both None with fewer than 2 seeds)."""
-
-    values: list[float]
-    mean: float
-    sd: float | None
-    ci95: tuple[float, float] | None
-    detectable: float | None
-
-    @property
-    def seeds(self) -> int:
-        return len(self.values)
-
-    def to_dict(self) -> dict:
-        return {
-            "values": self.values,
-            "mean": self.mean,
-            "sd": self.sd,
-            "ci95": None if self.ci95 is None else list(self.ci95),
-            "detectable": self.detectable,
-            "seeds": self.seeds,
-        }
-
-
-def detectable_difference(sd: float, seeds: int, *, power: float = POWER, alpha: float = ALPHA) -> float:
-    """The smallest true mean difference that a two-sided one-sample t-test at level ``alpha`` over ``seeds``
-    values with standard deviation ``sd`` detects with probability ``power`` (``POWER_FORMULA``):
-
-        δ = (t(1 − alpha/2, n − 1) + t(power, n − 1)) · sd / √n
-    """
-    if seeds < 2:
-        raise ValueError(f"a detectable difference needs >= 2 seeds, got {seeds}")
-    if not 0.0 < power < 1.0 or not 0.0 < alpha < 1.0:
-        raise ValueError(f"power and alpha must be in (0, 1), got {power} and {alpha}")
-    df = seeds - 1
-    return (student_t_quantile(1 - alpha / 2, df) + student_t_quantile(power, df)) * sd / math.sqrt(seeds)
-
-
-def summarize_seeds(values: list[float]) -> SeedSummary:
-    """Mean, between-seed SD, 95% t-interval of the mean and detectable difference of per-seed values."""
-    values = [float(v) for v in values]
-    if not values:
-        raise ValueError("summarize_seeds needs at least one value")
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return SeedSummary(values, mean, None, None, None)
-    sd = statistics.stdev(values)
-    half = student_t_quantile(0.975, len(values) - 1) * sd / math.sqrt(len(values))
-    return SeedSummary(values, mean, sd, (mean - half, mean + half), detectable_difference(sd, len(values)))
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from ..nn import BlockConfig, TransformerBlock
 from ..plotting import pyplot
+from ..stats import summarize_seeds
 from .common import (
     COLORS,
     LINESTYLES,
@@ -47,7 +48,6 @@ from .common import (
     judgements_text,
     markdown_table,
     save_figure,
-    summarize_seeds,
 )
 
 KINDS = ("sigmoid", "softmax")

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..plotting import label_log_ticks, pyplot
+from ..stats import summarize_seeds
 from .common import (
     COLORS,
     LINESTYLES,
@@ -49,7 +50,6 @@ from .common import (
     judgements_text,
     markdown_table,
     save_figure,
-    summarize_seeds,
 )
 
 KINDS = ("sigmoid", "softmax")

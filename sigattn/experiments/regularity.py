@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vjp
 
 from ..plotting import label_log_ticks, pyplot
+from ..stats import summarize_seeds
 from .common import (
     COLORS,
     LINESTYLES,
@@ -44,7 +45,6 @@ from .common import (
     judgements_text,
     markdown_table,
     save_figure,
-    summarize_seeds,
 )
 
 KINDS = ("sigmoid", "softmax")

@@ -5,6 +5,7 @@
     sigattn compare --preset NAME --out DIR [--max-steps N] [--json] [key=value ...]
     sigattn compare --resume --out DIR [--max-steps N] [--json] [key=value ...]
     sigattn compare --report-only --out DIR [--json]
+    sigattn compare (--preset NAME | --resume | --report-only) --seeds S,S,... --out DIR [...]
 
 ``--resume`` needs nothing but the run's folder: its config.json (compare.json for a comparison) is the
 configuration. Overrides given with it may change only what does not change the computation
@@ -30,7 +31,7 @@ import sys
 from pathlib import Path
 
 from ..data import CorpusUnavailableError
-from .compare import ATTNS, compare, write_comparison
+from .compare import ATTNS, COMPARE_FILE, compare, seed_dir, write_comparison, write_seed_comparison
 from .config import ConfigError, RunConfig, setting_names
 from .metrics import MetricsError
 from .presets import build_config, preset_names
@@ -100,6 +101,68 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the summary (summary.json's contents) as JSON on stdout; the other lines go to stderr",
     )
+    parser.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="S,S,...",
+        help="one comparison per seed (train.seed) in DIR/seed-S, then DIR/summary.json and report.md over them: "
+        "means with 95%% t-intervals and the paired difference sigmoid - softmax (e.g. --seeds 0,1,2)",
+    )
+
+
+def _seed_list(text: str) -> list[int]:
+    """--seeds' value: distinct non-negative integers separated by commas."""
+    parts = text.split(",")
+    if not all(p.strip().isdigit() for p in parts) or len(set(map(int, parts))) != len(parts):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative integers separated by commas, got {text!r}")
+    return [int(p) for p in parts]
+
+
+def _run_seeds(args: argparse.Namespace, out: Path) -> int:
+    """``compare --seeds``: each seed's comparison in turn (started, resumed, or only reported), then the
+    summary over the seeds."""
+    seeds = args.seeds
+    if any(o.split("=", 1)[0] in ("train.seed", "seed") for o in args.overrides):
+        raise TrainError("--seeds sets train.seed for each comparison: drop the train.seed override")
+    if args.preset is None and not (args.resume or args.report_only):
+        raise TrainError("--preset NAME is required (or --resume / --report-only for the comparisons in --out)")
+    reads = "--report-only" if args.report_only else "--resume" if args.resume else None
+    check_out_folder(out, explicit=True, existing=reads)
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    if not args.report_only:
+        out.mkdir(exist_ok=True)
+        for seed in seeds:
+            folder = seed_dir(out, seed)
+            again = args.resume and (folder / COMPARE_FILE).exists()
+            if not again and args.preset is None:
+                raise TrainError(f"--resume: seed {seed} has no comparison in {folder}: add --preset NAME to start it")
+            overrides = list(args.overrides) if again else [*args.overrides, f"train.seed={seed}"]
+            say(f"seed {seed}: {'resuming' if again else 'training'} the comparison in {folder}")
+            try:
+                summary = compare(
+                    None if again else args.preset, folder, overrides, max_steps=args.max_steps, resume=again
+                )
+            except Interrupted as interrupted:
+                return _interrupted("compare", out, interrupted, folder / "sigmoid" / CHECKPOINT)
+            if summary["stopped_by"]:
+                seeds_text = ",".join(map(str, seeds))
+                print(
+                    f"sigattn compare: resume with: {resume_command('compare', out)} --seeds {seeds_text}",
+                    file=sys.stderr,
+                )
+                return _stop_status(signal.Signals[summary["stopped_by"]])
+    summary = write_seed_comparison(out, seeds)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    for attn in ATTNS:
+        loss = summary[attn]["final_val_loss"]
+        half = "" if loss["ci95"] is None else f" ± {(loss['ci95'][1] - loss['ci95'][0]) / 2:.4f}"
+        say(f"{attn:<8} final val loss {loss['mean']:.4f}{half} over {len(seeds)} seeds")
+    difference = summary["difference"]["final_val_loss"]
+    noise = {None: "one seed: no interval", True: "within the seeds' noise", False: "beyond the seeds' noise"}
+    say(f"sigmoid - softmax: {difference['mean']:+.4f} ({noise[summary['within_noise']]})")
+    say(f"wrote {out / 'summary.json'} and report.md")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -236,6 +299,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if args.seeds is not None and not args.list_settings:
+        return _run_seeds(args, out)
     if args.list_settings:
         if args.preset is None:
             raise TrainError("--list-settings needs --preset NAME")

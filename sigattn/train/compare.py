@@ -7,6 +7,12 @@ OUT/summary.json             {"sigmoid": {"final_val_loss", "tokens_per_s", ...}
 OUT/report.md                the comparison as a table, with the plots
 OUT/loss.png, OUT/diagnostics.png
 
+With seeds (``sigattn compare --seeds 0 1 2``) each seed's comparison is OUT/seed-S/ (the layout above, with
+train.seed=S), and OUT/summary.json and OUT/report.md are over the seeds (``write_seed_comparison``): per
+attention the mean and 95% t-interval of the final validation loss, of the loss at each evaluated context
+and of tokens/s, and the difference sigmoid - softmax paired by seed, with its interval and whether it is
+within the seeds' noise (the interval holds 0).
+
 The runs go one after the other. A SIGINT (Ctrl-C) or SIGTERM stops the whole comparison: the run in
 progress stops after its current step with a checkpoint, the other does not start, and the summary and
 report written then say which runs were stopped (at which step) or not started.
@@ -19,6 +25,7 @@ import sys
 from pathlib import Path
 
 from ..runinfo import utc_date, versions
+from ..stats import summarize_seeds
 from .config import RunConfig
 from .metrics import read_metrics
 from .plots import plot_runs
@@ -173,10 +180,12 @@ def incomplete(results: dict[str, dict | None]) -> dict[str, str]:
 
 
 def _run_summary(result: dict | None) -> dict | None:
-    """One run's part of summary.json: its SUMMARY_KEYS, folder and stopping signal (None if not started)."""
+    """One run's part of summary.json: its SUMMARY_KEYS, folder, stopping signal and parameter count (None
+    if not started; the count None for a run from before it was recorded)."""
     if result is None:
         return None
-    return {k: result[k] for k in SUMMARY_KEYS} | {"out_dir": result["out_dir"], "stopped_by": result.get("stopped_by")}
+    extra = {"out_dir": result["out_dir"], "stopped_by": result.get("stopped_by"), "params": result.get("params")}
+    return {k: result[k] for k in SUMMARY_KEYS} | extra
 
 
 def summarize(preset: str, overrides: list[str], config: dict, results: dict[str, dict | None]) -> dict:
@@ -249,4 +258,146 @@ def report(summary: dict, plots: list[str], out_dir: str | Path | None = None) -
         lines.append(f"Sigmoid trains at {summary['tokens_per_s_ratio']:.2f}x softmax's tokens/s.")
     lines.append("")
     lines += [f"![{Path(p).stem}]({p})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- over seeds
+
+
+def seed_dir(out_dir: str | Path, seed: int) -> Path:
+    """The folder of one seed's comparison."""
+    return Path(out_dir) / f"seed-{seed}"
+
+
+def write_seed_comparison(out_dir: str | Path, seeds: list[int]) -> dict:
+    """summary.json and report.md in ``out_dir`` over the finished comparisons of ``seeds`` (each
+    ``seed_dir``'s summary.json, as ``write_comparison`` wrote it); returns the summary. Every seed's
+    comparison must be complete: both runs at their max_steps with a final validation loss."""
+    out_dir = Path(out_dir)
+    per_seed = {}
+    for seed in seeds:
+        path = seed_dir(out_dir, seed) / "summary.json"
+        if not path.is_file():
+            raise TrainError(f"no {path}: seed {seed}'s comparison has not finished (sigattn compare --seeds ...)")
+        summary = _read_json(path, "a comparison's summary.json")
+        if summary.get("incomplete"):
+            what = "; ".join(f"{attn} {why}" for attn, why in summary["incomplete"].items())
+            raise TrainError(f"seed {seed}'s comparison is not finished ({what}): resume it first")
+        per_seed[seed] = summary
+    summary = summarize_over_seeds(per_seed)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "report.md").write_text(seed_report(summary))
+    return summary
+
+
+def summarize_over_seeds(per_seed: dict[int, dict]) -> dict:
+    """The seeds' summary.json object from each seed's comparison summary (``summarize``'s): per attention the
+    SeedSummary (values, mean, sd, ci95, detectable difference) of the final validation loss, of the loss
+    at each context all seeds evaluated, and of tokens/s; the paired differences sigmoid - softmax of the
+    losses and the ratio of tokens/s; ``within_noise``: the final loss difference's interval holds 0 (None
+    with one seed)."""
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+
+    def values(attn: str, key: str) -> list[float]:
+        return [per_seed[s][attn][key] for s in seeds]
+
+    def by_context(attn: str) -> dict[str, list[float]]:
+        common = set.intersection(*(set(per_seed[s][attn]["val_loss_by_context"] or {}) for s in seeds))
+        return {n: [per_seed[s][attn]["val_loss_by_context"][n] for s in seeds] for n in sorted(common, key=int)}
+
+    out: dict = {"seeds": seeds, "preset": first["preset"], "overrides": first["overrides"]}
+    contexts = {attn: by_context(attn) for attn in ATTNS}
+    for attn in ATTNS:
+        out[attn] = {
+            "final_val_loss": summarize_seeds(values(attn, "final_val_loss")).to_dict(),
+            "val_loss_by_context": {n: summarize_seeds(v).to_dict() for n, v in contexts[attn].items()},
+            "tokens_per_s": summarize_seeds(values(attn, "tokens_per_s")).to_dict(),
+            "params": first[attn].get("params"),
+        }
+    difference = [
+        a - b for a, b in zip(values("sigmoid", "final_val_loss"), values("softmax", "final_val_loss"), strict=True)
+    ]
+    shared = sorted(set(contexts["sigmoid"]) & set(contexts["softmax"]), key=int)
+    ratio = [a / b for a, b in zip(values("sigmoid", "tokens_per_s"), values("softmax", "tokens_per_s"), strict=True)]
+    out["difference"] = {
+        "final_val_loss": summarize_seeds(difference).to_dict(),
+        "val_loss_by_context": {
+            n: summarize_seeds(
+                [a - b for a, b in zip(contexts["sigmoid"][n], contexts["softmax"][n], strict=True)]
+            ).to_dict()
+            for n in shared
+        },
+        "tokens_per_s_ratio": summarize_seeds(ratio).to_dict(),
+    }
+    interval = out["difference"]["final_val_loss"]["ci95"]
+    out["within_noise"] = None if interval is None else interval[0] <= 0.0 <= interval[1]
+    out["meta"] = {
+        "device": " / ".join(sorted({per_seed[s]["device"] for s in seeds})),
+        "versions": first["versions"],
+        "dates": sorted({per_seed[s]["date"] for s in seeds}),
+        "command": " ".join(["sigattn", *sys.argv[1:]]) if Path(sys.argv[0]).name == "sigattn" else None,
+    }
+    out["config"] = first["config"]
+    return out
+
+
+def _mean_ci(stat: dict, spec: str) -> str:
+    if stat["ci95"] is None:
+        return format(stat["mean"], spec)
+    half = (stat["ci95"][1] - stat["ci95"][0]) / 2
+    return f"{format(stat['mean'], spec)} ± {format(half, spec)}"
+
+
+def seed_report(summary: dict) -> str:
+    """The seeds' comparison as markdown: means ± 95% half-intervals per attention, the paired difference,
+    and whether it is within the seeds' noise."""
+    seeds = summary["seeds"]
+    sig, soft, diff = summary["sigmoid"], summary["softmax"], summary["difference"]
+    meta = summary["meta"]
+    lines = [
+        f"# Sigmoid vs softmax attention over {len(seeds)} seeds: preset `{summary['preset']}`",
+        "",
+        f"{', '.join(meta['dates'])} on {meta['device']}; "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items() if v)
+        + f"; seeds {', '.join(map(str, seeds))}"
+        + (f"; overrides: `{' '.join(summary['overrides'])}`" if summary["overrides"] else ""),
+        "",
+        "Mean ± half the 95% t-interval over the seeds; the difference is sigmoid − softmax, paired by seed.",
+        "",
+        "| | sigmoid | softmax | difference |",
+        "| --- | --- | --- | --- |",
+        f"| final validation loss | {_mean_ci(sig['final_val_loss'], '.4f')} | "
+        f"{_mean_ci(soft['final_val_loss'], '.4f')} | {_mean_ci(diff['final_val_loss'], '+.4f')} |",
+    ]
+    for n, d in diff["val_loss_by_context"].items():
+        a, b = sig["val_loss_by_context"][n], soft["val_loss_by_context"][n]
+        lines.append(
+            f"| validation loss at context {n} | {_mean_ci(a, '.4f')} | {_mean_ci(b, '.4f')} | {_mean_ci(d, '+.4f')} |"
+        )
+    lines += [
+        f"| tokens/s | {_mean_ci(sig['tokens_per_s'], ',.0f')} | {_mean_ci(soft['tokens_per_s'], ',.0f')} | "
+        f"{_mean_ci(diff['tokens_per_s_ratio'], '.3f')}x |",
+        f"| parameters | {_fmt(sig['params'], ',d')} | {_fmt(soft['params'], ',d')} | |",
+        "",
+    ]
+    interval = diff["final_val_loss"]["ci95"]
+    if interval is None:
+        lines.append("One seed: no interval, so no statement about noise.")
+    elif summary["within_noise"]:
+        lines.append(
+            f"The final validation losses differ by {diff['final_val_loss']['mean']:+.4f}, within the seeds' noise: "
+            f"the 95% interval [{interval[0]:+.4f}, {interval[1]:+.4f}] holds 0 (a difference of "
+            f"{diff['final_val_loss']['detectable']:.4f} would have been detected with 80% power)."
+        )
+    else:
+        side = "below" if interval[1] < 0 else "above"
+        lines.append(
+            f"Sigmoid's final validation loss is {side} softmax's beyond the seeds' noise: the 95% interval of the "
+            f"difference is [{interval[0]:+.4f}, {interval[1]:+.4f}]."
+        )
+    lines += [
+        "",
+        "Each seed's comparison, with its plots: " + ", ".join(f"[seed {s}](seed-{s}/report.md)" for s in seeds),
+    ]
     return "\n".join(lines) + "\n"

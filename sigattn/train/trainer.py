@@ -99,6 +99,7 @@ class RunResult:
     stopped_early: bool  # before max_steps: by a signal, or at ``until_step``
     device: str  # where the steps ran, e.g. "NVIDIA H100 80GB HBM3" ("A + B" if a resume moved the run)
     stopped_by: str | None = None  # the signal that stopped the run ("SIGINT", "SIGTERM"), if one did
+    params: int | None = None  # the model's parameters (tied embeddings once)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -637,6 +638,8 @@ class Trainer:
             stopped_early=stopped_early,
             device=" + ".join(self.devices) or device_name(self.device),
             stopped_by=stopped_by,
+            # (FSDP2's shards are DTensors, whose numel is the whole parameter's)
+            params=sum(p.numel() for p in self.model.parameters()),
         )
 
     def _plot(self) -> None:
