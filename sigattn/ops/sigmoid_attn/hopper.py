@@ -232,6 +232,14 @@ def _loader(
 
 
 @gluon.jit
+def _release(k_ready, slot_free, r, STAGES: gl.constexpr):
+    """Release ring position ``r`` unread, once its tile has loaded: an earlier arrival would count towards
+    the release of the tile the slot holds now, which other groups may still be reading."""
+    mbarrier.wait(k_ready.index(r % STAGES), (r // STAGES) & 1)
+    mbarrier.arrive(slot_free.index(r % STAGES), count=1)
+
+
+@gluon.jit
 def _store_tile(o_desc, q_rows, value, b, row, h):
     """A TMA store of 64 output rows from token ``row`` on. Q is read no more: its buffer stages them (a
     dense row's rows past Sq are clipped by the descriptor)."""
@@ -264,9 +272,8 @@ def _attend(
     lo_unmasked = 0
     if LEFT:
         first, lo_unmasked = _window_tiles(m0, lo_offset, n_mine, ROWS, BLOCK_N)
-        for j in range(t0, first):  # tiles only the program's earlier rows see, released once loaded
-            mbarrier.wait(k_ready.index((j - t0) % STAGES), ((j - t0) // STAGES) & 1)
-            mbarrier.arrive(slot_free.index((j - t0) % STAGES), count=1)
+        for j in range(t0, first):  # tiles only the program's earlier rows see
+            _release(k_ready, slot_free, j - t0, STAGES)
     q = q_rows.reshape([ROWS, HEAD_DIM])
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)  # [64, D]
@@ -342,11 +349,7 @@ def _consumer(shared, W: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.const
                          t0, seqlen_q, seqlen_k, diag_offset, lo_offset, half_scale, half_bias, half_slope,
                          key_offset, q_start, o_ptr, HEAD_DIM, BLOCK_N, STAGES, CAUSAL, LEFT, VARLEN, KEY_TAIL, ALIBI)
     for j in range(n_mine, n_tiles):
-        # Released only once loaded: an earlier arrival would count towards the release of the tile the
-        # slot holds now, which other groups may still be reading.
-        slot = (j - t0) % STAGES
-        mbarrier.wait(k_ready.index(slot), ((j - t0) // STAGES) & 1)
-        mbarrier.arrive(slot_free.index(slot), count=1)
+        _release(k_ready, slot_free, j - t0, STAGES)
 
 
 # One compiled kernel per constexprs and dtypes (host.launch).
@@ -511,36 +514,26 @@ def forward(
     max_registers, consumer_registers = config.registers
     head_bias = bias if isinstance(bias, Tensor) else None
     sequence_bias = bias is None
-    if varlen:  # the kernel adds each sequence's Sk - Sq; no left bound (``unsupported``)
-        first, seen, diag_offset = 0, None, 0
-    else:
-        diag_offset = 0 if params.mask.top_left else seqlen_k - seqlen_q
-        # The descriptors cover only the keys some query sees: the others load as zeros. Key positions count
-        # from the first of them.
-        first, seen = host.visible_keys(seqlen_q, seqlen_k, diag_offset, params.mask.bounds)
-        diag_offset -= first
-        seqlen_k -= first
-    lo_offset, key_offset = diag_offset - left, diag_offset
-    diag_offset += max(right, 0)
-    key_tail = varlen or seqlen_k % config.block_n != 0
+    at = host.diagonals(params.mask, seqlen_q, seqlen_k, varlen)  # (packed: no left bound, ``unsupported``)
+    key_tail = varlen or at.seqlen_k % config.block_n != 0
     args = (
         host.descriptor(q, rows_per_group),
-        host.descriptor(k[:, first:seen], config.block_n),
-        host.descriptor(v[:, first:seen], config.block_n),
+        host.descriptor(k[:, at.first : at.seen], config.block_n),
+        host.descriptor(v[:, at.first : at.seen], config.block_n),
         host.descriptor(out, rows_per_group),
         out,
         head_bias,
         rows.cu_seqlens_q,
         rows.cu_seqlens_k,
         seqlen_q,
-        seqlen_k,
-        diag_offset,
+        at.seqlen_k,
+        at.diag_offset,
         0.5 * params.scale,
         0.5 * bias if isinstance(bias, float) else 0.0,
-        lo_offset,
+        at.lo_offset,
         alibi,
         alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
-        key_offset,
+        at.key_offset,
         group,
         causal,
         window_left,

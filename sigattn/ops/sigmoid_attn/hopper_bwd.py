@@ -511,34 +511,26 @@ def backward(
         workspace_rows, q.shape[1], kv_heads_per_launch * group, head_dim, dtype=torch.float32, device=q.device
     )
     tile_rows, keys = int(ROWS), int(KEYS)
-    if varlen:  # the kernel adds each sequence's Sk - Sq; no left bound (``unsupported``)
-        first, seen, q_shift, q_end, diag_offset = 0, None, 0, None, 0
-    else:
-        # What no query sees reads as zeros through the descriptors of dense rows, and what sees no key: the
-        # keys outside every window or past the last query's diagonal, the queries before the first and
-        # after the last that see a key. Key positions count from the first key some query sees (dK and dV
-        # of the keys before it are zero).
-        diag_offset = 0 if params.mask.top_left else seqlen_k - seqlen_q
-        first, seen = host.visible_keys(seqlen_q, seqlen_k, diag_offset, params.mask.bounds)
-        q_shift, q_end = host.visible_queries(seqlen_q, seqlen_k, diag_offset, params.mask.bounds)
-        diag_offset -= first
-        seqlen_k -= first
-        if first:
-            dk[:, :first].zero_()
-            dv[:, :first].zero_()
-    lo_offset, key_offset = diag_offset - left, diag_offset
-    diag_offset += max(right, 0)
-    tail = varlen or seqlen_q % tile_rows != 0 or seqlen_k % (2 * keys) != 0
+    at = host.diagonals(params.mask, seqlen_q, seqlen_k, varlen)  # (packed: no left bound, ``unsupported``)
+    # Dense rows' Q and dO descriptors cover only the queries that see a key (the same ones whether keys count
+    # from 0 or from at.first: no query sees a key before it); dK and dV of the keys before at.first are 0.
+    q_shift, q_end = 0, None
+    if not varlen:
+        q_shift, q_end = host.visible_queries(seqlen_q, at.seqlen_k, at.key_offset, params.mask.bounds)
+    if at.first:
+        dk[:, : at.first].zero_()
+        dv[:, : at.first].zero_()
+    tail = varlen or seqlen_q % tile_rows != 0 or at.seqlen_k % (2 * keys) != 0
     descriptors = (
         host.descriptor(q[:, q_shift:q_end], tile_rows),
-        host.descriptor(k[:, first:seen], keys),
-        host.descriptor(v[:, first:seen], keys),
+        host.descriptor(k[:, at.first : at.seen], keys),
+        host.descriptor(v[:, at.first : at.seen], keys),
         host.descriptor(do[:, q_shift:q_end], tile_rows),
         host.descriptor(workspace, tile_rows, int(DQ_COLS)),
-        host.descriptor(dk[:, first:], keys),
-        host.descriptor(dv[:, first:], keys),
+        host.descriptor(dk[:, at.first :], keys),
+        host.descriptor(dv[:, at.first :], keys),
     )
-    key_tiles = host.cdiv(seqlen_k, 2 * keys)
+    key_tiles = host.cdiv(at.seqlen_k, 2 * keys)
     # Every (row, head, key tile, consumer) sum of dense rows is written; a packed sequence's tiles past its
     # end write nothing.
     dbias = None
@@ -577,16 +569,16 @@ def backward(
                 b0,
                 h0,
                 seqlen_q,
-                seqlen_k,
-                diag_offset,
+                at.seqlen_k,
+                at.diag_offset,
                 q_shift,
                 scale,
                 0.5 * scale,
                 half_bias,
-                lo_offset,
+                at.lo_offset,
                 alibi,
                 alibi.stride(0) if alibi is not None and alibi.dim() == 2 else 0,
-                key_offset,
+                at.key_offset,
                 group,
                 causal,
                 window_left,

@@ -18,6 +18,7 @@ already checked. Here (128 and 54 µs since, ``..._direct_launch.json``):
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,6 +30,7 @@ from triton.runtime import _allocation, driver
 
 from . import compat
 from .params import Rows
+from .reference import Mask
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 
@@ -49,6 +51,36 @@ def visible_keys(seqlen_q: int, seqlen_k: int, diag_offset: int, window: tuple[i
     first = max(0, diag_offset - left) if left >= 0 else 0
     last = min(seqlen_k, seqlen_q + diag_offset + right) if right >= 0 else seqlen_k
     return first, max(first, last)
+
+
+class Diagonals(NamedTuple):
+    """Where a launch's rows see keys, as both Gluon kernels read it. Dense rows: the K and V descriptors
+    cover only the keys some query sees, [first, seen) (``visible_keys``; the others load as zeros) and key
+    positions count from ``first``; packed sequences: every key (first 0, seen None), the kernel adding each
+    sequence's Sk - Sq to the offsets. Query i sees key j where j <= i + diag_offset (a causal diagonal, or
+    a window's right bound folded into it) and j >= i + lo_offset (a window's left bound); ALiBi's distance
+    is |i + key_offset - j|. ``seqlen_k``: the keys from ``first`` on."""
+
+    first: int
+    seen: int | None
+    seqlen_k: int
+    diag_offset: int
+    lo_offset: int
+    key_offset: int
+
+
+def diagonals(mask: Mask, seqlen_q: int, seqlen_k: int, varlen: bool) -> Diagonals:
+    """The ``Diagonals`` of ``mask`` over rows of ``seqlen_q`` queries and ``seqlen_k`` keys (for packed
+    sequences the longest lengths)."""
+    left, right = mask.bounds
+    if varlen:
+        first, seen, diag = 0, None, 0
+    else:
+        diag = 0 if mask.top_left else seqlen_k - seqlen_q
+        first, seen = visible_keys(seqlen_q, seqlen_k, diag, mask.bounds)
+        diag -= first
+        seqlen_k -= first
+    return Diagonals(first, seen, seqlen_k, diag + max(right, 0), diag - left, diag)
 
 
 def visible_queries(seqlen_q: int, seqlen_k: int, diag_offset: int, window: tuple[int, int]) -> tuple[int, int]:
