@@ -691,10 +691,10 @@ def grid(quick: bool) -> list[AnyCase]:
 
 
 def shard(text: str) -> tuple[int, int]:
-    """``K/N`` as (K, N), 0 <= K < N; argparse reports the ValueError as a usage error."""
+    """``K/N`` as (K, N), 0 <= K < N; otherwise a usage error that says what was expected."""
     k, _, n = text.partition("/")
     if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
-        raise ValueError(f"--shard: expected K/N with 0 <= K < N, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N, got {text!r}")
     return int(k), int(n)
 
 
