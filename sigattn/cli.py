@@ -11,7 +11,7 @@
                             find it there) and print its manifest as JSON (``sigattn.data.pycode``)
     sigattn convert ...     switch a pretrained transformers model to sigmoid attention, with a calibrated
                             bias (``sigattn.integrations.convert``)
-    sigattn experiment NAME [--quick] [--out DIR] [--json]
+    sigattn experiment NAME [--quick | --size SIZE] [--out DIR] [--json]
                             run an experiment that tests a paper's claim: result.json, report.md, plots
                             (``sigattn.experiments``)
     sigattn completion bash|zsh
@@ -162,11 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"one of: {', '.join(experiments_module.EXPERIMENTS)}",
     )
-    experiment.add_argument("--quick", action="store_true", help="a reduced setting: minutes on a 2-core CPU")
+    sizes = experiment.add_mutually_exclusive_group()
+    sizes.add_argument("--quick", action="store_true", help="a reduced setting: minutes on a 2-core CPU")
+    sizes.add_argument(
+        "--size",
+        choices=experiments_module.SIZES,
+        help="the setting: full (the default), quick (= --quick), test (seconds) or gpu (minutes on one GPU, "
+        "the experiments whose claim is about scale: bias-ablation)",
+    )
     experiment.add_argument(
         "--out",
         metavar="DIR",
-        help="output folder (default: results/NAME, or runs/experiments/NAME-quick with --quick)",
+        help="output folder (default: results/NAME, results/NAME-gpu with --size gpu, "
+        "runs/experiments/NAME-SIZE for quick and test)",
     )
     experiment.add_argument(
         "--json",
@@ -182,18 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_experiment(args: argparse.Namespace) -> int:
-    """Runs the experiment; a full run into the default folder (results/NAME) also rewrites results/README.md."""
-    default = f"runs/experiments/{args.name}-quick" if args.quick else f"results/{args.name}"
+    """Runs the experiment; a full or gpu run into the default folder (results/NAME, results/NAME-gpu) also
+    rewrites results/README.md."""
+    size = "quick" if args.quick else args.size or "full"
+    default = {"full": f"results/{args.name}", "gpu": f"results/{args.name}-gpu"}.get(
+        size, f"runs/experiments/{args.name}-{size}"
+    )
+    if size not in experiments_module.EXPERIMENTS[args.name].sizes:
+        sizes = ", ".join(experiments_module.EXPERIMENTS[args.name].sizes)
+        raise CommandError(f"--size: experiment {args.name!r} has no size {size!r}; its sizes: {sizes}")
     command = " ".join(["sigattn", *args.argv])
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     try:
         train_commands.check_out_folder(Path(args.out or default), explicit=args.out is not None)
-        experiments_module.run(args.name, args.out or default, quick=args.quick, command=command, log=say)
+        experiments_module.run(args.name, args.out or default, size=size, command=command, log=say)
     except train_commands.USER_ERRORS as error:  # e.g. the full setting's corpus cannot be fetched
         raise CommandError(error) from None
     if args.json:
         print((Path(args.out or default) / "result.json").read_text(), end="")
-    if args.out is None and not args.quick:
+    if args.out is None and size in ("full", "gpu"):
         say(f"updated {write_index('results', experiments_module.EXPERIMENTS)}")
     return 0
 

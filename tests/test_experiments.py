@@ -13,7 +13,7 @@ import torch
 
 import sigattn
 from sigattn import cli, stats
-from sigattn.experiments import EXPERIMENTS, common, index, ksum, lm, moe_rates, regularity
+from sigattn.experiments import EXPERIMENTS, bias_ablation, common, index, ksum, lm, moe_rates, regularity
 from sigattn.experiments import run as run_experiment
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -412,7 +412,20 @@ def test_experiment_end_to_end(tmp_path, name):
     result = check_outputs(tmp_path, name)
     if name == "bias-ablation":
         assert set(result["init_norms"]) == {"b=0", "b=-log n", "softmax"}
-        assert len(result["runs"]) == 10
+        seeds = bias_ablation.SETTINGS["test"].seeds
+        assert len(result["runs"]) == 10 and len(seeds) == 2
+        for variant, summary in result["runs"].items():  # over the seeds: spikes summed, losses averaged
+            per_seed = summary["per_seed"]
+            assert [entry["seed"] for entry in per_seed] == list(seeds)
+            assert summary["grad_spikes"] == sum(entry["grad_spikes"] for entry in per_seed)
+            assert summary["final_train_loss"] == pytest.approx(sum(e["final_train_loss"] for e in per_seed) / 2)
+            assert summary["max_grad_norm"] == max(entry["max_grad_norm"] for entry in per_seed)
+            folder = variant.replace(" / ", "_").replace(" ", "").replace("=", "")
+            for seed in seeds:  # each seed trained from its own initialisation
+                assert json.loads((tmp_path / "runs" / f"{folder}_seed{seed}" / "config.json").read_text())
+            assert per_seed[0]["final_train_loss"] != per_seed[1]["final_train_loss"]
+        assert "over 2 seeds (spikes summed, losses averaged)" in result["verdict"]["rule"]
+        assert "| train loss per seed | spikes per seed |" in (tmp_path / "report.md").read_text()
         assert not list(tmp_path.glob("runs/*/checkpoint.pt"))
     elif name == "length-extrapolation":
         assert set(result["loss_ratio_8x"]) == {"rope", "alibi"}
@@ -458,9 +471,70 @@ def test_results_index_marks_one_seed_results(tmp_path):
     assert "bias-ablation: still one-seed results" in text
 
 
-def test_unknown_experiment_and_size():
+def test_unknown_experiment_and_size(tmp_path):
     with pytest.raises(ValueError, match="unknown experiment"):
         run_experiment("nope", "unused")
     with pytest.raises(ValueError, match="size must be one of"):
         run_experiment("ksum", "unused", size="huge")
+    with pytest.raises(ValueError, match="experiment 'ksum' has no size 'gpu'; its sizes: 'test', 'quick', 'full'"):
+        run_experiment("ksum", tmp_path / "ksum", size="gpu")
+    with pytest.raises(ValueError, match="quick=True asks for size 'quick', but size='test' was given"):
+        run_experiment("ksum", tmp_path / "ksum", quick=True, size="test")
+    assert not list(tmp_path.iterdir())  # refused before anything was written
     assert set(EXPERIMENTS) == {"moe-rates", "bias-ablation", "regularity", "length-extrapolation", "ksum"}
+
+
+def test_cli_experiment_size(tmp_path, capsys):
+    """--size picks the setting; an experiment without it is refused by name, --quick with --size by argparse."""
+    assert cli.main(["experiment", "ksum", "--size", "gpu", "--out", str(tmp_path / "k")]) == 2
+    assert "--size: experiment 'ksum' has no size 'gpu'; its sizes: test, quick, full" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["experiment", "ksum", "--quick", "--size", "test"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not (tmp_path / "k").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bias_ablation_gpu_size_needs_cuda(tmp_path):
+    """The gpu setting (110M parameters on the pycode corpus) refuses a CPU-only machine before any work."""
+    settings = bias_ablation.SETTINGS["gpu"]
+    assert (settings.n_layer, settings.d_model, settings.n_head, settings.block_size) == (12, 768, 12, 1024)
+    assert settings.corpus == "pycode" and len(settings.seeds) >= 2 and settings.recipe.compile == "off"
+    with pytest.raises(sigattn.train.TrainError, match="train.device is 'cuda' but CUDA is not available"):
+        run_experiment("bias-ablation", tmp_path, size="gpu", log=lambda line: None)
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_pycode_corpus_for_experiments_is_the_presets(tmp_path, monkeypatch):
+    """corpus_data("pycode") builds the corpus the code-gpt preset trains on (its vocabulary and split), once:
+    the trainer's load finds the same folder."""
+    from sigattn.data import load_pycode, roots_from_path
+    from sigattn.train.presets import build_config
+
+    monkeypatch.setenv("SIGATTN_CACHE_DIR", str(tmp_path / "cache"))
+    data, description = lm.corpus_data("pycode", tmp_path, 200_000)
+    preset = build_config("code-gpt").data
+    for field in ("dataset", "tokenizer", "vocab_size", "val_fraction"):
+        assert getattr(data, field) == getattr(preset, field), field
+    assert data.max_bytes == 200_000 and "Python source files of the environment" in description
+    load_pycode(
+        roots_from_path(data.path), max_bytes=data.max_bytes, vocab_size=data.vocab_size, val_fraction=data.val_fraction
+    )
+    assert len(list((tmp_path / "cache").glob("pycode-*"))) == 1
+
+
+def test_results_index_lists_gpu_results(tmp_path):
+    """NAME-gpu gets its own row and section (with the GPU's name) only where it ran."""
+    text = index.index_markdown(tmp_path, EXPERIMENTS)
+    assert "bias-ablation-gpu" not in text
+    folder = tmp_path / "bias-ablation-gpu"
+    folder.mkdir()
+    verdict = {"word": "supports", "summary": "s"}
+    meta = {"size": "gpu", "seconds": 300.0, "date": "d", "command": "c", "device": "NVIDIA H100 80GB HBM3"}
+    settings = {"seeds": [0, 1]}
+    result = {"verdict": verdict, "settings": settings, "figures": ["f.png"], "meta": meta}
+    (folder / "result.json").write_text(json.dumps(result))
+    text = index.index_markdown(tmp_path, EXPERIMENTS)
+    assert "| [bias-ablation-gpu](bias-ablation-gpu/report.md) | arXiv 2409.04431 | **supports** | 2 | gpu |" in text
+    assert "## bias-ablation-gpu" in text and "![bias-ablation-gpu](bias-ablation-gpu/f.png)" in text
+    assert "on NVIDIA H100 80GB HBM3" in text and "Other results here" not in text

@@ -1,6 +1,6 @@
 """Experiments that test the seed papers' claims about sigmoid attention, one module each.
 
-    sigattn experiment NAME [--quick] [--out DIR]
+    sigattn experiment NAME [--quick | --size SIZE] [--out DIR]
 
 writes ``DIR/result.json``, ``DIR/report.md`` and PNG plots (see ``common``). Every report states the
 measured numbers and whether they support the claim, by a rule the report states; ``results/README.md``
@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import bias_ablation, ksum, length_extrapolation, moe_rates, regularity
-from .common import SIZES, Experiment, Outcome, Verdict, run_experiment
+from .common import CPU_SIZES, SIZES, Experiment, Outcome, Verdict, run_experiment
 
 EXPERIMENTS = {
     e.name: e
@@ -35,6 +35,7 @@ EXPERIMENTS = {
             "least as stably as b = 0 with or without QK-norm and hybrid-norm + LayerScale.",
             run=bias_ablation.run,
             full_runtime="11 min on a 2-core CPU shared with other jobs",
+            sizes=(*CPU_SIZES, "gpu"),
         ),
         Experiment(
             name="regularity",
@@ -80,6 +81,8 @@ def run(
     returns result.json's contents."""
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; expected one of {', '.join(EXPERIMENTS)}")
+    if quick and size not in (None, "quick"):
+        raise ValueError(f"quick=True asks for size 'quick', but size={size!r} was given: pass one of them")
     size = size or ("quick" if quick else "full")
     experiment = EXPERIMENTS[name]
     return run_experiment(experiment, size, out_dir, log=log, command=command)

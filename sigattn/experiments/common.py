@@ -10,8 +10,9 @@ experiments.EXPERIMENTS``). ``run_experiment`` times it and writes into ``out_di
     report.md     the claim, the setup, the numbers and the verdict, all generated from result.json's values
     *.png         the plots
 
-Sizes: ``full`` (the documented setting), ``quick`` (a few minutes on a 2-core CPU: ``--quick``) and
-``test`` (seconds: the test suite's).
+Sizes: ``full`` (the documented setting), ``quick`` (a few minutes on a 2-core CPU: ``--quick``), ``test``
+(seconds: the test suite's) and, for the experiments whose claim is about scale, ``gpu`` (minutes on one
+GPU; ``Experiment.sizes`` says which an experiment has).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from pathlib import Path
 import torch
 
 from .. import plotting
-from ..runinfo import cpu_name, utc_date, versions
+from ..runinfo import cpu_name, device_label, module_version, utc_date, versions
 from ..stats import POWER_FORMULA, SeedSummary, student_t_quantile, summarize_seeds
 
-SIZES = ("test", "quick", "full")
+SIZES = ("test", "quick", "full", "gpu")
+CPU_SIZES = ("test", "quick", "full")
 # The experiments' models are tiny: one intra-op thread avoids oversubscribing a shared CPU (a k-sum training
 # step on the 2-core development machine under load: 18 ms with 1 thread, 276 ms with 2).
 CPU_THREADS = 1
@@ -72,11 +74,16 @@ class Experiment:
     claim: str
     run: Callable[..., Outcome]  # run(size, out_dir, log=print)
     full_runtime: str  # the documented runtime of the full setting
+    sizes: tuple[str, ...] = CPU_SIZES  # the sizes it has settings for (a subset of SIZES)
 
 
-def check_size(size: str) -> str:
+def check_size(size: str, experiment: Experiment | None = None) -> str:
     if size not in SIZES:
         raise ValueError(f"size must be one of {', '.join(map(repr, SIZES))}; got {size!r}")
+    if experiment is not None and size not in experiment.sizes:
+        raise ValueError(
+            f"experiment {experiment.name!r} has no size {size!r}; its sizes: {', '.join(map(repr, experiment.sizes))}"
+        )
     return size
 
 
@@ -92,13 +99,16 @@ def cpu_threads(count: int):
 
 
 def environment(command: str | None = None) -> dict:
-    """Where and how the experiment ran."""
+    """Where and how the experiment ran: ``device`` is the GPU's name when the run used CUDA, else "cpu"."""
     found = versions()
+    on_gpu = torch.cuda.is_available() and torch.cuda.is_initialized()
     return {
         **{name: found[name] for name in ("sigattn", "torch", "python")},
+        "triton": module_version("triton"),
+        "cuda": torch.version.cuda,
         "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
-        "device": "cpu",
+        "device": device_label() if on_gpu else "cpu",
         "date": utc_date(),
         "command": command,
     }
@@ -109,7 +119,7 @@ def run_experiment(
 ) -> dict:
     """Runs ``experiment`` at ``size`` and writes result.json, report.md and its plots into ``out_dir``;
     returns result.json's contents. ``command`` (the command line, if any) is recorded."""
-    check_size(size)
+    check_size(size, experiment)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with cpu_threads(CPU_THREADS):
@@ -146,10 +156,18 @@ def _jsonable(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def where(meta: dict) -> str:
+    """The machine a result ran on, in words: the GPU with its CUDA and Triton versions, else the CPU."""
+    cpu = f"{meta['cpu']} ({meta['threads']} intra-op thread(s))"
+    if meta.get("device", "cpu") == "cpu":
+        return cpu
+    return f"{meta['device']} (CUDA {meta['cuda']}, Triton {meta['triton']}; host {cpu})"
+
+
 def report_markdown(experiment: Experiment, outcome: Outcome, meta: dict) -> str:
     verdict = outcome.verdict
     size_note = ""
-    if meta["size"] != "full":
+    if meta["size"] in ("test", "quick"):
         size_note = (
             f"\n> Size `{meta['size']}`: a reduced setting for a fast check, not the documented full run "
             f"({experiment.full_runtime}). Its numbers are noisier and may not match the full run's.\n"
@@ -174,7 +192,7 @@ def report_markdown(experiment: Experiment, outcome: Outcome, meta: dict) -> str
         *(f"![{name}]({name})\n" for name in outcome.figures),
         "## Run",
         "",
-        f"Size `{meta['size']}`, {meta['seconds']:.0f} s on {meta['cpu']} ({meta['threads']} intra-op thread(s)), "
+        f"Size `{meta['size']}`, {meta['seconds']:.0f} s on {where(meta)}, "
         f"torch {meta['torch']}, sigattn {meta['sigattn']}, {meta['date']}."
         + (f" Command: `{meta['command']}`." if meta["command"] else ""),
         "",

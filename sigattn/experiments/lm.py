@@ -1,4 +1,5 @@
-"""Language-model runs for the experiments: a generated corpus and one training run through ``sigattn.train``.
+"""Language-model runs for the experiments: a corpus (generated, Shakespeare or the environment's Python source)
+and one training run through ``sigattn.train``.
 
 The corpus is text from a small random language (made-up words, each followed by one of a few successors),
 generated from a seed, so the quick settings download nothing. A character-level model that has learnt
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import load_shakespeare
+from ..data.pycode import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE, load_pycode
 from ..models import GPTConfig
 from ..train import DataConfig, OptimConfig, RunConfig, Trainer, TrainSettings
 from ..train.diagnostics import attention_stats
@@ -41,8 +43,10 @@ def synthetic_text(num_chars: int, seed: int = 0, vocabulary: int = 300, success
 
 
 def corpus_data(kind: str, out: Path, num_chars: int) -> tuple[DataConfig, str]:
-    """The data config of ``kind`` ("synthetic": generated into out/corpus.txt; "shakespeare": the
-    corpus of ``sigattn.data``) and a one-line description."""
+    """The data config of ``kind`` and a one-line description. "synthetic": ``num_chars`` characters generated
+    into out/corpus.txt; "shakespeare": the corpus of ``sigattn.data``; "pycode": the environment's Python
+    source (``sigattn.data.pycode``, built into the cache folder if it is not there), at most ``num_chars``
+    bytes of it (0: all), BPE tokens."""
     if kind == "synthetic":
         path = out / "corpus.txt"
         path.write_text(synthetic_text(num_chars))
@@ -52,7 +56,18 @@ def corpus_data(kind: str, out: Path, num_chars: int) -> tuple[DataConfig, str]:
     if kind == "shakespeare":
         load_shakespeare()  # fails early, with instructions, if the corpus cannot be had
         return DataConfig(dataset="shakespeare", tokenizer="char"), "the works of Shakespeare (sigattn.data)"
-    raise ValueError(f"corpus must be 'synthetic' or 'shakespeare', got {kind!r}")
+    if kind == "pycode":
+        data = DataConfig(
+            dataset="pycode",
+            tokenizer="bpe",
+            vocab_size=DEFAULT_VOCAB_SIZE,
+            val_fraction=DEFAULT_VAL_FRACTION,  # the code-gpt preset's corpus: one build serves both
+            max_bytes=num_chars or None,
+        )
+        # Built (or found) once here, so that the runs only read it.
+        corpus = load_pycode(max_bytes=data.max_bytes, vocab_size=data.vocab_size, val_fraction=data.val_fraction)
+        return data, f"{corpus.description}; a byte-level BPE of {DEFAULT_VOCAB_SIZE:,} ids learnt on it"
+    raise ValueError(f"corpus must be 'synthetic', 'shakespeare' or 'pycode', got {kind!r}")
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,7 @@ class TrainRecipe:
     eval_windows: int
     device: str = "auto"
     seed: int = 0
+    compile: str = "auto"  # TrainSettings.compile: "off" where compiling would take longer than a short run
 
 
 def run_config(
@@ -85,6 +101,7 @@ def run_config(
             eval_windows=recipe.eval_windows,
             eval_context_lengths=eval_lengths,
             device=recipe.device,
+            compile=recipe.compile,
             progress=False,
             plots=False,
         ),
