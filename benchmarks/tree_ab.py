@@ -7,7 +7,8 @@ OTHER_ROOT``). The rounds are ``ab_rounds.interleave``'s (a row: the median over
 
 The cases are the paths a change to the kernels' masking can move: the headline dense shapes of ``sigattn
 bench`` (16k tokens, hidden 2048, bf16) on the sm_90 kernels, lengths that end inside tiles, packed sequences,
-causal sliding windows of 256-4096 keys at 4k and 16k tokens, ALiBi, and KV-cache decode.
+causal sliding windows of 256-4096 keys at 4k and 16k tokens, ALiBi, attention dropout (the Triton kernels)
+and KV-cache decode.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ def cases():
             if window < seqlen:
                 case = dense(seqlen, 128, backward, window_size=(window, 0))
                 out.append((f"window-D128-({window},0)-{seqlen}", mode, case))
+        for head_dim, seqlen, causal in ((128, 16384, True), (64, 16384, True), (128, 2048, False)):
+            mask = "causal" if causal else "full"
+            case = dense(seqlen, head_dim, backward, causal=causal, dropout_p=0.1)
+            out.append((f"dropout-0.1-D{head_dim}-{mask}-{seqlen}", mode, case))
         out.append(("varlen-D128-causal-16x1k", mode, varlen([1024] * 16, backward)))
         out.append(("varlen-D128-causal-mixed", mode, varlen(mixed, backward)))
     out += [(f"decode-B8-Hq32-Hkv8-D128-{n}", "fwd", decode(n)) for n in (1024, 8192, 65536)]

@@ -14,6 +14,8 @@ import os
 import torch
 from torch import Tensor
 
+from .ops.sigmoid_attn.dropout import threshold as dropout_threshold
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPE = torch.int32
 
@@ -97,11 +99,18 @@ def check_scale(scale, name: str = "scale") -> None:
 
 
 def check_dropout_p(dropout_p) -> None:
-    """``dropout_p``: a real number in [0, 1) (1 would drop every weight and scale the rest by 1 / 0)."""
+    """``dropout_p``: a real number in [0, 1) (1 would drop every weight and scale the rest by 1 / 0), 0 or
+    within the resolution of the 16-bit draws (``ops.sigmoid_attn.dropout``): a p that rounds to 0 in 2^-16
+    steps would drop nothing."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p must be a float in [0, 1), got {describe(dropout_p)}")
     if not 0 <= dropout_p < 1:  # NaN fails this too
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if dropout_p > 0 and dropout_threshold(dropout_p) == 0:
+        raise ValueError(
+            f"dropout_p={dropout_p!r} is below the resolution of attention dropout's 16-bit draws and would drop "
+            f"nothing: use 0, or a p of at least 2^-16 ({2.0**-16:.3g})"
+        )
 
 
 def check_bias(bias, num_heads: int, q: Tensor) -> None:

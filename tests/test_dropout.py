@@ -3,7 +3,8 @@
 The mask a call applies is ``dropout.keep_mask`` of its seed (the debug entry point): the Triton kernels (in
 the interpreter), the blocked and compiled PyTorch paths and the reference are each compared, output and every
 gradient, with the float64 reference applying that mask, by the tolerance rule. The draw itself is checked
-word for word against Triton's ``tl.philox`` and for its statistics (rate, independence of rows, heads, keys
+word for word against Triton's ``tl.philox`` (and the kernels' tile of kept weights against ``keep_mask``)
+and for its statistics (rate, independence of rows, heads, keys
 and seeds); ``torch.manual_seed`` reproduces a call, and a seed's mask does not depend on tiles.
 """
 
@@ -19,8 +20,8 @@ from conftest import forward_backward
 
 import sigattn
 from sigattn.backends import use_backend
-from sigattn.ops.sigmoid_attn import hopper, hopper_bwd, kernels
-from sigattn.ops.sigmoid_attn.dropout import Dropout, draw_seed, keep_mask, philox, threshold
+from sigattn.ops.sigmoid_attn import hopper, hopper_bwd, kernels, triton_kernels
+from sigattn.ops.sigmoid_attn.dropout import Dropout, draw_seed, draws, keep_mask, philox, threshold
 from sigattn.ops.sigmoid_attn.params import Params, Rows
 from sigattn.ops.sigmoid_attn.reference import (
     Mask,
@@ -44,24 +45,58 @@ def _philox_words(Seed, Out, bh, ROWS: tl.constexpr, COLS: tl.constexpr):
     i = tl.arange(0, ROWS)[:, None]
     j = tl.arange(0, COLS)[None, :]
     zero = i * 0 + j * 0
-    word, _, _, _ = tl.philox(tl.load(Seed), j + zero, i + zero, bh + zero, zero)
-    tl.store(Out + i * COLS + j, (word >> 1).to(tl.int32, bitcast=True))
+    words = tl.philox(tl.load(Seed), j + zero, i + zero, bh + zero, zero)
+    for w in tl.static_range(4):
+        tl.store(Out + w * ROWS * COLS + i * COLS + j, words[w].to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _kept_tile(Seed, Out, bh, n0, threshold, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TRANSPOSED: tl.constexpr):
+    i = tl.arange(0, ROWS)[:, None]
+    kept = triton_kernels._kept(tl.load(Seed), bh, i, n0, threshold, BLOCK_N)
+    if TRANSPOSED:  # as the dK/dV kernel takes it: keys along rows
+        tl.store(Out + tl.arange(0, BLOCK_N)[:, None] * ROWS + tl.arange(0, ROWS)[None, :], tl.trans(kept))
+    else:
+        tl.store(Out + i * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], kept)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 12345, (1 << 62) - 7, 0xDEADBEEFCAFE])
 def test_philox_matches_tritons_word_for_word(seed):
-    """The PyTorch draw is Triton's: the same 31-bit words for every (query, key) of a tile."""
+    """The PyTorch draw is Triton's: the same four 32-bit words for every counter of a tile."""
     seeds = torch.tensor([seed], dtype=torch.int64)
-    words = torch.empty(16, 32, dtype=torch.int32)
+    words = torch.empty(4, 16, 32, dtype=torch.int32)
     _philox_words[(1,)](seeds, words, 77, 16, 32)
-    ours = philox(seeds, torch.arange(32)[None, :], torch.arange(16)[:, None], torch.tensor(77), torch.tensor(0)) >> 1
-    assert torch.equal(words.long(), ours)
+    ours = philox(seeds, torch.arange(32)[None, :], torch.arange(16)[:, None], torch.tensor(77), torch.tensor(0))
+    for w in range(4):
+        assert torch.equal(words[w].long() & 0xFFFFFFFF, ours[w])
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["queries-on-rows", "keys-on-rows"])
+@pytest.mark.parametrize("block_n, n0", [(16, 0), (32, 48), (64, 8 * 1001)])
+def test_kernels_keep_what_keep_mask_keeps(block_n, n0, transposed):
+    """The kernels' tile of kept weights (eight draws per Philox call, folded into the keys' axis, in either
+    orientation) is keep_mask's, at tiles starting anywhere on a multiple of 8."""
+    dropout = Dropout(0.37, torch.tensor([4321]))
+    rows, bh = 16, 5
+    out = torch.empty((block_n, rows) if transposed else (rows, block_n), dtype=torch.int8)
+    _kept_tile[(1,)](dropout.seed, out, bh, n0, dropout.threshold, rows, block_n, transposed)
+    want = keep_mask(dropout, 1, 6, rows, n0 + block_n, cols=torch.arange(n0, n0 + block_n))[0, bh]
+    assert torch.equal(out.bool(), want.T if transposed else want)
+    assert 0 < want.float().mean() < 1
 
 
 def test_philox_known_answer():
-    """Philox4x32-10 of Random123's known-answer test (key 0, counter 0): first word 0x6627e8d5."""
+    """Philox4x32-10 of Random123's known-answer test (key 0, counter 0): 6627e8d5 e169c58d bc57ac4c 9b00dbd8."""
     zero = torch.tensor(0)
-    assert philox(0, zero, zero, zero, zero).item() == 0x6627E8D5
+    assert [w.item() for w in philox(0, zero, zero, zero, zero)] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_draws_are_the_words_halves_in_order():
+    """Key 8c + e draws half e % 2 (low first) of word e // 2 of the call at counter c."""
+    seed, i, bh = torch.tensor([7]), torch.tensor(3), torch.tensor(2)
+    words = philox(seed, torch.arange(5), i, bh, torch.tensor(0))
+    expected = torch.stack([(words[e // 2] >> (16 * (e % 2))) & 0xFFFF for e in range(8)], dim=1).flatten()
+    assert torch.equal(draws(seed, bh, i, torch.arange(40)), expected)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -90,9 +125,19 @@ def test_keep_rate_and_independence(p):
 
 
 def test_threshold_is_exact_at_the_ends():
-    assert threshold(0.0) == 0 and threshold(0.5) == 1 << 30
-    words = philox(torch.tensor([5]), torch.arange(1000), torch.tensor(0), torch.tensor(0), torch.tensor(0)) >> 1
-    assert bool(((words >= 0) & (words < (1 << 31))).all())
+    assert threshold(0.0) == 0 and threshold(0.5) == 1 << 15 and threshold(0.999999) == 1 << 16
+    values = draws(torch.tensor([5]), torch.tensor(0), torch.tensor(0), torch.arange(4000))
+    assert bool(((values >= 0) & (values < (1 << 16))).all())
+    assert len(values.unique()) > 3000  # all 16 bits vary: 4000 draws of 2^16 values repeat ~120 times
+
+
+@pytest.mark.parametrize("p", [1e-6, 2.0**-17])
+def test_a_p_below_the_draws_resolution_is_refused(p):
+    """A p that rounds to 0 in 2^-16 steps would drop nothing: refused by name, not silently ignored."""
+    q = torch.randn(1, 8, 1, 16)
+    with pytest.raises(ValueError, match=r"dropout_p=.* is below the resolution .* at least 2\^-16"):
+        sigattn.sigmoid_attn_func(q, q, q, dropout_p=p)
+    sigattn.sigmoid_attn_func(q, q, q, dropout_p=2.0**-16)  # the smallest accepted
 
 
 def test_a_mask_does_not_depend_on_the_tile():

@@ -1,12 +1,16 @@
 """Attention dropout: which (batch row, head, query, key) weights a call drops, the same on every backend.
 
-A weight P[b, h, i, j] is kept when the first word of Philox4x32-10 keyed by the call's 64-bit seed, at the
-counter (j, i, b * H + h, 0), shifted right by one, is at least ``threshold(p)``; kept weights are scaled by
-1 / (1 - p), as torch.nn.functional.dropout does. For packed sequences b is the sequence and i, j count
-from its first token. The Triton kernels draw the same words with ``tl.philox`` (``triton_kernels._kept``), the
-PyTorch backends with ``philox`` here, so a mask depends on the seed and the indices only, never on tiles,
-blocks or the backend: ``keep_mask`` is the mask a kernel applied (the debug entry point the tests compare
-against), and a backward regenerates the forward's mask from the seed alone.
+A weight P[b, h, i, j] is kept when its 16-bit draw is at least ``threshold(p)`` = round(p * 2^16); kept
+weights are scaled by 1 / (1 - p), as torch.nn.functional.dropout does. The draws come from Philox4x32-10
+keyed by the call's 64-bit seed: the call at counter (j // 8, i, b * H + h, 0) gives four 32-bit words, whose
+eight 16-bit halves (low half first, word by word) are the draws of keys 8 (j // 8) .. 8 (j // 8) + 7. Eight
+weights per call: the generator's integer work is the kernels' cost under dropout (with one 31-bit word per
+weight, the Triton forward at D128 ran at 0.17x its speed without dropout: 120 of 719 TFLOP/s, H100), and
+16 bits resolve p to within 2^-17 (FlashAttention 2 compares 8). For packed sequences b is the sequence and
+i, j count from its first token. The Triton kernels draw the same words with ``tl.philox``
+(``triton_kernels._kept``), the PyTorch backends with ``philox`` here, so a mask depends on the seed and the
+indices only, never on tiles, blocks or the backend: ``keep_mask`` is the mask a kernel applied (the debug entry
+point the tests compare against), and a backward regenerates the forward's mask from the seed alone.
 
 The seed is an int64 tensor on the call's device, drawn by ``draw_seed`` from PyTorch's generator of that
 device: ``torch.manual_seed`` makes a run reproducible, and under CUDA graphs each replay draws a new one.
@@ -24,8 +28,9 @@ _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _ROUNDS = 10
 _LOW32 = 0xFFFFFFFF
-# Words are compared in 31 bits, so that the threshold fits a kernel's int32 argument.
-_WORD = 1 << 31
+DRAW_BITS = 16  # each weight's draw: a 16-bit half of a Philox word
+DRAWS_PER_CALL = 4 * 32 // DRAW_BITS  # the keys one Philox call serves
+_DRAWS = 1 << DRAW_BITS
 
 
 class Dropout(NamedTuple):
@@ -48,9 +53,9 @@ class Dropout(NamedTuple):
 
 
 def threshold(p: float) -> int:
-    """The 31-bit word below which a weight is dropped: round(p * 2^31); a weight is kept with probability
-    1 - threshold / 2^31 (p to within 2^-32)."""
-    return round(p * _WORD)
+    """The 16-bit draw below which a weight is dropped: round(p * 2^16); a weight is kept with probability
+    1 - threshold / 2^16 (p to within 2^-17; ``validation.check_dropout_p`` refuses a p that rounds to 0)."""
+    return round(p * _DRAWS)
 
 
 def draw_seed(device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
@@ -71,8 +76,8 @@ def _mul_hi_lo(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
     return high, low
 
 
-def philox(seed: int | Tensor, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> Tensor:
-    """The first 32-bit word of Philox4x32-10 with key (seed's low, high 32 bits) at counters (c0, c1, c2,
+def philox(seed: int | Tensor, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -> tuple[Tensor, ...]:
+    """The four 32-bit words of Philox4x32-10 with key (seed's low, high 32 bits) at counters (c0, c1, c2,
     c3), elementwise over the broadcast counters (int64 tensors of values in [0, 2^32)), as int64. A tensor
     seed is never read on the host (``torch.compile`` traces this)."""
     k0, k1 = seed & _LOW32, (seed >> 32) & _LOW32
@@ -82,13 +87,22 @@ def philox(seed: int | Tensor, c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor) -
         hi_a, lo_a = _mul_hi_lo(c0, _ROUND_A)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _LOW32, (k1 + _KEY_B) & _LOW32
-    return c0
+    return c0, c1, c2, c3
+
+
+def draws(seed: int | Tensor, bh: Tensor, i: Tensor, j: Tensor) -> Tensor:
+    """The 16-bit draw of the weight of (batch row x heads + head ``bh``, query ``i``, key ``j``), elementwise
+    over the broadcast indices (int64 tensors), as int64: the rule of the module docstring."""
+    words = philox(seed, j // DRAWS_PER_CALL, i, bh, j.new_zeros(()))
+    slot = j % DRAWS_PER_CALL  # which half of which word
+    word = torch.stack(words).gather(0, (slot // 2).expand_as(words[0]).unsqueeze(0)).squeeze(0)
+    return (word >> (DRAW_BITS * (slot % 2))) & (_DRAWS - 1)
 
 
 def kept(dropout: Dropout, bh: Tensor, i: Tensor, j: Tensor) -> Tensor:
     """True where the weight of (batch row x heads + head ``bh``, query ``i``, key ``j``) is kept, elementwise
-    over the broadcast indices (int64 tensors): the rule of the module docstring."""
-    return (philox(dropout.seed, j, i, bh, j.new_zeros(())) >> 1) >= dropout.threshold
+    over the broadcast indices (int64 tensors): its draw is at least the threshold."""
+    return draws(dropout.seed, bh, i, j) >= dropout.threshold
 
 
 def keep_mask(

@@ -57,14 +57,29 @@ def _sigmoid_of_half(z):
 
 
 @triton.jit
-def _kept(seed, bh, i, j, threshold):
-    """The weights attention dropout keeps (``dropout.py``): where the first word of philox(seed; j, i, bh, 0),
-    shifted to 31 bits, is at least ``threshold``. i, j: query and key indices (broadcastable tiles), bh =
-    batch row * heads + head (a scalar or broadcastable). The kernels zero the others and scale their fp32
-    sums by 1 / (1 - p) once, so that P stays in [0, 1] where it is rounded to 16 bits."""
-    zero = i * 0 + j * 0
-    word, _, _, _ = tl.philox(seed, j + zero, i + zero, bh + zero, zero)
-    return (word >> 1).to(tl.int32, bitcast=True) >= threshold
+def _half_draws_kept(word, threshold):
+    """(low half kept, high half kept) of 32-bit Philox words against the 16-bit ``threshold``."""
+    return (word & 0xFFFF).to(tl.int32, bitcast=True) >= threshold, (word >> 16).to(tl.int32, bitcast=True) >= threshold
+
+
+@triton.jit
+def _kept(seed, bh, i, n0, threshold, BLOCK_N: tl.constexpr):
+    """The weights attention dropout keeps (``dropout.py``) of queries ``i`` (a column [R, 1]) against the keys
+    [n0, n0 + BLOCK_N) (n0 a multiple of 8), as an [R, BLOCK_N] tile: key j's draw is half j % 8 (low half
+    first) of the words of philox(seed; j // 8, i, bh, 0). bh = batch row * heads + head (a scalar or [R, 1]).
+    One Philox call per eight weights; the halves are joined along a new axis and folded into the keys' axis.
+    The kernels zero the others and scale their fp32 sums by 1 / (1 - p) once, so that P stays in [0, 1] where
+    it is rounded to 16 bits."""
+    c = (n0 // 8 + tl.arange(0, BLOCK_N // 8))[None, :]
+    zero = i * 0 + c * 0
+    w0, w1, w2, w3 = tl.philox(seed, c + zero, i + zero, bh + zero, zero)
+    a0, a1 = _half_draws_kept(w0, threshold)
+    a2, a3 = _half_draws_kept(w1, threshold)
+    a4, a5 = _half_draws_kept(w2, threshold)
+    a6, a7 = _half_draws_kept(w3, threshold)
+    # join appends an axis: x[r, c, p, q, s] = a[4p + 2q + s], so the row-major fold puts key 8c + e at a[e].
+    x = tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)), tl.join(tl.join(a1, a5), tl.join(a3, a7)))
+    return tl.reshape(x, (x.shape[0], BLOCK_N))
 
 
 @triton.jit
@@ -308,7 +323,7 @@ def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn,
                          z, float("-inf"))
         p = _sigmoid_of_half(z)
         if DROPOUT:
-            p = tl.where(_kept(seed, bh, i, j, dropout_threshold), p, 0.0)
+            p = tl.where(_kept(seed, bh, offs_m[:, None], n0, dropout_threshold, BLOCK_N), p, 0.0)
         acc = _dot(p.to(v.dtype), v, acc)  # [BM, BD]
     return acc
 
@@ -422,7 +437,7 @@ def sigmoid_attn_sum_splits_kernel(Partial, Out, numel, NUM_SPLITS: tl.constexpr
 @triton.jit
 def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, lo, hi, seqlen_q, key_first, key_last,
                     half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed, bh,
-                    dropout_threshold, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    dropout_threshold, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                     ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     """dK, dV of the key tile over query tiles [lo, hi). MASKED tiles load only the queries before Sq that see a
@@ -443,7 +458,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, 
         pt = _sigmoid_of_half(_half_logits(st, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI))
         dpt = _dot(v, tl.trans(do), None)  # [BN, BM]
         if DROPOUT:  # the forward read the kept P (scaled after): dV takes it, dP only its kept weights
-            kept = _kept(seed, bh, i, j, dropout_threshold)
+            kept = tl.trans(_kept(seed, bh, offs_m[:, None], key_first, dropout_threshold, BLOCK_N))
             dst = tl.where(kept, dpt, 0.0) * pt * (1.0 - pt)
             pt = tl.where(kept, pt, 0.0)
         else:
@@ -503,15 +518,15 @@ def sigmoid_attn_bwd_kernel_dkdv(
         half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, row_half_bias, ALIBI, HEAD_BIAS)
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, lo, full_lo, seqlen_q,
                                  n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
-                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, True,
                                  HAS_LEFT, HAS_RIGHT, ALIBI, DROPOUT)
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_lo, full_hi,
                                  seqlen_q, n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
-                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_M, BLOCK_D, False,
+                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False,
                                  HAS_LEFT, HAS_RIGHT, ALIBI, DROPOUT)
         dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_hi, hi, seqlen_q,
                                  n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
-                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_M, BLOCK_D, True,
+                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, True,
                                  HAS_LEFT, HAS_RIGHT, ALIBI, DROPOUT)
     if HAS_LEFT or HAS_RIGHT:  # a key no query may see gets exactly 0, whatever the rows that mask it hold
         seen = _sees_a_key(offs_n, -diag_offset, seqlen_q, window_right, window_left, HAS_RIGHT, HAS_LEFT)
@@ -547,7 +562,7 @@ def _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, l
         p = _sigmoid_of_half(_half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI))
         dp = _dot(do, tl.trans(v), None)  # [BM, BN]
         if DROPOUT:
-            dp = tl.where(_kept(seed, bh, i, j, dropout_threshold), dp, 0.0)
+            dp = tl.where(_kept(seed, bh, offs_m[:, None], n0, dropout_threshold, BLOCK_N), dp, 0.0)
         ds = dp * p * (1.0 - p)
         if MASKED:
             ds = tl.where(_counted(key_ok[None, :], i, j, diag_offset, window_left, window_right, HAS_LEFT,
