@@ -273,6 +273,7 @@ def _kernel_key(call: AttnCall) -> tuple:
         call.q.device,
         call.q.dtype,
         call.q.shape[-1],
+        call.v.shape[-1],
         call.mask.bounds[1] >= 0,
         call.mask.bounds != (-1, -1),
         call.alibi_slopes is not None,
@@ -339,12 +340,14 @@ class TritonBackend:
                 reasons.append(failure)
         if call.q.dtype not in (torch.float16, torch.bfloat16):
             reasons.append(f"dtype {call.q.dtype} (the kernels take float16 and bfloat16)")
-        if call.q.shape[-1] > 256:
-            reasons.append(f"head dim {call.q.shape[-1]} (at most 256)")
-        elif call.q.shape[-1] > 128 and _needs_backward(call) and _on_blackwell_or_newer(call.q.device):
+        widest = max(call.q.shape[-1], call.v.shape[-1])
+        if widest > 256:
+            dims = f"{call.q.shape[-1]}" + (f" (v: {call.v.shape[-1]})" if call.v.shape[-1] != call.q.shape[-1] else "")
+            reasons.append(f"head dim {dims} (at most 256)")
+        elif widest > 128 and _needs_backward(call) and _on_blackwell_or_newer(call.q.device):
             # Triton 3.6-3.9 compile this dK/dV kernel for sm_100 to a single trap: its accumulators and score
             # tiles need more tensor memory than there is (tests/test_triton_targets.py).
-            reasons.append(f"head dim {call.q.shape[-1]} with gradients on compute capability 10.0 or newer")
+            reasons.append(f"head dim {widest} with gradients on compute capability 10.0 or newer")
         if call.kind == "kvcache" and call.q.requires_grad and torch.is_grad_enabled():
             reasons.append("q requires grad (the KV-cache kernel is for inference)")
         if call.attn_mask is not None:

@@ -72,8 +72,10 @@ def sigmoid_attn_func(
 
     Args:
         q: (batch, seqlen_q, nheads, headdim).
-        k, v: (batch, seqlen_k, nheads_k, headdim). nheads must be a multiple of nheads_k (GQA/MQA):
+        k: (batch, seqlen_k, nheads_k, headdim). nheads must be a multiple of nheads_k (GQA/MQA):
             query head h reads key/value head ``h // (nheads // nheads_k)``.
+        v: (batch, seqlen_k, nheads_k, headdim_v): the value head dim may differ from the query/key one
+            (DeepSeek's 192/128), as in FlashAttention 3 and cuDNN.
         dropout_p: attention dropout, in [0, 1) (flash-attn's 4th argument; pass 0 in evaluation): each
             weight is zeroed with probability dropout_p and the others scaled by 1 / (1 - dropout_p). The
             weights dropped are drawn from a seed taken from PyTorch's generator of q's device, so
@@ -112,12 +114,12 @@ def sigmoid_attn_func(
     that side unbounded, and ``causal=True`` sets right to 0.
 
     Returns:
-        (batch, seqlen_q, nheads, headdim), in the dtype of q. Inputs may be float16, bfloat16, float32
+        (batch, seqlen_q, nheads, headdim_v), in the dtype of q. Inputs may be float16, bfloat16, float32
         (float64 on the PyTorch backends) and non-contiguous.
     """
     for t, n in ((q, "q"), (k, "k"), (v, "v")):
         validation.check_tensor(t, n, 4, "(batch, seqlen, nheads, headdim)")
-    validation.check_qkv(q, k, v, ("q", "k", "v"), ("(B, Sq, Hq, D)", "(B, Sk, Hkv, D)"))
+    validation.check_qkv(q, k, v, ("q", "k", "v"), ("(B, Sq, Hq, D)", "(B, Sk, Hkv, D|Dv)"))
     longest = max(q.shape[1], k.shape[1])
     window = _check_options(q, bias, window_size, alibi_slopes, causal, deterministic, q.shape[0], longest)
     validation.check_dropout_p(dropout_p)
@@ -149,7 +151,7 @@ def sigmoid_attn_varlen_func(
 
     Args:
         q: (total_q, nheads, headdim), the queries of all sequences concatenated.
-        k, v: (total_k, nheads_k, headdim).
+        k, v: (total_k, nheads_k, headdim) and (total_k, nheads_k, headdim_v) (v's head dim may differ).
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,), cumulative lengths starting at 0 and ending at
             total_q / total_k. Sequence b holds q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]] and likewise k, v.
         max_seqlen_q, max_seqlen_k: the longest query / key length (at least the true maximum).
@@ -164,11 +166,11 @@ def sigmoid_attn_varlen_func(
     them would synchronise with the device on every call), never under CUDA-graph capture or torch.compile.
 
     Returns:
-        (total_q, nheads, headdim), in the dtype of q.
+        (total_q, nheads, headdim_v), in the dtype of q.
     """
     for t, n in ((q, "q"), (k, "k"), (v, "v")):
         validation.check_tensor(t, n, 3, "(total, nheads, headdim)")
-    validation.check_qkv(q, k, v, ("q", "k", "v"), ("(total_q, Hq, D)", "(total_k, Hkv, D)"), same_batch=False)
+    validation.check_qkv(q, k, v, ("q", "k", "v"), ("(total_q, Hq, D)", "(total_k, Hkv, D|Dv)"), same_batch=False)
     validation.check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
     validation.check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
@@ -206,7 +208,7 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
     """Checks the cache arguments; returns cache_seqlens as a (B,) tensor (or None) and the capacity."""
     validation.check_tensor(q, "q", 4, "(batch, seqlen_q, nheads, headdim)")
     paged = block_table is not None
-    cache_layout = "(num_blocks, page_size, nheads_k, headdim)" if paged else "(batch, seqlen_cache, nheads_k, headdim)"
+    cache_layout = "(num_blocks, page_size, nheads_k, D|Dv)" if paged else "(batch, seqlen_cache, nheads_k, D|Dv)"
     for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
         validation.check_tensor(t, n, 4, cache_layout)
     # A paged cache's dim 0 counts pages, not batch rows: the batch is checked below.
@@ -216,20 +218,20 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (new keys and values to append), got only one")
     if k is not None:
-        for t, n in ((k, "k"), (v, "v")):
+        for t, n, cache in ((k, "k", k_cache), (v, "v", v_cache)):
             validation.check_tensor(t, n, 4, "(batch, seqlen_new, nheads_k, headdim)")
             if t.dtype != k_cache.dtype or t.device != k_cache.device:
                 raise TypeError(
                     f"{n} must match the cache's dtype and device ({k_cache.dtype}, {k_cache.device}), "
                     f"got {t.dtype} on {t.device}"
                 )
-            if t.shape[0] != batch or t.shape[2:] != k_cache.shape[2:]:
+            if t.shape[0] != batch or t.shape[2:] != cache.shape[2:]:
                 raise ValueError(
-                    f"{n} must have shape (B, seqlen_new, Hkv, D) = ({batch}, *, "
-                    f"{k_cache.shape[2]}, {k_cache.shape[3]}), got {tuple(t.shape)}"
+                    f"{n} must have shape (B, seqlen_new, Hkv, {'Dv' if n == 'v' else 'D'}) = ({batch}, *, "
+                    f"{cache.shape[2]}, {cache.shape[3]}), got {tuple(t.shape)}"
                 )
-        if k.shape != v.shape:
-            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.shape[1] != v.shape[1]:
+            raise ValueError(f"k and v must have the same length (dim 1), got {tuple(k.shape)} and {tuple(v.shape)}")
         for t, n in ((k_cache, "k_cache"), (v_cache, "v_cache")):
             # An expanded view maps several cache slots to one element: the append would write it twice.
             if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape, strict=True)):
@@ -320,9 +322,9 @@ def sigmoid_attn_with_kvcache(
     Args:
         q: (batch, seqlen_q, nheads, headdim).
         k_cache, v_cache: (batch, seqlen_cache, nheads_k, headdim), or with ``block_table`` a paged cache
-            (num_blocks, page_size, nheads_k, headdim).
-        k, v: optional (batch, seqlen_new, nheads_k, headdim). They are first written into the caches,
-            in place, at positions ``cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1`` of row b.
+            (num_blocks, page_size, nheads_k, headdim); v_cache's head dim (headdim_v) may differ.
+        k, v: optional (batch, seqlen_new, nheads_k, headdim) and (..., headdim_v). They are first written
+            into the caches, in place, at positions ``cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1`` of row b.
         cache_seqlens: int or int32 (batch,): the number of tokens already in each row's cache. None means
             every row's cache is full (seqlen_cache, or max_blocks * page_size); then k, v cannot be given.
             It is not updated: the caller advances it.
@@ -339,7 +341,7 @@ def sigmoid_attn_with_kvcache(
     the device on every call), never under CUDA-graph capture or torch.compile.
 
     Returns:
-        (batch, seqlen_q, nheads, headdim), in the dtype of q.
+        (batch, seqlen_q, nheads, headdim_v), in the dtype of q.
     """
     cache_seqlens, capacity = _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
     longest = max(q.shape[1], capacity)
@@ -386,8 +388,9 @@ def scaled_dot_product_sigmoid_attention(
 
     Args:
         query: (batch, nheads, seqlen_q, headdim).
-        key, value: (batch, nheads_k, seqlen_k, headdim); nheads_k must equal nheads unless
-            ``enable_gqa=True``, which allows nheads to be a multiple of nheads_k.
+        key, value: (batch, nheads_k, seqlen_k, headdim) and (..., headdim_v) (SDPA's Ev may differ from E);
+            nheads_k must equal nheads unless ``enable_gqa=True``, which allows nheads to be a multiple of
+            nheads_k.
         attn_mask: broadcastable to (batch, nheads, seqlen_q, seqlen_k). Boolean: True marks the keys a
             query may attend to (others contribute exactly 0). Floating point: added to the logits
             (a -inf entry makes that weight 0), and receives a gradient when it requires one.
@@ -405,12 +408,12 @@ def scaled_dot_product_sigmoid_attention(
     query with no allowed key outputs 0 (where softmax SDPA would give NaN).
 
     Returns:
-        (batch, nheads, seqlen_q, headdim), in the dtype of query.
+        (batch, nheads, seqlen_q, headdim_v), in the dtype of query.
     """
     for t, n in ((query, "query"), (key, "key"), (value, "value")):
         validation.check_tensor(t, n, 4, "(batch, nheads, seqlen, headdim)")
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    validation.check_qkv(q, k, v, ("query", "key", "value"), ("(B, Hq, Sq, D)", "(B, Hkv, Sk, D)"))
+    validation.check_qkv(q, k, v, ("query", "key", "value"), ("(B, Hq, Sq, D)", "(B, Hkv, Sk, D|Dv)"))
     validation.check_dropout_p(dropout_p)
     validation.check_flag(enable_gqa, "enable_gqa")
     validation.check_flag(is_causal, "is_causal")

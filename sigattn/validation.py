@@ -55,8 +55,8 @@ def check_qkv(
     layouts: tuple[str, str],
     same_batch: bool = True,
 ) -> None:
-    """q, k, v with matching dtype, device and head dim, k and v of one shape, Hq a multiple of Hkv,
-    and (``same_batch``) one batch size in dim 0.
+    """q, k, v with matching dtype and device, q and k of one head dim (v may have its own: the output's),
+    k and v of one shape but the head dim, Hq a multiple of Hkv, and (``same_batch``) one batch size in dim 0.
 
     The caller has checked ranks and moved heads to dim -2 (flash layout: ..., S, H, D)."""
     nq, nk, nv = names
@@ -68,9 +68,10 @@ def check_qkv(
             raise TypeError(f"{n} must have the dtype of {nq} ({q.dtype}), got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{n} must be on the device of {nq} ({q.device}), got {t.device}")
-    if k.shape != v.shape:
+    if k.shape[:-1] != v.shape[:-1]:
         raise ValueError(
-            f"{nk} and {nv} must have the same shape {layouts[1]}, got {tuple(k.shape)} and {tuple(v.shape)}"
+            f"{nk} and {nv} must have the same shape {layouts[1]} but the head dim (v's may differ), got "
+            f"{tuple(k.shape)} and {tuple(v.shape)}"
         )
     if same_batch and q.shape[0] != k.shape[0]:
         raise ValueError(f"{nk} must have the batch size of {nq} ({q.shape[0]}), got {k.shape[0]}")
@@ -81,8 +82,9 @@ def check_qkv(
         raise ValueError(
             f"the number of query heads ({hq}, {nq}) must be a multiple of the number of key/value heads ({hkv}, {nk})"
         )
-    if q.shape[-1] == 0:
-        raise ValueError(f"head dim must be at least 1, got {nq} of shape {tuple(q.shape)}")
+    for t, n in ((q, nq), (v, nv)):
+        if t.shape[-1] == 0:
+            raise ValueError(f"head dim must be at least 1, got {n} of shape {tuple(t.shape)}")
 
 
 def check_scale(scale, name: str = "scale") -> None:

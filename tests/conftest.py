@@ -137,7 +137,8 @@ def check_against_reference(fn, args: dict, dtype: torch.dtype, seed: int = 1) -
     test_args = cast_args(args, dtype)
     truth_args = cast_args(test_args, torch.float64)
     gen = torch.Generator().manual_seed(seed)
-    dout = torch.randn(args["q"].shape, generator=gen, dtype=torch.float64).to(dtype)
+    out_shape = (*args["q"].shape[:-1], args["v"].shape[-1])  # v's head dim: the output's
+    dout = torch.randn(out_shape, generator=gen, dtype=torch.float64).to(dtype)
     truth, truth_grads = forward_backward(lambda **a: sigmoid_attn_reference(**a, upcast=True), truth_args, dout)
     got, got_grads = forward_backward(fn, test_args, dout)
     assert got.dtype == dtype, f"output dtype {got.dtype}, expected {dtype}"

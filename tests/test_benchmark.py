@@ -556,7 +556,7 @@ def test_providers_decline_what_they_do_not_compute():
         return bench.PROVIDERS[provider].declines(Shape(1, 16, 4096, 128, True, "bf16", **options))
 
     assert declines("sigattn") is None and declines("sigattn", window=(256, 0), alibi=True) is None
-    assert declines("sigattn", dropout=0.1) is None and "value head dim" in declines("sigattn", headdim_v=64)
+    assert declines("sigattn", dropout=0.1) is None and declines("sigattn", headdim_v=64) is None
     for sdpa in ("sdpa-flash", "sdpa-cudnn"):
         assert declines(sdpa) is None and declines(sdpa, kv_heads=4) is None and declines(sdpa, dropout=0.1) is None
         assert "sliding window" in declines(sdpa, window=(256, 0))
@@ -571,17 +571,20 @@ def test_declined_shapes_are_skips_with_the_reason():
     shape = Shape(1, 16, 4096, 128, True, "bf16", dropout=0.1, headdim_v=64)
     built = []
     providers = [
-        bench.PROVIDERS["sigattn"].__class__("sigattn", "bshd", built.append, lambda: None, bench._sigattn_declines)
+        bench.PROVIDERS["flex-softmax"].__class__(
+            "flex-softmax", "bhsd", built.append, lambda: None, bench.PROVIDERS["flex-softmax"].declines
+        )
     ]
     rows, skips = bench.run_sweep([shape], providers, ["fwd", "bwd"], fake_measure)
     assert rows == [] and built == []
     assert [(s.mode, s.error) for s in skips] == [
-        (m, "not measured: a value head dim other than the query's is not implemented yet (issue 26)")
-        for m in ("fwd", "bwd")
+        (m, f"not measured: {bench.PROVIDERS['flex-softmax'].declines(shape)}") for m in ("fwd", "bwd")
     ]
-    table = bench.format_table(rows, skips, ["sigattn"]).splitlines()
+    assert "dropout" in skips[0].error
+    table = bench.format_table(rows, skips, ["flex-softmax"]).splitlines()
     assert table[0].split()[:4] == ["headdim", "mask", "config", "seqlen"]
     assert table[1].split()[:7] == ["128", "causal", "dropout", "0.1", "dv", "64", "4096"]
+    assert bench.PROVIDERS["sigattn"].declines(shape) is None  # sigattn serves every shape of the matrix
 
 
 def test_sigattn_provider_passes_the_configuration(monkeypatch):

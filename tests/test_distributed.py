@@ -224,6 +224,12 @@ BAD_INPUTS = [
         r"k must have the local sequence length of q \(4\)",
     ),
     (
+        "value-head-dim",
+        lambda rank, n: ulysses_sigmoid_attn(_t(1, 4, n, 8), _t(1, 4, n, 8), _t(1, 4, n, 4)),
+        ValueError,
+        r"ulysses_sigmoid_attn needs v's head dim to be q's and k's \(8\).*got v of shape \(1, 4, \d+, 4\)",
+    ),
+    (
         "bias-shape",
         lambda rank, n: ring_sigmoid_attn(_t(1, 4, 2, 8), _t(1, 4, 2, 8), _t(1, 4, 2, 8), bias=_t(3)),
         ValueError,

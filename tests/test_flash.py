@@ -37,6 +37,11 @@ CASES = [
     KVCacheCase((5, 30), 7, 48, 4, 1, 24, dtype="float16", window=(9, -1), alibi=True, head_bias=True),
     KVCacheCase((0, 20), 3, 32, 6, 2, 32, causal=False, page_size=16),  # group 3: not packed
     KVCacheCase((3, 40), 2, 48, 4, 2, 32, page_size=8, num_splits=2),  # a page per key, not per tile
+    # v's head dim of its own (the output's): narrower and wider than the query's, padded or not
+    Case(2, 37, 29, 4, 2, 48, head_dim_v=20, causal=True),
+    Case(1, 33, 50, 2, 1, 16, head_dim_v=64, dtype="float16", window=(7, 3), head_bias=True),
+    VarlenCase((5, 0, 40, 17), (7, 3, 33, 17), 4, 2, 32, head_dim_v=16, causal=True, alibi=True),
+    KVCacheCase((0, 13, 50), 1, 64, 8, 2, 32, head_dim_v=48, page_size=16, num_splits=3, pack_gqa=True),
 ]
 
 

@@ -60,15 +60,16 @@ class Compiling:
         return compile_only
 
 
-def _qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, packed=False):
+def _qkv(batch, seqlen_q, seqlen_k, heads, kv_heads, head_dim, dtype, packed=False, head_dim_v=None):
     shape_q = (batch * seqlen_q, heads, head_dim) if packed else (batch, seqlen_q, heads, head_dim)
-    shape_k = (batch * seqlen_k, kv_heads, head_dim) if packed else (batch, seqlen_k, kv_heads, head_dim)
-    return torch.randn(shape_q, dtype=dtype), torch.randn(shape_k, dtype=dtype), torch.randn(shape_k, dtype=dtype)
+    shape_k = (batch * seqlen_k, kv_heads) if packed else (batch, seqlen_k, kv_heads)
+    k, v = torch.randn(*shape_k, head_dim, dtype=dtype), torch.randn(*shape_k, head_dim_v or head_dim, dtype=dtype)
+    return torch.randn(shape_q, dtype=dtype), k, v
 
 
-def _dense(kernels, dtype, head_dim, causal, seqlen_k, bias=-2.0, heads=(4, 2), dropout=None):
+def _dense(kernels, dtype, head_dim, causal, seqlen_k, bias=-2.0, heads=(4, 2), dropout=None, head_dim_v=None):
     """Forward and backward of dense rows (TMA K/V descriptors on sm_90+ from triton_host.TMA_MIN_KEYS keys)."""
-    q, k, v = _qkv(1, 128, seqlen_k, *heads, head_dim, dtype)
+    q, k, v = _qkv(1, 128, seqlen_k, *heads, head_dim, dtype, head_dim_v=head_dim_v)
     params = Params(0.1, Mask(causal), dropout=dropout)
     out = kernels.forward(q, k, v, params, bias)
     kernels.backward(torch.randn_like(out), q, k, v, params, bias)
@@ -82,23 +83,23 @@ def _varlen(kernels, dtype, head_dim, causal, window=(-1, -1), alibi=None):
     kernels.backward(torch.randn_like(out), q, k, v, params, None, alibi, rows)
 
 
-def _kvcache(kernels, dtype, head_dim, paged, splits):
+def _kvcache(kernels, dtype, head_dim, paged, splits, head_dim_v=None):
     q = torch.randn(2, 1, 8, head_dim, dtype=dtype)
-    if paged:
-        k = torch.randn(8, 64, 2, head_dim, dtype=dtype)
-        block_table = torch.arange(8, dtype=torch.int32).view(2, 4)
-    else:
-        k, block_table = torch.randn(2, 256, 2, head_dim, dtype=dtype), None
+    slots = (8, 64, 2) if paged else (2, 256, 2)
+    k, v = torch.randn(*slots, head_dim, dtype=dtype), torch.randn(*slots, head_dim_v or head_dim, dtype=dtype)
+    block_table = torch.arange(8, dtype=torch.int32).view(2, 4) if paged else None
     seqlens = torch.tensor([100, 256], dtype=torch.int32)
     params = Params(0.1, Mask(causal=True))
-    kernels.decode(q, k, torch.randn_like(k), params, None, None, seqlens, block_table, num_splits=splits)
+    kernels.decode(q, k, v, params, None, None, seqlens, block_table, num_splits=splits)
 
 
 # Every kernel, in the specialisations that change its code most: each tile table's head dims (64, 128, 256,
 # and 96 padded to 128), causal and sliding-window masks, a per-head bias tensor (its gradient partials),
 # ALiBi, GQA, TMA descriptors (dense rows of 1024+ keys), attention dropout (Philox in the kernels), packed
-# sequences, and the KV cache (contiguous and paged, with GQA packing and split keys, whose partial sums take
-# the sum kernel). Compiling them all for one target takes 20-35 s on a 2-core CPU.
+# sequences, the KV cache (contiguous and paged, with GQA packing and split keys, whose partial sums take
+# the sum kernel), and a value head dim of its own (DeepSeek's 192/128: its dK/dV kernel, with a [64, 128] dV
+# accumulator, compiles for sm_100 without D256's trap). Compiling them all for one target takes 25-40 s on a
+# 2-core CPU.
 CASES = {
     "dense-D64-bf16-causal-tma": lambda f: _dense(f, torch.bfloat16, 64, True, 1024),
     "dense-D128-fp16-headbias-tma": lambda f: _dense(f, torch.float16, 128, False, 1024, bias=torch.zeros(4)),
@@ -111,6 +112,10 @@ CASES = {
     ),
     "kvcache-D128-bf16-split": lambda f: _kvcache(f, torch.bfloat16, 128, paged=False, splits=4),
     "kvcache-D64-fp16-paged": lambda f: _kvcache(f, torch.float16, 64, paged=True, splits=1),
+    "dense-D192-Dv128-bf16-causal": lambda f: _dense(f, torch.bfloat16, 192, True, 300, head_dim_v=128),
+    "kvcache-D192-Dv128-bf16-paged-split": lambda f: _kvcache(
+        f, torch.bfloat16, 192, paged=True, splits=2, head_dim_v=128
+    ),
 }
 
 

@@ -19,7 +19,7 @@ and require grad (so ``fwd`` is a training forward). Providers (``PROVIDERS``):
 a deterministic backward, dropout, every head dim, Dqk/Dv 192/128, GQA 32/8) instead. A provider that does
 not compute what sigattn computes for a shape says why (``Provider.declines``), and the table shows a skip
 with that reason: SDPA has no sliding window, no softmax kernel computes ALiBi or a per-head bias as sigmoid
-attention does (a per-head constant cancels in the softmax), sigattn has no Dv != Dqk yet.
+attention does (a per-head constant cancels in the softmax).
 
 FLOPs count only the unmasked (query, key) pairs (``unmasked_pairs``: S * S full, S * (S + 1) / 2 causal, a
 window's band): forward ``2 * B * H * pairs * (D + Dv)``; backward 2.5 x forward; forward + backward 3.5 x.
@@ -209,12 +209,6 @@ def _sigattn_missing() -> str | None:
     return None
 
 
-def _sigattn_declines(shape: Shape) -> str | None:
-    if shape.dv != shape.headdim:
-        return "a value head dim other than the query's is not implemented yet (issue 26)"
-    return None
-
-
 def _softmax_declines(shape: Shape) -> str | None:
     """What no softmax kernel computes as sigattn does: ALiBi and per-head biases change sigmoid attention but
     not softmax (a per-head constant cancels), and sigattn's own deterministic backward is the baseline of
@@ -372,7 +366,7 @@ def _triton_sigmoid_missing() -> str | None:
 PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
-        Provider("sigattn", "bshd", _sigattn, _sigattn_missing, _sigattn_declines),
+        Provider("sigattn", "bshd", _sigattn, _sigattn_missing),
         Provider("sdpa-flash", "bhsd", _sdpa("FLASH_ATTENTION"), _sdpa_missing("FLASH_ATTENTION"), _sdpa_declines),
         Provider("sdpa-cudnn", "bhsd", _sdpa("CUDNN_ATTENTION"), _sdpa_missing("CUDNN_ATTENTION"), _sdpa_declines),
         Provider(

@@ -52,6 +52,11 @@ def check_sharded_call(fn: str, q, k, v, group, *, causal, bias, scale, load_bal
     for t, n in ((q, "q"), (k, "k"), (v, "v")):
         check.check_tensor(t, n, 4, layout)
     check.check_qkv(q, k, v, ("q", "k", "v"), ("(B, S_local, Hq, D)", "(B, S_local, Hkv, D)"))
+    if v.shape[-1] != q.shape[-1]:
+        raise ValueError(
+            f"{fn} needs v's head dim to be q's and k's ({q.shape[-1]}): the shards of k and v travel as one "
+            f"tensor; got v of shape {tuple(v.shape)}"
+        )
     if k.shape[1] != q.shape[1]:
         raise ValueError(
             f"k must have the local sequence length of q ({q.shape[1]}): {fn} is self-attention over one "

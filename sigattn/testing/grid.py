@@ -39,6 +39,11 @@ from ..runinfo import run_meta, write_json
 from .tolerance import allowed_error, max_error, rounding_term
 
 
+def _dv_id(case) -> str:
+    """The id's mark of a value head dim other than the query's."""
+    return "" if case.head_dim_v is None else f"-Dv{case.head_dim_v}"
+
+
 @dataclass(frozen=True)
 class Case:
     batch: int
@@ -54,11 +59,17 @@ class Case:
     head_bias: bool = False
     top_left: bool = False
     dropout: float = 0.0  # attention dropout, checked against the reference applying the kernel's own mask
+    head_dim_v: int | None = None  # v's head dim (the output's); None: head_dim
+
+    @property
+    def dv(self) -> int:
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
 
     @property
     def id(self) -> str:
         parts = [
-            f"B{self.batch}-Sq{self.seqlen_q}-Sk{self.seqlen_k}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}",
+            f"B{self.batch}-Sq{self.seqlen_q}-Sk{self.seqlen_k}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}"
+            + _dv_id(self),
             {"bfloat16": "bf16", "float16": "fp16"}.get(self.dtype, self.dtype),
         ]
         parts += ["causal"] * self.causal + [f"win{self.window[0]}_{self.window[1]}"] * (self.window != (-1, -1))
@@ -82,11 +93,19 @@ class VarlenCase:
     alibi: bool = False
     head_bias: bool = False
     dropout: float = 0.0
+    head_dim_v: int | None = None
+
+    @property
+    def dv(self) -> int:
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
 
     @property
     def id(self) -> str:
         lens = f"Sq{'_'.join(map(str, self.seqlens_q))}-Sk{'_'.join(map(str, self.seqlens_k))}"
-        parts = [f"varlen-{lens}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}", _DTYPE_ID[self.dtype]]
+        parts = [
+            f"varlen-{lens}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}{_dv_id(self)}",
+            _DTYPE_ID[self.dtype],
+        ]
         parts += ["causal"] * self.causal + [f"win{self.window[0]}_{self.window[1]}"] * (self.window != (-1, -1))
         parts += ["alibi"] * self.alibi + ["headbias"] * self.head_bias
         parts += [f"dropout{self.dropout:g}"] * (self.dropout > 0)
@@ -113,12 +132,17 @@ class KVCacheCase:
     head_bias: bool = False
     num_splits: int | None = None
     pack_gqa: bool | None = None
+    head_dim_v: int | None = None
+
+    @property
+    def dv(self) -> int:
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
 
     @property
     def id(self) -> str:
         parts = [
             f"kvcache-B{len(self.cache_seqlens)}-cache{'_'.join(map(str, self.cache_seqlens))}-new{self.seqlen_new}"
-            f"-cap{self.capacity}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}",
+            f"-cap{self.capacity}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}{_dv_id(self)}",
             _DTYPE_ID[self.dtype],
         ]
         parts += [f"page{self.page_size}"] * (self.page_size > 0) + ["causal"] * self.causal
@@ -219,15 +243,15 @@ def _run_dense(case: Case, device, randn, gen) -> dict:
 
     q = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
     k = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
-    v = randn(case.batch, case.seqlen_k, case.kv_heads, case.head_dim)
-    do = randn(case.batch, case.seqlen_q, case.heads, case.head_dim)
+    v = randn(case.batch, case.seqlen_k, case.kv_heads, case.dv)
+    do = randn(case.batch, case.seqlen_q, case.heads, case.dv)
     bias, alibi = _extras(case, case.batch, gen, device)
     opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window, top_left=case.top_left)
     opts["dropout"] = _dropout(case, gen, device)
 
     params = Params(opts["scale"], Mask(case.causal, case.window, case.top_left), dropout=opts["dropout"])
     kernel_bias = resolve_bias(bias, case.seqlen_k)
-    out = torch.full_like(q, math.nan)
+    out = torch.full_like(do, math.nan)
     grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
     kernels.forward(q, k, v, params, kernel_bias, alibi, out=out)
     with _gluon_backward_at_every_length():
@@ -255,8 +279,8 @@ def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
     total_q, total_k = sum(case.seqlens_q), sum(case.seqlens_k)
     q = randn(total_q, case.heads, case.head_dim)
     k = randn(total_k, case.kv_heads, case.head_dim)
-    v = randn(total_k, case.kv_heads, case.head_dim)
-    do = randn(total_q, case.heads, case.head_dim)
+    v = randn(total_k, case.kv_heads, case.dv)
+    do = randn(total_q, case.heads, case.dv)
     bias, alibi = _extras(case, len(case.seqlens_q), gen, device)
     cu_q, cu_k = _cumulative(case.seqlens_q, device), _cumulative(case.seqlens_k, device)
     rows = Rows.packed(cu_q, cu_k, max(case.seqlens_q), max(case.seqlens_k))
@@ -264,7 +288,7 @@ def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
     opts["dropout"] = _dropout(case, gen, device)
 
     params = Params(opts["scale"], Mask(case.causal, case.window), dropout=opts["dropout"])
-    out = torch.full_like(q, math.nan)
+    out = torch.full_like(do, math.nan)
     grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
     kernels.forward(q, k, v, params, bias, alibi, rows, out=out)
     with _gluon_backward_at_every_length():
@@ -287,16 +311,16 @@ def _run_kvcache(case: KVCacheCase, device, randn, gen) -> dict:
     batch = len(case.cache_seqlens)
     q = randn(batch, case.seqlen_new, case.heads, case.head_dim)
     k_new = randn(batch, case.seqlen_new, case.kv_heads, case.head_dim)
-    v_new = randn(batch, case.seqlen_new, case.kv_heads, case.head_dim)
+    v_new = randn(batch, case.seqlen_new, case.kv_heads, case.dv)
     block_table = None
     if case.page_size:
         pages_per_row = case.capacity // case.page_size
         order = torch.randperm(batch * pages_per_row, generator=gen).to(device)  # pages in no particular order
         block_table = order.reshape(batch, pages_per_row).to(torch.int32)
-        cache_shape = (batch * pages_per_row, case.page_size, case.kv_heads, case.head_dim)
+        cache_shape = (batch * pages_per_row, case.page_size, case.kv_heads)
     else:
-        cache_shape = (batch, case.capacity, case.kv_heads, case.head_dim)
-    k_cache, v_cache = randn(*cache_shape), randn(*cache_shape)
+        cache_shape = (batch, case.capacity, case.kv_heads)
+    k_cache, v_cache = randn(*cache_shape, case.head_dim), randn(*cache_shape, case.dv)
     cache_seqlens = torch.tensor(case.cache_seqlens, dtype=torch.int32, device=device)
     seqlens_k = cache_seqlens + case.seqlen_new
     _poison_unused_slots(k_cache, v_cache, seqlens_k, block_table)
@@ -305,7 +329,7 @@ def _run_kvcache(case: KVCacheCase, device, randn, gen) -> dict:
     opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window)
 
     params = Params(opts["scale"], Mask(case.causal, case.window))
-    out = torch.full_like(q, math.nan)
+    out = q.new_full((*q.shape[:-1], case.dv), math.nan)
     kernels.decode(
         q,
         k_cache,
@@ -654,6 +678,13 @@ def grid(quick: bool) -> list[AnyCase]:
             KVCacheCase((0, 20), 3, 32, 6, 2, 32, causal=False, page_size=16),  # group 3: not packed
             KVCacheCase((3, 40), 2, 48, 4, 2, 32, page_size=8, num_splits=2),  # a page per key, not per tile
         ]
+        # A value head dim of its own, wider and narrower than the query's (and padded: 24, 48)
+        cases += [
+            Case(2, 113, 203, 4, 2, 48, head_dim_v=24, causal=True),
+            Case(1, 40, 37, 2, 1, 16, head_dim_v=32, dtype="float16", window=(9, 3), head_bias=True),
+            VarlenCase((5, 0, 40, 17), (7, 3, 33, 17), 4, 2, 32, head_dim_v=16, causal=True, alibi=True),
+            KVCacheCase((0, 13, 50), 1, 64, 8, 2, 32, head_dim_v=48, page_size=16, num_splits=3, pack_gqa=True),
+        ]
         return cases
     shapes = [(1, 1), (17, 17), (113, 203), (203, 113), (1023, 1023), (1, 1023), (2048, 2048)]
     cases = [
@@ -687,6 +718,12 @@ def grid(quick: bool) -> list[AnyCase]:
     # for a 2k cache KVCACHE_SHORT_MANY_PROGRAMS_CONFIGS'
     cases += [KVCacheCase(tuple(range(0, 4040, 101)), 1, 4096, 32, hkv, 128) for hkv in (8, 32)]
     cases += [KVCacheCase(tuple(range(0, 2040, 51)), 1, 2048, 32, hkv, 128) for hkv in (8, 32)]
+    # A value head dim of its own: DeepSeek's 192/128 (MLA's training shapes), its reverse and small ones
+    for (d, dv), dt in itertools.product(((192, 128), (128, 192), (64, 32), (96, 64)), ("bfloat16", "float16")):
+        for (sq, sk), m in itertools.product(((113, 203), (1023, 1023)), (dict(), dict(causal=True))):
+            cases.append(Case(2, sq, sk, 8, 2, d, head_dim_v=dv, dtype=dt, **m))
+    cases += [VarlenCase(lens_q, lens_k, 8, 2, 192, head_dim_v=128, causal=True, alibi=True)]
+    cases += [KVCacheCase(caches, 1, 8192, 32, 8, 192, head_dim_v=128, page_size=page) for page in (0, 16)]
     return list(dict.fromkeys(cases))
 
 

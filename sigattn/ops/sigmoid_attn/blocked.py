@@ -177,7 +177,7 @@ class _BlockedSigmoidAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k, opts: _Options):
         tiles = _Tiles(q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k, opts)
-        out = torch.zeros_like(tiles.q)
+        out = tiles.q.new_zeros((*tiles.q.shape[:-1], v.shape[-1]))  # v's head dim: the output's
         for rows, cols, mask in tiles.tiles():
             q_i, k_j, v_j = tiles.operands(rows, cols, mask)
             p = tiles.probs(q_i, k_j, rows, cols, mask)
@@ -186,8 +186,8 @@ class _BlockedSigmoidAttn(torch.autograd.Function):
             out[..., rows, :] += o_i if mask is None else o_i.where(tiles.query_sees(mask), 0)
         ctx.save_for_backward(q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k)
         ctx.opts = opts
-        batch, seqlen_q, num_heads, head_dim = q.shape
-        return out.reshape(batch, num_heads, seqlen_q, head_dim).transpose(1, 2).to(q.dtype)
+        batch, seqlen_q, num_heads, _ = q.shape
+        return out.reshape(batch, num_heads, seqlen_q, v.shape[-1]).transpose(1, 2).to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -195,7 +195,7 @@ class _BlockedSigmoidAttn(torch.autograd.Function):
         opts = ctx.opts
         tiles = _Tiles(q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k, opts)
         batch, seqlen_q, num_heads, head_dim = q.shape
-        do = grad_out.transpose(1, 2).to(tiles.dtype).reshape(tiles.q.shape)
+        do = grad_out.transpose(1, 2).to(tiles.dtype).reshape(*tiles.q.shape[:-1], v.shape[-1])
         dq = torch.zeros_like(tiles.q)
         dk = torch.zeros_like(tiles.k[:, :, 0])
         dv = torch.zeros_like(tiles.v[:, :, 0])

@@ -87,7 +87,7 @@ def _flash_fwd_op(
 
 @_flash_fwd_op.register_fake
 def _(q, k, v, head_bias, alibi, *options):
-    return kernels.empty_like(q)
+    return kernels.empty_out(q, v)
 
 
 @torch.library.custom_op("sigattn::flash_bwd", mutates_args=())
@@ -183,7 +183,7 @@ def _flash_varlen_fwd_op(
 
 @_flash_varlen_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, head_bias, alibi, *options):
-    return kernels.empty_like(q)
+    return kernels.empty_out(q, v)
 
 
 @torch.library.custom_op("sigattn::flash_varlen_bwd", mutates_args=())
@@ -285,7 +285,7 @@ def _flash_kvcache_fwd_op(
 
 @_flash_kvcache_fwd_op.register_fake
 def _(q, k_cache, v_cache, seqlens_k, block_table, head_bias, alibi, *options):
-    return kernels.empty_like(q)
+    return kernels.empty_out(q, v_cache)
 
 
 class _FlashEager(torch.autograd.Function):

@@ -492,7 +492,7 @@ def unsupported(
     if alibi is not None and varlen and q.shape[-1] == 64:
         # Four consumer groups of 112 registers: ptxas spills 32 bytes (tests/test_hopper.py).
         return "ALiBi on packed sequences at head dim 64"
-    return host.unsupported_common(q, k, (q, k, v, out))
+    return host.unsupported_common(q, k, v, (q, k, v, out))
 
 
 def forward(

@@ -456,7 +456,7 @@ def unsupported(
         return f"{rows.seqlen_k} keys: more than {MAX_GRID_ROWS} tiles of {2 * int(KEYS)}"
     if rows.varlen and params.mask.bounds[0] >= 0:
         return f"packed sequences with a window's left bound ({params.mask.bounds})"
-    reason = host.unsupported_common(q, k, (q, k, v, do, *(grads or ())))
+    reason = host.unsupported_common(q, k, v, (q, k, v, do, *(grads or ())))
     if reason is None and q.shape[-3] == 0:
         return "no queries"
     shortest = TRITON_UP_TO_QUERIES[(head_dim, params.mask.bounds[1] >= 0)]

@@ -103,14 +103,16 @@ def batch_rows(rows: Rows, *tensors: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.unsqueeze(0) for t in tensors) if rows.varlen else tensors
 
 
-def unsupported_common(q: Tensor, k: Tensor, tensors: tuple[Tensor | None, ...]) -> str | None:
-    """What neither Hopper kernel runs: dtypes other than bf16 and fp16, no keys, and ``tensors`` TMA
-    cannot address (None: a buffer made for the call, which it can); nor any call with a Triton release they
-    were not tested with (``compat.SUPPORTED``)."""
+def unsupported_common(q: Tensor, k: Tensor, v: Tensor, tensors: tuple[Tensor | None, ...]) -> str | None:
+    """What neither Hopper kernel runs: dtypes other than bf16 and fp16, a value head dim other than the
+    query's, no keys, and ``tensors`` TMA cannot address (None: a buffer made for the call, which it can);
+    nor any call with a Triton release they were not tested with (``compat.SUPPORTED``)."""
     if compat.UNSUPPORTED_TRITON is not None:
         return compat.UNSUPPORTED_TRITON
     if q.dtype not in (torch.bfloat16, torch.float16):
         return f"dtype {q.dtype}, not bfloat16 or float16"
+    if v.shape[-1] != q.shape[-1]:
+        return f"value head dim {v.shape[-1]} differs from the query's {q.shape[-1]}"
     if k.shape[-3] == 0:
         return "no keys"
     for t in tensors:

@@ -97,8 +97,14 @@ def _dense(t: Tensor | None) -> Tensor | None:
 
 
 def empty_like(t: Tensor) -> Tensor:
-    """The output and gradient buffers the entry points make (and ``flash.py``'s fake ops describe)."""
+    """The gradient buffers the entry points make (and ``flash.py``'s fake ops describe)."""
     return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def empty_out(q: Tensor, v: Tensor) -> Tensor:
+    """The output buffer the entry points make (and ``flash.py``'s fake ops describe): q's shape with v's
+    head dim, contiguous."""
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, bias: Bias, alibi: Tensor | None, rows: Rows):
@@ -126,12 +132,14 @@ def forward(
     rows: Rows | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """Forward of dense rows (q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D); ``rows`` None) or packed sequences
-    (q (total_q, Hq, D), k and v (total_k, Hkv, D); ``Rows.packed``) on the first ``FORWARD`` kernel that
-    runs it. ``out`` (shape of q, last dim contiguous) receives the result when given (tests poison it)."""
+    """Forward of dense rows (q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv); ``rows`` None) or packed
+    sequences (q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); ``Rows.packed``) on the first
+    ``FORWARD`` kernel that
+    runs it. ``out`` (q's shape with v's head dim, last dim contiguous) receives the result when given (tests
+    poison it)."""
     rows = Rows.dense(q, k) if rows is None else rows
     q, k, v, bias, alibi, rows = _prepare(q, k, v, bias, alibi, rows)
-    out = empty_like(q) if out is None else out
+    out = empty_out(q, v) if out is None else out
     if out.numel() == 0:
         return out
     kernel, _ = choose(FORWARD, q, k, v, out, params, bias, alibi, rows)
@@ -186,7 +194,7 @@ def decode(
     path)."""
     rows = Rows.cache(q, k_cache, seqlens_k, block_table)
     q, k_cache, v_cache, bias, alibi, rows = _prepare(q, k_cache, v_cache, bias, alibi, rows)
-    out = empty_like(q) if out is None else out
+    out = empty_out(q, v_cache) if out is None else out
     if out.numel() == 0:
         return out
     kernel, _ = choose(DECODE, q, k_cache, v_cache, out, params, bias, alibi, rows)

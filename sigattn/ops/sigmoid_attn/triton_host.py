@@ -113,22 +113,26 @@ def padded_head_dim(head_dim: int) -> int:
     return max(32, triton.next_power_of_2(head_dim))
 
 
-def _config(table: dict[tuple[int, bool], TileConfig], block_d: int, causal: bool) -> TileConfig:
+def _config(table: dict[tuple[int, bool], TileConfig], flags: dict) -> TileConfig:
+    """The tiles of ``table`` for the kernels' flags: keyed by the wider of the padded head dims (of q and k,
+    of v), so that a value head dim below the query's (DeepSeek's 192/128) takes the tiles of 256."""
     if INTERPRET:
         return _INTERPRET_CONFIG
-    return table[(max(64, block_d), causal)]
+    return table[(max(64, flags["BLOCK_D"], flags["BLOCK_DV"]), flags["HAS_RIGHT"])]
 
 
-def _arguments(q: Tensor, k: Tensor, params: Params, bias: Bias, alibi: Tensor | None, rows: Rows):
+def _arguments(q: Tensor, k: Tensor, v: Tensor, params: Params, bias: Bias, alibi: Tensor | None, rows: Rows):
     """(the constexpr flags, the runtime scalars) every kernel takes. (Absent tensors are passed as None:
     Triton compiles them as constants, and the flags keep the kernels from touching them.)"""
-    num_heads, head_dim = q.shape[-2], q.shape[-1]
+    num_heads, head_dim, head_dim_v = q.shape[-2], q.shape[-1], v.shape[-1]
     left, right = params.mask.bounds
     head_bias = bias if isinstance(bias, Tensor) else None
     flags = dict(
         GROUP=num_heads // k.shape[-2],
         HEAD_DIM=head_dim,
+        HEAD_DIM_V=head_dim_v,
         BLOCK_D=padded_head_dim(head_dim),
+        BLOCK_DV=padded_head_dim(head_dim_v),
         HAS_LEFT=left >= 0,
         HAS_RIGHT=right >= 0,
         TOP_LEFT=params.mask.top_left,
@@ -169,16 +173,18 @@ def _has_tma(device: torch.device) -> bool:
 
 
 def _kv_descriptors(
-    k: Tensor, v: Tensor, rows: Rows, params: Params, block_n: int, block_d: int
+    k: Tensor, v: Tensor, rows: Rows, params: Params, block_n: int, block_d: int, block_dv: int
 ) -> tuple[TensorDescriptor, TensorDescriptor, int] | None:
-    """TMA descriptors of K and V, block [1, BLOCK_N, 1, D], and the key they start at, when the tiles can be
+    """TMA descriptors of K and V, blocks [1, BLOCK_N, 1, D] and [1, BLOCK_N, 1, Dv], and the key they start at,
+    when the tiles can be
     loaded that way and it pays: dense rows (the descriptors cover the keys some query sees, ``host.visible_keys``,
     so keys before and after them load as zeros; a cache or packed sequences end elsewhere) of at least
     TMA_MIN_KEYS keys, an unpadded head dim (a padded tile would read the next head), 16-byte aligned base and
     strides, and a GPU that has TMA (sm_90+) or the interpreter."""
     if rows.varlen or rows.seqlens_k is not None or rows.block_table is not None:
         return None
-    if rows.seqlen_k < TMA_MIN_KEYS or k.shape[-1] != block_d or not (INTERPRET or _has_tma(k.device)):
+    unpadded = k.shape[-1] == block_d and v.shape[-1] == block_dv
+    if rows.seqlen_k < TMA_MIN_KEYS or not unpadded or not (INTERPRET or _has_tma(k.device)):
         return None
     tensors = (k, v)
     if not all(host.tma_addressable(t) for t in tensors):
@@ -187,8 +193,12 @@ def _kv_descriptors(
     first, last = host.visible_keys(rows.seqlen_q, rows.seqlen_k, diag_offset, params.mask.bounds)
     if last == first:  # no query sees a key: nothing worth a descriptor
         return None
+    blocks = ([1, block_n, 1, block_d], [1, block_n, 1, block_dv])
     views = (t[:, first:last] for t in tensors)
-    return (*(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, block_d]) for t in views), first)
+    return (
+        *(TensorDescriptor(t, list(t.shape), list(t.stride()), b) for t, b in zip(views, blocks, strict=True)),
+        first,
+    )
 
 
 def launch_forward(
@@ -206,18 +216,20 @@ def launch_forward(
     num_splits: int = 1,
     use_tma: bool = True,
 ) -> None:
-    """The forward of dense rows, packed sequences or cache rows into ``out``: shaped like q, or with
-    num_splits > 1 an fp32 (num_splits, *q.shape) buffer of partial sums. ``cfg``: the tiles (default: those
+    """The forward of dense rows, packed sequences or cache rows into ``out``: shaped like q with v's head dim,
+    or with num_splits > 1 an fp32 (num_splits, *that shape) buffer of partial sums. ``cfg``: the tiles (default: those
     of ``FWD_CONFIGS``); ``use_tma``: K/V tiles through TMA descriptors where ``_kv_descriptors`` allows."""
-    flags, s = _arguments(q, k, params, bias, alibi, rows)
-    cfg = cfg or _config(FWD_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
+    flags, s = _arguments(q, k, v, params, bias, alibi, rows)
+    cfg = cfg or _config(FWD_CONFIGS, flags)
     group = flags["GROUP"]
     block_q = cfg.block_m // group if pack_gqa else cfg.block_m
     num_heads = q.shape[-2]
     grid = (host.cdiv(rows.seqlen_q, block_q) * num_splits, num_heads // group if pack_gqa else num_heads, rows.batch)
     out_rows = out[0] if num_splits > 1 else out
     paged = rows.block_table is not None
-    descriptors = _kv_descriptors(k, v, rows, params, cfg.block_n, flags["BLOCK_D"]) if use_tma else None
+    descriptors = (
+        _kv_descriptors(k, v, rows, params, cfg.block_n, flags["BLOCK_D"], flags["BLOCK_DV"]) if use_tma else None
+    )
     k_desc, v_desc, kv_first = descriptors or (k, v, 0)
     sigmoid_attn_fwd_kernel[grid](
         q,
@@ -275,7 +287,7 @@ def backward(
     """Writes (dq, dk, dv) into ``grads``; returns the gradient of a per-head bias (else None). Two kernels
     and no atomics: deterministic."""
     dq, dk, dv = grads
-    flags, s = _arguments(q, k, params, bias, alibi, rows)
+    flags, s = _arguments(q, k, v, params, bias, alibi, rows)
     head_bias = s["head_bias"]
     cu = (rows.cu_seqlens_q, rows.cu_seqlens_k)
     num_heads, num_kv_heads = q.shape[-2], k.shape[-2]
@@ -290,7 +302,7 @@ def backward(
         *s["dropout"],
     )
 
-    cfg = _config(BWD_DKDV_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
+    cfg = _config(BWD_DKDV_CONFIGS, flags)
     sigmoid_attn_bwd_kernel_dkdv[(host.cdiv(rows.seqlen_k, cfg.block_n), num_kv_heads, rows.batch)](
         q,
         k,
@@ -316,7 +328,7 @@ def backward(
         **flags,
     )
 
-    cfg = _config(BWD_DQ_CONFIGS, flags["BLOCK_D"], flags["HAS_RIGHT"])
+    cfg = _config(BWD_DQ_CONFIGS, flags)
     n_tiles = host.cdiv(rows.seqlen_q, cfg.block_m)
     partial = None
     if head_bias is not None:  # zeros: tiles past a packed sequence's end write nothing
@@ -362,7 +374,8 @@ def kvcache_plan(
     device: torch.device,
     paged: bool = False,
 ) -> tuple[TileConfig, bool, int]:
-    """(tiles, pack the GQA group into one tile, number of key splits) for a KV-cache forward.
+    """(tiles, pack the GQA group into one tile, number of key splits) for a KV-cache forward; ``head_dim``:
+    the wider of the query/key and the value head dims.
 
     Packing puts the query heads that share a kv head into the rows of one tile (power-of-two groups that
     fit), so each K/V tile is read once per group. Splits give a small batch about one program per SM
@@ -410,7 +423,7 @@ def decode(
         seqlen_q,
         num_heads,
         k_cache.shape[2],
-        head_dim,
+        max(head_dim, v_cache.shape[-1]),
         rows.seqlen_k,
         q.device,
         paged=rows.block_table is not None,
@@ -439,7 +452,7 @@ def decode(
     # second kernel sums them: the last split program to finish could, but its arrival counts need zeroing
     # every call, and that memset cost what this launch does (1-5% slower at B1-4 on an H200,
     # benchmarks/results/decode_split_sum_ab_h200_2026-12-03.json).
-    partial = torch.empty(splits, *q.shape, dtype=torch.float32, device=q.device)
+    partial = torch.empty(splits, *out.shape, dtype=torch.float32, device=q.device)
     launch(out=partial, num_splits=splits)
     if not out.is_contiguous():
         out.copy_(partial.sum(dim=0))

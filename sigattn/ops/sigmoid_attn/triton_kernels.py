@@ -292,9 +292,10 @@ def _store_rows(ptr, value, row_offsets, offs_rows, offs_d, n_rows, HEAD_DIM: tl
 
 @triton.jit
 def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn, stride_vp, stride_vn, offs_m, offs_d,
-               lo, hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope, diag_offset,
+               offs_dv, lo, hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope, diag_offset,
                window_left, window_right, seed, bh, dropout_threshold, HEAD_DIM: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+               HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
                HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
                TMA: tl.constexpr, DROPOUT: tl.constexpr):
     """acc += P V over key tiles [lo, hi). MASKED tiles load only the keys [key_lo, key_hi) that a row of the
@@ -306,12 +307,12 @@ def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn,
         key_ok = (offs_n >= key_lo) & (offs_n < key_hi)
         if TMA:  # keys outside the descriptors (before kv_first: negative coordinates) load as zeros
             k = KDesc.load([b, n0 - kv_first, h_kv, 0]).reshape(BLOCK_N, BLOCK_D)
-            v = VDesc.load([b, n0 - kv_first, h_kv, 0]).reshape(BLOCK_N, BLOCK_D)
+            v = VDesc.load([b, n0 - kv_first, h_kv, 0]).reshape(BLOCK_N, BLOCK_DV)
         else:
             k_rows, v_rows = _kv_offsets(n0, offs_n, Pages, stride_kp, stride_kn, stride_vp, stride_vn, seqlen_k,
                                          BLOCK_N, MASKED, PAGED, PAGE_SIZE)
             k = _load_rows(K, k_rows, key_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-            v = _load_rows(V, v_rows, key_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+            v = _load_rows(V, v_rows, key_ok, offs_dv, HEAD_DIM_V, BLOCK_DV, MASKED)
         s = _dot(q, tl.trans(k), None)  # [BM, BN]
         i, j = offs_m[:, None], offs_n[None, :]
         z = _half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI)
@@ -324,7 +325,7 @@ def _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kp, stride_kn,
         p = _sigmoid_of_half(z)
         if DROPOUT:
             p = tl.where(_kept(seed, bh, offs_m[:, None], n0, dropout_threshold, BLOCK_N), p, 0.0)
-        acc = _dot(p.to(v.dtype), v, acc)  # [BM, BD]
+        acc = _dot(p.to(v.dtype), v, acc)  # [BM, BDV]
     return acc
 
 
@@ -334,9 +335,10 @@ def sigmoid_attn_fwd_kernel(
     stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh, stride_os, stride_ob, stride_om,
     stride_oh, stride_alibi_b, stride_bt, seqlen_q, seqlen_k, window_left, window_right, kv_first, half_scale,
     half_scale_bias, Seed, dropout_threshold, keep_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr, HEAD_BIAS: tl.constexpr,
-    DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr, KV_LENS: tl.constexpr,
+    HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    TOP_LEFT: tl.constexpr, HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr, KV_LENS: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, PACK_GQA: tl.constexpr, NUM_SPLITS: tl.constexpr,
     TMA: tl.constexpr, DROPOUT: tl.constexpr,
 ):
@@ -359,6 +361,7 @@ def sigmoid_attn_fwd_kernel(
         diag_offset = 0
     rows = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     if PACK_GQA:
         h_kv = i_h
         offs_m = m0 + rows // GROUP  # [BM] query position of each row
@@ -389,32 +392,35 @@ def sigmoid_attn_fwd_kernel(
         if PACK_GQA:
             bh = bh[:, None]
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _key_tiles(m0, diag_offset, seqlen_k, window_left, window_right,
                                           BLOCK_Q, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     lo, full_lo, full_hi, hi = _split_key_tiles(lo, full_lo, full_hi, hi, split, BLOCK_N, NUM_SPLITS)
     key_lo, key_hi = _visible_keys(m0, BLOCK_Q, diag_offset, seqlen_q, seqlen_k, window_left, window_right,
                                    HAS_LEFT, HAS_RIGHT)
     acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
-                     offs_d, lo, full_lo, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope,
-                     diag_offset, window_left, window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_N,
-                     BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE, TMA, DROPOUT)
+                     offs_d, offs_dv, lo, full_lo, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias,
+                     half_slope, diag_offset, window_left, window_right, seed, bh, dropout_threshold, HEAD_DIM,
+                     HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE, TMA,
+                     DROPOUT)
     acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
-                     offs_d, full_lo, full_hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope,
-                     diag_offset, window_left, window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_N,
-                     BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE, TMA, DROPOUT)
+                     offs_d, offs_dv, full_lo, full_hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias,
+                     half_slope, diag_offset, window_left, window_right, seed, bh, dropout_threshold, HEAD_DIM,
+                     HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE, TMA,
+                     DROPOUT)
     acc = _fwd_tiles(acc, q, K, V, KDesc, VDesc, b, h_kv, Pages, stride_kb, stride_kn, stride_vb, stride_vn, offs_m,
-                     offs_d, full_hi, hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias, half_slope,
-                     diag_offset, window_left, window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_N,
-                     BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE, TMA, DROPOUT)
+                     offs_d, offs_dv, full_hi, hi, seqlen_k, key_lo, key_hi, kv_first, half_scale, half_bias,
+                     half_slope, diag_offset, window_left, window_right, seed, bh, dropout_threshold, HEAD_DIM,
+                     HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, ALIBI, PAGED, PAGE_SIZE, TMA,
+                     DROPOUT)
     if HAS_LEFT or HAS_RIGHT:  # a query with no allowed key outputs 0, whatever the values it masks hold
         acc = tl.where(_sees_a_key(offs_m, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT,
                                    HAS_RIGHT)[:, None], acc, 0.0)
     if DROPOUT:
         acc *= keep_scale
     Out += split * stride_os + b64 * stride_ob + q_start * stride_om
-    _store_rows(Out, acc.to(Out.dtype.element_ty), offs_m * stride_om + heads * stride_oh, offs_m, offs_d,
-                seqlen_q, HEAD_DIM)
+    _store_rows(Out, acc.to(Out.dtype.element_ty), offs_m * stride_om + heads * stride_oh, offs_m, offs_dv,
+                seqlen_q, HEAD_DIM_V)
 
 
 @triton.jit
@@ -435,11 +441,11 @@ def sigmoid_attn_sum_splits_kernel(Partial, Out, numel, NUM_SPLITS: tl.constexpr
 
 
 @triton.jit
-def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, lo, hi, seqlen_q, key_first, key_last,
-                    half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed, bh,
-                    dropout_threshold, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                    ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
+def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, offs_dv, lo, hi, seqlen_q, key_first,
+                    key_last, half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed, bh,
+                    dropout_threshold, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr, DROPOUT: tl.constexpr):
     """dK, dV of the key tile over query tiles [lo, hi). MASKED tiles load only the queries before Sq that see a
     key of the tile's [key_first, key_last] (others read as 0) and mask P and dS to the allowed pairs."""
     for m0 in range(lo, hi, BLOCK_M):
@@ -450,7 +456,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, 
         if MASKED and HAS_LEFT:
             rows_ok = rows_ok & (offs_m + diag_offset - window_left <= key_last)
         q = _load_rows(Q, offs_m * stride_qm, rows_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        do = _load_rows(DO, offs_m * stride_dom, rows_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_rows(DO, offs_m * stride_dom, rows_ok, offs_dv, HEAD_DIM_V, BLOCK_DV, MASKED)
         # Transposed tiles (keys along rows): P^T and dS^T come out of the score dots in the layout the dV and
         # dK dots read from registers, with no transpose through shared memory.
         i, j = offs_m[None, :], offs_n[:, None]
@@ -468,7 +474,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Q, DO, stride_qm, stride_dom, offs_n, offs_d, 
             allowed = _counted(rows_ok[None, :], i, j, diag_offset, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(allowed, pt, 0.0)
             dst = tl.where(allowed, dst, 0.0)
-        dv = _dot(pt.to(do.dtype), do, dv)  # [BN, BD]
+        dv = _dot(pt.to(do.dtype), do, dv)  # [BN, BDV]
         dk = _dot(dst.to(q.dtype), q, dk)  # [BN, BD]
     return dk, dv
 
@@ -479,10 +485,10 @@ def sigmoid_attn_bwd_kernel_dkdv(
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dkb, stride_dkn, stride_dkh, stride_dvb, stride_dvn, stride_dvh,
     stride_alibi_b, seqlen_q, seqlen_k, window_left, window_right, scale, half_scale, half_scale_bias, Seed,
-    dropout_threshold, keep_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    TOP_LEFT: tl.constexpr, HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+    dropout_threshold, keep_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr, HEAD_BIAS: tl.constexpr,
+    DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     i_n, h_kv, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _row_bounds(b, CuSeqlensQ, CuSeqlensK, CuSeqlensK, seqlen_q, seqlen_k,
@@ -498,13 +504,14 @@ def sigmoid_attn_bwd_kernel_dkdv(
     row_half_bias = _row_half_bias(seqlen_k, half_scale_bias, DEFAULT_BIAS)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     k = _load_rows(K + b64 * stride_kb + k_start * stride_kn + h_kv * stride_kh, offs_n * stride_kn,
                    offs_n < seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(V + b64 * stride_vb + k_start * stride_vn + h_kv * stride_vh, offs_n * stride_vn,
-                   offs_n < seqlen_k, offs_d, HEAD_DIM, BLOCK_D, True)
+                   offs_n < seqlen_k, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
     key_last = tl.minimum(n0 + BLOCK_N, seqlen_k) - 1
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _query_tiles(n0, diag_offset, seqlen_q, window_left, window_right,
                                             BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     seed = 0
@@ -516,18 +523,18 @@ def sigmoid_attn_bwd_kernel_dkdv(
         Qh = Q + b64 * stride_qb + q_start * stride_qm + h * stride_qh
         DOh = DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh
         half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h, row_half_bias, ALIBI, HEAD_BIAS)
-        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, lo, full_lo, seqlen_q,
-                                 n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
-                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, True,
-                                 HAS_LEFT, HAS_RIGHT, ALIBI, DROPOUT)
-        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_lo, full_hi,
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, offs_dv, lo, full_lo,
                                  seqlen_q, n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
-                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, False,
-                                 HAS_LEFT, HAS_RIGHT, ALIBI, DROPOUT)
-        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, full_hi, hi, seqlen_q,
-                                 n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
-                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, True,
-                                 HAS_LEFT, HAS_RIGHT, ALIBI, DROPOUT)
+                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
+                                 BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, ALIBI, DROPOUT)
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, offs_dv, full_lo,
+                                 full_hi, seqlen_q, n0, key_last, half_scale, half_bias, half_slope, diag_offset,
+                                 window_left, window_right, seed, bh, dropout_threshold, HEAD_DIM, HEAD_DIM_V, BLOCK_M,
+                                 BLOCK_N, BLOCK_D, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, ALIBI, DROPOUT)
+        dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, stride_qm, stride_dom, offs_n, offs_d, offs_dv, full_hi, hi,
+                                 seqlen_q, n0, key_last, half_scale, half_bias, half_slope, diag_offset, window_left,
+                                 window_right, seed, bh, dropout_threshold, HEAD_DIM, HEAD_DIM_V, BLOCK_M, BLOCK_N,
+                                 BLOCK_D, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, ALIBI, DROPOUT)
     if HAS_LEFT or HAS_RIGHT:  # a key no query may see gets exactly 0, whatever the rows that mask it hold
         seen = _sees_a_key(offs_n, -diag_offset, seqlen_q, window_right, window_left, HAS_RIGHT, HAS_LEFT)
         dk = tl.where(seen[:, None], dk, 0.0)
@@ -538,7 +545,7 @@ def sigmoid_attn_bwd_kernel_dkdv(
     _store_rows(DK + b64 * stride_dkb + k_start * stride_dkn + h_kv * stride_dkh, (dk * scale).to(DK.dtype.element_ty),
                 offs_n * stride_dkn, offs_n, offs_d, seqlen_k, HEAD_DIM)
     _store_rows(DV + b64 * stride_dvb + k_start * stride_dvn + h_kv * stride_dvh, dv.to(DV.dtype.element_ty),
-                offs_n * stride_dvn, offs_n, offs_d, seqlen_k, HEAD_DIM)
+                offs_n * stride_dvn, offs_n, offs_dv, seqlen_k, HEAD_DIM_V)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -546,17 +553,17 @@ def sigmoid_attn_bwd_kernel_dkdv(
 
 
 @triton.jit
-def _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, hi, key_lo, key_hi,
+def _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, offs_dv, lo, hi, key_lo, key_hi,
                   half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed, bh,
-                  dropout_threshold, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_D: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                  ALIBI: tl.constexpr, HEAD_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
+                  dropout_threshold, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                  HAS_RIGHT: tl.constexpr, ALIBI: tl.constexpr, HEAD_BIAS: tl.constexpr, DROPOUT: tl.constexpr):
     """dQ of the query tile over key tiles [lo, hi); MASKED tiles as in ``_fwd_tiles``, with dS masked too."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         key_ok = (offs_n >= key_lo) & (offs_n < key_hi)
         k = _load_rows(K, offs_n * stride_kn, key_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(V, offs_n * stride_vn, key_ok, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(V, offs_n * stride_vn, key_ok, offs_dv, HEAD_DIM_V, BLOCK_DV, MASKED)
         s = _dot(q, tl.trans(k), None)  # [BM, BN]
         i, j = offs_m[:, None], offs_n[None, :]
         p = _sigmoid_of_half(_half_logits(s, i, j, half_scale, half_bias, half_slope, diag_offset, ALIBI))
@@ -579,10 +586,10 @@ def sigmoid_attn_bwd_kernel_dq(
     stride_qb, stride_qm, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
     stride_dob, stride_dom, stride_doh, stride_dqb, stride_dqm, stride_dqh, stride_alibi_b,
     seqlen_q, seqlen_k, window_left, window_right, scale, half_scale, half_scale_bias, Seed, dropout_threshold,
-    keep_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr,
-    HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr, ALIBI: tl.constexpr, VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    keep_scale, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, TOP_LEFT: tl.constexpr, HEAD_BIAS: tl.constexpr, DEFAULT_BIAS: tl.constexpr,
+    ALIBI: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     i_m, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start, seqlen_q, k_start, seqlen_k = _row_bounds(b, CuSeqlensQ, CuSeqlensK, CuSeqlensK, seqlen_q, seqlen_k,
@@ -597,6 +604,7 @@ def sigmoid_attn_bwd_kernel_dq(
         diag_offset = 0
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     K += b64 * stride_kb + k_start * stride_kn + (h // GROUP) * stride_kh
     V += b64 * stride_vb + k_start * stride_vn + (h // GROUP) * stride_vh
     half_bias, half_slope = _head_terms(HeadBias, Alibi, stride_alibi_b, b, h,
@@ -604,7 +612,7 @@ def sigmoid_attn_bwd_kernel_dq(
     q = _load_rows(Q + b64 * stride_qb + q_start * stride_qm + h * stride_qh, offs_m * stride_qm, offs_m < seqlen_q,
                    offs_d, HEAD_DIM, BLOCK_D, True)
     do = _load_rows(DO + b64 * stride_dob + q_start * stride_dom + h * stride_doh, offs_m * stride_dom,
-                    offs_m < seqlen_q, offs_d, HEAD_DIM, BLOCK_D, True)
+                    offs_m < seqlen_q, offs_dv, HEAD_DIM_V, BLOCK_DV, True)
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
@@ -615,18 +623,18 @@ def sigmoid_attn_bwd_kernel_dq(
                                           BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     key_lo, key_hi = _visible_keys(m0, BLOCK_M, diag_offset, seqlen_q, seqlen_k, window_left, window_right,
                                    HAS_LEFT, HAS_RIGHT)
-    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, lo, full_lo, key_lo, key_hi,
-                             half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed, bh,
-                             dropout_threshold, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI,
-                             HEAD_BIAS, DROPOUT)
-    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, full_lo, full_hi, key_lo,
+    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, offs_dv, lo, full_lo, key_lo,
                              key_hi, half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed,
-                             bh, dropout_threshold, HEAD_DIM, BLOCK_N, BLOCK_D, False, HAS_LEFT, HAS_RIGHT, ALIBI,
-                             HEAD_BIAS, DROPOUT)
-    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, full_hi, hi, key_lo, key_hi,
-                             half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed, bh,
-                             dropout_threshold, HEAD_DIM, BLOCK_N, BLOCK_D, True, HAS_LEFT, HAS_RIGHT, ALIBI,
-                             HEAD_BIAS, DROPOUT)
+                             bh, dropout_threshold, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT,
+                             HAS_RIGHT, ALIBI, HEAD_BIAS, DROPOUT)
+    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, offs_dv, full_lo, full_hi,
+                             key_lo, key_hi, half_scale, half_bias, half_slope, diag_offset, window_left, window_right,
+                             seed, bh, dropout_threshold, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, False,
+                             HAS_LEFT, HAS_RIGHT, ALIBI, HEAD_BIAS, DROPOUT)
+    dq, dsum = _bwd_dq_tiles(dq, dsum, q, do, K, V, stride_kn, stride_vn, offs_m, offs_d, offs_dv, full_hi, hi, key_lo,
+                             key_hi, half_scale, half_bias, half_slope, diag_offset, window_left, window_right, seed,
+                             bh, dropout_threshold, HEAD_DIM, HEAD_DIM_V, BLOCK_N, BLOCK_D, BLOCK_DV, True, HAS_LEFT,
+                             HAS_RIGHT, ALIBI, HEAD_BIAS, DROPOUT)
     if HAS_LEFT or HAS_RIGHT:  # a query with no allowed key gets exactly 0, whatever the keys it masks hold
         dq = tl.where(_sees_a_key(offs_m, diag_offset, seqlen_k, window_left, window_right, HAS_LEFT,
                                   HAS_RIGHT)[:, None], dq, 0.0)
