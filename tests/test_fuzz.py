@@ -458,6 +458,7 @@ class DenseCase:
     heads: int
     kv_heads: int
     head_dim: int
+    head_dim_v: int  # v's (and the output's)
     opts: Options
     deterministic: bool
     layouts: dict[str, str]
@@ -466,6 +467,7 @@ class DenseCase:
 
     def __repr__(self) -> str:
         shape = f"B{self.batch}-Sq{self.seqlen_q}-Sk{self.seqlen_k}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}"
+        shape += f"-Dv{self.head_dim_v}" if self.head_dim_v != self.head_dim else ""
         extra = "".join(f"-{p}" for p in (self.opts.id(), "deterministic" if self.deterministic else "") if p)
         return f"{self.backend}:{shape}-{DTYPE_ID[self.dtype]}{extra} junk={self.junk} seed={self.seed}"
 
@@ -477,6 +479,7 @@ DENSE_TENSORS = ("q", "k", "v", "bias", "alibi_slopes", "dout")
 def dense_cases(draw, backend: str) -> DenseCase:
     lim = LIMITS[backend]
     heads, kv_heads = draw(st.sampled_from(lim.heads))
+    head_dim = draw(st.sampled_from(lim.head_dims))
     return DenseCase(
         backend=backend,
         dtype=draw(st.sampled_from(lim.dtypes)),
@@ -485,7 +488,8 @@ def dense_cases(draw, backend: str) -> DenseCase:
         seqlen_k=draw(seqlens(backend)),
         heads=heads,
         kv_heads=kv_heads,
-        head_dim=draw(st.sampled_from(lim.head_dims)),
+        head_dim=head_dim,
+        head_dim_v=draw(st.one_of(st.just(head_dim), st.sampled_from(lim.head_dims))),
         opts=draw(flash_options(lim.max_seqlen)),
         deterministic=draw(st.booleans()),
         layouts=draw(layouts(DENSE_TENSORS)),
@@ -504,8 +508,9 @@ def dense_values(case: DenseCase, gen) -> dict:
         case.head_dim,
         case.dtype,
     )
+    Dv = case.head_dim_v
     values = dict(
-        q=randn(gen, (B, Sq, Hq, D), dtype), k=randn(gen, (B, Sk, Hkv, D), dtype), v=randn(gen, (B, Sk, Hkv, D), dtype)
+        q=randn(gen, (B, Sq, Hq, D), dtype), k=randn(gen, (B, Sk, Hkv, D), dtype), v=randn(gen, (B, Sk, Hkv, Dv), dtype)
     )
     bias = bias_value(gen, case.opts, Hq, dtype)
     if isinstance(bias, torch.Tensor):
@@ -559,7 +564,7 @@ def test_dense_strided_equals_contiguous_and_reference(backend):
         gen = torch.Generator().manual_seed(case.seed)
         values = dense_values(case, gen)
         grad_names = [n for n in ("q", "k", "v", "bias") if n in values]
-        dout = randn(gen, values["q"].shape, case.dtype)
+        dout = randn(gen, (*values["q"].shape[:-1], case.head_dim_v), case.dtype)
         fn = partial(sigmoid_attn_func, **dense_options(case))
         values, dout, out, grads = run_strided_and_contiguous(fn, case, values, grad_names, dout, gen)
         ref = partial(sigmoid_attn_reference, **dense_options(case, reference=True))
@@ -1494,7 +1499,7 @@ def test_inf_in_one_query_stays_in_its_row(backend):
         values["q"][b, i, h, d] = sign * INF
         note(f"q[{b}, {i}, {h}, {d}] = {sign * INF}")
         grad_names = [n for n in ("q", "k", "v", "bias") if n in values]
-        dout = randn(gen, values["q"].shape, case.dtype)
+        dout = randn(gen, (*values["q"].shape[:-1], case.head_dim_v), case.dtype)
         with on_backend(case.backend):
             out, grads = run(
                 partial(sigmoid_attn_func, **dense_options(case)),
@@ -1514,10 +1519,14 @@ def test_inf_in_one_query_stays_in_its_row(backend):
         base, base_grads = run(partial(ref, upcast=False), args(lambda t: t), dout)
         if torch.isfinite(truth[b, i, h]).all():
             assert_finite("out (the inf query)", out[b, i, h], "the float64 reference's output is finite")
-        assert_within_tolerance_rule("out", out, truth, base, case.dtype)
-        for n in ("q", "v", "bias"):
-            if n in grads:
-                assert_within_tolerance_rule(f"d{n}", grads[n], truth_grads[n], base_grads[n], case.dtype)
+        judged = [("out", out, truth, base)]
+        judged += [(f"d{n}", grads[n], truth_grads[n], base_grads[n]) for n in ("q", "v", "bias") if n in grads]
+        # PyTorch's own bfloat16 einsum on the CPU can carry the inf into another row (measured: an inf in
+        # q[1, 10] left row 8 of the bfloat16 reference NaN, of the float64 one finite, and ours finite): the
+        # rule then has no baseline to judge by.
+        assume(all(bool(torch.isfinite(baseline)[torch.isfinite(want)].all()) for _, _, want, baseline in judged))
+        for name, got, want, baseline in judged:
+            assert_within_tolerance_rule(name, got, want, baseline, case.dtype)
 
     check()
 
