@@ -728,6 +728,7 @@ class VarlenCase:
     heads: int
     kv_heads: int
     head_dim: int
+    head_dim_v: int  # v's (and the output's)
     opts: Options
     layouts: dict[str, str]
     junk: str
@@ -737,6 +738,7 @@ class VarlenCase:
     def __repr__(self) -> str:
         lq, lk = "_".join(map(str, self.lengths_q)), "_".join(map(str, self.lengths_k))
         shape = f"B{len(self.lengths_q)}-Sq{lq}-Sk{lk}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}"
+        shape += f"-Dv{self.head_dim_v}" if self.head_dim_v != self.head_dim else ""
         extra = f"-max+{self.extra_max}" if self.extra_max else ""
         opts = f"-{self.opts.id()}" if self.opts.id() else ""
         return f"{self.backend}:{shape}-{DTYPE_ID[self.dtype]}{extra}{opts} junk={self.junk} poison={self.poison} seed={self.seed}"  # noqa: E501
@@ -752,6 +754,7 @@ def varlen_cases(draw, backend: str) -> VarlenCase:
     num_seqs = draw(st.integers(1, 4 if backend == "torch" else 3))
     longest = lim.max_seqlen if backend == "torch" else 24
     length = st.one_of(st.just(0), st.just(1), st.integers(0, longest))
+    head_dim = draw(st.sampled_from(lim.head_dims))
     return VarlenCase(
         backend=backend,
         dtype=draw(st.sampled_from(lim.dtypes)),
@@ -760,7 +763,8 @@ def varlen_cases(draw, backend: str) -> VarlenCase:
         extra_max=draw(st.sampled_from((0, 0, 1, 17))),
         heads=heads,
         kv_heads=kv_heads,
-        head_dim=draw(st.sampled_from(lim.head_dims)),
+        head_dim=head_dim,
+        head_dim_v=draw(st.one_of(st.just(head_dim), st.sampled_from(lim.head_dims))),
         opts=draw(flash_options(longest)),
         layouts=draw(layouts(VARLEN_TENSORS)),
         junk=draw(st.sampled_from(JUNK)),
@@ -810,7 +814,7 @@ def test_varlen_equals_per_sequence_loop_and_reference(backend):
         values = dict(
             q=randn(gen, (total_q, Hq, D), dtype),
             k=randn(gen, (total_k, Hkv, D), dtype),
-            v=randn(gen, (total_k, Hkv, D), dtype),
+            v=randn(gen, (total_k, Hkv, case.head_dim_v), dtype),
             cu_seqlens_q=cumulative(case.lengths_q),
             cu_seqlens_k=cumulative(case.lengths_k),
         )
@@ -821,7 +825,7 @@ def test_varlen_equals_per_sequence_loop_and_reference(backend):
         if slopes is not None:
             values["alibi_slopes"] = slopes
         grad_names = [n for n in ("q", "k", "v", "bias") if n in values]
-        dout = randn(gen, (total_q, Hq, D), dtype)
+        dout = randn(gen, (total_q, Hq, case.head_dim_v), dtype)
         opts = case.opts
         options = dict(scale=opts.scale, causal=opts.causal, window_size=opts.window)
         if opts.bias != "tensor":
