@@ -523,6 +523,33 @@ def test_pycode_corpus_for_experiments_is_the_presets(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache").glob("pycode-*"))) == 1
 
 
+def test_bias_ablation_gpu_path_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
+    """The gpu setting's own path (the pycode corpus and its BPE, two seeds, eager runs), shrunk to a toy model
+    on the CPU: it runs through and writes the multi-seed result, so the GPU run meets no untried code."""
+    from dataclasses import replace
+
+    monkeypatch.setenv("SIGATTN_CACHE_DIR", str(tmp_path / "cache"))
+    toy = replace(
+        bias_ablation.SETTINGS["gpu"],
+        corpus_chars=200_000,
+        d_model=32,
+        n_head=2,
+        n_layer=1,
+        block_size=32,
+        recipe=replace(bias_ablation.SETTINGS["gpu"].recipe, steps=6, batch_size=4, warmup_steps=2, device="cpu"),
+        init_lengths=(16, 32, 64),
+    )
+    monkeypatch.setitem(bias_ablation.SETTINGS, "gpu", toy)
+    run_experiment("bias-ablation", tmp_path / "out", size="gpu", log=lambda line: None)
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["meta"]["size"] == "gpu" and result["meta"]["device"] == "cpu"
+    assert result["settings"]["corpus"] == "pycode" and result["settings"]["recipe"]["compile"] == "off"
+    assert all(len(run["per_seed"]) == 2 for run in result["runs"].values())
+    data = json.loads((tmp_path / "out" / "runs" / "b-logn_plain_seed0" / "data.json").read_text())
+    assert data["files"]["taken"] > 0  # each run records the corpus it trained on
+    assert "Python source files of the environment" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_results_index_lists_gpu_results(tmp_path):
     """NAME-gpu gets its own row and section (with the GPU's name) only where it ran."""
     text = index.index_markdown(tmp_path, EXPERIMENTS)
