@@ -3,7 +3,8 @@
 Every model is checked against a second attention implementation written here from the formula,
 ``sigmoid(scaling * q k^T + b)`` over the pairs transformers' own (always materialised) masks allow, with GQA
 expanded: outputs and every parameter gradient in float64. Generation: with a cache (dynamic and static)
-equals without one, and a left-padded batch equals each prompt generated alone. Packed batches, the mask
+equals without one, and a left-padded batch equals each prompt generated alone (DeepSeek V3's latent attention
+among them: values of another head dim than queries and keys). Packed batches, the mask
 function's three answers, the bias source and the compiled model (fullgraph, dynamic shapes; static-cache
 decode, under CUDA graphs on a GPU) are tested on their own. Last, bf16 models on the Triton kernels
 (Triton's interpreter on the CPU): training within the tolerance rule, cached generation as uncached.
@@ -25,6 +26,8 @@ from transformers import (  # noqa: E402
     AttentionMaskInterface,
     BertConfig,
     BertModel,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -109,6 +112,21 @@ DECODERS = {
     # sliding_window=4 < the sequence: the window binds in prefill and in decode.
     "mistral": lambda: MistralForCausalLM(
         MistralConfig(**SMALL, num_key_value_heads=2, max_position_embeddings=64, sliding_window=4)
+    ),
+    # Multi-head latent attention: queries and keys of 16 + 8 (RoPE) dims, values of 12. Dense MLPs in every
+    # layer (first_k_dense_replace): the experts' grouped matmul has no float64.
+    "deepseek_v3": lambda: DeepseekV3ForCausalLM(
+        DeepseekV3Config(
+            **SMALL,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            first_k_dense_replace=SMALL["num_hidden_layers"],
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=12,
+        )
     ),
     "gpt2": lambda: GPT2LMHeadModel(
         GPT2Config(
@@ -530,8 +548,9 @@ def max_error(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-# llama: causal, GQA, left padding (the key-mask path); bert: bidirectional, right padding.
-@pytest.mark.parametrize("name", ["llama", "bert"])
+# llama: causal, GQA, left padding (the key-mask path); bert: bidirectional, right padding; deepseek_v3: values
+# of another head dim than queries and keys.
+@pytest.mark.parametrize("name", ["llama", "bert", "deepseek_v3"])
 def test_kernels_train_within_twice_the_bf16_formula_error(name):
     """bf16 on the Triton kernels (forced; Triton's interpreter on the CPU): the output and the attention
     parameters' gradients are within 2x the error of the same bf16 model running the formula in float64,
