@@ -13,7 +13,17 @@ import torch
 
 import sigattn
 from sigattn import cli, stats
-from sigattn.experiments import EXPERIMENTS, bias_ablation, common, index, ksum, lm, moe_rates, regularity
+from sigattn.experiments import (
+    EXPERIMENTS,
+    bias_ablation,
+    common,
+    index,
+    ksum,
+    length_extrapolation,
+    lm,
+    moe_rates,
+    regularity,
+)
 from sigattn.experiments import run as run_experiment
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -428,7 +438,16 @@ def test_experiment_end_to_end(tmp_path, name):
         assert "| train loss per seed | spikes per seed |" in (tmp_path / "report.md").read_text()
         assert not list(tmp_path.glob("runs/*/checkpoint.pt"))
     elif name == "length-extrapolation":
-        assert set(result["loss_ratio_8x"]) == {"rope", "alibi"}
+        seeds = len(length_extrapolation.SETTINGS["test"].seeds)
+        assert set(result["loss_ratio_8x"]) == {"rope", "alibi"} and seeds == 2
+        check_judgements(result, seeds)
+        assert len(result["judgements"]) == 4  # sigmoid vs softmax per position, ALiBi vs RoPE per attention
+        for pos, kinds in result["loss_ratio_8x"].items():
+            for kind, ratios in kinds.items():
+                runs = result["val_loss_by_context_per_seed"][pos][kind]
+                length = str(result["train_length"])
+                assert ratios == pytest.approx([r[str(8 * int(length))] / r[length] for r in runs])
+                assert len({json.dumps(r) for r in runs}) == seeds  # each seed trained its own model
     else:
         settings = ksum.SETTINGS["test"]
         assert len(result["accuracy"]["sigmoid"]) == settings.k_max
@@ -460,7 +479,7 @@ def test_results_index_lists_verdicts_plots_and_missing_runs(tmp_path):
 
 
 def test_results_index_marks_one_seed_results(tmp_path):
-    """An experiment whose settings name no seeds (bias-ablation, length-extrapolation) is listed as one seed."""
+    """An experiment whose settings name no seeds (the committed one-seed results) is listed as one seed."""
     folder = tmp_path / "bias-ablation"
     folder.mkdir()
     verdict = {"word": "supports", "summary": "s"}

@@ -71,7 +71,15 @@ SETTINGS = {
         "synthetic", 300_000, 64, 4, 2, 64, TrainRecipe(150, 16, 3e-3, 15, 16, device="cpu"), (16, 64, 256, 1024)
     ),
     "full": Settings(
-        "shakespeare", 0, 64, 4, 2, 128, TrainRecipe(1000, 16, 3e-3, 50, 64, device="cpu"), (16, 64, 256, 1024, 4096)
+        "shakespeare",
+        0,
+        64,
+        4,
+        2,
+        128,
+        TrainRecipe(1000, 16, 3e-3, 50, 64, device="cpu"),
+        (16, 64, 256, 1024, 4096),
+        seeds=(0, 1),
     ),
     # Eager (compile off): compiling each of the 20 models would take longer than its 250 steps. The lengths
     # stop at 4096: the sparsity probe materialises a layer's attention weights (1.6 GB at 4096).
