@@ -34,7 +34,7 @@ EXPERIMENTS = {
             "norm grows with the sequence length n, with b = -log n it does not, and b = -log n trains at "
             "least as stably as b = 0 with or without QK-norm and hybrid-norm + LayerScale.",
             run=bias_ablation.run,
-            full_runtime="11 min on a 2-core CPU shared with other jobs",
+            full_runtime="26 min (2 seeds) on a 2-core CPU shared with other jobs",
             sizes=(*CPU_SIZES, "gpu"),
         ),
         Experiment(
@@ -53,7 +53,7 @@ EXPERIMENTS = {
             claim="trained at context L with b fixed at -log L, sigmoid attention extrapolates to 2L-8L as well "
             "as softmax with the same position encoding, and ALiBi extrapolates better than RoPE.",
             run=length_extrapolation.run,
-            full_runtime="3 min on a 2-core CPU shared with other jobs",
+            full_runtime="14 min (5 seeds) on a 2-core CPU shared with other jobs",
         ),
         Experiment(
             name="ksum",
