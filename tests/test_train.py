@@ -276,6 +276,21 @@ def test_every_evaluation_is_logged(tmp_path, text_file):
     assert not any("attn_sparsity" in r for r in rows)
 
 
+def test_evaluation_batches_hold_at_most_a_training_batch_of_tokens(text_file):
+    """At longer contexts the evaluation batches take fewer rows, so that no batch holds more tokens than a
+    training batch (code-gpt at 4x its context ran an H100 out of memory with full batches), and every window
+    is still evaluated."""
+    from sigattn.train.tasks import LMTask
+
+    config = build_config("tiny", micro(text_file, "train.eval_context_lengths=32,64", "train.eval_windows=13"))
+    task = LMTask(config)
+    budget = config.train.batch_size * task.context
+    for n, batches in task.eval_sets.items():
+        assert all(x.numel() <= budget and x.shape[1] == n for x, _ in batches), n
+        assert sum(len(x) for x, _ in batches) == 13
+    assert len(task.eval_sets[64]) > len(task.eval_sets[task.context])
+
+
 def test_vit_trains_on_generated_images(tmp_path):
     """Two classes: a bright left half or a bright right half."""
     rng = np.random.default_rng(0)

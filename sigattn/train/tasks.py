@@ -67,8 +67,11 @@ class LMTask:
         self.batches = TokenBatches(train, settings.batch_size, block_size, settings.seed)
         self.tokens_per_batch = settings.batch_size * block_size
         self.context_lengths = sorted({block_size, *settings.eval_context_lengths})
+        # At most a training batch's tokens per evaluation batch: at 4x the context a full batch of rows made
+        # code-gpt's float32 logits 16 GiB and ran an H100 (80 GB) out of memory (2026-12-07).
         self.eval_sets = {
-            n: eval_windows(val, n, settings.eval_windows, settings.batch_size) for n in self.context_lengths
+            n: eval_windows(val, n, settings.eval_windows, max(1, self.tokens_per_batch // n))
+            for n in self.context_lengths
         }
         self.description += f": {len(train):,} training and {len(val):,} validation {data.tokenizer} tokens"
 
