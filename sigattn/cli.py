@@ -54,6 +54,7 @@ from .backends import (
 )
 from .bench import command as bench_command
 from .data import CorpusUnavailableError, pycode
+from .experiments.common import check_size
 from .experiments.index import write_index
 from .functional import sigmoid_attn_func
 from .integrations import convert as convert_command
@@ -196,9 +197,10 @@ def run_experiment(args: argparse.Namespace) -> int:
     default = {"full": f"results/{args.name}", "gpu": f"results/{args.name}-gpu"}.get(
         size, f"runs/experiments/{args.name}-{size}"
     )
-    if size not in experiments_module.EXPERIMENTS[args.name].sizes:
-        sizes = ", ".join(experiments_module.EXPERIMENTS[args.name].sizes)
-        raise CommandError(f"--size: experiment {args.name!r} has no size {size!r}; its sizes: {sizes}")
+    try:
+        check_size(size, experiments_module.EXPERIMENTS[args.name])
+    except ValueError as error:
+        raise CommandError(f"--size: {error}") from None
     command = " ".join(["sigattn", *args.argv])
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     try:

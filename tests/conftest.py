@@ -23,7 +23,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sigattn.ops.sigmoid_attn.reference import sigmoid_attn_reference
-from sigattn.testing.tolerance import ATOL, allowed_error, max_error
+from sigattn.testing.tolerance import ATOL, allowed_error, max_error, rounding_term
 
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_ID = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -127,6 +127,16 @@ def assert_within_tolerance_rule(name: str, got: torch.Tensor, truth: torch.Tens
     assert err <= allowed_error(base, ATOL[dtype]), (
         f"{name}: error {err:.3g} > 2 * PyTorch {dtype} error {base:.3g} + {ATOL[dtype]}"
     )
+
+
+def assert_within_backend_rule(name, got, truth, baseline, dtype, backend: str) -> None:
+    """The tolerance rule with the GPU grid's term for the kernels (backend "triton": they accumulate in float32
+    and round P to 16 bits, then the result once: ``rounding_term``) and the CPU tests' ATOL for the PyTorch
+    backends."""
+    assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
+    term = rounding_term(truth, dtype) if backend == "triton" else ATOL[dtype]
+    err, base = max_error(got, truth), max_error(baseline, truth)
+    assert err <= allowed_error(base, term), f"{name}: error {err:.3g} > 2 * PyTorch {dtype} {base:.3g} + {term:.3g}"
 
 
 def check_against_reference(fn, args: dict, dtype: torch.dtype, seed: int = 1) -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import forward_backward
+from conftest import assert_within_backend_rule, forward_backward
 
 import sigattn
 from sigattn.backends import use_backend
@@ -29,15 +29,6 @@ from sigattn.ops.sigmoid_attn.reference import (
     sigmoid_attn_varlen_reference,
 )
 from sigattn.ops.sigmoid_attn.traceable import sigmoid_attn_varlen_traceable
-from sigattn.testing.tolerance import ATOL, allowed_error, max_error, rounding_term
-
-
-def assert_within_rule(name, got, truth, baseline, dtype, backend):
-    """The tolerance rule with the GPU grid's term for the kernels (they accumulate in float32 and round
-    once at the end: ``rounding_term``) and the CPU tests' ``ATOL`` for the PyTorch backends."""
-    term = rounding_term(truth, dtype) if backend == "triton" else ATOL[dtype]
-    err, base = max_error(got, truth), max_error(baseline, truth)
-    assert err <= allowed_error(base, term), f"{name}: error {err:.3g} > 2 * PyTorch {dtype} {base:.3g} + {term:.3g}"
 
 
 @triton.jit
@@ -206,9 +197,9 @@ def test_dense_dropout_against_the_reference_with_its_mask(backend, options, mon
     truth, truth_grads = forward_backward(reference(True), truth_args, dout)
     base_args = {n: t.detach().clone().requires_grad_() for n, t in args.items()}
     baseline, base_grads = forward_backward(reference(False), base_args, dout)
-    assert_within_rule("out", got, truth, baseline, dtype, backend)
+    assert_within_backend_rule("out", got, truth, baseline, dtype, backend)
     for name, grad in got_grads.items():
-        assert_within_rule(f"d{name}", grad, truth_grads[name], base_grads[name], dtype, backend)
+        assert_within_backend_rule(f"d{name}", grad, truth_grads[name], base_grads[name], dtype, backend)
     # Not the no-dropout result: the mask did something.
     no_dropout = sigmoid_attn_reference(*(t.double() for t in (q, k, v)), bias=bias, **extra)
     assert (truth - no_dropout).abs().max() > 0.5
@@ -238,9 +229,9 @@ def test_varlen_dropout_is_each_sequence_as_its_batch_row(backend):
     options = dict(causal=True, bias=-1.0, dropout=dropout, upcast=False)
     baseline = sigmoid_attn_varlen_reference(*base_leaves, cu, cu, **options)
     base_grads = torch.autograd.grad(baseline, base_leaves, dout)
-    assert_within_rule("out", out.detach(), truth, baseline.detach(), dtype, backend)
+    assert_within_backend_rule("out", out.detach(), truth, baseline.detach(), dtype, backend)
     for name, g, t, b in zip("qkv", got, truth_grads, base_grads, strict=True):
-        assert_within_rule(f"d{name}", g, t, b, dtype, backend)
+        assert_within_backend_rule(f"d{name}", g, t, b, dtype, backend)
 
 
 def test_compiled_varlen_path_draws_the_same_mask():

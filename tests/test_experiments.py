@@ -506,7 +506,7 @@ def test_unknown_experiment_and_size(tmp_path):
 def test_cli_experiment_size(tmp_path, capsys):
     """--size picks the setting; an experiment without it is refused by name, --quick with --size by argparse."""
     assert cli.main(["experiment", "ksum", "--size", "gpu", "--out", str(tmp_path / "k")]) == 2
-    assert "--size: experiment 'ksum' has no size 'gpu'; its sizes: test, quick, full" in capsys.readouterr().err
+    assert "--size: experiment 'ksum' has no size 'gpu'; its sizes: 'test', 'quick', 'full'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["experiment", "ksum", "--quick", "--size", "test"])
     assert "not allowed with argument" in capsys.readouterr().err

@@ -13,13 +13,12 @@ import math
 
 import pytest
 import torch
-from conftest import forward_backward
+from conftest import assert_within_backend_rule, forward_backward
 
 import sigattn
 from sigattn.backends import AttnCall, explain, use_backend
 from sigattn.ops.sigmoid_attn import host
 from sigattn.ops.sigmoid_attn.reference import Mask, sigmoid_attn_reference
-from sigattn.testing.tolerance import ATOL, allowed_error, max_error, rounding_term
 
 BACKENDS = ["reference", "torch", "triton"]
 # (D, Dv): narrower and wider values than queries, padded in the kernels (48 -> 64, 20 -> 32) or not
@@ -34,26 +33,17 @@ def _randn(*shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def _within_rule(name, got, truth, baseline, dtype, backend):
-    """|got - truth| <= 2 |baseline - truth| + a term: the GPU grid's (one rounding of the result) for the
-    kernels, which round P to 16 bits before the PV product, the CPU tests' ATOL for the PyTorch backends."""
-    assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
-    term = rounding_term(truth, dtype) if backend == "triton" else ATOL[dtype]
-    err, base = max_error(got, truth), max_error(baseline, truth)
-    assert err <= allowed_error(base, term), f"{name}: error {err:.3g} > 2 * PyTorch {dtype} {base:.3g} + {term:.3g}"
-
-
 def _check(ours, reference, args: dict, dout, dtype, backend):
-    """ours(**args) against reference(upcast)(**args), output and every gradient, by ``_within_rule``."""
+    """ours(**args) against reference(upcast)(**args), output and every gradient, by ``assert_within_backend_rule``."""
     got, got_grads = forward_backward(ours, args, dout)
     leaves = {n: t.detach().double().requires_grad_(t.requires_grad) for n, t in args.items()}
     truth, truth_grads = forward_backward(reference(True), leaves, dout)
     base = {n: t.detach().clone().requires_grad_(t.requires_grad) for n, t in args.items()}
     baseline, base_grads = forward_backward(reference(False), base, dout)
-    _within_rule("out", got, truth, baseline, dtype, backend)
+    assert_within_backend_rule("out", got, truth, baseline, dtype, backend)
     assert set(got_grads) == set(truth_grads)
     for name, grad in got_grads.items():
-        _within_rule(f"d{name}", grad, truth_grads[name], base_grads[name], dtype, backend)
+        assert_within_backend_rule(f"d{name}", grad, truth_grads[name], base_grads[name], dtype, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -149,7 +139,7 @@ def test_kvcache_appends_and_attends(backend, paged):
         args = (q[b : b + 1], keys[None], values[None])
         truth = sigmoid_attn_reference(*(t.double() for t in args), causal=True, bias=-1.0)
         baseline = sigmoid_attn_reference(*args, causal=True, bias=-1.0, upcast=False)
-        _within_rule(f"row {b}", out[b : b + 1], truth, baseline, dtype, backend)
+        assert_within_backend_rule(f"row {b}", out[b : b + 1], truth, baseline, dtype, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -169,7 +159,7 @@ def test_sdpa_layout(backend):
     args = [t.transpose(1, 2) for t in (q, k, v)]
     truth = sigmoid_attn_reference(*(t.double() for t in args), causal=True, top_left=True, bias=-math.log(19))
     baseline = sigmoid_attn_reference(*args, causal=True, top_left=True, bias=-math.log(19), upcast=False)
-    _within_rule("out", got.transpose(1, 2), truth, baseline, dtype, backend)
+    assert_within_backend_rule("out", got.transpose(1, 2), truth, baseline, dtype, backend)
     assert flash.shape == (2, 21, 4, 8)
 
 

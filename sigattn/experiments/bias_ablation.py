@@ -265,14 +265,14 @@ def run(size: str, out: Path, log=print) -> Outcome:
     runs, curves = {}, {}
     for name, attn, bias, stab in variants:
         folder = name.replace(" / ", "_").replace(" ", "").replace("=", "")
-        curves[name] = []
+        curves[name], summaries = [], []
         for seed in settings.seeds:
             config = run_config(model_config(settings, attn, bias, stab), data, replace(settings.recipe, seed=seed))
             curves[name].append(train_run(config, out / "runs" / f"{folder}_seed{seed}"))
-            done = run_summary(curves[name][-1])
-            loss, spikes = done["final_train_loss"], done["grad_spikes"]
+            summaries.append(run_summary(curves[name][-1]))
+            loss, spikes = summaries[-1]["final_train_loss"], summaries[-1]["grad_spikes"]
             log(f"  bias-ablation {name} seed {seed}: loss {loss:.3f}, spikes {spikes}")
-        runs[name] = seeds_summary(settings.seeds, [run_summary(run) for run in curves[name]])
+        runs[name] = seeds_summary(settings.seeds, summaries)
     verdict = decide(init, runs, len(settings.seeds))
     figures = [plot_init(init, settings.init_lengths, out), plot_training(curves, out)]
 

@@ -39,13 +39,24 @@ from ..runinfo import run_meta, write_json
 from .tolerance import allowed_error, max_error, rounding_term
 
 
-def _dv_id(case) -> str:
-    """The id's mark of a value head dim other than the query's."""
-    return "" if case.head_dim_v is None else f"-Dv{case.head_dim_v}"
+class _ValueHeadDim:
+    """What the case kinds with ``head_dim`` and ``head_dim_v`` fields share: v's head dim, and the id's mark
+    of one other than the query's."""
+
+    head_dim: int
+    head_dim_v: int | None
+
+    @property
+    def dv(self) -> int:
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
+
+    @property
+    def dv_id(self) -> str:
+        return "" if self.head_dim_v is None else f"-Dv{self.head_dim_v}"
 
 
 @dataclass(frozen=True)
-class Case:
+class Case(_ValueHeadDim):
     batch: int
     seqlen_q: int
     seqlen_k: int
@@ -62,14 +73,10 @@ class Case:
     head_dim_v: int | None = None  # v's head dim (the output's); None: head_dim
 
     @property
-    def dv(self) -> int:
-        return self.head_dim if self.head_dim_v is None else self.head_dim_v
-
-    @property
     def id(self) -> str:
         parts = [
             f"B{self.batch}-Sq{self.seqlen_q}-Sk{self.seqlen_k}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}"
-            + _dv_id(self),
+            + self.dv_id,
             {"bfloat16": "bf16", "float16": "fp16"}.get(self.dtype, self.dtype),
         ]
         parts += ["causal"] * self.causal + [f"win{self.window[0]}_{self.window[1]}"] * (self.window != (-1, -1))
@@ -79,7 +86,7 @@ class Case:
 
 
 @dataclass(frozen=True)
-class VarlenCase:
+class VarlenCase(_ValueHeadDim):
     """Packed sequences: forward and backward of the varlen kernels."""
 
     seqlens_q: tuple[int, ...]
@@ -96,14 +103,10 @@ class VarlenCase:
     head_dim_v: int | None = None
 
     @property
-    def dv(self) -> int:
-        return self.head_dim if self.head_dim_v is None else self.head_dim_v
-
-    @property
     def id(self) -> str:
         lens = f"Sq{'_'.join(map(str, self.seqlens_q))}-Sk{'_'.join(map(str, self.seqlens_k))}"
         parts = [
-            f"varlen-{lens}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}{_dv_id(self)}",
+            f"varlen-{lens}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}{self.dv_id}",
             _DTYPE_ID[self.dtype],
         ]
         parts += ["causal"] * self.causal + [f"win{self.window[0]}_{self.window[1]}"] * (self.window != (-1, -1))
@@ -113,7 +116,7 @@ class VarlenCase:
 
 
 @dataclass(frozen=True)
-class KVCacheCase:
+class KVCacheCase(_ValueHeadDim):
     """Decode / chunked prefill: ``seqlen_new`` queries, keys and values appended to each row's cache of
     ``cache_seqlens[b]`` tokens (slots past it hold NaN). page_size 0 is a contiguous cache.
     num_splits / pack_gqa force a kernel path (None: the launcher's plan)."""
@@ -135,14 +138,10 @@ class KVCacheCase:
     head_dim_v: int | None = None
 
     @property
-    def dv(self) -> int:
-        return self.head_dim if self.head_dim_v is None else self.head_dim_v
-
-    @property
     def id(self) -> str:
         parts = [
             f"kvcache-B{len(self.cache_seqlens)}-cache{'_'.join(map(str, self.cache_seqlens))}-new{self.seqlen_new}"
-            f"-cap{self.capacity}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}{_dv_id(self)}",
+            f"-cap{self.capacity}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}{self.dv_id}",
             _DTYPE_ID[self.dtype],
         ]
         parts += [f"page{self.page_size}"] * (self.page_size > 0) + ["causal"] * self.causal

@@ -134,9 +134,8 @@ def forward(
 ) -> Tensor:
     """Forward of dense rows (q (B, Sq, Hq, D), k (B, Sk, Hkv, D), v (B, Sk, Hkv, Dv); ``rows`` None) or packed
     sequences (q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); ``Rows.packed``) on the first
-    ``FORWARD`` kernel that
-    runs it. ``out`` (q's shape with v's head dim, last dim contiguous) receives the result when given (tests
-    poison it)."""
+    ``FORWARD`` kernel that runs it. ``out`` (q's shape with v's head dim, last dim contiguous) receives the
+    result when given (tests poison it)."""
     rows = Rows.dense(q, k) if rows is None else rows
     q, k, v, bias, alibi, rows = _prepare(q, k, v, bias, alibi, rows)
     out = empty_out(q, v) if out is None else out

@@ -175,12 +175,11 @@ def _has_tma(device: torch.device) -> bool:
 def _kv_descriptors(
     k: Tensor, v: Tensor, rows: Rows, params: Params, block_n: int, block_d: int, block_dv: int
 ) -> tuple[TensorDescriptor, TensorDescriptor, int] | None:
-    """TMA descriptors of K and V, blocks [1, BLOCK_N, 1, D] and [1, BLOCK_N, 1, Dv], and the key they start at,
-    when the tiles can be
-    loaded that way and it pays: dense rows (the descriptors cover the keys some query sees, ``host.visible_keys``,
-    so keys before and after them load as zeros; a cache or packed sequences end elsewhere) of at least
-    TMA_MIN_KEYS keys, an unpadded head dim (a padded tile would read the next head), 16-byte aligned base and
-    strides, and a GPU that has TMA (sm_90+) or the interpreter."""
+    """TMA descriptors of K and V, blocks [1, BLOCK_N, 1, D] and [1, BLOCK_N, 1, Dv], and the key they start
+    at, when the tiles can be loaded that way and it pays: dense rows (the descriptors cover the keys some
+    query sees, ``host.visible_keys``, so keys before and after them load as zeros; a cache or packed sequences
+    end elsewhere) of at least TMA_MIN_KEYS keys, unpadded head dims (a padded tile would read the next head),
+    16-byte aligned base and strides, and a GPU that has TMA (sm_90+) or the interpreter."""
     if rows.varlen or rows.seqlens_k is not None or rows.block_table is not None:
         return None
     unpadded = k.shape[-1] == block_d and v.shape[-1] == block_dv
@@ -217,8 +216,9 @@ def launch_forward(
     use_tma: bool = True,
 ) -> None:
     """The forward of dense rows, packed sequences or cache rows into ``out``: shaped like q with v's head dim,
-    or with num_splits > 1 an fp32 (num_splits, *that shape) buffer of partial sums. ``cfg``: the tiles (default: those
-    of ``FWD_CONFIGS``); ``use_tma``: K/V tiles through TMA descriptors where ``_kv_descriptors`` allows."""
+    or with num_splits > 1 an fp32 (num_splits, *that shape) buffer of partial sums. ``cfg``: the tiles
+    (default: those of ``FWD_CONFIGS``); ``use_tma``: K/V tiles through TMA descriptors where
+    ``_kv_descriptors`` allows."""
     flags, s = _arguments(q, k, v, params, bias, alibi, rows)
     cfg = cfg or _config(FWD_CONFIGS, flags)
     group = flags["GROUP"]
