@@ -981,13 +981,19 @@ class CacheCase:
     junk: str
     poison: str
     seed: int
+    head_dim_v: int | None = None  # v's and the output's; None: head_dim
+
+    @property
+    def dv(self) -> int:
+        return self.head_dim if self.head_dim_v is None else self.head_dim_v
 
     def __repr__(self) -> str:
         cache = f"paged{self.page_size}x{self.capacity // self.page_size}" if self.page_size else "contiguous"
         lens = "_".join(map(str, self.lengths))
         new = f"-new{self.seqlen_new}" if self.seqlen_new is not None else ""
         shape = (
-            f"B{self.batch}-Sq{self.seqlen_q}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}-{cache}"
+            f"B{self.batch}-Sq{self.seqlen_q}-H{self.heads}-Hkv{self.kv_heads}-D{self.head_dim}"
+            f"{f'-Dv{self.dv}' if self.dv != self.head_dim else ''}-{cache}"
             f"-cap{self.capacity}-lens{lens}({self.seqlens_form}){new}"
         )
         extra = "-".join(p for p in (self.opts.id(), "q-grad" if self.q_grad else "") if p)
@@ -1026,6 +1032,7 @@ def cache_cases(draw, backend: str, dtype=None, append=None, paged=None) -> Cach
         lengths = tuple(draw(length) for _ in range(batch))
     else:
         lengths = (draw(length) if form == "int" else capacity,) * batch
+    head_dim = draw(st.sampled_from(lim.head_dims))
     return CacheCase(
         backend=backend,
         dtype=draw(st.sampled_from(lim.dtypes)) if dtype is None else dtype,
@@ -1033,7 +1040,7 @@ def cache_cases(draw, backend: str, dtype=None, append=None, paged=None) -> Cach
         seqlen_q=draw(st.integers(1, 6 if backend == "triton" else 10)),
         heads=heads,
         kv_heads=kv_heads,
-        head_dim=draw(st.sampled_from(lim.head_dims)),
+        head_dim=head_dim,
         capacity=capacity,
         page_size=page_size,
         extra_pages=draw(st.integers(0, 3)),
@@ -1046,6 +1053,7 @@ def cache_cases(draw, backend: str, dtype=None, append=None, paged=None) -> Cach
         junk=draw(st.sampled_from(JUNK)),
         poison=draw(st.sampled_from(("nan", "inf", "-inf"))),
         seed=draw(st.integers(0, 2**32 - 1)),
+        head_dim_v=draw(st.one_of(st.just(head_dim), st.sampled_from(lim.head_dims))),
     )
 
 
@@ -1163,10 +1171,10 @@ def build_cache_inputs(case: CacheCase) -> CacheInputs:
         )
         table = presented["block_table"].values.tolist()
 
-    shape = (num_blocks, ps, Hkv, D) if ps else (B, case.capacity, Hkv, D)
+    slots = (num_blocks, ps, Hkv) if ps else (B, case.capacity, Hkv)
     poison = junk_value(case.poison, dtype)
-    k_cache, v_cache = randn(gen, shape, dtype), randn(gen, shape, dtype)
-    filled = torch.zeros(shape[:2], dtype=torch.bool, device=DEVICE)  # slots holding a key before the call
+    k_cache, v_cache = randn(gen, (*slots, D), dtype), randn(gen, (*slots, case.dv), dtype)
+    filled = torch.zeros(slots[:2], dtype=torch.bool, device=DEVICE)  # slots holding a key before the call
     inputs = CacheInputs(case, {}, presented, {}, lengths, table, None, None, None)
     for b in range(B):
         for p in range(lengths[b]):
@@ -1175,7 +1183,7 @@ def build_cache_inputs(case: CacheCase) -> CacheInputs:
     k_cache[~filled], v_cache[~filled] = poison, poison  # unused slots, unused pages, the append's slots
 
     def guarded(cache):
-        guard = torch.full((1, *shape[1:]), poison, dtype=dtype, device=DEVICE)
+        guard = torch.full((1, *cache.shape[1:]), poison, dtype=dtype, device=DEVICE)
         return torch.cat([guard, cache, guard])
 
     k_cache, v_cache = guarded(k_cache), guarded(v_cache)
@@ -1185,8 +1193,8 @@ def build_cache_inputs(case: CacheCase) -> CacheInputs:
     presented["q"] = present(q, layouts["q"], gen, junk_value(case.junk, dtype), requires_grad=case.q_grad)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     if case.seqlen_new is not None:
-        for n in ("k", "v"):
-            presented[n] = present(randn(gen, (B, new, Hkv, D), dtype), layouts[n], gen, junk_value(case.junk, dtype))
+        for n, dim in (("k", D), ("v", case.dv)):
+            presented[n] = present(randn(gen, (B, new, Hkv, dim), dtype), layouts[n], gen, junk_value(case.junk, dtype))
         for b in range(B):
             for t in range(new):
                 expected_k[inputs.location(b, lengths[b] + t)] = presented["k"].values[b, t]
@@ -1206,7 +1214,8 @@ def build_cache_inputs(case: CacheCase) -> CacheInputs:
     inputs.presented, inputs.options = presented, options
     inputs.expected_k, inputs.expected_v = expected_k, expected_v
     inputs.values = {n: p.values for n, p in presented.items()}
-    inputs.dout = present(randn(gen, q.shape, dtype), layouts["dout"], gen, junk_value(case.junk, dtype))
+    dout = randn(gen, (*q.shape[:-1], case.dv), dtype)
+    inputs.dout = present(dout, layouts["dout"], gen, junk_value(case.junk, dtype))
     return inputs
 
 
