@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -372,6 +373,31 @@ def test_synthetic_text_is_deterministic():
     assert len(text) >= 2000 and text.endswith(".\n")
 
 
+def test_train_run_keeps_finished_runs_and_replaces_the_rest(tmp_path):
+    """A finished run is taken back from its folder (an experiment stopped by a time limit resumes there); an
+    unfinished one, or one of another configuration, is trained again from scratch."""
+    data, _ = lm.corpus_data("synthetic", tmp_path, 20_000)
+    model = bias_ablation.model_config(
+        bias_ablation.SETTINGS["test"], "sigmoid", bias_ablation.BIASES["b=0"], bias_ablation.STABILISERS["plain"]
+    )
+    recipe = lm.TrainRecipe(3, 4, 3e-3, 1, 2, device="cpu")
+    config, folder = lm.run_config(model, data, recipe), tmp_path / "run"
+    first = lm.train_run(config, folder)
+    record = json.loads((folder / "run.json").read_text())
+    assert record["run"] == json.loads(json.dumps(first))
+    stamp = (folder / "metrics.jsonl").stat().st_mtime_ns
+    assert lm.train_run(config, folder) == record["run"]
+    assert (folder / "metrics.jsonl").stat().st_mtime_ns == stamp  # not trained again
+    other = lm.run_config(model, data, replace(recipe, seed=1))
+    second = lm.train_run(other, folder)
+    assert second["train_loss"] != first["train_loss"]
+    assert json.loads((folder / "run.json").read_text())["config"]["train"]["seed"] == 1
+    (folder / "run.json").unlink()  # a run stopped before its end: trained again
+    (folder / "leftover").write_text("x")
+    assert lm.train_run(other, folder)["train_loss"] == second["train_loss"]
+    assert not (folder / "leftover").exists()
+
+
 # ------------------------------------------------------------------------------------ whole experiments
 
 
@@ -545,8 +571,6 @@ def test_pycode_corpus_for_experiments_is_the_presets(tmp_path, monkeypatch):
 def test_bias_ablation_gpu_path_runs_end_to_end_at_toy_size(tmp_path, monkeypatch):
     """The gpu setting's own path (the pycode corpus and its BPE, two seeds, eager runs), shrunk to a toy model
     on the CPU: it runs through and writes the multi-seed result, so the GPU run meets no untried code."""
-    from dataclasses import replace
-
     monkeypatch.setenv("SIGATTN_CACHE_DIR", str(tmp_path / "cache"))
     toy = replace(
         bias_ablation.SETTINGS["gpu"],

@@ -9,6 +9,7 @@ of evaluation at contexts longer than the training one.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from dataclasses import dataclass
@@ -109,9 +110,20 @@ def run_config(
 
 
 def train_run(config: RunConfig, run_dir: Path) -> dict:
-    """Trains ``config`` from scratch in ``run_dir`` (a previous run there is replaced) and returns the
-    attention statistics at initialisation, the per-step losses and gradient norms and the trainer's
-    result. The checkpoint is deleted afterwards: only small files stay."""
+    """Trains ``config`` from scratch in ``run_dir`` and returns the attention statistics at initialisation,
+    the per-step losses and gradient norms and the trainer's result. The checkpoint is deleted afterwards:
+    only small files stay.
+
+    A finished run is kept in ``run_dir/run.json`` with its configuration: an experiment started again in the
+    same folder (after a time limit stopped it) takes the finished runs of the same configuration from there
+    and trains only the rest. Anything else in ``run_dir`` (an unfinished run, another configuration) is
+    replaced."""
+    record = run_dir / "run.json"
+    settings = json.loads(json.dumps(config.to_dict()))  # as read back: tuples become lists
+    if record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("config") == settings:
+            return saved["run"]
     if run_dir.exists():
         shutil.rmtree(run_dir)
     trainer = Trainer(config, run_dir, log=lambda line: None)
@@ -119,7 +131,7 @@ def train_run(config: RunConfig, run_dir: Path) -> dict:
     result = trainer.fit()
     (run_dir / "checkpoint.pt").unlink(missing_ok=True)
     rows = read_metrics(run_dir / "metrics.jsonl")
-    return {
+    run = {
         "init_attn_out_norm": init["attn_out_norm"],
         "train_loss": [r["train_loss"] for r in rows],
         "grad_norm": [r["grad_norm"] for r in rows],
@@ -129,3 +141,6 @@ def train_run(config: RunConfig, run_dir: Path) -> dict:
         "train_seconds": result.train_seconds,
         "device": result.device,
     }
+    # Written last: its presence means the run finished.
+    record.write_text(json.dumps({"config": settings, "run": run}) + "\n")
+    return run
