@@ -42,6 +42,9 @@ CASES = [
     Case(1, 33, 50, 2, 1, 16, head_dim_v=64, dtype="float16", window=(7, 3), head_bias=True),
     VarlenCase((5, 0, 40, 17), (7, 3, 33, 17), 4, 2, 32, head_dim_v=16, causal=True, alibi=True),
     KVCacheCase((0, 13, 50), 1, 64, 8, 2, 32, head_dim_v=48, page_size=16, num_splits=3, pack_gqa=True),
+    # deterministic: the backward three times, bit-identical
+    Case(2, 37, 45, 4, 2, 32, causal=True, head_bias=True, deterministic=True),
+    VarlenCase((5, 0, 40, 17), (7, 3, 33, 17), 4, 2, 32, window=(9, 3), deterministic=True),
 ]
 
 
@@ -50,6 +53,18 @@ def test_kernels_within_twice_pytorch_error(case):
     row = run_case(case, DEVICE)
     errors = {k: v for k, v in row.items() if k.endswith("_err")}
     assert row["ok"], errors
+
+
+def test_deterministic_cases_fail_on_runs_that_differ():
+    """The grid's repeat rule: a deterministic case passes only if every run's gradients equal the first's."""
+    from sigattn.testing import grid
+
+    a, b = torch.ones(3), torch.ones(3)
+    assert grid._repeats({"ok": True}, [(a, a, a, None), (b, b, b, None)]) == {"ok": True, "repeats_identical": True}
+    c = b.clone()
+    c[1] = 1 + 2**-20
+    assert grid._repeats({"ok": True}, [(a, a, a, None), (b, c, b, None)]) == {"ok": False, "repeats_identical": False}
+    assert grid._repeats({"ok": True}, [(a, a, a, None)]) == {"ok": True}  # one run: nothing to compare
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=lambda c: c.id)

@@ -71,6 +71,7 @@ class Case(_ValueHeadDim):
     top_left: bool = False
     dropout: float = 0.0  # attention dropout, checked against the reference applying the kernel's own mask
     head_dim_v: int | None = None  # v's head dim (the output's); None: head_dim
+    deterministic: bool = False  # the backward again twice: every gradient bit-identical
 
     @property
     def id(self) -> str:
@@ -81,7 +82,7 @@ class Case(_ValueHeadDim):
         ]
         parts += ["causal"] * self.causal + [f"win{self.window[0]}_{self.window[1]}"] * (self.window != (-1, -1))
         parts += ["alibi"] * self.alibi + ["headbias"] * self.head_bias + ["topleft"] * self.top_left
-        parts += [f"dropout{self.dropout:g}"] * (self.dropout > 0)
+        parts += [f"dropout{self.dropout:g}"] * (self.dropout > 0) + ["deterministic"] * self.deterministic
         return "-".join(parts)
 
 
@@ -101,6 +102,7 @@ class VarlenCase(_ValueHeadDim):
     head_bias: bool = False
     dropout: float = 0.0
     head_dim_v: int | None = None
+    deterministic: bool = False
 
     @property
     def id(self) -> str:
@@ -111,7 +113,7 @@ class VarlenCase(_ValueHeadDim):
         ]
         parts += ["causal"] * self.causal + [f"win{self.window[0]}_{self.window[1]}"] * (self.window != (-1, -1))
         parts += ["alibi"] * self.alibi + ["headbias"] * self.head_bias
-        parts += [f"dropout{self.dropout:g}"] * (self.dropout > 0)
+        parts += [f"dropout{self.dropout:g}"] * (self.dropout > 0) + ["deterministic"] * self.deterministic
         return "-".join(parts)
 
 
@@ -248,19 +250,38 @@ def _run_dense(case: Case, device, randn, gen) -> dict:
     opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window, top_left=case.top_left)
     opts["dropout"] = _dropout(case, gen, device)
 
-    params = Params(opts["scale"], Mask(case.causal, case.window, case.top_left), dropout=opts["dropout"])
+    mask = Mask(case.causal, case.window, case.top_left)
+    params = Params(opts["scale"], mask, deterministic=case.deterministic, dropout=opts["dropout"])
     kernel_bias = resolve_bias(bias, case.seqlen_k)
     out = torch.full_like(do, math.nan)
-    grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
     kernels.forward(q, k, v, params, kernel_bias, alibi, out=out)
     with _gluon_backward_at_every_length():
-        dq, dk, dv, dbias = kernels.backward(do, q, k, v, params, kernel_bias, alibi, grads=grads)
+        grads = _backward(case, kernels.backward, do, q, k, v, params, kernel_bias, alibi)
         chosen = kernels.explain(False, q, k, v, params, kernel_bias, alibi, Rows.dense(q, k))
 
     results = reference_results(sigmoid_attn_reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
     names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
-    ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
-    return judge(_row(case, chosen), names, ours, results[True], results[False], q.dtype)
+    ours = [out, *grads[0][:3]] + ([grads[0][3]] if bias is not None else [])
+    return _repeats(judge(_row(case, chosen), names, ours, results[True], results[False], q.dtype), grads)
+
+
+def _backward(case, backward, do, q, k, v, *args) -> list[tuple]:
+    """The kernels' gradients into NaN-poisoned buffers: once, or three times for a deterministic case."""
+    runs = []
+    for _ in range(3 if case.deterministic else 1):
+        grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
+        runs.append(tuple(backward(do, q, k, v, *args, grads=grads)))
+    return runs
+
+
+def _repeats(row: dict, runs: list[tuple]) -> dict:
+    """A deterministic case's verdict also asks that every run's gradients equal the first's bit for bit."""
+    if len(runs) > 1:
+        pairs = [(a, b) for run in runs[1:] for a, b in zip(runs[0], run, strict=True)]
+        same = all((a is None and b is None) or torch.equal(a, b) for a, b in pairs)
+        row["repeats_identical"] = same
+        row["ok"] &= same
+    return row
 
 
 def _row(case: AnyCase, chosen: dict) -> dict:
@@ -286,12 +307,11 @@ def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
     opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window)
     opts["dropout"] = _dropout(case, gen, device)
 
-    params = Params(opts["scale"], Mask(case.causal, case.window), dropout=opts["dropout"])
+    params = Params(opts["scale"], Mask(case.causal, case.window), case.deterministic, opts["dropout"])
     out = torch.full_like(do, math.nan)
-    grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
     kernels.forward(q, k, v, params, bias, alibi, rows, out=out)
     with _gluon_backward_at_every_length():
-        dq, dk, dv, dbias = kernels.backward(do, q, k, v, params, bias, alibi, rows, grads=grads)
+        grads = _backward(case, kernels.backward, do, q, k, v, params, bias, alibi, rows)
         chosen = kernels.explain(False, q, k, v, params, bias, alibi, rows)
 
     def reference(q, k, v, **kw):
@@ -299,8 +319,8 @@ def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
 
     results = reference_results(reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
     names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
-    ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
-    return judge(_row(case, chosen), names, ours, results[True], results[False], q.dtype)
+    ours = [out, *grads[0][:3]] + ([grads[0][3]] if bias is not None else [])
+    return _repeats(judge(_row(case, chosen), names, ours, results[True], results[False], q.dtype), grads)
 
 
 def _run_kvcache(case: KVCacheCase, device, randn, gen) -> dict:
@@ -678,6 +698,8 @@ def grid(quick: bool) -> list[AnyCase]:
             KVCacheCase((3, 40), 2, 48, 4, 2, 32, page_size=8, num_splits=2),  # a page per key, not per tile
         ]
         # A value head dim of its own, wider and narrower than the query's (and padded: 24, 48)
+        cases += [Case(2, 113, 203, 4, 2, 32, deterministic=True, **m) for m in (dict(), dict(causal=True))]
+        cases += [VarlenCase((5, 0, 40, 17), (7, 3, 33, 17), 4, 2, 32, causal=True, deterministic=True)]
         cases += [
             Case(2, 113, 203, 4, 2, 48, head_dim_v=24, causal=True),
             Case(1, 40, 37, 2, 1, 16, head_dim_v=32, dtype="float16", window=(9, 3), head_bias=True),
@@ -723,6 +745,14 @@ def grid(quick: bool) -> list[AnyCase]:
             cases.append(Case(2, sq, sk, 8, 2, d, head_dim_v=dv, dtype=dt, **m))
     cases += [VarlenCase(lens_q, lens_k, 8, 2, 192, head_dim_v=128, causal=True, alibi=True)]
     cases += [KVCacheCase(caches, 1, 8192, 32, 8, 192, head_dim_v=128, page_size=page) for page in (0, 16)]
+    # deterministic=True: the deterministic backward at every mask, GQA, the per-head bias, packed sequences and
+    # a head dim the Gluon kernels do not take (96); each case's gradients bit-identical over three runs
+    cases += [Case(1, 2048, 2048, 8, hkv, 128, deterministic=True, causal=True) for hkv in (8, 1)]
+    cases += [VarlenCase(lens, lens, 4, 2, d, causal=c, deterministic=True) for d in (64, 128) for c in (False, True)]
+    cases += [Case(2, 1023, 1023, 4, 2, 96, deterministic=True, causal=True)]
+    det_masks = [m for m in masks if not m.get("dropout")]
+    for (sq, sk), m, d in itertools.product(((1023, 1023), (203, 2048)), det_masks, (64, 128)):
+        cases.append(Case(2, sq, sk, 8, 2, d, deterministic=True, **m))
     return list(dict.fromkeys(cases))
 
 
