@@ -256,21 +256,25 @@ def _run_dense(case: Case, device, randn, gen) -> dict:
     out = torch.full_like(do, math.nan)
     kernels.forward(q, k, v, params, kernel_bias, alibi, out=out)
     with _gluon_backward_at_every_length():
-        grads = _backward(case, kernels.backward, do, q, k, v, params, kernel_bias, alibi)
+        runs = _backward(case, do, q, k, v, params, kernel_bias, alibi)
         chosen = kernels.explain(False, q, k, v, params, kernel_bias, alibi, Rows.dense(q, k))
 
     results = reference_results(sigmoid_attn_reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
     names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
-    ours = [out, *grads[0][:3]] + ([grads[0][3]] if bias is not None else [])
-    return _repeats(judge(_row(case, chosen), names, ours, results[True], results[False], q.dtype), grads)
+    dq, dk, dv, dbias = runs[0]
+    ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
+    return _repeats(judge(_row(case, chosen), names, ours, results[True], results[False], q.dtype), runs)
 
 
-def _backward(case, backward, do, q, k, v, *args) -> list[tuple]:
-    """The kernels' gradients into NaN-poisoned buffers: once, or three times for a deterministic case."""
+def _backward(case, do, q, k, v, *args) -> list[tuple]:
+    """``kernels.backward``'s (dq, dk, dv, dbias) into NaN-poisoned buffers: once, or three times for a
+    deterministic case."""
+    from ..ops.sigmoid_attn import kernels
+
     runs = []
     for _ in range(3 if case.deterministic else 1):
         grads = tuple(torch.full_like(t, math.nan) for t in (q, k, v))
-        runs.append(tuple(backward(do, q, k, v, *args, grads=grads)))
+        runs.append(tuple(kernels.backward(do, q, k, v, *args, grads=grads)))
     return runs
 
 
@@ -307,11 +311,13 @@ def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
     opts = dict(scale=case.head_dim**-0.5, causal=case.causal, window_size=case.window)
     opts["dropout"] = _dropout(case, gen, device)
 
-    params = Params(opts["scale"], Mask(case.causal, case.window), case.deterministic, opts["dropout"])
+    params = Params(
+        opts["scale"], Mask(case.causal, case.window), deterministic=case.deterministic, dropout=opts["dropout"]
+    )
     out = torch.full_like(do, math.nan)
     kernels.forward(q, k, v, params, bias, alibi, rows, out=out)
     with _gluon_backward_at_every_length():
-        grads = _backward(case, kernels.backward, do, q, k, v, params, bias, alibi, rows)
+        runs = _backward(case, do, q, k, v, params, bias, alibi, rows)
         chosen = kernels.explain(False, q, k, v, params, bias, alibi, rows)
 
     def reference(q, k, v, **kw):
@@ -319,8 +325,9 @@ def _run_varlen(case: VarlenCase, device, randn, gen) -> dict:
 
     results = reference_results(reference, [q, k, v], bias, do, alibi_slopes=alibi, **opts)
     names = ["out", "dq", "dk", "dv"] + (["dbias"] if bias is not None else [])
-    ours = [out, *grads[0][:3]] + ([grads[0][3]] if bias is not None else [])
-    return _repeats(judge(_row(case, chosen), names, ours, results[True], results[False], q.dtype), grads)
+    dq, dk, dv, dbias = runs[0]
+    ours = [out, dq, dk, dv] + ([dbias] if bias is not None else [])
+    return _repeats(judge(_row(case, chosen), names, ours, results[True], results[False], q.dtype), runs)
 
 
 def _run_kvcache(case: KVCacheCase, device, randn, gen) -> dict:
@@ -697,9 +704,10 @@ def grid(quick: bool) -> list[AnyCase]:
             KVCacheCase((0, 20), 3, 32, 6, 2, 32, causal=False, page_size=16),  # group 3: not packed
             KVCacheCase((3, 40), 2, 48, 4, 2, 32, page_size=8, num_splits=2),  # a page per key, not per tile
         ]
-        # A value head dim of its own, wider and narrower than the query's (and padded: 24, 48)
+        # deterministic: the backward three times, bit-identical
         cases += [Case(2, 113, 203, 4, 2, 32, deterministic=True, **m) for m in (dict(), dict(causal=True))]
         cases += [VarlenCase((5, 0, 40, 17), (7, 3, 33, 17), 4, 2, 32, causal=True, deterministic=True)]
+        # A value head dim of its own, wider and narrower than the query's (and padded: 24, 48)
         cases += [
             Case(2, 113, 203, 4, 2, 48, head_dim_v=24, causal=True),
             Case(1, 40, 37, 2, 1, 16, head_dim_v=32, dtype="float16", window=(9, 3), head_bias=True),
