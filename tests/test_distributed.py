@@ -197,6 +197,11 @@ def _seqlen_differs(rank, n):
     return ring_sigmoid_attn(_t(1, s, 2, 8), _t(1, s, 2, 8), _t(1, s, 2, 8))
 
 
+def _zigzag_odd_on_rank0(rank, n):
+    s = 5 if rank == 0 else 4
+    return ring_sigmoid_attn(_t(1, s, 2, 8), _t(1, s, 2, 8), _t(1, s, 2, 8), causal=True, load_balance=True)
+
+
 def _causal_differs(rank, n):
     return ulysses_sigmoid_attn(_t(1, 4, n, 8), _t(1, 4, n, 8), _t(1, 4, n, 8), causal=rank == 0)
 
@@ -234,6 +239,12 @@ BAD_INPUTS = [
         lambda rank, n: ring_sigmoid_attn(_t(1, 4, 2, 8), _t(1, 4, 2, 8), _t(1, 4, 2, 8), bias=_t(3)),
         ValueError,
         r"bias must be a float or a tensor of shape \(Hq,\) = \(2,\)",
+    ),
+    (  # rank 0 fails a local check; the others, waiting in the cross-rank check, must raise too, not hang
+        "zigzag-odd-length-on-one-rank",
+        _zigzag_odd_on_rank0,
+        ValueError,
+        r"must be even, got 5|the arguments of rank\(s\) \[0\] of the group failed their checks",
     ),
 ]
 

@@ -3,7 +3,9 @@
 Local checks come first (types, shapes, options), with the errors of ``sigattn.validation``. Then one
 small all-gather compares every rank's shapes and options: shards of different lengths, head counts,
 dtypes or flags across ranks would otherwise hang in a send or receive of the wrong size, or compute the
-wrong function silently. Every rank gets the same gathered table and so raises the same error. The
+wrong function silently. Every rank gets the same gathered table and so raises the same error; a rank
+whose local checks fail still joins the all-gather (with a row saying so) before raising its own error, so
+that the ranks waiting there raise too instead of hanging. The
 all-gather costs one round trip (and, on CUDA, one host synchronisation) per call; it is skipped while
 torch.compile traces or a CUDA graph is captured.
 """
@@ -48,6 +50,32 @@ def check_sharded_call(fn: str, q, k, v, group, *, causal, bias, scale, load_bal
     """Validates ``fn``'s arguments on this rank and against the other ranks of ``group``."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{fn} needs torch.distributed: call torch.distributed.init_process_group first")
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the group passed to {fn}")
+    agree = check.values_checkable()
+    try:
+        _check_local(fn, q, k, v, causal, bias, scale, load_balance)
+    except (TypeError, ValueError):
+        # The other ranks may have passed their local checks and be waiting in the all-gather: this rank
+        # joins it with a failed row, so that they raise too instead of hanging.
+        if agree:
+            _check_ranks_agree(fn, q, k, group, world_size, causal, bias, load_balance, passed=False)
+        raise
+    if agree:
+        _check_ranks_agree(fn, q, k, group, world_size, causal, bias, load_balance)
+
+    seqlen = world_size * q.shape[1]
+    if bias is None:
+        # The whole sequence's key count: each rank's queries see keys of every shard.
+        bias = -math.log(seqlen) if seqlen > 0 else 0.0
+    elif not isinstance(bias, Tensor):
+        bias = float(bias)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return ShardedCall(group, rank, world_size, seqlen, scale, bias, causal, load_balance)
+
+
+def _check_local(fn, q, k, v, causal, bias, scale, load_balance) -> None:
     layout = "(batch, seqlen_local, nheads, headdim)"
     for t, n in ((q, "q"), (k, "k"), (v, "v")):
         check.check_tensor(t, n, 4, layout)
@@ -71,32 +99,31 @@ def check_sharded_call(fn: str, q, k, v, group, *, causal, bias, scale, load_bal
             f"load_balance=True (zig-zag) gives each rank two chunks of the sequence: the local sequence length "
             f"(q's dim 1) must be even, got {q.shape[1]}"
         )
-    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
-    if rank < 0:
-        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the group passed to {fn}")
-    if check.values_checkable():
-        _check_ranks_agree(fn, q, k, group, world_size, causal, bias, load_balance)
-
-    seqlen = world_size * q.shape[1]
-    if bias is None:
-        # The whole sequence's key count: each rank's queries see keys of every shard.
-        bias = -math.log(seqlen) if seqlen > 0 else 0.0
-    elif not isinstance(bias, Tensor):
-        bias = float(bias)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return ShardedCall(group, rank, world_size, seqlen, scale, bias, causal, load_balance)
 
 
-def _check_ranks_agree(fn, q, k, group, world_size, causal, bias, load_balance) -> None:
-    kind = "none" if bias is None else "tensor" if isinstance(bias, Tensor) else "float"
-    dtypes = list(check.FLOAT_DTYPES)
-    mine = [*q.shape[:3], k.shape[2], q.shape[3], dtypes.index(q.dtype), causal, load_balance, _BIAS_KIND[kind]]
-    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else q.device
-    local = torch.tensor(mine, dtype=torch.int64, device=device)
+def _check_ranks_agree(fn, q, k, group, world_size, causal, bias, load_balance, passed=True) -> None:
+    """All-gathers this rank's row and raises if another rank failed its local checks or the rows differ.
+    ``passed=False``: this rank failed its own, and raises its error after this; it sends no fields."""
+    if passed:
+        kind = "none" if bias is None else "tensor" if isinstance(bias, Tensor) else "float"
+        dtype = list(check.FLOAT_DTYPES).index(q.dtype)
+        mine = [1, *q.shape[:3], k.shape[2], q.shape[3], dtype, causal, load_balance, _BIAS_KIND[kind]]
+    else:
+        mine = [0] * (1 + len(_AGREED))
+    local = torch.tensor(mine, dtype=torch.int64, device=_collective_device(group, q))
     table = [torch.empty_like(local) for _ in range(world_size)]
     dist.all_gather(table, local, group=group)
-    rows = torch.stack(table).tolist()  # [world_size, len(_AGREED)]
-    for i, field in enumerate(_AGREED):
+    rows = torch.stack(table).tolist()  # [world_size, 1 + len(_AGREED)]: passed its local checks, then the fields
+    if not passed:
+        return
+    failed = [r for r, row in enumerate(rows) if not row[0]]
+    if failed:
+        raise ValueError(
+            f"{fn}: the arguments of rank(s) {failed} of the group failed their checks (their error says which); "
+            f"every rank must pass valid shards of one sequence"
+        )
+    dtypes = list(check.FLOAT_DTYPES)
+    for i, field in enumerate(_AGREED, start=1):
         values = [row[i] for row in rows]
         if len(set(values)) == 1:
             continue
@@ -110,6 +137,14 @@ def _check_ranks_agree(fn, q, k, group, world_size, causal, bias, load_balance) 
             f"{fn}: every rank of the group must pass the same {_DESCRIBE[field]}, got {values} on ranks "
             f"0..{world_size - 1}"
         )
+
+
+def _collective_device(group, q) -> torch.device:
+    """The device of the all-gather's tensors: the CPU for gloo, else q's (CUDA for NCCL), or the current
+    CUDA device where q is no tensor (a rank whose arguments failed their checks)."""
+    if dist.get_backend(group) == "gloo":
+        return torch.device("cpu")
+    return q.device if isinstance(q, Tensor) else torch.device("cuda", torch.cuda.current_device())
 
 
 _DESCRIBE = {
