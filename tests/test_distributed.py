@@ -358,11 +358,34 @@ def test_shard_positions_and_unshard_invert_shard(world_size, load_balance):
         (lambda: shard_sequence(torch.zeros(1, 12), 4, 0, load_balance=True), r"multiple of 8, zig-zag"),
         (lambda: shard_positions(8, 2, 2), r"rank must be in \[0, world_size = 2\)"),
         (lambda: unshard_sequence([torch.zeros(1, 3)] * 2, load_balance=True), r"length must be even, got 3"),
+        (lambda: shard_sequence(torch.zeros(1, 8), 0, 0), r"world_size must be at least 1, got 0"),
+        (lambda: shard_positions(-4, 2, 0), r"seqlen must be >= 0, got -4"),
     ],
-    ids=["contiguous-indivisible", "zigzag-indivisible", "rank-out-of-range", "unshard-odd-zigzag"],
+    ids=[
+        "contiguous-indivisible",
+        "zigzag-indivisible",
+        "rank-out-of-range",
+        "unshard-odd-zigzag",
+        "no-ranks",
+        "negative-length",
+    ],
 )
 def test_sharding_errors(call, pattern):
     with pytest.raises(ValueError, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize(
+    "call, pattern",
+    [
+        (lambda: shard_sequence(torch.zeros(1, 8), 2, True), r"rank must be an int, got bool True"),
+        (lambda: shard_sequence(torch.zeros(1, 8), 2.0, 0), r"world_size must be an int, got float 2.0"),
+        (lambda: shard_positions(8, 2, 0, load_balance=None), r"load_balance must be a bool, got NoneType None"),
+    ],
+    ids=["bool-rank", "float-world-size", "none-load-balance"],
+)
+def test_sharding_type_errors(call, pattern):
+    with pytest.raises(TypeError, match=pattern):
         call()
 
 

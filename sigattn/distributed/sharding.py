@@ -22,14 +22,25 @@ the global positions of the local tokens, ``shard_positions``.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from ..validation import check_flag, describe
+
 
 def _check_layout(seqlen: int, world_size: int, rank: int, load_balance: bool) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
+    for value, name in ((seqlen, "seqlen"), (world_size, "world_size"), (rank, "rank")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {describe(value)}")
+    check_flag(load_balance, "load_balance")
+    if seqlen < 0:
+        raise ValueError(f"seqlen must be >= 0, got {seqlen}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size = {world_size}), got rank {rank}")
     parts = 2 * world_size if load_balance else world_size
     if seqlen % parts != 0:
