@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 from conftest import assert_within_tolerance_rule
 
 from sigattn import use_backend
+from sigattn.distributed import ring as ring_module
 from sigattn.distributed import (
     ring_sigmoid_attn,
     shard_positions,
@@ -417,6 +418,34 @@ def test_ring_steps_cover_every_allowed_pair_once(world_size, load_balance, caus
     assert torch.equal(count, expected.tril() if causal else expected)
     if load_balance or not causal:
         assert len(set(work)) == 1, f"pairs per rank {work}"
+
+
+def test_ring_backward_runs_on_the_forwards_backend(tmp_path, monkeypatch):
+    """The backward's pieces run on the backend the forward chose, not on whatever is forced where the
+    backward runs: after the caller's use_backend block, or, on CUDA, on the autograd engine's thread, which
+    that block does not reach. One process (a group of one): the ring's autograd without communication."""
+    ran = []
+
+    class Spy:
+        def __init__(self, backend):
+            self.backend, self.name = backend, backend.name
+
+        def __call__(self, call):
+            ran.append(self.name)
+            return self.backend(call)
+
+    select = ring_module.select_backend
+    monkeypatch.setattr(ring_module, "select_backend", lambda call: Spy(select(call)))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        q, k, v = (_t(1, 4, 2, 8).requires_grad_() for _ in range(3))
+        with use_backend("reference"):
+            out = ring_sigmoid_attn(q, k, v, causal=True)
+        ran.clear()
+        out.sum().backward()
+    finally:
+        dist.destroy_process_group()
+    assert ran == ["reference"]
 
 
 @pytest.mark.parametrize(

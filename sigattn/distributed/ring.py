@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..backends import AttnCall, select_backend
+from ..backends import AttnCall, Backend, select_backend
 from ..ops.sigmoid_attn.reference import Mask
 from .checks import ShardedCall, check_sharded_call
 
@@ -73,20 +73,19 @@ def ring_step_pieces(rank: int, src: int, seqlen_local: int, *, causal: bool, lo
 
 
 class _LocalAttention:
-    """Forward and backward of one piece on the backend the dispatcher picks (``use_backend`` and
-    ``SIGATTN_BACKEND`` apply), with results in the accumulation dtype: a float16/bfloat16 partial output
-    or gradient rounded to its dtype before the sum would add one rounding per step (with that, the bf16
-    Triton cases of tests/test_distributed.py failed the 2x tolerance rule: output error 0.064 against
-    2 x 0.019 on 2 ranks). The Triton kernels are driven through their launchers, which store into
-    float32 buffers and whose backward needs nothing from the forward; the PyTorch backends get float32
-    copies of half-precision inputs (they compute in float32 anyway) and go through autograd, recomputing
-    the piece's forward in the backward."""
+    """Forward and backward of one piece on ``backend`` (``select_local_backend``), with results in the
+    accumulation dtype: a float16/bfloat16 partial output or gradient rounded to its dtype before the sum
+    would add one rounding per step (with that, the bf16 Triton cases of tests/test_distributed.py failed
+    the 2x tolerance rule: output error 0.064 against 2 x 0.019 on 2 ranks). The Triton kernels are driven
+    through their launchers, which store into float32 buffers and whose backward needs nothing from the
+    forward; the PyTorch backends get float32 copies of half-precision inputs (they compute in float32
+    anyway) and go through autograd, recomputing the piece's forward in the backward."""
 
-    def __init__(self, q: Tensor, k: Tensor, v: Tensor, cp: ShardedCall):
+    def __init__(self, q: Tensor, cp: ShardedCall, backend: Backend):
         self.cp = cp
         self.acc = _accumulation_dtype(q.dtype)
-        self.backend = select_backend(self._call(q, k, v, cp.bias, cp.causal))
-        self.flash = self.backend.name == "triton"
+        self.backend = backend
+        self.flash = backend.name == "triton"
 
     def _call(self, q, k, v, bias, causal) -> AttnCall:
         return AttnCall("dense", q, k, v, self.cp.scale, bias, Mask(causal), None, False)
@@ -123,6 +122,14 @@ class _LocalAttention:
             out = self.backend(self._call(*inputs[:3], bias, causal))
             grads = torch.autograd.grad(out, inputs, do.to(self.acc))
         return (*grads[:3], grads[3] if len(grads) == 4 else None)
+
+
+def select_local_backend(q: Tensor, k: Tensor, v: Tensor, cp: ShardedCall) -> Backend:
+    """The backend the dispatcher picks for this rank's pieces (``use_backend`` and ``SIGATTN_BACKEND``
+    apply), chosen once, in the forward: the backward runs on the same one, as single-process attention's
+    does, though the caller's ``use_backend`` block may have ended by then (and the autograd engine may run
+    the backward on another thread, where the block is not in force)."""
+    return select_backend(AttnCall("dense", q, k, v, cp.scale, cp.bias, Mask(cp.causal), None, False))
 
 
 class _Ring:
@@ -163,9 +170,9 @@ def _pieces(cp: ShardedCall, step: int, seqlen_local: int) -> list[Piece]:
     return ring_step_pieces(cp.rank, src, seqlen_local, causal=cp.causal, load_balance=cp.load_balance)
 
 
-def ring_forward(q: Tensor, k: Tensor, v: Tensor, cp: ShardedCall) -> Tensor:
+def ring_forward(q: Tensor, k: Tensor, v: Tensor, cp: ShardedCall, backend: Backend) -> Tensor:
     """This rank's output shard; no autograd. q (B, S_local, Hq, D), k and v (B, S_local, Hkv, D)."""
-    local = _LocalAttention(q, k, v, cp)
+    local = _LocalAttention(q, cp, backend)
     ring = _Ring(cp)
     kv = torch.stack((k, v))  # [2, B, S_local, Hkv, D]: what travels
     kv_next = torch.empty_like(kv)
@@ -179,10 +186,10 @@ def ring_forward(q: Tensor, k: Tensor, v: Tensor, cp: ShardedCall) -> Tensor:
     return out.to(q.dtype)
 
 
-def ring_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, cp: ShardedCall):
-    """(dq, dk, dv, dbias or None) of this rank's shards; no autograd. dbias holds only this rank's queries'
-    contribution (see ``ring_sigmoid_attn``)."""
-    local = _LocalAttention(q, k, v, cp)
+def ring_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, cp: ShardedCall, backend: Backend):
+    """(dq, dk, dv, dbias or None) of this rank's shards, on the forward's ``backend``; no autograd. dbias
+    holds only this rank's queries' contribution (see ``ring_sigmoid_attn``)."""
+    local = _LocalAttention(q, cp, backend)
     ring = _Ring(cp)
     acc = _accumulation_dtype(q.dtype)
     kv = torch.stack((k, v))
@@ -225,7 +232,8 @@ class _RingSigmoidAttn(torch.autograd.Function):
     def forward(ctx, q, k, v, head_bias, cp: ShardedCall):
         ctx.save_for_backward(q, k, v, head_bias)
         ctx.cp = cp
-        return ring_forward(q, k, v, cp)
+        ctx.backend = select_local_backend(q, k, v, cp)
+        return ring_forward(q, k, v, cp, ctx.backend)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -234,7 +242,7 @@ class _RingSigmoidAttn(torch.autograd.Function):
         if head_bias is not None:  # the saved tensor, not the caller's: same values, no autograd history
             cp = dataclasses.replace(cp, bias=head_bias)
         # One copy here rather than one per piece when autograd hands an expanded gradient (out.sum()).
-        dq, dk, dv, dbias = ring_backward(grad_out.contiguous(), q, k, v, cp)
+        dq, dk, dv, dbias = ring_backward(grad_out.contiguous(), q, k, v, cp, ctx.backend)
         return dq, dk, dv, dbias, None
 
 
