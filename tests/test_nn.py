@@ -336,6 +336,12 @@ def test_sinusoidal_positions():
         ({"d_model": 30, "n_head": 4}, r"d_model \(30\) must be a multiple of n_head \(got 4\)"),
         ({"d_model": 12, "n_head": 4, "pos": "rope"}, "pos='rope' needs an even head dim"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"dropout": "0.1"}, "dropout must be a finite number, got '0.1'"),
+        ({"bias_init": float("nan")}, "bias_init must be a finite number, got nan"),
+        ({"layerscale": float("inf")}, "layerscale must be a finite number, got inf"),
+        ({"rope_base": 0.0}, "rope_base must be a finite number > 0, got 0.0"),
+        ({"mlp_ratio": float("nan")}, "mlp_ratio must be a finite number > 0, got nan"),
+        ({"d_model": 16, "mlp_ratio": 0.05}, r"mlp_ratio \* d_model must be at least 1 \(the MLP's hidden width\)"),
     ],
 )
 def test_bad_block_settings_are_named(kwargs, message):

@@ -7,6 +7,8 @@ not fit raises a ``ValueError`` naming the field, what it accepts and what it go
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import typing
 from dataclasses import dataclass
 from typing import Literal
@@ -48,6 +50,17 @@ def check_positive(config, *names: str) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def check_finite(config, *names: str, positive: bool = False, optional: bool = False) -> None:
+    """Checks that each named field is a finite real number (> 0 with ``positive``; or None with ``optional``)."""
+    for name in names:
+        value = getattr(config, name)
+        if optional and value is None:
+            continue
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or (positive and value <= 0):
+            raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+
+
 @dataclass
 class BlockConfig:
     """One transformer block: attention, MLP, norms and position encoding.
@@ -87,11 +100,17 @@ class BlockConfig:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_head (got {self.n_head})")
         if self.pos == "rope" and self.head_dim % 2:
             raise ValueError(f"pos='rope' needs an even head dim (d_model / n_head), got {self.head_dim}")
+        check_finite(self, "dropout", "attn_dropout")
+        check_finite(self, "bias_init", "layerscale", optional=True)  # None: -log n, no LayerScale
         for name in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
+        check_finite(self, "mlp_ratio", "rope_base", positive=True)
+        if int(self.mlp_ratio * self.d_model) < 1:  # the MLP's hidden width
+            raise ValueError(
+                f"mlp_ratio * d_model must be at least 1 (the MLP's hidden width), got {self.mlp_ratio!r} * "
+                f"{self.d_model}"
+            )
 
     @property
     def head_dim(self) -> int:
