@@ -101,6 +101,10 @@ def test_overrides_parse_by_field_type():
         ("model.vocab_size=100", "model.vocab_size is set from the data and cannot be given"),
         ("model.n_head=5", r"\[model\] d_model \(64\) must be a multiple of n_head \(got 5\)"),
         ("optim.min_lr=1", r"\[optim\] need 0 <= min_lr <= lr"),
+        ("optim.lr=nan", r"\[optim\] lr must be a finite number, got nan"),
+        ("optim.beta1=1.5", r"\[optim\] beta1 must be in \[0, 1\), got 1.5"),
+        ("train.spike_factor=-1", r"\[train\] spike_factor must be a finite number > 0, got -1.0"),
+        ("optim.warmup_steps=-1", r"\[optim\] warmup_steps must be >= 0, got -1"),
         (
             "data.dataset=digits",
             "data.dataset must be one of 'shakespeare', 'text', 'pycode' for task 'lm'; got 'digits'",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ..models import GPTConfig, ViTConfig
-from ..nn.config import check_fields, literal_choices
+from ..nn.config import check_fields, check_finite, literal_choices
 
 MODEL_CONFIGS = {"lm": GPTConfig, "vit": ViTConfig}
 # Model fields that the data decides (the tokenizer's vocabulary, the images' shape and classes).
@@ -77,10 +77,16 @@ class OptimConfig:
     grad_clip: float = 1.0  # the largest global gradient norm; 0 turns clipping off
 
     def __post_init__(self):
+        # NaN passes the comparisons below, and AdamW checks its arguments only when the run builds it.
+        check_finite(self, "lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr!r}, min_lr={self.min_lr!r}")
-        if self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("warmup_steps, grad_clip and weight_decay must be >= 0")
+        for name in ("warmup_steps", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 LOGGERS = ("tensorboard", "trackio")  # what train.log_to may name
@@ -157,6 +163,7 @@ class TrainSettings:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.decay_steps is not None and (isinstance(self.decay_steps, bool) or self.decay_steps < 1):
             raise ValueError(f"decay_steps must be a positive int or none, got {self.decay_steps!r}")
+        check_finite(self, "spike_factor", positive=True)
         if self.ckpt_every < 0:
             raise ValueError(f"ckpt_every must be >= 0, got {self.ckpt_every}")
         if self.threads < 0:
