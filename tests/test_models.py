@@ -39,6 +39,9 @@ def test_gpt_loss_is_the_mean_cross_entropy():
     torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 37), targets.reshape(-1)))
     # at initialisation the predictions are near uniform
     assert abs(loss.item() - math.log(37)) < 0.5
+    empty = torch.zeros(0, 16, dtype=torch.long)  # an empty batch (a last shard, say) is a batch too
+    logits, loss = model(empty, empty)
+    assert logits.shape == (0, 16, 37) and loss.isnan()  # cross_entropy's mean over nothing
 
 
 def test_one_model_trains_either_way():
@@ -91,6 +94,7 @@ def test_vit_shapes_and_loss(pool, attn):
     logits, loss = model(images, labels)
     assert logits.shape == (3, 5)
     torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
+    assert model(images[:0])[0].shape == (0, 5)
 
 
 def test_vit_patches_are_row_major():

@@ -83,7 +83,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm_f(x))  # [B, S, V]
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(batch * seqlen, -1), targets.reshape(batch * seqlen))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(batch * seqlen))
         return logits, loss
 
     @torch.no_grad()

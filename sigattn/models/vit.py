@@ -78,7 +78,7 @@ class ViT(nn.Module):
             )
         p = cfg.patch_size
         x = images.reshape(batch, channels, height // p, p, width // p, p)  # [B, C, H/p, p, W/p, p]
-        return x.permute(0, 2, 4, 1, 3, 5).reshape(batch, -1, channels * p * p)  # [B, N, C p p]
+        return x.permute(0, 2, 4, 1, 3, 5).reshape(batch, cfg.num_patches, channels * p * p)  # [B, N, C p p]
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """images (B, C, H, W) -> logits (B, n_classes) and, given labels (B,), the mean cross-entropy."""
