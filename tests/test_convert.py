@@ -156,6 +156,18 @@ def test_explicit_bias_needs_no_calibration():
         convert.calibrate_bias(tiny_bert(), batches(), "row")
     with pytest.raises(ValueError, match="needs calibration_batches"):
         convert.convert_to_sigmoid(tiny_bert())
+    untouched = tiny_bert()
+    for bad in (math.nan, -math.inf, [-3.0, [1.0, math.nan]]):
+        with pytest.raises(ValueError, match="sigmoid_attn_bias must be a finite float"):
+            convert.convert_to_sigmoid(untouched, bias=bad)
+    assert untouched.config._attn_implementation == "sdpa" and not hasattr(untouched.config, "sigmoid_attn_bias")
+
+
+def test_cli_refuses_a_bias_that_is_not_finite(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert", str(tmp_path / "model"), str(tmp_path / "out"), "--bias", "nan"])
+    assert exit_info.value.code == 2
+    assert "argument --bias: expected a finite number, got 'nan'" in capsys.readouterr().err
 
 
 def test_docstring_sentences_are_text():

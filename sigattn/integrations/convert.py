@@ -32,9 +32,11 @@ the memory independent of the amount of text: 2^14 bins over [-128, 128] (1/64 w
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import json
+import math
 import random
 import re
 from collections.abc import Iterable
@@ -43,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .transformers import ATTN_IMPLEMENTATION, BIAS_FIELD, register
+from .transformers import ATTN_IMPLEMENTATION, BIAS_FIELD, _checked_bias, register
 
 GRANULARITIES = ("head", "layer", "model")
 CALIBRATION_IMPLEMENTATION = "sigmoid_calibration"
@@ -214,6 +216,8 @@ def convert_to_sigmoid(
     attention after ``register()``, and without it refuses to (transformers raises that
     ``attn_implementation="sigmoid"`` is not supported) instead of loading it as softmax, its default.
     Returns a summary: the bias and the previous implementation."""
+    if bias is not None:  # checked before the model changes: a NaN bias would surface only at its first forward
+        bias = _checked_bias(bias)
     register()
     if bias is None:
         if calibration_batches is None:
@@ -295,11 +299,21 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--granularity", choices=GRANULARITIES, default="head", help="one bias per head (default), layer or model"
     )
-    parser.add_argument("--bias", type=float, help="use this bias instead of calibrating one")
+    parser.add_argument("--bias", type=_finite_float, help="use this bias instead of calibrating one")
     parser.add_argument("--text", help="calibration text, one sample per line (default: Python docstring sentences)")
     parser.add_argument("--samples", type=int, default=256, help="calibration samples to use (default 256)")
     parser.add_argument("--max-length", type=int, default=128, help="tokens per sample (default 128)")
     parser.add_argument("--batch-size", type=int, default=32)
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def read_model_config(path: str | Path) -> dict:
