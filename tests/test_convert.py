@@ -196,6 +196,9 @@ def test_cli_converts_a_local_model(tmp_path, capsys):
 
     status = cli.main(["convert", str(tmp_path / "missing"), str(target)])
     assert status == 2 and "sigattn convert: error:" in capsys.readouterr().err
+    status = cli.main(["convert", str(source), str(text), "--bias", "-3"])  # into a file: nothing to write to
+    assert status == 2 and f"sigattn convert: error: {text} is a file, not a folder" in capsys.readouterr().err
+    assert text.read_text().startswith("the cat")
 
 
 def unknown_architecture(folder: Path) -> None:

@@ -382,6 +382,9 @@ def run(args) -> int:
         import transformers  # noqa: F401
     except ImportError:
         raise ImportError("sigattn convert needs transformers: pip install 'sigattn[hf]'") from None
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():  # save_pretrained would only log this, and write nothing
+        raise ValueError(f"{output} is a file, not a folder: choose another output folder (or move the file)")
     model, tokenizer = load_pretrained(args.model)
     batches = None
     if args.bias is None:
