@@ -163,11 +163,20 @@ def test_explicit_bias_needs_no_calibration():
     assert untouched.config._attn_implementation == "sdpa" and not hasattr(untouched.config, "sigmoid_attn_bias")
 
 
-def test_cli_refuses_a_bias_that_is_not_finite(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "option, value, expected",
+    [
+        ("--bias", "nan", "a finite number"),
+        ("--samples", "-1", "a positive int"),
+        ("--batch-size", "0", "a positive int"),
+        ("--max-length", "0", "a positive int"),
+    ],
+)
+def test_cli_refuses_bad_numbers(tmp_path, capsys, option, value, expected):
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["convert", str(tmp_path / "model"), str(tmp_path / "out"), "--bias", "nan"])
+        cli.main(["convert", str(tmp_path / "model"), str(tmp_path / "out"), option, value])
     assert exit_info.value.code == 2
-    assert "argument --bias: expected a finite number, got 'nan'" in capsys.readouterr().err
+    assert f"argument {option}: expected {expected}, got '{value}'" in capsys.readouterr().err
 
 
 def test_docstring_sentences_are_text():

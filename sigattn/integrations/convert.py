@@ -301,9 +301,20 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--bias", type=_finite_float, help="use this bias instead of calibrating one")
     parser.add_argument("--text", help="calibration text, one sample per line (default: Python docstring sentences)")
-    parser.add_argument("--samples", type=int, default=256, help="calibration samples to use (default 256)")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per sample (default 128)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--samples", type=_positive_int, default=256, help="calibration samples to use (default 256)")
+    parser.add_argument("--max-length", type=_positive_int, default=128, help="tokens per sample (default 128)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32)
+
+
+def _positive_int(text: str) -> int:
+    """A count: texts[:-1] would silently drop a sample, and a batch or length of 0 fails deep in a library."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
 
 
 def _finite_float(text: str) -> float:
