@@ -80,6 +80,14 @@ def test_generate_appends_tokens():
     model = small_gpt().eval()
     out = model.generate(torch.zeros(2, 3, dtype=torch.long), 6, generator=torch.Generator().manual_seed(0))
     assert out.shape == (2, 9) and bool((out >= 0).all()) and bool((out < 37).all())
+    prompt = torch.zeros(2, 3, dtype=torch.long)
+    for kwargs, message in [
+        ({"num_tokens": -1}, "num_tokens must be an int >= 0, got -1"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
+        ({"idx": prompt[:, :0]}, r"idx must be \(batch, S0\) token ids with S0 >= 1, got shape \(2, 0\)"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            model.generate(**({"idx": prompt, "num_tokens": 2} | kwargs))
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])

@@ -90,6 +90,14 @@ class GPT(nn.Module):
     def generate(self, idx: Tensor, num_tokens: int, temperature: float = 1.0, generator=None) -> Tensor:
         """Samples ``num_tokens`` tokens after idx (B, S0), each from the last ``block_size`` tokens;
         returns (B, S0 + num_tokens)."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(
+                f"temperature must be a finite number > 0 (1: the model's distribution), got {temperature!r}"
+            )
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise ValueError(f"idx must be (batch, S0) token ids with S0 >= 1, got shape {tuple(idx.shape)}")
         for _ in range(num_tokens):
             logits, _ = self(idx[:, -self.config.block_size :])
             probs = (logits[:, -1].float() / temperature).softmax(dim=-1)  # [B, V]
