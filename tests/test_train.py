@@ -217,6 +217,13 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, text_file):
     changed = build_config("tiny", micro(text_file, "train.max_steps=2", "optim.lr=0.01"))
     with pytest.raises(TrainError, match=r"these differ: optim.lr: 0.003 -> 0.01"):
         train(changed, tmp_path / "run", resume=True, log=quiet)
+    edited = tmp_path / "corpus.txt"  # the same path, other contents: the batches would not be the run's
+    edited.write_text(text_file.read_text())
+    config = build_config("tiny", micro(edited, "train.max_steps=2"))
+    train(config, tmp_path / "edited", log=quiet)
+    edited.write_text(text_file.read_text().replace("king", "kong"))
+    with pytest.raises(TrainError, match=r"data: the text read now .* is not the one the run started with"):
+        train(config, tmp_path / "edited", resume=True, log=quiet)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 from collections.abc import Callable
 
 import numpy as np
@@ -83,6 +84,15 @@ class LMTask:
         else:
             text = read_text_file(data.path)
             self.description = f"text from {data.path}"
+        self.text_sha256 = hashlib.sha256(text.encode()).hexdigest()
+        # A resumed run continues exactly only on the text it started with (checkpoints older than the hash
+        # hold none: they resume unchecked).
+        saved = None if state is None else state.get("text_sha256")
+        if saved is not None and saved != self.text_sha256:
+            raise ValueError(
+                f"the text read now ({self.description}, sha256 {self.text_sha256[:12]}) is not the one the run "
+                f"started with (sha256 {saved[:12]}): the file changed; restore it, or start a new run"
+            )
         if state is not None:
             self.tokenizer = tokenizer_from_state(state["tokenizer"])
         else:
@@ -132,7 +142,7 @@ class LMTask:
         """What a checkpoint keeps to rebuild this task exactly: the tokenizer (and which pycode corpus)."""
         if self.manifest is not None:
             return {"tokenizer": self.tokenizer.state(), "pycode_fingerprint": self.manifest["fingerprint"]}
-        return {"tokenizer": self.tokenizer.state()}
+        return {"tokenizer": self.tokenizer.state(), "text_sha256": self.text_sha256}
 
 
 class ImageTask:
