@@ -111,6 +111,16 @@ def test_bad_arguments_are_named():
         SigmoidAttention(32, qk_norm=True)
     with pytest.raises(ValueError, match="multiple of num_heads"):
         SigmoidAttention(30, num_heads=4)
+    for kwargs, message in [
+        ({"dim": 32, "num_heads": 0}, "num_heads must be a positive int, got 0"),
+        ({"dim": 0}, "dim must be a positive int, got 0"),
+        ({"dim": 32, "attn_head_dim": -8}, "attn_head_dim must be a positive int, got -8"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SigmoidAttention(**kwargs)
+    for bad in (float("nan"), float("inf"), "x"):
+        with pytest.raises(ValueError, match="bias must be a finite number"):
+            SigmoidAttention.with_bias(bad)
 
 
 # --------------------------------------------------------------------------------------- with timm

@@ -21,6 +21,9 @@ rather than a ``functools.partial``.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from torch import Tensor, nn
 
 from ..functional import scaled_dot_product_sigmoid_attention
@@ -56,6 +59,9 @@ class SigmoidAttention(nn.Module):
     ) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        for name, value in (("dim", dim), ("num_heads", num_heads), ("attn_head_dim", attn_head_dim)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         head_dim = attn_head_dim
         if head_dim is None:
             if dim % num_heads:
@@ -84,6 +90,8 @@ class SigmoidAttention(nn.Module):
     @classmethod
     def with_bias(cls, bias: float) -> type[SigmoidAttention]:
         """A subclass whose attention uses the constant ``bias`` (pass it as timm's ``attn_layer``)."""
+        if isinstance(bias, bool) or not isinstance(bias, numbers.Real) or not math.isfinite(bias):
+            raise ValueError(f"bias must be a finite number, got {bias!r}")
         return type(f"{cls.__name__}Bias", (cls,), {"logit_bias": float(bias)})
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
