@@ -428,6 +428,14 @@ def test_cli_compare_writes_summary_report_and_plots(tmp_path, text_file, capsys
     status, _, err = run_cli(capsys, "compare", "--preset", "tiny", "--out", str(tmp_path / "half"), "--report-only")
     assert status == 2 and "train both attentions first" in err
 
+    # A run and a comparison never share a folder: each would overwrite the other's loss.png and diagnostics.png.
+    plot = (out / "loss.png").read_bytes()
+    status, _, err = run_cli(capsys, "train", "--preset", "tiny", "--out", str(out), *micro(text_file))
+    assert status == 2 and f"{out} holds a comparison (compare.json" in err
+    status, _, err = run_cli(capsys, "compare", "--preset", "tiny", "--out", str(out / "sigmoid"), *micro(text_file))
+    assert status == 2 and f"{out / 'sigmoid'} holds a training run, not a comparison" in err
+    assert (out / "loss.png").read_bytes() == plot and not (out / "sigmoid" / "compare.json").exists()
+
 
 def test_cli_compare_over_seeds(tmp_path, text_file, capsys):
     """--seeds: one comparison per seed (train.seed) in DIR/seed-S, then the summary over them: each

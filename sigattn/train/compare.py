@@ -28,9 +28,10 @@ from ..runinfo import utc_date, versions
 from ..stats import summarize_seeds
 from .config import RunConfig
 from .metrics import read_metrics
+from .parallel import checkpoint_exists
 from .plots import plot_runs
 from .presets import build_config
-from .trainer import CHECKPOINT, Log, StopRequest, Trainer, TrainError
+from .trainer import CHECKPOINT, COMPARE_FILE, Log, StopRequest, Trainer, TrainError
 
 ATTNS = ("sigmoid", "softmax")
 SUMMARY_KEYS = (
@@ -43,7 +44,6 @@ SUMMARY_KEYS = (
     "tokens",
     "grad_spikes",
 )
-COMPARE_FILE = "compare.json"
 
 
 def compare(
@@ -72,6 +72,8 @@ def compare(
     else:
         if preset is None:
             raise TrainError("compare needs --preset NAME (or --resume to continue the comparison in --out)")
+        if (out_dir / CHECKPOINT).exists() or checkpoint_exists(out_dir):  # its plots would be overwritten
+            raise TrainError(f"{out_dir} holds a training run, not a comparison: choose another --out")
         configs = {attn: build_config(preset, overrides, attn=attn, max_steps=max_steps) for attn in ATTNS}
     with StopRequest() as stop:
         for attn in ATTNS:

@@ -67,6 +67,7 @@ from .tasks import make_task
 
 Log = Callable[[str], None]
 CHECKPOINT = "checkpoint.pt"
+COMPARE_FILE = "compare.json"  # what marks a comparison's folder (``sigattn.train.compare``)
 CHECKPOINT_FORMAT = 1
 STATE_KEYS = ("config", "step", "rng", "task", "loop")  # besides "format"; checkpoint.pt adds the next two
 MODEL_KEYS = ("model", "optimizer")
@@ -296,6 +297,11 @@ class Trainer:
             raise TrainError(
                 f"{self.out} already holds a run ({CHECKPOINT} or {par.CHECKPOINT_DIR}/): pass --resume to continue "
                 "it, or choose another --out"
+            )
+        if (self.out / COMPARE_FILE).exists():  # a run there would overwrite the comparison's plots
+            raise TrainError(
+                f"{self.out} holds a comparison ({COMPARE_FILE}; its runs are in {self.out / 'sigmoid'} and "
+                f"{self.out / 'softmax'}): choose another --out"
             )
 
     def _setup(self, state: dict | None) -> None:
