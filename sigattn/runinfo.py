@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -91,8 +92,41 @@ def run_meta(command: str, device: torch.device | None = None) -> dict:
     }
 
 
+def strict_json(value, *, default=None, **options) -> str:
+    """``json.dumps(value, **options)`` as strict JSON: a non-finite float (a diverged run's nan loss, an inf
+    norm) is written as null. Python's default writes bare NaN and Infinity, which strict readers (jq,
+    JavaScript, most other tools) reject. ``default`` turns what JSON has no type for into what it has, as
+    json.dumps's does; the project's readers turn null in a numeric field back into nan (``nan_for_null``)."""
+
+    def finite(value):
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(v) for v in value]
+        if default is not None and not isinstance(value, str | int | bool | None):
+            return finite(default(value))  # converted first, so that its floats are checked too
+        return value
+
+    return json.dumps(finite(value), allow_nan=False, **options)
+
+
+def nan_for_null(value):
+    """A numeric field as ``strict_json`` wrote it, read back: null (a non-finite float) becomes nan, in a number
+    or in the lists and dicts of numbers it holds. For fields that are numbers when written, never None."""
+    if value is None:
+        return math.nan
+    if isinstance(value, dict):
+        return {k: nan_for_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [nan_for_null(v) for v in value]
+    return value
+
+
 def write_json(path: str | Path, meta: dict, rows: list[dict], **sections) -> None:
-    """Writes ``{"meta": meta, "rows": rows, **sections}`` to ``path`` (its folder made if missing)."""
+    """Writes ``{"meta": meta, "rows": rows, **sections}`` to ``path`` (its folder made if missing), as strict
+    JSON (``strict_json``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": rows, **sections}, indent=1) + "\n")
+    path.write_text(strict_json({"meta": meta, "rows": rows, **sections}, indent=1) + "\n")

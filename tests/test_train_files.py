@@ -7,6 +7,7 @@ ever loaded. The commands run in a subprocess, as a user runs them, on micro run
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import random
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 from sigattn.train import TrainError, build_config, train
-from sigattn.train.metrics import MetricsError, read_metrics
+from sigattn.train.compare import seed_dir, write_comparison, write_seed_comparison
+from sigattn.train.metrics import MetricsError, MetricsWriter, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["the", "king", "queen", "doth", "speak", "of", "love", "and", "war", "upon", "thy", "noble", "heart", "my"]
@@ -130,6 +132,48 @@ def test_readers_drop_only_a_torn_last_line(tmp_path):
     path.write_text(body + "[1, 2]\n" + body)
     with pytest.raises(MetricsError, match="line 4: "):
         read_metrics(path)
+
+
+def strict_json(text: str):
+    """``text`` parsed as strict JSON: a bare NaN or Infinity (Python's default for non-finite floats) fails."""
+
+    def refuse(name):
+        raise AssertionError(f"bare {name} in strict JSON: {text[:200]!r}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_metrics_round_trip_as_strict_json(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    row = {"step": 2, "train_loss": math.nan, "grad_norm": math.inf, "grad_norm_max": -math.inf, "lr": 0.1}
+    row |= {k: 1 for k in ("grad_spikes", "tokens", "tokens_per_s", "elapsed_s")}
+    MetricsWriter(path).write({**row, "val_loss_by_context": {"8": math.nan}, "attn_out_norm": [1.0, math.inf]})
+    assert strict_json(path.read_text())["train_loss"] is None
+    (back,) = read_metrics(path)
+    assert math.isnan(back["train_loss"]) and math.isnan(back["grad_norm"]) and math.isnan(back["grad_norm_max"])
+    assert math.isnan(back["val_loss_by_context"]["8"]) and back["attn_out_norm"][0] == 1.0
+    assert back["lr"] == 0.1 and back["step"] == 2
+    MetricsWriter(path, resume_step=2)  # a resume rewrites the rows it keeps: strict again
+    assert strict_json(path.read_text())["grad_norm"] is None
+
+
+def test_a_diverged_comparison_writes_strict_json(tmp_path, overrides):
+    """optim.lr=1e6 turns every loss into nan: each file is still strict JSON, and the readers see nan."""
+    out = tmp_path / "cmp"
+    for attn in ("sigmoid", "softmax"):
+        config = build_config("tiny", [*overrides, "optim.lr=1e6"], attn=attn, max_steps=4)
+        result = train(config, out / attn, log=lambda line: None)
+        assert math.isnan(result.final_val_loss)
+    summary = write_comparison(out, "tiny")
+    assert math.isnan(summary["sigmoid"]["final_val_loss"]) and math.isnan(summary["val_loss_gap"])
+    assert math.isnan(summary["softmax"]["val_loss_by_context"]["8"])
+    assert all(math.isnan(r["train_loss"]) for r in read_metrics(out / "sigmoid" / "metrics.jsonl"))
+    seed_dir(out, 0).mkdir()  # one seed: statistics.stdev fails on nan values, with or without strict JSON
+    shutil.copy(out / "summary.json", seed_dir(out, 0) / "summary.json")
+    assert math.isnan(write_seed_comparison(out, [0])["sigmoid"]["final_val_loss"]["mean"])
+    for path in [*out.rglob("*.json"), *out.rglob("*.jsonl")]:
+        for line in path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]:
+            strict_json(line)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints

@@ -18,7 +18,6 @@ GPU; ``Experiment.sizes`` says which an experiment has).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .. import plotting
-from ..runinfo import cpu_name, device_label, module_version, utc_date, versions
+from ..runinfo import cpu_name, device_label, module_version, strict_json, utc_date, versions
 from ..stats import POWER_FORMULA, SeedSummary, student_t_quantile, summarize_seeds
 
 SIZES = ("test", "quick", "full", "gpu")
@@ -142,7 +141,7 @@ def run_experiment(
         "figures": outcome.figures,
         "meta": meta,
     }
-    (out / "result.json").write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+    (out / "result.json").write_text(strict_json(result, indent=2, default=_jsonable) + "\n")
     (out / "report.md").write_text(report_markdown(experiment, outcome, meta))
     log(f"{experiment.name}: {outcome.verdict.word} — {outcome.verdict.summary} ({seconds:.0f} s; {out})")
     return result

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..data import load_shakespeare
 from ..data.pycode import DEFAULT_VAL_FRACTION, DEFAULT_VOCAB_SIZE, load_pycode
 from ..models import GPTConfig
+from ..runinfo import nan_for_null, strict_json
 from ..train import DataConfig, OptimConfig, RunConfig, Trainer, TrainSettings
 from ..train.diagnostics import attention_stats
 from ..train.metrics import read_metrics
@@ -122,8 +123,8 @@ def train_run(config: RunConfig, run_dir: Path) -> dict:
     settings = json.loads(json.dumps(config.to_dict()))  # as read back: tuples become lists
     if record.exists():
         saved = json.loads(record.read_text())
-        if saved.get("config") == settings:
-            return saved["run"]
+        if saved.get("config") == settings:  # strict JSON wrote a non-finite number as null: nan again
+            return {k: v if k == "device" else nan_for_null(v) for k, v in saved["run"].items()}
     if run_dir.exists():
         shutil.rmtree(run_dir)
     trainer = Trainer(config, run_dir, log=lambda line: None)
@@ -142,5 +143,5 @@ def train_run(config: RunConfig, run_dir: Path) -> dict:
         "device": result.device,
     }
     # Written last: its presence means the run finished.
-    record.write_text(json.dumps({"config": settings, "run": run}) + "\n")
+    record.write_text(strict_json({"config": settings, "run": run}) + "\n")
     return run

@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from ..data import CorpusUnavailableError
+from ..runinfo import strict_json
 from .compare import ATTNS, COMPARE_FILE, compare, seed_dir, write_comparison, write_seed_comparison
 from .config import ConfigError, RunConfig, setting_names
 from .metrics import MetricsError
@@ -153,7 +154,7 @@ def _run_seeds(args: argparse.Namespace, out: Path) -> int:
                 return _stop_status(signal.Signals[summary["stopped_by"]])
     summary = write_seed_comparison(out, seeds)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(strict_json(summary, indent=2))
     for attn in ATTNS:
         loss = summary[attn]["final_val_loss"]
         half = "" if loss["ci95"] is None else f" ± {(loss['ci95'][1] - loss['ci95'][0]) / 2:.4f}"
@@ -287,7 +288,7 @@ def run_train(args: argparse.Namespace) -> int:
         return _interrupted("train", out, interrupted, out / CHECKPOINT)
     if not _is_main_process():
         return _stop_status(signal.Signals[result.stopped_by]) if result.stopped_by else 0
-    print(json.dumps(result.to_dict(), indent=2))
+    print(strict_json(result.to_dict(), indent=2))
     if result.stopped_by:
         print(f"sigattn train: resume with: {resume_command('train', out)}", file=sys.stderr)
         return _stop_status(signal.Signals[result.stopped_by])
@@ -318,7 +319,7 @@ def run_compare(args: argparse.Namespace) -> int:
             return _interrupted("compare", out, interrupted, out / "sigmoid" / CHECKPOINT)
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(strict_json(summary, indent=2))
     for attn in ATTNS:
         r = summary[attn]
         if r is None:

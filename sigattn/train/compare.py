@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..runinfo import utc_date, versions
+from ..runinfo import nan_for_null, strict_json, utc_date, versions
 from ..stats import summarize_seeds
 from .config import RunConfig
 from .metrics import read_metrics
@@ -93,7 +93,7 @@ def compare(
 def _write_compare_file(out_dir: Path, preset: str, overrides: list[str], config: RunConfig) -> None:
     settings = config.to_dict()
     settings["model"]["attn"] = "(both)"
-    text = json.dumps({"preset": preset, "overrides": overrides, "config": settings}, indent=2)
+    text = strict_json({"preset": preset, "overrides": overrides, "config": settings}, indent=2)
     (out_dir / COMPARE_FILE).write_text(text + "\n")
 
 
@@ -126,6 +126,18 @@ def _read_json(path: Path, what: str):
         raise TrainError(f"cannot read {path} ({error}): expected {what}; restore it from a backup") from None
 
 
+def _read_result(path: Path) -> dict:
+    """A run's result.json. Strict JSON wrote a non-finite loss (a diverged run's) as null: it is nan again in
+    val_loss_by_context, and in final_val_loss of a run at its max_steps (which has evaluated, so its null
+    is no "not evaluated yet")."""
+    result = _read_json(path, "a run's result.json")
+    if result.get("val_loss_by_context") is not None:
+        result["val_loss_by_context"] = nan_for_null(result["val_loss_by_context"])
+    if result.get("steps") == result.get("max_steps"):
+        result["final_val_loss"] = nan_for_null(result.get("final_val_loss"))
+    return result
+
+
 def _config_from_dict(base: dict, attn: str, overrides: list[str]) -> RunConfig:
     """The saved comparison's configuration for ``attn``, with ``overrides``."""
     return RunConfig.from_dict({**base, "model": {**base["model"], "attn": attn}}, overrides)
@@ -152,13 +164,13 @@ def write_comparison(
                 raise TrainError(f"no {path}: train both attentions first (sigattn compare without --report-only)")
             results[attn] = None
             continue
-        results[attn] = _read_json(path, "a run's result.json")
+        results[attn] = _read_result(path)
         runs[attn] = read_metrics(out_dir / attn / "metrics.jsonl")
     started = next(attn for attn in ATTNS if results[attn] is not None)
     config = _read_json(out_dir / started / "config.json", "a run's config.json")
     summary = summarize(preset, list(overrides), config, results)
     summary["stopped_by"] = stopped_by
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(strict_json(summary, indent=2) + "\n")
     try:
         plots = [p.name for p in plot_runs(runs, out_dir)]
     except ImportError as error:  # no matplotlib
@@ -287,7 +299,7 @@ def write_seed_comparison(out_dir: str | Path, seeds: list[int]) -> dict:
             raise TrainError(f"seed {seed}'s comparison is not finished ({what}): resume it first")
         per_seed[seed] = summary
     summary = summarize_over_seeds(per_seed)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(strict_json(summary, indent=2) + "\n")
     (out_dir / "report.md").write_text(seed_report(summary))
     return summary
 
@@ -301,12 +313,16 @@ def summarize_over_seeds(per_seed: dict[int, dict]) -> dict:
     seeds = list(per_seed)
     first = per_seed[seeds[0]]
 
+    # Every seed's runs finished, so a null number in their summary.json is a non-finite one (strict JSON): nan.
     def values(attn: str, key: str) -> list[float]:
-        return [per_seed[s][attn][key] for s in seeds]
+        return [nan_for_null(per_seed[s][attn][key]) for s in seeds]
 
     def by_context(attn: str) -> dict[str, list[float]]:
         common = set.intersection(*(set(per_seed[s][attn]["val_loss_by_context"] or {}) for s in seeds))
-        return {n: [per_seed[s][attn]["val_loss_by_context"][n] for s in seeds] for n in sorted(common, key=int)}
+        return {
+            n: [nan_for_null(per_seed[s][attn]["val_loss_by_context"][n]) for s in seeds]
+            for n in sorted(common, key=int)
+        }
 
     out: dict = {"seeds": seeds, "preset": first["preset"], "overrides": first["overrides"]}
     contexts = {attn: by_context(attn) for attn in ATTNS}

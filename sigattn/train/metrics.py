@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from ..runinfo import nan_for_null, strict_json
+
 REQUIRED_KEYS = (
     "step",
     "train_loss",
@@ -35,7 +37,9 @@ def _row(line: bytes) -> dict | None:
         row = json.loads(line)
     except ValueError:  # JSONDecodeError and UnicodeDecodeError
         return None
-    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+    if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+        return None
+    return {k: nan_for_null(v) for k, v in row.items()}  # every field is a number, or numbers
 
 
 def read_metrics(path: str | Path, up_to_step: int | None = None) -> list[dict]:
@@ -74,7 +78,7 @@ class MetricsWriter:
         self.path = Path(path)
         kept = read_metrics(self.path, up_to_step=resume_step) if resume_step is not None else []
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.write_text("".join(strict_json(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
@@ -82,4 +86,4 @@ class MetricsWriter:
         if missing:
             raise ValueError(f"a metrics row needs {missing}")
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(strict_json(row) + "\n")

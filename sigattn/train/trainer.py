@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import shutil
 import signal
@@ -54,7 +53,7 @@ import torch
 from torch import nn
 
 from ..data import CorpusUnavailableError
-from ..runinfo import cpu_name
+from ..runinfo import cpu_name, strict_json
 from . import parallel as par
 from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_atomic, set_rng_state
 from .config import RESUMABLE_CHANGES, ConfigError, RunConfig
@@ -364,11 +363,11 @@ class Trainer:
             self.log = _silent
             return
         config = self.config
-        (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (self.out / "config.json").write_text(strict_json(config.to_dict(), indent=2) + "\n")
         if config.task == "lm":
-            (self.out / "tokenizer.json").write_text(json.dumps(self.task.state()["tokenizer"]) + "\n")
+            (self.out / "tokenizer.json").write_text(strict_json(self.task.state()["tokenizer"]) + "\n")
             if self.task.manifest is not None:
-                (self.out / "data.json").write_text(json.dumps(self.task.manifest, indent=2) + "\n")
+                (self.out / "data.json").write_text(strict_json(self.task.manifest, indent=2) + "\n")
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", resume_step=self.step if resumed else None)
 
     # ------------------------------------------------------------------------------- state
@@ -515,7 +514,7 @@ class Trainer:
                 )
         result = self.result(stopped or self.step < settings.max_steps, stop.name if stopped else None)
         if self.parallel.is_main:
-            (self.out / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+            (self.out / "result.json").write_text(strict_json(result.to_dict(), indent=2) + "\n")
             if self.step == settings.max_steps and settings.plots:
                 self._plot()
         return result
