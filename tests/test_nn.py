@@ -310,6 +310,23 @@ def test_rope_scores_depend_only_on_the_offset():
     torch.testing.assert_close(rotated.norm(), q.norm())
 
 
+@pytest.mark.parametrize("seqlen", [TEST_LEN, 2 * TRAIN_LEN], ids=["inside-the-table", "past-it"])
+def test_rope_tables_stay_float32_in_a_cast_module(seqlen):
+    """A module cast to bf16 rotates by the float32 angles that rope_angles promises, as past its table."""
+    torch.manual_seed(0)
+    config = BlockConfig(d_model=32, n_head=4, attn="softmax", pos="rope")
+    module = SigmoidAttention(config, TRAIN_LEN, True)
+    cos, sin = module.rope.cos.clone(), module.rope.sin.clone()
+    module.to(torch.bfloat16)
+    assert module.rope.cos.dtype == module.rope.sin.dtype == torch.float32
+    torch.testing.assert_close(module.rope.cos, cos, rtol=0, atol=0)
+    never_cast = SigmoidAttention(config, TRAIN_LEN, True).to(torch.bfloat16)
+    never_cast.load_state_dict(module.state_dict())
+    never_cast.rope.cos, never_cast.rope.sin = cos, sin  # set, not cast
+    x = torch.randn(2, seqlen, 32, dtype=torch.bfloat16)
+    torch.testing.assert_close(module(x), never_cast(x), rtol=0, atol=0)
+
+
 def test_alibi_slopes_are_the_published_ones():
     for heads, slopes in KNOWN_SLOPES.items():
         got = alibi_slopes(heads)

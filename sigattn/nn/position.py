@@ -34,7 +34,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE for heads of ``head_dim``; keeps a table of angles and extends it for longer inputs."""
+    """RoPE for heads of ``head_dim``; keeps a table of angles and extends it for longer inputs. The table
+    stays float32 whatever dtype the module is cast to."""
 
     def __init__(self, head_dim: int, base: float = 10000.0, seqlen: int = 256):
         super().__init__()
@@ -51,6 +52,16 @@ class RotaryEmbedding(nn.Module):
         else:
             cos, sin = self.cos[:seqlen], self.sin[:seqlen]
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def _apply(self, fn, recurse=True):
+        # ``module.to(torch.bfloat16)`` (or .half(), .double()) casts buffers: a bf16 table would rotate by
+        # rounded angles, unlike the float32 ones computed past its end. The cast is undone here, where every
+        # cast and move of the module passes, so forward stays as is; the table is recomputed, not cast back,
+        # as the cast has already rounded it. Device moves apply as usual.
+        super()._apply(fn, recurse)
+        if self.cos.dtype != torch.float32:
+            self.cos, self.sin = rope_angles(self.cos.shape[0], self.head_dim, self.base, device=self.cos.device)
+        return self
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
