@@ -224,6 +224,21 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, text_file):
     edited.write_text(text_file.read_text().replace("king", "kong"))
     with pytest.raises(TrainError, match=r"data: the text read now .* is not the one the run started with"):
         train(config, tmp_path / "edited", resume=True, log=quiet)
+    images = np.random.default_rng(0).random((40, 1, 8, 8)).astype(np.float32)
+    labels = np.arange(40) % 2
+    np.savez(tmp_path / "images.npz", images=images, labels=labels)
+    settings = (
+        "model.n_layer=1 model.d_model=16 model.n_head=2 train.max_steps=2 train.batch_size=8 train.progress=false"
+    )
+    config = build_config(
+        "digits-vit", ["data.dataset=images", f"data.path={tmp_path / 'images.npz'}", *settings.split()]
+    )
+    train(config, tmp_path / "vit", until_step=1, log=quiet)
+    np.savez(tmp_path / "images.npz", images=images, labels=labels)  # saved again: the same arrays continue
+    train(config, tmp_path / "vit", resume=True, log=quiet)
+    np.savez(tmp_path / "images.npz", images=images[::-1], labels=labels)
+    with pytest.raises(TrainError, match=r"data: the images read now .* are not the ones the run started with"):
+        train(config, tmp_path / "vit", resume=True, log=quiet)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

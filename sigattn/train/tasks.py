@@ -159,6 +159,15 @@ class ImageTask:
             except (FileNotFoundError, ValueError) as error:
                 raise ValueError(f"data.path: {error}") from None
             self.description = f"images from {data.path}"
+        self.images_sha256 = _arrays_sha256(images, labels)
+        # A resumed run continues exactly only on the images it started with (checkpoints older than the hash
+        # hold none: they resume unchecked).
+        saved = None if state is None else state.get("images_sha256")
+        if saved is not None and saved != self.images_sha256:
+            raise ValueError(
+                f"the images read now ({self.description}, sha256 {self.images_sha256[:12]}) are not the ones "
+                f"the run started with (sha256 {saved[:12]}): the data changed; restore it, or start a new run"
+            )
         self.split = split_images(images, labels, data.val_fraction, settings.seed)
         channels, size = self.split.train_images.shape[1], self.split.train_images.shape[2]
         self.model_config = dataclasses.replace(
@@ -198,8 +207,18 @@ class ImageTask:
         return self.split.val_images[:PROBE_ROWS]
 
     def state(self) -> dict:
-        """Nothing: the split is a function of the seed."""
-        return {}
+        """What a checkpoint keeps to check the data on resume: the images' sha256 (the split is a function of
+        the seed)."""
+        return {"images_sha256": self.images_sha256}
+
+
+def _arrays_sha256(images: np.ndarray, labels: np.ndarray) -> str:
+    """sha256 of the images and labels as loaded, shapes included: the arrays, not the .npz's bytes, which
+    change when the same arrays are saved again (the zip entries' dates)."""
+    digest = hashlib.sha256(repr((images.shape, labels.shape)).encode())
+    for array in (images, labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
 
 
 def make_task(config: RunConfig, state: dict | None = None) -> LMTask | ImageTask:
