@@ -210,6 +210,26 @@ def test_cli_converts_a_local_model(tmp_path, capsys):
     assert text.read_text().startswith("the cat")
 
 
+@pytest.mark.parametrize(
+    "output, message",
+    [
+        ("bert", "output {output} is the model folder {model}: the converted model would overwrite it"),
+        ("bert/../bert/.", "output {output} is the model folder {model}: the converted model would overwrite it"),
+        ("missing/out", "output {output}: the folder {parent} does not exist: create it first (mkdir -p"),
+    ],
+    ids=["the-model-folder", "the-model-folder-spelled-otherwise", "missing-parent"],
+)
+def test_cli_refuses_an_output_over_the_model_or_under_no_folder(tmp_path, capsys, output, message):
+    """Refused before the model is loaded (this one is no model at all): nothing is written."""
+    model, output = tmp_path / "bert", tmp_path / output
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    status = cli.main(["convert", str(model), str(output), "--bias", "-3"])
+    expected = message.format(output=output, model=model, parent=output.parent)
+    assert status == 2 and f"sigattn convert: error: {expected}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert"] and (model / "config.json").read_text() == "{}"
+
+
 def unknown_architecture(folder: Path) -> None:
     tiny_bert().save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())

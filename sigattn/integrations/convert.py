@@ -39,6 +39,7 @@ import json
 import math
 import random
 import re
+import shlex
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -396,6 +397,16 @@ def run(args) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():  # save_pretrained would only log this, and write nothing
         raise ValueError(f"{output} is a file, not a folder: choose another output folder (or move the file)")
+    if output.resolve() == Path(args.model).resolve():  # save_pretrained would overwrite the model's files
+        raise ValueError(
+            f"output {output} is the model folder {args.model}: the converted model would overwrite it; choose "
+            "another output folder"
+        )
+    if not output.exists() and not output.parent.exists():  # save_pretrained would create it: a mistyped path
+        raise ValueError(
+            f"output {output}: the folder {output.parent} does not exist: create it first (mkdir -p "
+            f"{shlex.quote(str(output.parent))}) or choose another output folder"
+        )
     model, tokenizer = load_pretrained(args.model)
     batches = None
     if args.bias is None:
