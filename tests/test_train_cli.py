@@ -189,26 +189,32 @@ def test_a_signal_stops_the_whole_comparison(tmp_path, corpus):
     assert "Not a finished comparison" not in (out / "report.md").read_text()
 
 
-def test_a_second_signal_stops_at_once(tmp_path, corpus, monkeypatch, capsys):
-    """The second Ctrl-C interrupts the step in progress; the run keeps its last checkpoint."""
+@pytest.mark.parametrize(
+    "command, attn, checkpoint",
+    [("train", "sigmoid", "checkpoint.pt"), ("compare", "softmax", "softmax/checkpoint.pt")],
+    ids=["train", "compare-in-its-softmax-run"],
+)
+def test_a_second_signal_stops_at_once(tmp_path, corpus, monkeypatch, capsys, command, attn, checkpoint):
+    """The second Ctrl-C interrupts the step in progress; the run keeps its last checkpoint, which the message
+    names (a comparison's: the run in progress's)."""
     step = trainer_module.Trainer.train_step
 
     def step_then_two_signals(self):
         step(self)
-        if self.step == 4:
+        if self.step == 4 and self.config.model.attn == attn:
             signal.raise_signal(signal.SIGINT)
             signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(trainer_module.Trainer, "train_step", step_then_two_signals)
     out = tmp_path / "run"
-    argv = ["train", "--preset", "tiny", "--out", str(out), "--max-steps", "8", *micro(corpus, "train.ckpt_every=2")]
+    argv = [command, "--preset", "tiny", "--out", str(out), "--max-steps", "8", *micro(corpus, "train.ckpt_every=2")]
     before = signal.getsignal(signal.SIGINT)
     assert cli.main(argv) == 130
     err = capsys.readouterr().err
     assert signal.getsignal(signal.SIGINT) is before
-    assert f"stopped at once by a second SIGINT; the run keeps its last checkpoint ({out / 'checkpoint.pt'})" in err
+    assert f"stopped at once by a second SIGINT; the run keeps its last checkpoint ({out / checkpoint})" in err
     # interrupted inside step 4, before its checkpoint: the last one is step 2's (ckpt_every=2)
-    assert checkpoint_module.load_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert checkpoint_module.load_checkpoint(out / checkpoint)["step"] == 2
 
 
 # -------------------------------------------------------------------------------------------- resuming

@@ -144,7 +144,7 @@ def _run_seeds(args: argparse.Namespace, out: Path) -> int:
                     None if again else args.preset, folder, overrides, max_steps=args.max_steps, resume=again
                 )
             except Interrupted as interrupted:
-                return _interrupted("compare", out, interrupted, folder / "sigmoid" / CHECKPOINT)
+                return _interrupted("compare", out, interrupted, interrupted.run_dir / CHECKPOINT)
             if summary["stopped_by"]:
                 seeds_text = ",".join(map(str, seeds))
                 print(
@@ -316,7 +316,7 @@ def run_compare(args: argparse.Namespace) -> int:
         try:
             summary = compare(args.preset, out, args.overrides, max_steps=args.max_steps, resume=args.resume)
         except Interrupted as interrupted:
-            return _interrupted("compare", out, interrupted, out / "sigmoid" / CHECKPOINT)
+            return _interrupted("compare", out, interrupted, interrupted.run_dir / CHECKPOINT)
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     if args.json:
         print(strict_json(summary, indent=2))

@@ -31,7 +31,7 @@ from .metrics import read_metrics
 from .parallel import checkpoint_exists
 from .plots import plot_runs
 from .presets import build_config
-from .trainer import CHECKPOINT, COMPARE_FILE, Log, StopRequest, Trainer, TrainError
+from .trainer import CHECKPOINT, COMPARE_FILE, Interrupted, Log, StopRequest, Trainer, TrainError
 
 ATTNS = ("sigmoid", "softmax")
 SUMMARY_KEYS = (
@@ -60,7 +60,8 @@ def compare(
 
     ``resume`` continues the runs that have a checkpoint and starts the others; the comparison's
     compare.json then gives the preset and settings (``preset`` may be None), and ``overrides`` and
-    ``max_steps`` may change what ``Trainer`` allows on resume."""
+    ``max_steps`` may change what ``Trainer`` allows on resume. A second signal raises ``Interrupted``, whose
+    ``run_dir`` is the run it stopped."""
     out_dir = Path(out_dir)
     overrides = list(overrides)
     saved = _load_compare_file(out_dir) if resume and preset is None else None
@@ -80,13 +81,17 @@ def compare(
             if stop.requested:
                 break
             run_dir = out_dir / attn
-            trainer = Trainer(configs[attn], run_dir, resume=resume and (run_dir / CHECKPOINT).exists(), log=log)
             try:
-                if saved is None and attn == ATTNS[0]:
-                    _write_compare_file(out_dir, preset, overrides, trainer.config)
-                trainer.fit(stop=stop)
-            finally:
-                trainer.parallel.close()
+                trainer = Trainer(configs[attn], run_dir, resume=resume and (run_dir / CHECKPOINT).exists(), log=log)
+                try:
+                    if saved is None and attn == ATTNS[0]:
+                        _write_compare_file(out_dir, preset, overrides, trainer.config)
+                    trainer.fit(stop=stop)
+                finally:
+                    trainer.parallel.close()
+            except Interrupted as interrupted:
+                interrupted.run_dir = run_dir  # the caller names this run's checkpoint, not the first run's
+                raise
     return write_comparison(out_dir, Path(preset).stem, overrides, stopped_by=stop.name)
 
 

@@ -230,6 +230,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.run_dir: Path | None = None  # the run it stopped, where one of several was (``compare`` sets it)
 
 
 class StopRequest:
