@@ -107,6 +107,8 @@ def summarize_seeds(values: list[float]) -> SeedSummary:
     mean = sum(values) / len(values)
     if len(values) < 2:
         return SeedSummary(values, mean, None, None, None)
+    if not all(map(math.isfinite, values)):  # a diverged seed: no spread to speak of (stdev raises on nan)
+        return SeedSummary(values, mean, math.nan, (math.nan, math.nan), math.nan)
     sd = statistics.stdev(values)
     half = student_t_quantile(0.975, len(values) - 1) * sd / math.sqrt(len(values))
     return SeedSummary(values, mean, sd, (mean - half, mean + half), detectable_difference(sd, len(values)))

@@ -94,6 +94,9 @@ def test_summarize_seeds_matches_a_hand_computation():
     assert one.mean == 0.7 and one.ci95 is None and one.detectable is None
     with pytest.raises(ValueError, match="at least one value"):
         stats.summarize_seeds([])
+    diverged = stats.summarize_seeds([1.5, math.nan, 1.6])  # a seed whose loss went nan: nan, not a traceback
+    assert math.isnan(diverged.mean) and math.isnan(diverged.sd) and all(map(math.isnan, diverged.ci95))
+    assert math.isnan(stats.summarize_seeds([math.inf, 2.0]).detectable)
 
 
 @pytest.mark.parametrize("values", [[0.12, -0.3, 0.05, 0.4, 0.22], [3.0, 3.5, 2.0, 4.1, 3.3, 2.9, 3.8, 3.0]])

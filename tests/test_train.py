@@ -16,6 +16,7 @@ import torch
 from sigattn import cli, stats
 from sigattn.train import ConfigError, RunConfig, Trainer, TrainError, build_config, preset_names, train
 from sigattn.train import checkpoint as checkpoint_module
+from sigattn.train.compare import seed_report, summarize_over_seeds
 from sigattn.train.config import setting_names
 from sigattn.train.diagnostics import SpikeDetector, attention_stats, row_sparsity
 from sigattn.train.metrics import REQUIRED_KEYS, read_metrics
@@ -495,6 +496,23 @@ def test_cli_compare_over_seeds(tmp_path, text_file, capsys):
         assert "argument --seeds: expected distinct non-negative integers" in capsys.readouterr().err
     status, _, err = run_cli(capsys, *args, "train.seed=1")
     assert status == 2 and "drop the train.seed override" in err
+
+
+def test_a_diverged_seed_makes_no_statement_about_noise():
+    """A seed whose loss went nan (strict JSON: null in its summary.json) gives nan means and intervals, no
+    verdict on noise (an interval of nan compares false either way) and a report that says why."""
+
+    def seed(loss: float | None) -> dict:
+        run = {"final_val_loss": loss, "val_loss_by_context": {"64": loss}, "tokens_per_s": 1000.0, "params": 10}
+        softmax = {"final_val_loss": 2.0, "val_loss_by_context": {"64": 2.0}, "tokens_per_s": 1100.0, "params": 10}
+        meta = {"device": "cpu", "versions": {"torch": "x"}, "date": "d", "config": {}}
+        return {"preset": "tiny", "overrides": [], "sigmoid": run, "softmax": softmax, **meta}
+
+    summary = summarize_over_seeds({1: seed(2.1), 2: seed(None), 3: seed(2.05)})
+    assert math.isnan(summary["sigmoid"]["final_val_loss"]["mean"])
+    assert all(map(math.isnan, summary["difference"]["final_val_loss"]["ci95"]))
+    assert summary["within_noise"] is None
+    assert "A run diverged" in seed_report(summary)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ report written then say which runs were stopped (at which step) or not started.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -354,7 +355,9 @@ def summarize_over_seeds(per_seed: dict[int, dict]) -> dict:
         "tokens_per_s_ratio": summarize_seeds(ratio).to_dict(),
     }
     interval = out["difference"]["final_val_loss"]["ci95"]
-    out["within_noise"] = None if interval is None else interval[0] <= 0.0 <= interval[1]
+    # None: one seed, or a diverged run (a loss that is not finite, whose interval is nan)
+    finite = interval is not None and all(map(math.isfinite, interval))
+    out["within_noise"] = interval[0] <= 0.0 <= interval[1] if finite else None
     out["meta"] = {
         "device": " / ".join(sorted({per_seed[s]["device"] for s in seeds})),
         "versions": first["versions"],
@@ -407,6 +410,8 @@ def seed_report(summary: dict) -> str:
     interval = diff["final_val_loss"]["ci95"]
     if interval is None:
         lines.append("One seed: no interval, so no statement about noise.")
+    elif summary["within_noise"] is None:
+        lines.append("A run diverged (a final validation loss is not finite): no interval, no statement about noise.")
     elif summary["within_noise"]:
         lines.append(
             f"The final validation losses differ by {diff['final_val_loss']['mean']:+.4f}, within the seeds' noise: "
