@@ -143,6 +143,7 @@ DIFFERENCE = common.Claim("slope difference", high=0.0, effect=0.1)  # the claim
         ([-0.02, 0.01, 0.0, -0.01, 0.02], False, "excludes differences of the claimed size (0.1 beyond 0)"),
         ([-0.6, 0.4, -0.3, 0.5, 0.1], None, "straddles 0; the detectable difference is"),
         ([-0.05], None, "one seed"),
+        ([-0.52, math.nan, -0.55], None, "a seed's value is not finite"),
     ],
     ids=[
         "clearly-supporting",
@@ -151,6 +152,7 @@ DIFFERENCE = common.Claim("slope difference", high=0.0, effect=0.1)  # the claim
         "excludes-claimed-size",
         "straddling",
         "one-seed",
+        "diverged-seed",
     ],
 )
 def test_judge_applies_the_rule_to_a_claimed_difference(values, supports, reason):

@@ -343,6 +343,8 @@ def judge(values: list[float], claim: Claim) -> Judgement:
     if summary.ci95 is None:
         return Judgement(claim, summary, None, "one seed: no interval, so no decision")
     lo, hi = summary.ci95
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # summarize_seeds: a seed's value is nan or inf
+        return Judgement(claim, summary, None, "a seed's value is not finite: no interval, so no decision")
     interval = f"95% interval [{lo:.3g}, {hi:.3g}]"
     if claim.low < lo and hi < claim.high:
         return Judgement(claim, summary, True, f"the {interval} lies inside the claimed range ({claim.range_text()})")
