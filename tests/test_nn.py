@@ -327,6 +327,14 @@ def test_rope_tables_stay_float32_in_a_cast_module(seqlen):
     torch.testing.assert_close(module(x), never_cast(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_alibi_slopes_stay_float32_in_a_cast_module(dtype):
+    """12 heads: slopes 2^(-8h/12) that bf16 would round; the kernels take float32 slopes."""
+    module = SigmoidAttention(BlockConfig(d_model=48, n_head=12, pos="alibi"), TRAIN_LEN, True).to(dtype)
+    assert module.alibi_slopes.dtype == torch.float32
+    torch.testing.assert_close(module.alibi_slopes, alibi_slopes(12), rtol=0, atol=0)
+
+
 def test_alibi_slopes_are_the_published_ones():
     for heads, slopes in KNOWN_SLOPES.items():
         got = alibi_slopes(heads)

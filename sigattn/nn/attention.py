@@ -86,7 +86,7 @@ class SigmoidAttention(nn.Module):
         batch, seqlen, _ = x.shape
         q, k, v = self.project(x)
         if self.attn == "sigmoid":
-            slopes = None if self.alibi_slopes is None else self.alibi_slopes.float()  # float32 even after .double()
+            slopes = self.alibi_slopes  # float32 whatever the module's dtype (_apply)
             dropout_p = self.attn_dropout if self.training else 0.0
             out = sigmoid_attn_func(
                 q, k, v, dropout_p=dropout_p, bias=self.bias, scale=self.scale, causal=self.causal, alibi_slopes=slopes
@@ -95,6 +95,14 @@ class SigmoidAttention(nn.Module):
             out = self._softmax(q, k, v)  # [B, S, Hq, D]
         out = self.attn_out(out)
         return self.dropout(self.proj(out.reshape(batch, seqlen, self.n_head * self.head_dim)))
+
+    def _apply(self, fn, recurse=True):
+        # As RotaryEmbedding's tables: ``module.to(torch.bfloat16)`` would round the slopes (2^(-8h/n) is exact
+        # in bf16 only where n is a power of two), so a cast is undone by recomputing them in float32.
+        super()._apply(fn, recurse)
+        if self.alibi_slopes is not None and self.alibi_slopes.dtype != torch.float32:
+            self.alibi_slopes = alibi_slopes(self.n_head).to(self.alibi_slopes.device)
+        return self
 
     def _softmax(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
