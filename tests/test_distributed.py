@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import assert_within_tolerance_rule
 
-from sigattn import use_backend
+from sigattn import sigmoid_attn_func, use_backend
 from sigattn.distributed import ring as ring_module
 from sigattn.distributed import (
     ring_sigmoid_attn,
@@ -446,6 +446,30 @@ def test_ring_backward_runs_on_the_forwards_backend(tmp_path, monkeypatch):
     finally:
         dist.destroy_process_group()
     assert ran == ["reference"]
+
+
+def test_double_backward_differentiates_ulysses_and_the_ring_refuses_it(tmp_path):
+    """create_graph=True (a gradient penalty): Ulysses' all-to-alls are linear and differentiate twice, so on
+    the torch backend its second-order gradients equal single-process attention's; the ring's backward has no
+    derivative and says so instead of returning gradients cut from the graph. One process (a group of one)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        q, k, v = (_t(1, 6, 2, 8).requires_grad_() for _ in range(3))
+
+        def penalty_grad(attention):
+            (grad_q,) = torch.autograd.grad(attention(q, k, v, causal=True).square().sum(), q, create_graph=True)
+            return torch.autograd.grad(grad_q.square().sum(), (k, v))
+
+        with use_backend("torch"):
+            expected = penalty_grad(sigmoid_attn_func)
+            got = penalty_grad(ulysses_sigmoid_attn)
+            (grad_q,) = torch.autograd.grad(ring_sigmoid_attn(q, k, v).square().sum(), q, create_graph=True)
+            with pytest.raises(RuntimeError, match="differentiate twice"):
+                grad_q.square().sum().backward()
+    finally:
+        dist.destroy_process_group()
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize(

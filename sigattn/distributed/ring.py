@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ..backends import AttnCall, Backend, select_backend
 from ..ops.sigmoid_attn.reference import Mask
@@ -236,6 +237,7 @@ class _RingSigmoidAttn(torch.autograd.Function):
         return ring_forward(q, k, v, cp, ctx.backend)
 
     @staticmethod
+    @once_differentiable  # the ring's backward has no derivative: a double backward raises, not drops it
     def backward(ctx, grad_out):
         q, k, v, head_bias = ctx.saved_tensors
         cp = ctx.cp

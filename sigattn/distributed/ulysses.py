@@ -55,7 +55,8 @@ def _heads_to_seq(x: Tensor, group, world_size: int) -> Tensor:
 
 
 class _AllToAll(torch.autograd.Function):
-    """``_seq_to_heads`` (``to_heads``) or ``_heads_to_seq``; the backward is the other one."""
+    """``_seq_to_heads`` (``to_heads``) or ``_heads_to_seq``; the backward is the other one, itself through
+    this function, so that a double backward (create_graph=True) differentiates it too (it is linear)."""
 
     @staticmethod
     def forward(ctx, x, group, world_size: int, to_heads: bool):
@@ -64,8 +65,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        back = _heads_to_seq if ctx.to_heads else _seq_to_heads
-        return back(grad, ctx.group, ctx.world_size), None, None, None
+        return _AllToAll.apply(grad, ctx.group, ctx.world_size, not ctx.to_heads), None, None, None
 
 
 def _pack_heads(tensors: list[Tensor], world_size: int) -> Tensor:
