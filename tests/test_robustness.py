@@ -8,7 +8,7 @@
   sequence's end, keys every query masks, dO rows of queries with no key) never reach an output or
   gradient, and an inf in a query reaches no other row;
 * scale, bias and ALiBi slopes that are not finite (or a scale <= 0) are rejected;
-* varlen with no sequence stays connected to autograd.
+* varlen with no sequence stays connected to autograd, and a call with no query head gives an empty output.
 
 The Triton backend runs in the interpreter on the CPU (conftest sets TRITON_INTERPRET=1), in half precision.
 The property-based suite (tests/test_fuzz.py) covers the same ground at random.
@@ -403,6 +403,20 @@ def test_varlen_with_no_sequence_is_connected_to_autograd(backend, dtype):
         out = sigattn.sigmoid_attn_varlen_func(q, k, v, cu, cu, 0, 0)
         out.sum().backward()
     assert out.shape == (0, 4, 16) and all(t.grad is not None and t.grad.shape == t.shape for t in (q, k, v))
+
+
+@pytest.mark.parametrize("backend,dtype", BACKENDS, ids=BACKEND_IDS)
+@pytest.mark.parametrize("options", ["bias", "alibi"])
+def test_no_query_head_gives_an_empty_output(backend, dtype, options):
+    """Hq = 0 (a multiple of Hkv = 1), with a (0,) bias or (B, 0) ALiBi slopes: an empty output, zero gradients."""
+    q = randn(2, 3, 0, 16, dtype=dtype, requires_grad=True)
+    k, v = (randn(2, 5, 1, 16, dtype=dtype, requires_grad=True) for _ in range(2))
+    bias = randn(0, requires_grad=True) if options == "bias" else None
+    alibi = randn(2, 0) if options == "alibi" else None
+    with sigattn.use_backend(backend):
+        out = sigattn.sigmoid_attn_func(q, k, v, bias=bias, alibi_slopes=alibi, causal=True)
+        out.float().sum().backward()
+    assert out.shape == (2, 3, 0, 16) and all((t.grad == 0).all() for t in (k, v))
 
 
 # ------------------------------------------------------------------------------------------------------

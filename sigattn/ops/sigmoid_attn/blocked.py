@@ -73,12 +73,13 @@ class _Tiles:
             bias_rows = bias_rows + opts.bias
         else:
             bias_rows = bias_rows + default_bias(self.lengths).to(self.dtype)[:, None]
-        self.bias = bias_rows.reshape(-1, hkv, g, 1, 1)
+        # Leading sizes spelled out: with no query head (g = 0) a -1 would be ambiguous.
+        self.bias = bias_rows.reshape(bias_rows.shape[0], hkv, g, 1, 1)
 
         self.alibi = None
         if alibi_slopes is not None:
             slopes = alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None]
-            self.alibi = slopes.to(self.dtype).reshape(-1, hkv, g, 1, 1)
+            self.alibi = slopes.to(self.dtype).reshape(slopes.shape[0], hkv, g, 1, 1)
         self.offsets = key_offsets(seqlen_q, self.lengths, opts.mask.top_left).to(self.dtype)[:, None, None, None, None]
 
         self.attn_mask = None
