@@ -197,8 +197,10 @@ def sigmoid_attn_varlen_func(
         deterministic,
         cu_seqlens_q=cu_seqlens_q,
         cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_q=int(max_seqlen_q),
-        max_seqlen_k=int(max_seqlen_k),
+        # No sequence is longer than its packed tensor, and the kernels launch programs for every
+        # max_seqlen position: a larger one (up to the integer limits) would launch that many idle programs.
+        max_seqlen_q=min(int(max_seqlen_q), q.shape[0]),
+        max_seqlen_k=min(int(max_seqlen_k), k.shape[0]),
         dropout=dropout,
     )
     return dispatch(call)

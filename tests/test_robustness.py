@@ -2,7 +2,8 @@
 
 * strided or expanded auxiliary tensors (a per-head bias, ALiBi slopes, cu_seqlens, cache_seqlens,
   block_table, attn_mask) give exactly the result of contiguous copies;
-* window bounds at the integer limits are unbounded, not overflowed;
+* window bounds at the integer limits are unbounded, not overflowed, and a max_seqlen there launches no
+  more programs than the packed tensors have tokens;
 * a rejected KV-cache call leaves the cache bit-identical;
 * values that no query may look at (cache slots past a row's length, unused pages, keys past a packed
   sequence's end, keys every query masks, dO rows of queries with no key) never reach an output or
@@ -147,6 +148,29 @@ def test_window_bounds_past_the_sequence_are_unbounded(backend, dtype, window):
         cu_k = torch.tensor([0, 9], dtype=torch.int32, device=DEVICE)
         packed = sigattn.sigmoid_attn_varlen_func(q[0], k[0], v[0], cu, cu_k, 7, 9, window_size=window)
         assert bitwise_equal(packed, sigattn.sigmoid_attn_varlen_func(q[0], k[0], v[0], cu, cu_k, 7, 9))
+
+
+@pytest.mark.parametrize("max_seqlen", [2**31 - 1, sys.maxsize])
+def test_max_seqlen_past_the_packed_tensors_launches_no_more_programs(monkeypatch, max_seqlen):
+    """max_seqlen only sizes the kernels' grids: one at the integer limits reaches them as the packed
+    tensors' lengths (before, an interpreted launch of 2^27 or more idle programs never finished)."""
+    from sigattn.ops.sigmoid_attn import kernels
+
+    seen, forward = [], kernels.forward
+
+    def spy(q, k, v, params, bias, alibi, rows):
+        seen.append((rows.seqlen_q, rows.seqlen_k))
+        assert rows.seqlen_q <= 7 and rows.seqlen_k <= 9, f"max_seqlen {max_seqlen} reached the kernels"
+        return forward(q, k, v, params, bias, alibi, rows)
+
+    monkeypatch.setattr(kernels, "forward", spy)
+    q = randn(7, 2, 16, dtype=torch.bfloat16)
+    k, v = (randn(9, 2, 16, dtype=torch.bfloat16) for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0, 2, n], dtype=torch.int32, device=DEVICE) for n in (7, 9))
+    with sigattn.use_backend("triton"), torch.no_grad():
+        out = sigattn.sigmoid_attn_varlen_func(q, k, v, cu_q, cu_k, max_seqlen, max_seqlen)
+        assert bitwise_equal(out, sigattn.sigmoid_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 7))
+    assert seen == [(7, 9), (5, 7)]
 
 
 # ------------------------------------------------------------------------------------------------------
