@@ -160,12 +160,14 @@ def _canonical(t: Tensor) -> Tensor:
 
 def _canonical_mask(mask: Tensor | None) -> Tensor | None:
     """The mask as a fresh row-major copy of its distinct values: an expanded (stride 0) dim becomes size 1,
-    so a broadcast mask is not materialised."""
+    so a broadcast mask is not materialised. Not for a mask that receives a gradient: that is one per
+    element of it, as for a contiguous mask, and the narrowed mask would give the first element the sum."""
     if mask is None:
         return None
-    for dim, (size, stride) in enumerate(zip(mask.shape, mask.stride(), strict=True)):
-        if stride == 0 and size > 1:
-            mask = mask.narrow(dim, 0, 1)
+    if not (mask.requires_grad and torch.is_grad_enabled()):
+        for dim, (size, stride) in enumerate(zip(mask.shape, mask.stride(), strict=True)):
+            if stride == 0 and size > 1:
+                mask = mask.narrow(dim, 0, 1)
     return _canonical(mask)
 
 

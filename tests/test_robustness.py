@@ -118,10 +118,12 @@ def test_strided_attn_mask_equals_contiguous(backend):
     query, key, value = (randn(2, 3, 9, 8, requires_grad=True) for _ in range(3))
     mask = torch.rand(2, 1, 9, 9, device=DEVICE) > 0.3
     additive = randn(9, 9, requires_grad=True)
+    # Stride 0 along the keys: its gradient too is per element, as a contiguous mask's.
+    expanded = randn(9, 1).expand(9, 9).requires_grad_()
     with sigattn.use_backend(backend):
-        for m in (mask, additive):
+        for m, view in ((mask, strided(mask, junk=0)), (additive, strided(additive, junk=0)), (expanded, expanded)):
             outs = []
-            for mm in (strided(m, junk=0), m.detach().contiguous().requires_grad_(m.requires_grad)):
+            for mm in (view, m.detach().contiguous().requires_grad_(m.requires_grad)):
                 out = sigattn.scaled_dot_product_sigmoid_attention(query, key, value, attn_mask=mm)
                 inputs = (query, key, value) + ((mm,) if mm.requires_grad else ())
                 outs.append((out, *grads_of(out, inputs, torch.ones_like(out))))
