@@ -34,6 +34,7 @@ from .ops.sigmoid_attn.params import Params, Rows
 from .ops.sigmoid_attn.reference import (
     Bias,
     Mask,
+    gather_paged_cache,
     masked_reference,
     resolve_bias,
     sigmoid_attn_kvcache_reference,
@@ -131,8 +132,11 @@ class TorchBackend:
     def _attend(self, call: AttnCall) -> Tensor:
         traced = torch.compiler.is_compiling()
         dense = self.traced_dense if traced else self.dense
-        # A paged cache is a pool of pages, read by gathering (a fresh copy); any other q, k, v is copied too.
-        q, k, v = (t if call.block_table is not None and t is not call.q else _canonical(t) for t in call.qkv)
+        k, v = call.k, call.v
+        if call.block_table is not None:
+            # A paged cache's rows, as its block table reads them; the gather keeps a strided pool's layout.
+            k, v = (gather_paged_cache(t, call.block_table) for t in (k, v))
+        q, k, v = (_canonical(t) for t in (call.q, k, v))
         options = dict(
             scale=call.scale, bias=call.bias, mask=call.mask, alibi_slopes=call.alibi_slopes, dropout=call.dropout
         )
@@ -142,9 +146,7 @@ class TorchBackend:
                 return sigmoid_attn_varlen_traceable(q, k, v, *cu_seqlens, exact=self.exact, **options)
             return sigmoid_attn_varlen_reference(q, k, v, *cu_seqlens, dense=dense, **options)
         if call.kind == "kvcache":
-            return sigmoid_attn_kvcache_reference(
-                q, k, v, call.seqlens_k, block_table=call.block_table, dense=dense, **options
-            )
+            return sigmoid_attn_kvcache_reference(q, k, v, call.seqlens_k, dense=dense, **options)
         return dense(q, k, v, attn_mask=_canonical_mask(call.attn_mask), **options)
 
 

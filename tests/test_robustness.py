@@ -110,7 +110,14 @@ def test_strided_block_table_and_cache_seqlens_equal_contiguous(backend, dtype):
         got = sigattn.sigmoid_attn_with_kvcache(
             q, k_cache, v_cache, cache_seqlens=strided(cache_seqlens), block_table=column_major, causal=True
         )
-    assert bitwise_equal(got, want)
+        assert bitwise_equal(got, want)
+        # Pools with the page dim innermost, one full page per row: the gathered rows keep that layout (the CPU's
+        # products rounded differently at these sizes).
+        pools = [randn(batch, 32, 2, 16, dtype=dtype) for _ in range(2)]
+        one_page = torch.arange(batch, dtype=torch.int32, device=DEVICE)[:, None]
+        want = sigattn.sigmoid_attn_with_kvcache(q[:, :1, :2], *pools, block_table=one_page)
+        permuted = (t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2) for t in pools)
+        assert bitwise_equal(sigattn.sigmoid_attn_with_kvcache(q[:, :1, :2], *permuted, block_table=one_page), want)
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
