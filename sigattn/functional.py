@@ -273,6 +273,12 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
             _check_block_table_entries(block_table, torch.full((batch,), capacity, device=q.device), k_cache)
         return None, capacity
     if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        # A host value: checked on every device (a tensor's values only where values_checkable), and before it
+        # becomes an int32 tensor, which a value past 2^31 - 1 would overflow.
+        if cache_seqlens < 0:
+            raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens}")
+        if cache_seqlens + num_new > capacity:
+            raise _cache_too_small(cache_seqlens + num_new, capacity, paged)
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     validation.check_index_vector(cache_seqlens, "cache_seqlens", batch, q.device)
     if validation.values_checkable(q.device):
@@ -280,13 +286,17 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
         if bool((cache_seqlens < 0).any()):
             raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens.tolist()}")
         if bool((lengths > capacity).any()):
-            raise ValueError(
-                f"the cache is too small: cache_seqlens + seqlen_new = {lengths.tolist()} exceeds its capacity "
-                f"of {capacity} tokens" + (" (max_blocks * page_size)" if paged else " (seqlen_cache)")
-            )
+            raise _cache_too_small(lengths.tolist(), capacity, paged)
         if paged:
             _check_block_table_entries(block_table, lengths, k_cache)
     return cache_seqlens, capacity
+
+
+def _cache_too_small(lengths: int | list[int], capacity: int, paged: bool) -> ValueError:
+    return ValueError(
+        f"the cache is too small: cache_seqlens + seqlen_new = {lengths} exceeds its capacity of {capacity} tokens"
+        + (" (max_blocks * page_size)" if paged else " (seqlen_cache)")
+    )
 
 
 def _check_block_table_entries(block_table: Tensor, lengths: Tensor, k_cache: Tensor) -> None:
@@ -340,7 +350,8 @@ def sigmoid_attn_with_kvcache(
 
     Only q may require grad: this is an inference function. The values of cache_seqlens and block_table
     are checked on the CPU; on a GPU only with SIGATTN_CHECK_VALUES=1 (reading them would synchronise with
-    the device on every call), never under CUDA-graph capture or torch.compile.
+    the device on every call), never under CUDA-graph capture or torch.compile. An int cache_seqlens, a
+    host value, is checked everywhere.
 
     Returns:
         (batch, seqlen_q, nheads, headdim_v), in the dtype of q.

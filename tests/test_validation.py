@@ -199,6 +199,9 @@ BAD_INPUTS = [
     ("v-without-k", lambda: kvcache(k=None), ValueError, r"\bk and v must be given together"),
     ("append-needs-seqlens", lambda: kvcache(cache_seqlens=None), ValueError, r"cache_seqlens is required"),
     ("cache-too-small", lambda: kvcache(cache_seqlens=(3, 8)), ValueError, r"cache is too small.*\[4, 9\]"),
+    ("cache-too-small-int", lambda: kvcache(cache_seqlens=8), ValueError, r"cache is too small.*= 9 exceeds"),
+    ("cache-seqlens-int-past-int32", lambda: kvcache(cache_seqlens=2**31), ValueError, r"cache is too small"),
+    ("cache-seqlens-int-negative", lambda: kvcache(cache_seqlens=-1), ValueError, r"cache_seqlens must be >= 0"),
     (
         "cache-seqlens-negative",
         lambda: kvcache(cache_seqlens=(-1, 0)),
@@ -426,3 +429,11 @@ def test_device_values_are_read_only_when_asked(monkeypatch):
     assert not values_checkable(torch.device("cuda", 0))
     monkeypatch.setenv(CHECK_VALUES_ENV, "1")
     assert values_checkable(torch.device("cuda", 0))
+
+
+def test_an_int_cache_seqlens_is_checked_where_device_values_are_not(monkeypatch):
+    """An int is a host value: reading it synchronises nothing, so it is checked where tensors' values are not
+    (on a GPU an append past the cache would write out of bounds)."""
+    monkeypatch.setattr(sigattn.validation, "values_checkable", lambda device=None: False)
+    with sigattn.use_backend("torch"), pytest.raises(ValueError, match=r"cache is too small"):
+        kvcache(cache_seqlens=8)
