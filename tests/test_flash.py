@@ -228,6 +228,31 @@ def test_empty_sequences(monkeypatch, seqlen_q, seqlen_k):
         assert t.grad.shape == t.shape and (t.grad == 0).all()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "varlen"])
+def test_double_backward_raises_instead_of_dropping_the_second_order_term(monkeypatch, packed):
+    """The kernels' backward has no derivative: under create_graph=True its gradients are right, and a loss
+    built on them (a gradient penalty) raises when differentiated, instead of losing that term."""
+    monkeypatch.setenv("SIGATTN_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 9, 2, 16, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_() for _ in range(3))
+    bias = torch.randn(2, generator=gen).to(DEVICE).requires_grad_()
+
+    def attend(q, k, v):
+        if not packed:
+            return sigattn.sigmoid_attn_func(q, k, v, bias=bias, causal=True)
+        cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEVICE)
+        return sigattn.sigmoid_attn_varlen_func(q[0], k[0], v[0], cu, cu, 5, 5, bias=bias, causal=True)
+
+    inputs = (q, k, v, bias)
+    expected = torch.autograd.grad(attend(q, k, v).float().sum(), inputs)
+    out = attend(q, k, v)
+    grads = torch.autograd.grad(out.float().sum(), inputs, create_graph=True)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected, strict=True))
+    penalty = out.float().sum() + sum(g.float().square().sum() for g in grads)
+    with pytest.raises(RuntimeError, match=r"'triton' backend has no double backward"):
+        penalty.backward()
+
+
 def test_public_functions_compile_without_graph_breaks(monkeypatch):
     """The dispatcher (backend choice, checks) traces under fullgraph=True; the kernels are opaque ops."""
     monkeypatch.setenv("SIGATTN_BACKEND", "triton")

@@ -307,8 +307,28 @@ class _FlashEager(torch.autograd.Function):
         q, k, v, head_bias, alibi, *cu_seqlens = ctx.saved_tensors
         rows = Rows.packed(*cu_seqlens, *ctx.max_seqlens) if ctx.max_seqlens is not None else None
         bias = head_bias if head_bias is not None else ctx.bias
-        dq, dk, dv, dbias = kernels.backward(do, q, k, v, ctx.params, bias, alibi, rows)
-        return dq, dk, dv, dbias, None, None, None, None
+        grads = kernels.backward(do, q, k, v, ctx.params, bias, alibi, rows)
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _NotDifferentiable.apply(*grads, do, q, k, v, head_bias)
+        return *grads, None, None, None, None
+
+
+class _NotDifferentiable(torch.autograd.Function):
+    """The identity on the kernels' gradients (dq, dk, dv, dbias), tied to what they were computed from
+    (dO, q, k, v, the bias), whose backward raises: the kernels' backward has no derivative, and its
+    gradients would otherwise come out of create_graph=True with no graph, so that a loss built on them (a
+    gradient penalty) would silently lose the attention's second-order term."""
+
+    @staticmethod
+    def forward(ctx, dq, dk, dv, dbias, *sources):
+        return tuple(g if g is None else g.view_as(g) for g in (dq, dk, dv, dbias))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "sigmoid attention's 'triton' backend has no double backward (its backward is not differentiable): "
+            "run calls that need higher-order gradients on the 'torch' backend (sigattn.use_backend('torch'))"
+        )
 
 
 def sigmoid_attn_flash(q: Tensor, k: Tensor, v: Tensor, params: Params, bias: Bias, alibi: Tensor | None) -> Tensor:
