@@ -160,7 +160,9 @@ def check_alibi(alibi_slopes, batch: int, num_heads: int, q: Tensor) -> None:
         )
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
-    if alibi_slopes.shape not in ((num_heads,), (batch, num_heads)):
+    # Two comparisons, not ``in``: torch.compile (2.13) finds a static shape in a tuple of symbolic ones
+    # (dynamic=True, slopes of a module's buffer) nowhere, though == compares them.
+    if alibi_slopes.shape != (num_heads,) and alibi_slopes.shape != (batch, num_heads):
         raise ValueError(
             f"alibi_slopes must have shape (Hq,) = ({num_heads},) or (B, Hq) = ({batch}, {num_heads}), "
             f"got {tuple(alibi_slopes.shape)}"

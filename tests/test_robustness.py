@@ -489,3 +489,24 @@ def test_every_function_compiles_with_fullgraph_and_dynamic_shapes():
             results.append((total, cached, *fresh, *torch.autograd.grad(total, (q, k, v))))
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_rows", [False, True], ids=["H", "BH"])
+def test_alibi_slopes_of_a_module_buffer_trace_with_dynamic_shapes(batch_rows):
+    """A module's buffers keep static shapes under dynamic=True while q's are symbolic: the slopes' shape
+    check still sees (Hq,) or (B, Hq)."""
+    torch._dynamo.reset()
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("slopes", torch.rand(*((2,) if batch_rows else ()), 4, device=DEVICE) * 0.2)
+
+        def forward(self, q, k, v):
+            return sigattn.sigmoid_attn_func(q, k, v, causal=True, alibi_slopes=self.slopes)
+
+    module = Attention()
+    q, k, v = (randn(2, 7, 4, 8) for _ in range(3))
+    with sigattn.use_backend("torch"):
+        compiled = torch.compile(module, fullgraph=True, dynamic=True, backend="eager")
+        torch.testing.assert_close(compiled(q, k, v), module(q, k, v), atol=1e-6, rtol=1e-6)
