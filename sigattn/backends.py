@@ -352,8 +352,11 @@ class TritonBackend:
             # Triton 3.6-3.9 compile this dK/dV kernel for sm_100 to a single trap: its accumulators and score
             # tiles need more tensor memory than there is (tests/test_triton_targets.py).
             reasons.append(f"head dim {widest} with gradients on compute capability 10.0 or newer")
-        if call.kind == "kvcache" and call.q.requires_grad and torch.is_grad_enabled():
-            reasons.append("q requires grad (the KV-cache kernel is for inference)")
+        if call.kind == "kvcache" and torch.is_grad_enabled():
+            if call.q.requires_grad:
+                reasons.append("q requires grad (the KV-cache kernel is for inference)")
+            if isinstance(call.bias, Tensor) and call.bias.requires_grad:
+                reasons.append("the bias tensor requires grad (the KV-cache kernel is for inference)")
         if call.attn_mask is not None:
             reasons.append("an explicit attn_mask (the kernels support causal and sliding-window masks)")
         return reasons

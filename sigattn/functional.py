@@ -348,7 +348,8 @@ def sigmoid_attn_with_kvcache(
         Other options as in ``sigmoid_attn_func``, with Sk = Sk_b per row (so ``causal`` lets the new
         queries see the cache and the new keys up to their own position).
 
-    Only q may require grad: this is an inference function. The values of cache_seqlens and block_table
+    Only q and a bias tensor may require grad: this is an inference function (the Triton kernels compute
+    no gradient, so such calls run on the 'torch' backend). The values of cache_seqlens and block_table
     are checked on the CPU; on a GPU only with SIGATTN_CHECK_VALUES=1 (reading them would synchronise with
     the device on every call), never under CUDA-graph capture or torch.compile. An int cache_seqlens, a
     host value, is checked everywhere.

@@ -198,6 +198,12 @@ def test_triton_backend_declines_with_reasons():
     call = AttnCall("kvcache", q, q, q, 1.0, None, Mask(), None, False)
     reasons = " ".join(BACKENDS["triton"].not_supported_reasons(call))
     assert "float64" in reasons and "head dim 300" in reasons and "q requires grad" in reasons
+    # A bias that requires grad would get none from the KV-cache kernel (its output had no graph).
+    bias = torch.zeros(2, requires_grad=True)
+    call = AttnCall("kvcache", q.detach(), q.detach(), q.detach(), 1.0, bias, Mask(), None, False)
+    assert "the bias tensor requires grad" in " ".join(BACKENDS["triton"].not_supported_reasons(call))
+    with torch.no_grad():
+        assert "requires grad" not in " ".join(BACKENDS["triton"].not_supported_reasons(call))
 
 
 def test_compiles_without_graph_breaks():
