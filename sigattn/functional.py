@@ -259,6 +259,11 @@ def _check_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> tup
             )
         if block_table.device != q.device:
             raise ValueError(f"block_table must be on the device of q ({q.device}), got {block_table.device}")
+        if k_cache.shape[1] == 0:  # positions map to pages by dividing by the page size
+            raise ValueError(
+                "a paged k_cache must have pages of at least 1 token (page_size, dim 1), "
+                f"got shape {tuple(k_cache.shape)}"
+            )
         capacity = block_table.shape[1] * k_cache.shape[1]
     else:
         if k_cache.shape[0] != batch:

@@ -199,6 +199,14 @@ BAD_INPUTS = [
     ("v-without-k", lambda: kvcache(k=None), ValueError, r"\bk and v must be given together"),
     ("append-needs-seqlens", lambda: kvcache(cache_seqlens=None), ValueError, r"cache_seqlens is required"),
     ("cache-too-small", lambda: kvcache(cache_seqlens=(3, 8)), ValueError, r"cache is too small.*\[4, 9\]"),
+    (
+        "paged-page-size-0",
+        lambda: kvcache(
+            k_cache=t(6, 0, 2, 16), block_table=ints(0, 1, 2, 3).reshape(2, 2), cache_seqlens=0, k=None, v=None
+        ),
+        ValueError,
+        r"paged k_cache must have pages of at least 1 token",
+    ),
     ("cache-too-small-int", lambda: kvcache(cache_seqlens=8), ValueError, r"cache is too small.*= 9 exceeds"),
     ("cache-seqlens-int-past-int32", lambda: kvcache(cache_seqlens=2**31), ValueError, r"cache is too small"),
     ("cache-seqlens-int-negative", lambda: kvcache(cache_seqlens=-1), ValueError, r"cache_seqlens must be >= 0"),
