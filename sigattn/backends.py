@@ -28,7 +28,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from .ops.sigmoid_attn.blocked import sigmoid_attn_blocked
+from .ops.sigmoid_attn.blocked import sigmoid_attn_blocked, without_autocast
 from .ops.sigmoid_attn.dropout import Dropout
 from .ops.sigmoid_attn.params import Params, Rows
 from .ops.sigmoid_attn.reference import (
@@ -126,7 +126,8 @@ class TorchBackend:
         return []
 
     def __call__(self, call: AttnCall) -> Tensor:
-        out = self._attend(call)
+        with without_autocast(call.q.device):
+            out = self._attend(call)
         return _CanonicalGrad.apply(out) if out.requires_grad else out
 
     def _attend(self, call: AttnCall) -> Tensor:

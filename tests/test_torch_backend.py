@@ -245,3 +245,18 @@ def test_rows_without_keys_are_exactly_zero(block):
     assert (out[:, 96:].abs().sum(-1) > 0).all()
     out.backward(torch.randn_like(out))
     assert torch.equal(args["q"].grad[:, :96], torch.zeros_like(args["q"].grad[:, :96]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_an_ambient_autocast_changes_nothing(dtype):
+    """Under torch.autocast the backend computes as without it (the kernels are untouched by it too): bf16
+    inputs in float32, float32 ones in float32, the same bits, gradients included."""
+    case = CASES[4]
+    args = case.inputs(dtype=dtype, requires_grad=True)
+    dout = torch.randn(*args["q"].shape, dtype=dtype)
+    with sigattn.use_backend("torch"):
+        expected = forward_backward(lambda **a: sigmoid_attn_func(**a), args, dout)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = forward_backward(lambda **a: sigmoid_attn_func(**a), args, dout)
+    assert torch.equal(got[0], expected[0]) and got[0].dtype == dtype
+    assert all(torch.equal(got[1][n], g) for n, g in expected[1].items())

@@ -9,6 +9,7 @@ Semantics are exactly those of ``reference.sigmoid_attn_reference``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -22,6 +23,16 @@ from .reference import UNMASKED, Bias, Mask, allowed_keys, default_bias, key_off
 # enough that B * H * BQ * BK stays far below the S^2 the path exists to avoid.
 _TILE_BUDGET = 1 << 22
 _MIN_BLOCK, _MAX_BLOCK = 16, 1024
+
+
+def without_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context in which an ambient torch.autocast of ``device`` is off: it would run the products in 16 bits
+    (in the backward too, when that is called inside it), where the PyTorch backends compute in float32
+    (float64 inputs in float64), as the kernels compute whatever the context."""
+    kind = device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def block_size(batch_heads: int) -> int:
@@ -192,6 +203,11 @@ class _BlockedSigmoidAttn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        with without_autocast(grad_out.device):
+            return _BlockedSigmoidAttn._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k = ctx.saved_tensors
         opts = ctx.opts
         tiles = _Tiles(q, k, v, head_bias, attn_mask, alibi_slopes, seqlens_k, opts)
