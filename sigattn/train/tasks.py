@@ -85,14 +85,7 @@ class LMTask:
             text = read_text_file(data.path)
             self.description = f"text from {data.path}"
         self.text_sha256 = hashlib.sha256(text.encode()).hexdigest()
-        # A resumed run continues exactly only on the text it started with (checkpoints older than the hash
-        # hold none: they resume unchecked).
-        saved = None if state is None else state.get("text_sha256")
-        if saved is not None and saved != self.text_sha256:
-            raise ValueError(
-                f"the text read now ({self.description}, sha256 {self.text_sha256[:12]}) is not the one the run "
-                f"started with (sha256 {saved[:12]}): the file changed; restore it, or start a new run"
-            )
+        _check_same_data(state, "text_sha256", self.text_sha256, "the text", self.description, "is not the one")
         if state is not None:
             self.tokenizer = tokenizer_from_state(state["tokenizer"])
         else:
@@ -160,14 +153,7 @@ class ImageTask:
                 raise ValueError(f"data.path: {error}") from None
             self.description = f"images from {data.path}"
         self.images_sha256 = _arrays_sha256(images, labels)
-        # A resumed run continues exactly only on the images it started with (checkpoints older than the hash
-        # hold none: they resume unchecked).
-        saved = None if state is None else state.get("images_sha256")
-        if saved is not None and saved != self.images_sha256:
-            raise ValueError(
-                f"the images read now ({self.description}, sha256 {self.images_sha256[:12]}) are not the ones "
-                f"the run started with (sha256 {saved[:12]}): the data changed; restore it, or start a new run"
-            )
+        _check_same_data(state, "images_sha256", self.images_sha256, "the images", self.description, "are not the ones")
         self.split = split_images(images, labels, data.val_fraction, settings.seed)
         channels, size = self.split.train_images.shape[1], self.split.train_images.shape[2]
         self.model_config = dataclasses.replace(
@@ -210,6 +196,18 @@ class ImageTask:
         """What a checkpoint keeps to check the data on resume: the images' sha256 (the split is a function of
         the seed)."""
         return {"images_sha256": self.images_sha256}
+
+
+def _check_same_data(state: dict | None, key: str, digest: str, data: str, description: str, are_not: str) -> None:
+    """A resumed run continues exactly only on the data it started with: refuses a checkpoint's task ``state``
+    whose ``key`` holds another sha256 than ``digest`` (checkpoints older than the key hold none: they resume
+    unchecked). ``data`` ("the text") and ``are_not`` ("is not the one") word the error."""
+    saved = None if state is None else state.get(key)
+    if saved is not None and saved != digest:
+        raise ValueError(
+            f"{data} read now ({description}, sha256 {digest[:12]}) {are_not} the run started with "
+            f"(sha256 {saved[:12]}): the data changed; restore it, or start a new run"
+        )
 
 
 def _arrays_sha256(images: np.ndarray, labels: np.ndarray) -> str:
